@@ -1,0 +1,45 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv idempotently.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spectra-installed
+DEMO_OUT ?= demo-report
+
+.PHONY: setup demo test lint unit browser-deps bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# CPU torch first: a bare torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/spectra inspect
+
+# Headless Chromium for the HTML report tests (Debian package), installed only when missing.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the HTML report tests"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: could not install chromium; browser tests will be skipped"; }
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: setup browser-deps lint unit
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

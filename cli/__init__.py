@@ -1,0 +1,1 @@
+"""spectra.cli: the typer app behind the `spectra` command."""

@@ -1,0 +1,59 @@
+"""The `spectra` command: one typer sub-command per file, registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spectra import __version__
+from spectra.cli._common import STATE
+
+app = typer.Typer(
+    name="spectra",
+    help=(
+        "Read the weights of a neural network and say what their spectra say.\n\n"
+        "SOURCE is a .safetensors file, a folder of shards, a Hub repo id (org/name) or a PEFT "
+        "LoRA adapter folder. Nothing is unpickled, nothing is loaded whole."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"spectra {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    STATE.debug = debug
+
+
+def _register() -> None:
+    # Each command module defines `register(app)`. Imports are local so `spectra --help`
+    # stays fast and one broken optional extra cannot take the whole CLI down.
+    return None
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""spectra.reports: plots, HTML, Markdown, JSON/CSV rendering of results."""
