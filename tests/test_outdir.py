@@ -46,13 +46,24 @@ def test_refuses_earlier_output_without_force(tmp_path: Path) -> None:
         pass
 
 
-def test_permission_denied_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("err", "words"),
+    [(13, "permission denied"), (28, "disk full")],  # EACCES, ENOSPC
+)
+def test_os_errors_are_one_line_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, words: str
+) -> None:
     import os
 
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    with pytest.raises(OutputError, match="permission denied"), atomic_output_dir(ro / "x"):
+    out = tmp_path / "rep"
+    with pytest.raises(OutputError, match=words), atomic_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("x")
+        raise OSError(err, os.strerror(err))
+    assert list(tmp_path.iterdir()) == []
+
+    def deny(*args: object, **kwargs: object) -> str:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr("tempfile.mkdtemp", deny)
+    with pytest.raises(OutputError, match=words), atomic_output_dir(out):
         pass
