@@ -1,0 +1,289 @@
+"""Result dataclasses of the HT-SR analysis: one fit, one matrix, one model.
+
+Every class is frozen and has `to_dict()` returning JSON-safe values (NaN and +-inf become
+None, tuples become lists). `Analysis` adds JSON/CSV/pandas export and a JSON round trip; its
+`esds` (eigenvalues per matrix, for plots) stay out of the JSON.
+
+Field definitions: ../shared/docs/methods.md section 2 (WeightWatcher 0.7.x conventions).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra.errors import OutputError, ValidationError
+
+FIT_STATUSES = ("ok", "failed", "skipped")
+
+# Warning codes a LayerMetrics may carry (stable strings: reports and users filter on them).
+WARNING_CODES = {
+    "under-trained": "alpha > 6: heavy-tailed structure is weak (Martin & Mahoney)",
+    "over-trained": "alpha < 2: very heavy tail, possible over-fitting or dominant directions",
+    "fit-failed": "the power-law fit failed (see fit_message)",
+    "fit-skipped": "too few eigenvalues above 1e-5 to fit a power law",
+    "non-finite": "the matrix has NaN or Inf entries; metrics are not computed",
+    "rank-deficient": "numerical rank below half of min(m, n)",
+}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/inf -> None, tuples -> lists, numpy scalars -> Python (recursive)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [json_safe(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _none_to_nan(value: Any) -> Any:
+    return float("nan") if value is None else value
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Clauset-Shalizi-Newman continuous power-law fit of an ESD tail.
+
+    alpha: exponent of p(lambda) ~ lambda^-alpha on [xmin, xmax]; xmin chosen by minimum KS
+    distance D; sigma = (alpha - 1) / sqrt(num_spikes) (standard error); num_spikes: tail size.
+    status "ok" | "failed" | "skipped" (too few eigenvalues); numbers are None unless "ok".
+    """
+
+    alpha: float | None
+    xmin: float | None
+    xmax: float | None
+    D: float | None
+    sigma: float | None
+    num_spikes: int
+    status: str
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in FIT_STATUSES:
+            raise ValidationError(f"fit status {self.status!r} is not one of {FIT_STATUSES}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """HT-SR metrics of one weight matrix W (m, n) = (out, in); lambda = S^2 (not normalized).
+
+    See methods.md section 2 for every definition. Numbers that could not be computed are None
+    (never a made-up value); `warnings` holds codes from WARNING_CODES.
+    """
+
+    key: str
+    name: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    dtype: str
+    num_evals: int
+    alpha: float | None
+    alpha_weighted: float | None
+    xmin: float | None
+    xmax: float | None
+    D: float | None
+    sigma: float | None
+    num_pl_spikes: int
+    fit_status: str
+    fit_message: str
+    log_norm: float | None
+    log_spectral_norm: float | None
+    stable_rank: float | None
+    log_alpha_norm: float | None
+    entropy: float | None
+    numerical_rank: int | None
+    mp_bulk_max: float | None = None
+    mp_num_spikes: int | None = None
+    rand_distance: float | None = None
+    outlier_ratio: float | None = None
+    warnings: tuple[str, ...] = ()
+    spectrum_method: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerMetrics:
+        """Inverse of `to_dict` (None stays None; shape and warnings become tuples)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["shape"] = tuple(kwargs["shape"])
+        kwargs["warnings"] = tuple(kwargs.get("warnings") or ())
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Aggregate over a group of matrices (one role, or one depth). Means skip failed fits."""
+
+    count: int
+    mean_alpha: float | None
+    median_alpha: float | None
+    warned: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Model-level view: counts, warned share, per-role and per-depth groups, standouts.
+
+    standouts: list of {"key", "metric", "value", "reason"} dicts, most notable first.
+    """
+
+    num_matrices: int
+    num_warned: int
+    warned_share: float | None
+    mean_alpha: float | None
+    by_role: dict[str, GroupSummary] = field(default_factory=dict)
+    by_depth: dict[int, GroupSummary] = field(default_factory=dict)
+    standouts: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_matrices": self.num_matrices,
+            "num_warned": self.num_warned,
+            "warned_share": json_safe(self.warned_share),
+            "mean_alpha": json_safe(self.mean_alpha),
+            "by_role": {k: v.to_dict() for k, v in self.by_role.items()},
+            "by_depth": {str(k): v.to_dict() for k, v in self.by_depth.items()},
+            "standouts": json_safe(self.standouts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSummary:
+        return cls(
+            num_matrices=int(data["num_matrices"]),
+            num_warned=int(data["num_warned"]),
+            warned_share=data.get("warned_share"),
+            mean_alpha=data.get("mean_alpha"),
+            by_role={k: GroupSummary(**v) for k, v in data.get("by_role", {}).items()},
+            by_depth={int(k): GroupSummary(**v) for k, v in data.get("by_depth", {}).items()},
+            standouts=list(data.get("standouts", [])),
+        )
+
+
+# Column order of the CSV / DataFrame: one row per matrix.
+CSV_COLUMNS = tuple(f.name for f in fields(LayerMetrics))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What `spectra.analyze()` returns: per-matrix metrics, a summary, and the ESDs for plots.
+
+    source: what was opened; options: the analyze() options used (JSON-safe); esds: eigenvalues
+    lambda = S^2 per key (float64, descending), not written to JSON; versions: package versions.
+    """
+
+    source: str
+    layers: list[LayerMetrics]
+    summary: ModelSummary
+    options: dict[str, Any] = field(default_factory=dict)
+    esds: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, key: str) -> LayerMetrics:
+        """The metrics of matrix `key` (raises ValidationError naming close keys if absent)."""
+        for lm in self.layers:
+            if lm.key == key:
+                return lm
+        close = [lm.key for lm in self.layers if key in lm.key][:5]
+        raise ValidationError(f"no matrix {key!r} in this analysis; similar keys: {close}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "options": json_safe(self.options),
+            "versions": json_safe(self.versions),
+            "summary": self.summary.to_dict(),
+            "layers": [lm.to_dict() for lm in self.layers],
+        }
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """JSON text (strict: no NaN tokens); also written to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            _write_text(path, text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Analysis:
+        """Rebuild an Analysis from `to_json()` output (a JSON string or a file path); no esds."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        data = json.loads(text)
+        return cls(
+            source=data["source"],
+            layers=[LayerMetrics.from_dict(d) for d in data["layers"]],
+            summary=ModelSummary.from_dict(data["summary"]),
+            options=data.get("options", {}),
+            versions=data.get("versions", {}),
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per matrix (shape as "m x n", warnings joined by ';')."""
+        out = []
+        for lm in self.layers:
+            row = lm.to_dict()
+            row["shape"] = f"{lm.shape[0]}x{lm.shape[1]}"
+            row["warnings"] = ";".join(lm.warnings)
+            out.append(row)
+        return out
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """CSV text, one row per matrix, columns CSV_COLUMNS; empty cells for None."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows():
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS})
+        text = buf.getvalue()
+        if path is not None:
+            _write_text(path, text)
+        return text
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per matrix (None -> NaN). Needs pandas installed."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ValidationError(
+                "to_pandas() needs pandas: pip install pandas (or use to_csv()/to_dict())"
+            ) from exc
+        rows = [{k: _none_to_nan(v) for k, v in row.items()} for row in self.rows()]
+        return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
