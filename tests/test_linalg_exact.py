@@ -1,0 +1,82 @@
+"""Exact spectra: svdvals / gram64 routes and the full SVD against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _linalg_fixtures import decaying, planted
+
+from spectra.errors import NumericalError, ValidationError
+from spectra.linalg.exact import exact_svd, exact_svdvals, resolve_route
+
+
+def _heavy_tailed(m: int, n: int, seed: int) -> torch.Tensor:
+    """float32 matrix whose eigenvalues S^2 span ~1e2 down to well below 1e-5."""
+    S = 10.0 * decaying(min(m, n), power=2.5)
+    return planted(m, n, S, seed=seed).float()
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_gram64_eigenvalues_above_1e5_match_float64_to_1e6(shape: tuple[int, int]) -> None:
+    W = _heavy_tailed(*shape, seed=0)
+    ref = torch.linalg.svd(W.double(), full_matrices=False)[1].square()
+    for route in ("gram64", "auto"):
+        ev = exact_svdvals(W, route=route).square()
+        assert ev.dtype == torch.float64 and ev.shape == (64,)
+        keep = ref > 1e-5
+        assert int(keep.sum()) < 64  # the test covers a spectrum that crosses the cut
+        rel = ((ev[keep] - ref[keep]).abs() / ref[keep]).max()
+        assert float(rel) < 1e-6
+        assert bool((ev[:-1] >= ev[1:]).all()) and bool((ev >= 0).all())
+
+
+def test_float32_svdvals_route_is_not_accurate_in_the_bulk() -> None:
+    """Why gram64 is the default: float32 svdvals misses the small eigenvalues by far more."""
+    W = _heavy_tailed(96, 64, seed=1)
+    ref = torch.linalg.svd(W.double(), full_matrices=False)[1].square()
+    ev = exact_svdvals(W, route="svdvals").square()
+    keep = ref > 1e-5
+    assert float(((ev[keep] - ref[keep]).abs() / ref[keep]).max()) > 1e-6
+    assert float((ev[:5] - ref[:5]).abs().div(ref[:5]).max()) < 1e-5
+
+
+def test_batched_equals_single_and_float64_svdvals() -> None:
+    W = torch.stack([_heavy_tailed(40, 30, seed=s) for s in range(3)])
+    batch = exact_svdvals(W)
+    for i in range(3):
+        assert torch.equal(batch[i], exact_svdvals(W[i]))
+    S64 = exact_svdvals(W.double(), route="svdvals")
+    assert torch.allclose(S64, torch.linalg.svdvals(W.double()), rtol=0, atol=0)
+
+
+def test_low_precision_input_is_upcast() -> None:
+    W = torch.randn(32, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
+    S = exact_svdvals(W, route="svdvals")
+    assert S.dtype == torch.float64
+    assert torch.allclose(S, torch.linalg.svdvals(W.double()), rtol=1e-5)
+
+
+def test_exact_svd_full_vectors() -> None:
+    W = _heavy_tailed(50, 30, seed=2)
+    U, S, Vh = exact_svd(W)
+    assert U.dtype == torch.float64 and U.shape == (50, 30) and Vh.shape == (30, 30)
+    assert torch.allclose((U * S) @ Vh, W.double(), atol=1e-12)
+    Uf, _, _ = exact_svd(W, full_matrices=True)
+    assert Uf.shape == (50, 50)
+    U32, S32, _ = exact_svd(torch.stack([W, W]), dtype=torch.float32)
+    assert U32.dtype == torch.float32 and S32.shape == (2, 30)
+
+
+def test_route_and_input_errors() -> None:
+    with pytest.raises(ValidationError, match="got 'fast'"):
+        exact_svdvals(torch.randn(4, 4), route="fast")
+    with pytest.raises(ValidationError, match="got dtype torch.int64"):
+        exact_svdvals(torch.ones(4, 4, dtype=torch.long))
+    with pytest.raises(ValidationError, match="empty"):
+        exact_svd(torch.empty(0, 3))
+    W = torch.randn(4, 4)
+    W[0, 0] = float("inf")
+    with pytest.raises(NumericalError, match="'emb'"):
+        exact_svdvals(W, names=["emb"])
+    assert resolve_route("auto", torch.device("mps")) == "svdvals"
+    assert resolve_route("auto", torch.device("cpu")) == "gram64"
