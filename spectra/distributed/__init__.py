@@ -1,0 +1,1 @@
+"""spectra.distributed: running report/compare/init under torchrun (torch.distributed)."""
