@@ -28,7 +28,6 @@ WARNING_CODES = {
     "under-trained": "alpha > 6: heavy-tailed structure is weak (Martin & Mahoney)",
     "over-trained": "alpha < 2: very heavy tail, possible over-fitting or dominant directions",
     "fit-failed": "the power-law fit failed (see fit_message)",
-    "fit-skipped": "too few eigenvalues above 1e-5 to fit a power law",
     "non-finite": "the matrix has NaN or Inf entries; metrics are not computed",
     "rank-deficient": "numerical rank below half of min(m, n)",
 }

@@ -1,0 +1,190 @@
+"""Per-matrix HT-SR metrics (Martin & Mahoney, JMLR 22 (2021); arXiv 1810.01075, 2002.06716).
+
+All definitions follow ../shared/docs/methods.md section 2 (WeightWatcher 0.7.x conventions):
+ESD `lambda_i = S_i^2` of `W (m, n)`, not normalized; `N = max(m, n)`, `M = min(m, n)`.
+
+- alpha, xmin, xmax, D, sigma, num_pl_spikes: `fit_powerlaw` (powerlaw.py);
+- alpha_weighted = alpha * log10(lambda_max); log_spectral_norm = log10(lambda_max);
+- log_norm = log10(sum lambda); stable_rank = sum lambda / lambda_max;
+- log_alpha_norm = log10(sum lambda^alpha);
+- numerical_rank R = #{S_i > S_1 * N * eps}, eps = float32 machine epsilon (RANK_EPS): weights
+  are computed in float32 at least, and the default float64 Gram route resolves singular values
+  only down to ~sqrt(eps_64) * S_1, so float64's eps would count noise (WeightWatcher uses the
+  float64 eps on float64 singular values);
+- entropy = -sum p ln p / ln R, p = lambda / sum lambda over the R largest eigenvalues (0 when
+  R = 1). WeightWatcher adds 1e-10 to every p and to R; ours has no such offset.
+
+Warnings (WARNING_CODES): "under-trained" alpha > 6, "over-trained" alpha < 2, "fit-failed",
+"non-finite", "rank-deficient" (R < M / 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spectra.analysis.mp import MPFit
+from spectra.analysis.powerlaw import fit_powerlaw
+from spectra.analysis.results import LayerMetrics, PowerLawFit
+from spectra.errors import ValidationError
+
+ALPHA_LOW = 2.0  # below: over-trained (methods.md section 2)
+ALPHA_HIGH = 6.0  # above: under-trained
+RANK_EPS = float(np.finfo(np.float32).eps)
+
+
+def numerical_rank(S: np.ndarray, big_n: int, *, eps: float = RANK_EPS) -> int:
+    """#{S_i > S_1 * N * eps} for singular values S (k,), N = max(m, n)."""
+    if S.size == 0:
+        return 0
+    return int(np.count_nonzero(S > float(np.max(S)) * big_n * eps))
+
+
+def spectral_entropy(evals: np.ndarray, rank: int) -> float | None:
+    """-sum p ln p / ln R over the `rank` largest eigenvalues, p normalized over them."""
+    if rank < 1:
+        return None
+    if rank == 1:
+        return 0.0
+    top = np.sort(evals)[::-1][:rank]
+    p = top / top.sum()
+    p = p[p > 0]
+    return float(-np.sum(p * np.log(p)) / math.log(rank))
+
+
+def norm_metrics(evals: np.ndarray, alpha: float | None) -> dict[str, float | None]:
+    """log_norm, log_spectral_norm, stable_rank, alpha_weighted, log_alpha_norm of an ESD."""
+    total = float(np.sum(evals))
+    lmax = float(np.max(evals)) if evals.size else 0.0
+    if not (total > 0 and lmax > 0):
+        return dict.fromkeys(
+            ("log_norm", "log_spectral_norm", "stable_rank", "alpha_weighted", "log_alpha_norm")
+        )
+    out: dict[str, float | None] = {
+        "log_norm": math.log10(total),
+        "log_spectral_norm": math.log10(lmax),
+        "stable_rank": total / lmax,
+        "alpha_weighted": None,
+        "log_alpha_norm": None,
+    }
+    if alpha is not None:
+        out["alpha_weighted"] = alpha * math.log10(lmax)
+        out["log_alpha_norm"] = _log10_sum_pow(evals, alpha)
+    return out
+
+
+def _log10_sum_pow(evals: np.ndarray, alpha: float) -> float:
+    """log10(sum lambda^alpha), computed in log space so large alphas do not overflow."""
+    pos = evals[evals > 0]
+    logs = alpha * np.log(pos)
+    top = float(np.max(logs))
+    return (top + math.log(float(np.sum(np.exp(logs - top))))) / math.log(10.0)
+
+
+def layer_warnings(fit: PowerLawFit, rank: int | None, big_m: int) -> tuple[str, ...]:
+    """Warning codes for a fit and a numerical rank (see module docstring)."""
+    codes: list[str] = []
+    if fit.status == "failed":
+        codes.append("fit-failed")
+    elif fit.ok and fit.alpha is not None:
+        if fit.alpha > ALPHA_HIGH:
+            codes.append("under-trained")
+        elif fit.alpha < ALPHA_LOW:
+            codes.append("over-trained")
+    if rank is not None and rank < big_m / 2:
+        codes.append("rank-deficient")
+    return tuple(codes)
+
+
+def layer_metrics(
+    S: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    key: str,
+    name: str | None = None,
+    role: str = "other",
+    layer: int | None = None,
+    dtype: str = "",
+    spectrum_method: str = "",
+    mp: MPFit | None = None,
+    rand_distance: float | None = None,
+    outlier_ratio: float | None = None,
+    rank_eps: float = RANK_EPS,
+) -> LayerMetrics:
+    """All HT-SR metrics of one matrix from its full singular values S (M,) and shape (m, n).
+
+    S must hold all min(m, n) singular values (any order; float64 recommended): norms and
+    entropy need the whole spectrum. Optional metrics computed elsewhere (MP fit, randomized
+    distance, outlier ratio) are passed in and stored. Pure: no IO, no torch.
+
+    >>> S = np.linspace(1.0, 3.0, 16)
+    >>> lm = layer_metrics(S, (32, 16), key="w")
+    >>> lm.num_evals, round(lm.stable_rank, 4), lm.numerical_rank
+    (16, 7.7827, 16)
+    """
+    S = np.asarray(S, dtype=np.float64).ravel()
+    m, n = (int(s) for s in shape)
+    big_m, big_n = min(m, n), max(m, n)
+    if S.size != big_m:
+        raise ValidationError(
+            f"layer_metrics needs all min(m, n) = {big_m} singular values of {key!r} "
+            f"(shape {m}x{n}), got {S.size}: compute the spectrum with mode='values'"
+        )
+    common = {
+        "key": key,
+        "name": name if name is not None else key,
+        "role": role,
+        "layer": layer,
+        "shape": (m, n),
+        "dtype": dtype,
+        "num_evals": int(S.size),
+        "spectrum_method": spectrum_method,
+        "mp_bulk_max": None if mp is None else mp.bulk_max,
+        "mp_num_spikes": None if mp is None else mp.num_spikes,
+        "rand_distance": rand_distance,
+        "outlier_ratio": outlier_ratio,
+    }
+    if not np.all(np.isfinite(S)):
+        return failed_metrics(common, "non-finite singular values")
+    evals = np.sort(S**2)[::-1]  # (M,) descending
+    fit = fit_powerlaw(evals)
+    rank = numerical_rank(S, big_n, eps=rank_eps)
+    norms = norm_metrics(evals, fit.alpha)
+    return LayerMetrics(
+        **common,
+        alpha=fit.alpha,
+        xmin=fit.xmin,
+        xmax=fit.xmax,
+        D=fit.D,
+        sigma=fit.sigma,
+        num_pl_spikes=fit.num_spikes,
+        fit_status=fit.status,
+        fit_message=fit.message,
+        entropy=spectral_entropy(evals, rank),
+        numerical_rank=rank,
+        warnings=layer_warnings(fit, rank, big_m),
+        **norms,
+    )
+
+
+def failed_metrics(common: dict, message: str, code: str = "non-finite") -> LayerMetrics:
+    """A LayerMetrics with every number None, fit_status "failed" and warning `code`."""
+    nones = dict.fromkeys(
+        (
+            "alpha",
+            "alpha_weighted",
+            "xmin",
+            "xmax",
+            "D",
+            "sigma",
+            "log_norm",
+            "log_spectral_norm",
+            "stable_rank",
+            "log_alpha_norm",
+            "entropy",
+            "numerical_rank",
+        )
+    )
+    fields = {**common, **nones, "num_pl_spikes": 0, "fit_status": "failed"}
+    return LayerMetrics(**fields, fit_message=message, warnings=(code,))
