@@ -1,0 +1,299 @@
+"""`Checkpoint`: a lazy catalog of a safetensors checkpoint. Lists from headers, reads on demand.
+
+>>> from spectra.sources import Checkpoint, bundled_model_path
+>>> with Checkpoint.open(bundled_model_path()) as ckpt:          # doctest: +SKIP
+...     q = ckpt.matrices(roles=["q"])[0]
+...     W = ckpt.read(q)                                           # (384, 384) float32
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import torch
+
+from spectra.device import resolve_device
+from spectra.errors import SourceError, ValidationError
+from spectra.sources.header import ShardHeader, TensorRef, read_header
+from spectra.sources.layout import local_shards
+from spectra.sources.reader import convert, read_range, shard_digest
+from spectra.sources.roles import MatrixRef, classify
+from spectra.sources.select import select
+
+Ref = TensorRef | MatrixRef | str
+
+
+class ShardStore(Protocol):
+    """Gives access to shard files: local files as they are, or Hub shards fetched on demand."""
+
+    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
+        """Open `shard` for reading (fetching it first if needed; it may be dropped on exit)."""
+        ...
+
+    def digest(self, shard: Path) -> str:
+        """sha256 of the shard's bytes."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever the store holds (temporary downloads)."""
+        ...
+
+
+class LocalStore:
+    """Shards that are files on this machine."""
+
+    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
+        try:
+            return shard.open("rb")
+        except OSError as exc:
+            raise SourceError(f"{shard}: cannot open shard ({exc.strerror or exc})") from exc
+
+    def digest(self, shard: Path) -> str:
+        return shard_digest(shard)
+
+    def close(self) -> None:
+        return None
+
+
+class Checkpoint:
+    """A checkpoint's tensors, listed from safetensors headers; data read only when asked.
+
+    Open with `Checkpoint.open(source)`: a `.safetensors` file, a folder (with or without
+    `model.safetensors.index.json`), a PEFT adapter folder (its factors are listed as tensors; see
+    `spectra.sources.adapters` for the adapter on top of its base), or a Hub repo id `org/name`
+    (`org/name@revision`). Use as a context manager so streamed Hub shards are cleaned up.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        headers: Sequence[ShardHeader],
+        *,
+        store: ShardStore | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.files: list[Path] = [h.path for h in headers]
+        self.metadata: dict[str, str] = {}
+        for header in headers:
+            self.metadata.update(header.metadata)
+        self.config: dict[str, Any] = dict(config or {})
+        self._store: ShardStore = store or LocalStore()
+        self._shard_rank = {path: i for i, path in enumerate(self.files)}
+        self._tensors = _collect(source, headers)
+        self._by_name = {t.name: t for t in self._tensors}
+        hidden = self.config.get("hidden_size")
+        hidden = hidden if isinstance(hidden, int) else None
+        self._matrices = [m for t in self._tensors for m in classify(t, hidden_size=hidden)]
+        self._by_key = {m.key: m for m in self._matrices}
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        source: str | Path,
+        *,
+        revision: str | None = None,
+        local_only: bool | None = None,
+        disk_budget: int | None = None,
+    ) -> Checkpoint:
+        """Open a local checkpoint or a Hub repo id. Reads headers only.
+
+        `revision`, `local_only` (default: the HF_HUB_OFFLINE setting) and `disk_budget` (bytes:
+        stream shard by shard, dropping each downloaded shard after its pass) apply to Hub repos.
+        """
+        from spectra.sources import hub  # local import: hub builds Checkpoints itself
+
+        path = Path(source).expanduser()
+        if not path.exists() and hub.looks_like_repo_id(str(source)):
+            return hub.open_repo(
+                str(source), revision=revision, local_only=local_only, disk_budget=disk_budget
+            )
+        if revision is not None:
+            raise ValidationError(
+                f"revision={revision!r} applies to Hub repos, but {source} is a local path"
+            )
+        return cls.from_files(str(source), local_shards(path))
+
+    @classmethod
+    def from_files(
+        cls, source: str, shards: Sequence[Path], *, store: ShardStore | None = None
+    ) -> Checkpoint:
+        """A checkpoint over local shard files (headers parsed now, config.json read if beside)."""
+        headers = [read_header(p) for p in shards]
+        return cls(source, headers, store=store, config=_read_config(shards))
+
+    # -- listing -----------------------------------------------------------------------------
+    def tensors(self) -> list[TensorRef]:
+        """Every tensor, in shard order then file order (headers only)."""
+        return list(self._tensors)
+
+    def matrices(
+        self,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        roles: Sequence[str] = (),
+    ) -> list[MatrixRef]:
+        """Weight matrices (role, layer, (out, in)), filtered by name globs and roles."""
+        return select(self._matrices, include=include, exclude=exclude, roles=roles)
+
+    def tensor(self, name: str) -> TensorRef:
+        """The tensor called `name`; the error suggests close names."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SourceError(f"{self.source}: no tensor named {name!r}") from None
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(
+        self, ref: Ref, *, dtype: torch.dtype | None = torch.float32, device: str = "cpu"
+    ) -> torch.Tensor:
+        """One tensor as `dtype` (None: as stored) on `device`.
+
+        A `TensorRef` (or a tensor name) reads the tensor as stored; a `MatrixRef` (or a matrix
+        key such as `name[expert=2]`) reads the (out, in) matrix: transposed for GPT-2 Conv1D,
+        one slice for a 3-D expert stack.
+        """
+        resolved = self._resolve(ref)
+        dev = resolve_device(device)
+        with self._store.open(self._shard_of(resolved)) as fh:
+            return self._read_open(fh, resolved, dtype, dev)
+
+    def read_many(
+        self,
+        refs: Iterable[MatrixRef | TensorRef],
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        device: str = "cpu",
+    ) -> Iterator[tuple[MatrixRef | TensorRef, torch.Tensor]]:
+        """Yield `(ref, tensor)` in shard order, then offset order; each file opened once.
+
+        Only one tensor is held at a time here: memory is bounded by what the caller keeps.
+        """
+        dev = resolve_device(device)
+        ordered = sorted(
+            (self._resolve(r) for r in refs),
+            key=lambda r: (self._shard_rank[self._shard_of(r)], _offset(r)),
+        )
+        i = 0
+        while i < len(ordered):
+            shard = self._shard_of(ordered[i])
+            j = i
+            while j < len(ordered) and self._shard_of(ordered[j]) == shard:
+                j += 1
+            with self._store.open(shard) as fh:
+                for r in ordered[i:j]:
+                    yield r, self._read_open(fh, r, dtype, dev)
+            i = j
+
+    def content_key(self, ref: Ref) -> str:
+        """Stable id of a matrix's bytes: `sha256(shard):offset:nbytes:dtype:shape[:T]`.
+
+        `shape` is the presented shape joined by `x`; `:T` marks a transposed presentation, so
+        a square Conv1D matrix never shares a key with its untransposed reading.
+        """
+        r = self._resolve(ref)
+        digest = self._store.digest(self._shard_of(r))
+        if isinstance(r, MatrixRef):
+            shape, nbytes, tail = r.shape, r.nbytes, ":T" if r.transpose else ""
+        else:
+            shape, nbytes, tail = r.shape, r.nbytes, ""
+        dims = "x".join(str(d) for d in shape)
+        return f"{digest}:{_offset(r)}:{nbytes}:{_tensor(r).dtype}:{dims}{tail}"
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release streamed downloads (no-op for local files)."""
+        self._store.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({self.source!r}, files={len(self.files)}, tensors={len(self._tensors)}, "
+            f"matrices={len(self._matrices)})"
+        )
+
+    def _resolve(self, ref: Ref) -> TensorRef | MatrixRef:
+        if isinstance(ref, str):
+            found = self._by_key.get(ref) or self._by_name.get(ref)
+            if found is None:
+                raise SourceError(f"{self.source}: no tensor or matrix named {ref!r}")
+            return found
+        if isinstance(ref, (TensorRef, MatrixRef)):
+            if _tensor(ref).shard not in self._shard_rank:
+                raise ValidationError(f"{_tensor(ref).name!r} belongs to another checkpoint")
+            return ref
+        raise ValidationError(f"expected a TensorRef, MatrixRef or name, got {type(ref).__name__}")
+
+    def _shard_of(self, ref: TensorRef | MatrixRef) -> Path:
+        return _tensor(ref).shard
+
+    def _read_open(
+        self,
+        fh: BinaryIO,
+        ref: TensorRef | MatrixRef,
+        dtype: torch.dtype | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        t = _tensor(ref)
+        if isinstance(ref, MatrixRef):
+            stored = t.shape[1:] if len(t.shape) == 3 else t.shape
+            nbytes, transpose = ref.nbytes, ref.transpose
+        else:
+            stored, nbytes, transpose = t.shape, t.nbytes, False
+        raw = read_range(
+            fh,
+            offset=_offset(ref),
+            nbytes=nbytes,
+            dtype=t.dtype,
+            shape=tuple(stored),
+            where=f"{t.shard}: tensor {t.name!r}",
+        )
+        return convert(raw, dtype=dtype, device=device, transpose=transpose)
+
+
+def _tensor(ref: TensorRef | MatrixRef) -> TensorRef:
+    return ref.tensor if isinstance(ref, MatrixRef) else ref
+
+
+def _offset(ref: TensorRef | MatrixRef) -> int:
+    return ref.offset
+
+
+def _collect(source: str, headers: Sequence[ShardHeader]) -> list[TensorRef]:
+    seen: dict[str, Path] = {}
+    out: list[TensorRef] = []
+    for header in headers:
+        for ref in sorted(header.tensors, key=lambda r: r.offset):
+            if ref.name in seen:
+                raise SourceError(
+                    f"{source}: tensor {ref.name!r} appears in two shards ({seen[ref.name].name} "
+                    f"and {header.path.name}): the checkpoint is inconsistent, re-download it"
+                )
+            seen[ref.name] = header.path
+            out.append(ref)
+    if not out:
+        names = ", ".join(h.path.name for h in headers)
+        raise SourceError(f"{source}: empty checkpoint, no tensors in {names}")
+    return out
+
+
+def _read_config(shards: Sequence[Path]) -> dict[str, Any]:
+    """config.json beside the shards, if any (used for the model width); never an error."""
+    if not shards:
+        return {}
+    candidate = shards[0].parent / "config.json"
+    try:
+        obj = json.loads(candidate.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

@@ -1,0 +1,180 @@
+"""What each tensor is, from its name and header alone: weight matrix or not, role, layer, layout.
+
+Roles: q k v o qkv up gate down gate_up expert embedding lm_head other. Conventions covered:
+Llama/Mistral/Qwen/Gemma (`model.layers.N.self_attn.q_proj`, `mlp.gate_proj/up_proj/down_proj`),
+Meta originals (`wq wk wv wo`, `feed_forward.w1/w2/w3`), GPT-2 (`h.N.attn.c_attn` fused qkv,
+`attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, all `Conv1D` stored (in, out) and presented transposed),
+BERT (`attention.self.query/key/value`, `attention.output.dense`, `intermediate.dense`,
+`output.dense`), GPT-NeoX/Falcon fused `query_key_value`, Mixtral (`block_sparse_moe.experts.E.w1`
+gate, `w3` up, `w2` down), Qwen-MoE (`mlp.experts.E.gate_proj`...), and 3-D expert stacks
+(`mlp.experts.gate_up_proj` of shape (E, ...), split into one matrix per expert).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from spectra.sources.header import DTYPES, TensorRef
+
+ROLES: tuple[str, ...] = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "up",
+    "gate",
+    "down",
+    "gate_up",
+    "expert",
+    "embedding",
+    "lm_head",
+    "other",
+)
+
+
+@dataclass(frozen=True)
+class MatrixRef:
+    """One weight matrix as analyses see it: (out, in), whatever the storage layout.
+
+    `key` is the tensor name, or `name[expert=E]` for slice E of a 3-D expert stack. `transpose`
+    says the stored matrix is (in, out) (GPT-2 Conv1D). `expert`/`expert_role` are set for MoE
+    experts (role "expert"); `expert_role` is up/gate/down/gate_up inside the expert.
+    """
+
+    key: str
+    tensor: TensorRef
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    transpose: bool = False
+    expert: int | None = None
+    expert_role: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.tensor.dtype].itemsize
+
+    @property
+    def offset(self) -> int:
+        """Absolute byte offset of this matrix's data (an expert slice starts inside its stack)."""
+        if self.expert is None or len(self.tensor.shape) != 3:
+            return self.tensor.offset
+        return self.tensor.offset + self.expert * self.nbytes
+
+
+# Ordered: the first rule whose regex matches the name (without `.weight`) gives the role.
+_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)(lm_head|embed_out)$", "lm_head"),
+    (
+        r"(^|\.)(embed_tokens|tok_embeddings|wte|wpe|word_embeddings|position_embeddings"
+        r"|token_type_embeddings|embed_positions|shared)$",
+        "embedding",
+    ),
+    (r"(^|\.)(qkv_proj|c_attn|query_key_value|Wqkv|W_pack|qkv)$", "qkv"),
+    (r"(^|\.)(q_proj|query|wq|q_lin)$|(SelfAttention|EncDecAttention)\.q$", "q"),
+    (r"(^|\.)(k_proj|key|wk|k_lin)$|(SelfAttention|EncDecAttention)\.k$", "k"),
+    (r"(^|\.)(v_proj|value|wv|v_lin)$|(SelfAttention|EncDecAttention)\.v$", "v"),
+    (r"DenseReluDense\.wo$", "down"),
+    (r"DenseReluDense\.wi_0$", "gate"),
+    (r"DenseReluDense\.wi(_1)?$", "up"),
+    (
+        r"(^|\.)(o_proj|out_proj|wo|out_lin)$|attention\.output\.dense$|attn\.c_proj$"
+        r"|(attention|self_attn)\.dense$|(SelfAttention|EncDecAttention)\.o$",
+        "o",
+    ),
+    (r"(^|\.)gate_up_proj$", "gate_up"),
+    (r"(^|\.)(gate_proj|w1)$", "gate"),
+    (r"(^|\.)(up_proj|c_fc|fc1|w3|dense_h_to_4h|lin1)$|intermediate\.dense$", "up"),
+    (r"(^|\.)(down_proj|fc2|w2|dense_4h_to_h|lin2)$|mlp\.c_proj$|output\.dense$", "down"),
+)
+_COMPILED = tuple((re.compile(pattern), role) for pattern, role in _RULES)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+_CONV1D = re.compile(
+    r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.q_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
+)
+_NOT_WEIGHT = re.compile(r"(norm|_scale|_scale_inv|\.scales|qzeros|g_idx)", re.IGNORECASE)
+_STACK_NAMES = re.compile(r"(^|\.)experts\.(gate_up_proj|gate_proj|up_proj|down_proj|w1|w2|w3)$")
+
+
+def name_role(stem: str) -> str:
+    """Role of a module path such as `model.layers.3.self_attn.q_proj` (no `.weight`)."""
+    for pattern, role in _COMPILED:
+        if pattern.search(stem):
+            return role
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """Block index from `layers.N.` / `layer.N.` / `h.N.` / `blocks.N.`, else None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def classify(ref: TensorRef, *, hidden_size: int | None = None) -> list[MatrixRef]:
+    """The weight matrices inside `ref`: none (norms, biases, 1-D, integer), one, or one per expert.
+
+    `hidden_size` (from config.json, optional) resolves the layout of 3-D expert stacks: without
+    it a stack is read as stored, (E, out, in), the transformers layout; with it a stack whose
+    `in` side is not the model width is presented transposed.
+    """
+    dtype = DTYPES[ref.dtype]
+    if not dtype.is_float or 0 in ref.shape or _NOT_WEIGHT.search(ref.name):
+        return []
+    if ref.name.endswith(".weight") and len(ref.shape) == 2:
+        return [_matrix_2d(ref)]
+    if len(ref.shape) == 3 and _STACK_NAMES.search(ref.name):
+        return _expert_stack(ref, hidden_size)
+    return []
+
+
+def _matrix_2d(ref: TensorRef) -> MatrixRef:
+    stem = ref.name[: -len(".weight")]
+    role = name_role(stem)
+    transpose = bool(_CONV1D.search(stem))
+    rows, cols = ref.shape
+    shape = (cols, rows) if transpose else (rows, cols)
+    layer = layer_index(ref.name)
+    expert_match = _EXPERT.search(ref.name)
+    if expert_match is None:
+        return MatrixRef(ref.name, ref, role, layer, shape, transpose)
+    expert_role = role if role in ("up", "gate", "down", "gate_up") else None
+    return MatrixRef(
+        ref.name, ref, "expert", layer, shape, transpose, int(expert_match.group(1)), expert_role
+    )
+
+
+def _expert_stack(ref: TensorRef, hidden_size: int | None) -> list[MatrixRef]:
+    n_experts, rows, cols = ref.shape
+    expert_role = name_role(ref.name)
+    transpose = _stack_transposed(expert_role, rows, cols, hidden_size)
+    shape = (cols, rows) if transpose else (rows, cols)
+    layer = layer_index(ref.name)
+    return [
+        MatrixRef(
+            f"{ref.name}[expert={e}]",
+            ref,
+            "expert",
+            layer,
+            shape,
+            transpose,
+            e,
+            expert_role if expert_role != "other" else None,
+        )
+        for e in range(n_experts)
+    ]
+
+
+def _stack_transposed(role: str, rows: int, cols: int, hidden: int | None) -> bool:
+    """gate/up/gate_up read the model width (in = hidden); down writes it (out = hidden)."""
+    if hidden is None or rows == cols:
+        return False
+    if role == "down":
+        return cols == hidden and rows != hidden
+    return rows == hidden and cols != hidden
