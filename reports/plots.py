@@ -1,0 +1,343 @@
+"""Plots of an HT-SR analysis, rendered to PNG bytes.
+
+Every function takes results (LayerMetrics rows, eigenvalue arrays) and returns PNG bytes, or
+None when there is nothing to draw (e.g. no matrix has a layer index). Figures are built as
+`matplotlib.figure.Figure` objects drawn by the Agg canvas: no pyplot, no global state, safe in
+threads and in processes that use another backend. Every number drawn is also in metrics.json.
+
+Text from the checkpoint (tensor names) is drawn with `parse_math=False`, so a `$` in a name is
+shown as it is instead of being parsed as mathtext.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from spectra.analysis.results import LayerMetrics
+
+# Thresholds of the HT-SR warnings (methods.md section 2).
+ALPHA_LOW = 2.0
+ALPHA_HIGH = 6.0
+# Eigenvalues at or below this are dropped before fitting (methods.md section 2); plots match.
+EVAL_FLOOR = 1e-5
+
+# Roles in reading order (a transformer block top to bottom); unknown roles sort after, by name.
+ROLE_ORDER = (
+    "embedding",
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "up",
+    "gate",
+    "gate_up",
+    "down",
+    "expert",
+    "lm_head",
+    "other",
+)
+_PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+DPI = 100
+
+
+def ordered_roles(roles: Sequence[str] | set[str]) -> list[str]:
+    """Distinct roles in ROLE_ORDER, unknown ones after it in alphabetical order."""
+    known = [r for r in ROLE_ORDER if r in set(roles)]
+    return known + sorted(set(roles) - set(ROLE_ORDER))
+
+
+def role_color(role: str) -> str:
+    """A stable colour per role (the same role has the same colour in every plot)."""
+    if role in ROLE_ORDER:
+        return _PALETTE[ROLE_ORDER.index(role) % len(_PALETTE)]
+    return _PALETTE[sum(map(ord, role)) % len(_PALETTE)]
+
+
+def short_label(text: str, limit: int = 60) -> str:
+    """`text` cut in the middle with an ellipsis when longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-(limit - 1 - half) :]}"
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------
+# ESD of one matrix
+# --------------------------------------------------------------------------------------------
+
+
+def esd_plot(evals: np.ndarray, layer: LayerMetrics) -> bytes | None:
+    """Histogram of the ESD (eigenvalues of W^T W) on log-log axes, fitted power law, xmin.
+
+    evals: (M,) eigenvalues lambda = S^2, any order. The histogram is a density on log-spaced
+    bins over the eigenvalues above EVAL_FLOOR. The fitted law is drawn on [xmin, xmax] as
+    (n_tail / N) * (alpha - 1) / xmin * (lambda / xmin)^-alpha, i.e. the tail's share of the
+    density, so it sits on the histogram where the fit is good. Returns None without eigenvalues.
+    """
+    lam = np.asarray(evals, dtype=np.float64)
+    lam = lam[np.isfinite(lam) & (lam > EVAL_FLOOR)]
+    if lam.size == 0:
+        return None
+    fig = Figure(figsize=(5.2, 3.4))
+    ax = fig.add_subplot()
+    lo, hi = float(lam.min()), float(lam.max())
+    if hi <= lo:
+        hi = lo * 1.01
+    bins = np.geomspace(lo, hi, num=min(60, max(10, lam.size // 8)) + 1)
+    density, edges = np.histogram(lam, bins=bins, density=True)
+    ax.stairs(density, edges, fill=True, alpha=0.45, color="#4c72b0", label="ESD")
+    _draw_fit(ax, lam, layer)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue λ of WᵀW")
+    ax.set_ylabel("density")
+    ax.set_title(short_label(layer.key), fontsize=9, parse_math=False)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _draw_fit(ax, lam: np.ndarray, layer: LayerMetrics) -> None:  # noqa: ANN001 - matplotlib Axes
+    ok = layer.fit_status == "ok" and _finite(layer.alpha) and _finite(layer.xmin)
+    if not ok:
+        ax.text(
+            0.98,
+            0.95,
+            f"power-law fit: {layer.fit_status}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            parse_math=False,
+        )
+        return
+    alpha, xmin = float(layer.alpha), float(layer.xmin)  # type: ignore[arg-type]
+    xmax = float(layer.xmax) if _finite(layer.xmax) else float(lam.max())
+    share = float(np.count_nonzero(lam >= xmin)) / lam.size
+    xs = np.geomspace(xmin, max(xmax, xmin * 1.0001), 50)
+    ys = share * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
+    ax.plot(xs, ys, color="#c44e52", lw=2, label=f"power law α = {alpha:.3g}")
+    ax.axvline(xmin, color="#555555", ls="--", lw=1, label=f"xmin = {xmin:.3g}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics by depth
+# --------------------------------------------------------------------------------------------
+
+
+def _by_role_depth(
+    layers: Sequence[LayerMetrics], metric: str
+) -> dict[str, list[tuple[int, float]]]:
+    """{role: [(layer, mean of metric over matrices of that role and layer)]}, sorted by layer.
+
+    Matrices without a layer index, and missing/non-finite values, are left out.
+    """
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for lm in layers:
+        value = getattr(lm, metric)
+        if lm.layer is None or not _finite(value):
+            continue
+        acc[lm.role][lm.layer].append(float(value))
+    return {
+        role: sorted((depth, float(np.mean(vals))) for depth, vals in acc[role].items())
+        for role in ordered_roles(set(acc))
+    }
+
+
+def _depth_lines(ax, series: dict[str, list[tuple[int, float]]]) -> None:  # noqa: ANN001
+    for role, points in series.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=role_color(role), label=role)
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def alpha_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
+    """alpha per layer, one line per role, with the over-trained (< 2) and under-trained (> 6)
+    bands shaded. Several matrices of one role in one layer (experts) are averaged."""
+    series = _by_role_depth(layers, "alpha")
+    if not series:
+        return None
+    values = [y for pts in series.values() for _, y in pts]
+    fig = Figure(figsize=(7.0, 3.6))
+    ax = fig.add_subplot()
+    top = max(ALPHA_HIGH + 1.0, max(values) + 0.5)
+    bottom = min(ALPHA_LOW - 1.0, min(values) - 0.5)
+    ax.axhspan(bottom, ALPHA_LOW, color="#d62728", alpha=0.08, lw=0)
+    ax.axhspan(ALPHA_HIGH, top, color="#ff7f0e", alpha=0.08, lw=0)
+    for level in (ALPHA_LOW, ALPHA_HIGH):
+        ax.axhline(level, color="#777777", lw=0.8, ls=":")
+    ax.text(
+        0.01,
+        ALPHA_LOW,
+        " α < 2: over-trained",
+        va="top",
+        fontsize=7,
+        transform=ax.get_yaxis_transform(),
+    )
+    ax.text(
+        0.01,
+        ALPHA_HIGH,
+        " α > 6: under-trained",
+        va="bottom",
+        fontsize=7,
+        transform=ax.get_yaxis_transform(),
+    )
+    _depth_lines(ax, series)
+    ax.set_ylim(bottom, top)
+    ax.set_ylabel("α (power-law exponent)")
+    ax.set_title("α by depth", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="role")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def norms_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
+    """Stable rank (left) and log10 spectral norm (right) per layer, one line per role."""
+    ranks = _by_role_depth(layers, "stable_rank")
+    norms = _by_role_depth(layers, "log_spectral_norm")
+    if not ranks and not norms:
+        return None
+    fig = Figure(figsize=(9.0, 3.4))
+    ax_r, ax_n = fig.subplots(1, 2)
+    _depth_lines(ax_r, ranks)
+    ax_r.set_ylabel("stable rank  Σλ / λmax")
+    ax_r.set_title("stable rank by depth", fontsize=10)
+    _depth_lines(ax_n, norms)
+    ax_n.set_ylabel("log10 λmax")
+    ax_n.set_title("log spectral norm by depth", fontsize=10)
+    ax_n.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Singular-value decay per role
+# --------------------------------------------------------------------------------------------
+
+
+def sv_decay(layers: Sequence[LayerMetrics], esds: Mapping[str, np.ndarray]) -> bytes | None:
+    """One panel per role: S_i / S_1 against i / M (log y), one curve per matrix coloured by depth.
+
+    S_i = sqrt(lambda_i). Normalizing both axes lets matrices of different shapes share a panel.
+    Matrices without a layer index are drawn dashed in black. None when no ESD is available.
+    """
+    curves: dict[str, list[tuple[int | None, np.ndarray]]] = defaultdict(list)
+    for lm in layers:
+        lam = esds.get(lm.key)
+        if lam is None:
+            continue
+        s = np.sqrt(np.clip(np.sort(np.asarray(lam, dtype=np.float64))[::-1], 0.0, None))
+        if s.size == 0 or not np.isfinite(s).all() or s[0] <= 0:
+            continue
+        curves[lm.role].append((lm.layer, s / s[0]))
+    if not curves:
+        return None
+    roles = ordered_roles(set(curves))
+    ncols = min(3, len(roles))
+    nrows = math.ceil(len(roles) / ncols)
+    fig = Figure(figsize=(3.3 * ncols, 2.6 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    depths = [d for items in curves.values() for d, _ in items if d is not None]
+    deepest = max(depths) if depths else 0
+    cmap = _viridis()
+    for ax, role in zip(axes, roles, strict=False):
+        for depth, s in curves[role]:
+            x = np.arange(1, s.size + 1) / s.size
+            if depth is None:
+                ax.plot(x, s, color="black", lw=0.9, ls="--")
+            else:
+                ax.plot(x, s, color=cmap(depth / max(deepest, 1)), lw=0.9)
+        ax.set_yscale("log")
+        ax.set_title(role, fontsize=9, parse_math=False)
+        ax.set_xlabel("i / min(m, n)", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(roles) :]:
+        ax.set_visible(False)
+    axes[0].set_ylabel("S_i / S_1", fontsize=8)
+    fig.suptitle(f"singular-value decay per role (colour: layer 0 to {deepest})", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _viridis():  # noqa: ANN202 - a matplotlib Colormap
+    from matplotlib import colormaps
+
+    return colormaps["viridis"]
+
+
+# --------------------------------------------------------------------------------------------
+# Outlier ratio heatmap
+# --------------------------------------------------------------------------------------------
+
+
+def outlier_grid(layers: Sequence[LayerMetrics]) -> tuple[list[int], list[str], np.ndarray]:
+    """(depths, roles, grid) with grid[i, j] the mean outlier ratio of role j in layer i (NaN
+    where there is no such matrix or no ratio). Matrices without a layer index are left out."""
+    cells: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for lm in layers:
+        if lm.layer is not None and _finite(lm.outlier_ratio):
+            cells[(lm.layer, lm.role)].append(float(lm.outlier_ratio))  # type: ignore[arg-type]
+    depths = sorted({d for d, _ in cells})
+    roles = ordered_roles({r for _, r in cells})
+    grid = np.full((len(depths), len(roles)), np.nan)
+    for (depth, role), vals in cells.items():
+        grid[depths.index(depth), roles.index(role)] = float(np.mean(vals))
+    return depths, roles, grid
+
+
+def outlier_heatmap(layers: Sequence[LayerMetrics]) -> bytes | None:
+    """Heatmap of the weight-magnitude outlier ratio, layer (rows) x role (columns)."""
+    depths, roles, grid = outlier_grid(layers)
+    if grid.size == 0:
+        return None
+    fig = Figure(figsize=(1.0 + 0.75 * len(roles) + 1.2, 1.2 + 0.28 * len(depths)))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma_r")
+    ax.set_xticks(range(len(roles)), labels=roles, fontsize=8)
+    ax.set_yticks(range(len(depths)), labels=[str(d) for d in depths], fontsize=7)
+    ax.set_xlabel("role")
+    ax.set_ylabel("layer")
+    if grid.size <= 400:
+        finite = grid[np.isfinite(grid)]
+        middle = float(np.nanmax(finite)) / 2 if finite.size else 0.0
+        for (i, j), value in np.ndenumerate(grid):
+            if math.isfinite(value):
+                colour = "white" if value > middle else "black"
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color=colour)
+    fig.colorbar(image, ax=ax, label="outlier ratio")
+    ax.set_title("weight-magnitude outlier ratio", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

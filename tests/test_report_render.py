@@ -1,0 +1,284 @@
+"""Report rendering from a hand-made Analysis: escaping, self-containment, files, plots."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _report_fixtures import EVIL, make_analysis
+from rich.console import Console
+
+from spectra.analysis.results import Analysis
+from spectra.errors import OutputError, ValidationError
+from spectra.export.outdir import MARKER
+from spectra.reports import html as H
+from spectra.reports import markdown as M
+from spectra.reports import plots as P
+from spectra.reports import report as R
+from spectra.reports.terminal import print_summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk."""
+    assert png[:8] == PNG_MAGIC
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+@pytest.fixture(scope="module")
+def analysis() -> Analysis:
+    return make_analysis()
+
+
+@pytest.fixture(scope="module")
+def written(
+    analysis: Analysis, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Path]]:
+    out = tmp_path_factory.mktemp("report") / "out"
+    return out, R.write_report(analysis, out)
+
+
+# ------------------------------------------------------------------ the folder
+
+
+def test_folder_holds_every_format_and_plot(
+    written: tuple[Path, list[Path]], analysis: Analysis
+) -> None:
+    out, paths = written
+    names = {p.relative_to(out).as_posix() for p in paths}
+    assert {"report.html", "report.md", "metrics.json", "metrics.csv"} <= names
+    for stem in ("alpha_by_depth", "norms_by_depth", "sv_decay", "outlier_heatmap"):
+        assert f"plots/{stem}.png" in names
+    esd = sorted(n for n in names if n.startswith("plots/esd-"))
+    assert len(esd) == len(analysis.layers)  # 19 matrices, under the default plot limit
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    assert (out / MARKER).exists()
+    # Safe file names even for the key holding a script tag.
+    assert all(re.fullmatch(r"plots/[A-Za-z0-9._-]+\.png", n) for n in esd)
+
+
+def test_json_and_csv_carry_the_analysis_numbers(
+    written: tuple[Path, list[Path]], analysis: Analysis
+) -> None:
+    out, _ = written
+    data = json.loads((out / "metrics.json").read_text())
+    assert data == analysis.to_dict()
+    back = Analysis.from_json(out / "metrics.json")
+    assert back.layers == analysis.layers
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(analysis.layers)
+
+
+def test_html_escapes_checkpoint_strings(written: tuple[Path, list[Path]]) -> None:
+    text = (written[0] / "report.html").read_text()
+    assert EVIL not in text
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_html_is_self_contained(written: tuple[Path, list[Path]]) -> None:
+    out = written[0]
+    text = (out / "report.html").read_text()
+    refs = re.findall(r'\b(?:src|href)="([^"]*)"', text)
+    assert refs, "the page links nothing at all?"
+    assert all(r.startswith(("data:image/png;base64,", "#")) for r in refs), refs
+    assert "http://" not in text and "https://" not in text
+    assert "@import" not in text and "url(" not in text
+    # Every embedded image is byte-for-byte one of the PNGs on disk, and every PNG is embedded.
+    embedded = {base64.b64decode(r.split(",", 1)[1]) for r in refs if r.startswith("data:")}
+    on_disk = {p.read_bytes() for p in (out / "plots").glob("*.png")}
+    assert embedded == on_disk
+    # Internal links point to ids that exist.
+    ids = set(re.findall(r'\bid="([^"]+)"', text))
+    anchors = {r[1:] for r in refs if r.startswith("#")}
+    assert anchors <= ids
+
+
+def test_html_sections_in_reading_order(
+    written: tuple[Path, list[Path]], analysis: Analysis
+) -> None:
+    text = (written[0] / "report.html").read_text()
+    positions = [text.index(f'id="{s}"') for s in ("summary", "warned", "matrices", "layers")]
+    assert positions == sorted(positions)
+    warned = text[text.index('id="warned"') : text.index('id="matrices"')]
+    for lm in analysis.layers:
+        assert (H.esc(lm.key) in warned) == bool(lm.warnings)
+    assert text.count('class="item"') == len(analysis.layers)
+
+
+def test_markdown_escapes_and_links_existing_plots(written: tuple[Path, list[Path]]) -> None:
+    out = written[0]
+    text = (out / "report.md").read_text()
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;alert\\(1\\)" not in text  # parentheses are not escaped
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((out / link).is_file() for link in links)
+    for line in text.splitlines():
+        if line.startswith("|"):  # table rows: unescaped pipes delimit cells only
+            cells = re.split(r"(?<!\\)\|", line)
+            assert cells[0] == "" and cells[-1] == "", line
+
+
+def test_refuses_non_empty_folder_without_force(tmp_path: Path, analysis: Analysis) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty"):
+        R.write_report(analysis, out, formats="json")
+    assert (out / "notes.txt").read_text() == "keep me"
+    paths = R.write_report(analysis, out, formats="json", force=True)
+    assert paths == [out.absolute() / "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "metrics.json"]
+
+
+def test_failed_render_leaves_nothing(
+    tmp_path: Path, analysis: Analysis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*_a: object, **_k: object) -> str:
+        raise RuntimeError("disk gremlin")
+
+    monkeypatch.setattr(Analysis, "to_csv", boom)
+    with pytest.raises(RuntimeError):
+        R.write_report(analysis, tmp_path / "out", formats="json,csv")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_formats() -> None:
+    assert R.parse_formats(None) == R.FORMATS
+    assert R.parse_formats("all") == R.FORMATS
+    assert R.parse_formats("csv, HTML") == ("html", "csv")
+    assert R.parse_formats(["md"]) == ("md",)
+    with pytest.raises(ValidationError, match="pdf"):
+        R.parse_formats("html,pdf")
+
+
+def test_select_esd_keys_prefers_warned_then_spread(analysis: Analysis) -> None:
+    keys = [lm.key for lm in analysis.layers]
+    assert R.select_esd_keys(analysis, 100) == keys
+    picked = R.select_esd_keys(analysis, 9)
+    assert len(picked) == 9
+    assert picked == [k for k in keys if k in set(picked)]  # analysis order kept
+    warned = [lm.key for lm in analysis.layers if lm.warnings]
+    assert set(warned) <= set(picked)
+    assert R.select_esd_keys(analysis, 0) == []
+    with pytest.raises(ValidationError, match="-1"):
+        R.select_esd_keys(analysis, -1)
+    # With room for the warned ones + one per role, every role is represented.
+    roles = {lm.role for lm in analysis.layers}
+    picked = set(R.select_esd_keys(analysis, len(warned) + len(roles)))
+    assert {analysis.layer(k).role for k in picked} == roles
+
+
+def test_detail_limited_on_huge_models(analysis: Analysis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(R, "MAX_DETAIL_SECTIONS", 5)
+    plots = R.ReportPlots(esd={analysis.layers[4].key: ("esd-004-x", b"")})
+    detailed = R.detailed_indices(analysis, plots)
+    expected = {i for i, lm in enumerate(analysis.layers) if lm.warnings} | {4}
+    assert detailed == expected
+
+
+# ------------------------------------------------------------------ plots
+
+
+def test_summary_plots_are_pngs(analysis: Analysis) -> None:
+    for render in (P.alpha_by_depth, P.norms_by_depth, P.outlier_heatmap):
+        w, h = png_size(render(analysis.layers))
+        assert 300 < w < 1600 and 150 < h < 1200
+    w, h = png_size(P.sv_decay(analysis.layers, analysis.esds))
+    assert w > h  # 7 roles in a 3-column grid
+
+
+def test_plots_return_none_without_data(analysis: Analysis) -> None:
+    no_depth = [replace(lm, layer=None) for lm in analysis.layers]
+    assert P.alpha_by_depth(no_depth) is None
+    assert P.norms_by_depth(no_depth) is None
+    assert P.outlier_heatmap(no_depth) is None
+    assert P.sv_decay(analysis.layers, {}) is None
+    assert P.esd_plot(np.zeros(8), analysis.layers[0]) is None
+
+
+def test_esd_plot_handles_failed_fit_and_mathtext_in_names(analysis: Analysis) -> None:
+    failed = next(lm for lm in analysis.layers if lm.fit_status == "failed")
+    assert png_size(P.esd_plot(analysis.esds[failed.key], failed))[0] > 0
+    dollar = replace(analysis.layers[0], key="w$\\frac{a}{$.weight")  # broken mathtext
+    assert png_size(P.esd_plot(analysis.esds[analysis.layers[0].key], dollar))[0] > 0
+
+
+def test_outlier_grid_averages_per_cell(analysis: Analysis) -> None:
+    dup = [*analysis.layers, replace(analysis.layers[0], key="extra", outlier_ratio=0.5)]
+    depths, roles, grid = P.outlier_grid(dup)
+    assert depths == [0, 1, 2]
+    assert roles == ["q", "k", "v", "o", "up", "down"]  # embedding has no layer index
+    assert grid[0, 0] == pytest.approx((analysis.layers[0].outlier_ratio + 0.5) / 2, rel=1e-15)
+    assert grid[2, 5] == analysis.layer("encoder.layer.2.down.weight").outlier_ratio
+
+
+def test_role_order_and_colours() -> None:
+    assert P.ordered_roles({"zeta", "down", "q", "alpha"}) == ["q", "down", "alpha", "zeta"]
+    assert P.role_color("q") != P.role_color("k")
+    assert P.role_color("custom") == P.role_color("custom")
+    assert P.short_label("x" * 100, 21) == "x" * 10 + "…" + "x" * 10
+
+
+# ------------------------------------------------------------------ html / markdown builders
+
+
+def test_html_builders_escape_text_but_keep_markup() -> None:
+    assert H.esc("a<b>&\"c'") == "a&lt;b&gt;&amp;&quot;c&#x27;"
+    assert H.esc(H.Markup("<b>x</b>")) == "<b>x</b>"
+    assert H.esc("bell\x07esc\x1b[31m") == "bellesc[31m"
+    cell = H.table(
+        [H.Column("n", numeric=True), "name"], [[1.23456789, EVIL], [None, H.badge("ok", "ok")]]
+    )
+    assert "1.235" in cell and "–" in cell and EVIL not in cell
+    assert '<span class="badge ok">ok</span>' in cell
+    attr = H.tag("a", "x", href='"><script>', class_="c")
+    assert attr == '<a href="&quot;&gt;&lt;script&gt;" class="c">x</a>'
+    with pytest.raises(ValueError):
+        H.table(["a", "b"], [[1]])
+    doc = H.page(EVIL, [H.section(EVIL, H.figure(PNG_MAGIC, EVIL, EVIL), id="s")], subtitle=EVIL)
+    assert EVIL not in doc and doc.count("&lt;script&gt;") == 6
+    assert 'content="default-src &#x27;none&#x27;' in doc
+
+
+def test_fmt() -> None:
+    assert H.fmt(None) == "–"
+    assert H.fmt(float("nan")) == "–"
+    assert H.fmt(3) == "3"
+    assert H.fmt(0.000123456, 3) == "0.000123"
+    assert H.fmt(True) == "yes"
+
+
+def test_markdown_builders() -> None:
+    assert M.md_escape("a|b*c_d\nE<f>&") == "a\\|b\\*c\\_d E&lt;f&gt;&amp;"
+    table = M.md_table(["k", "v"], [["x|y", 0.5], ["z", None]], numeric=[False, True])
+    assert table.splitlines() == ["| k | v |", "|---|---:|", "| x\\|y | 0.5 |", "| z | – |"]
+    with pytest.raises(ValueError, match="cells"):
+        M.md_table(["a"], [[1, 2]])
+    with pytest.raises(ValueError, match="characters"):
+        M.image("x", "plots/a b).png")
+
+
+# ------------------------------------------------------------------ terminal
+
+
+def test_terminal_summary_is_inert(analysis: Analysis) -> None:
+    nasty = replace(analysis.layers[0], key="[bold red]boom[/]\x1b]0;pwned\x07")
+    a = replace(analysis, layers=[nasty, *analysis.layers[1:]])
+    console = Console(record=True, width=200, force_terminal=False, color_system=None)
+    print_summary(a, console)
+    out = console.export_text()
+    assert "[bold red]boom[/]]0;pwned" in out
+    assert "\x1b" not in out and "\x07" not in out
+    assert f"{a.summary.num_matrices} matrices, {a.summary.num_warned} warned" in out
+    assert "over-trained" in out and "under-trained" in out
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(a, console, max_rows=1)
+    assert "... 2 more" in console.export_text()
