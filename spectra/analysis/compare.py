@@ -1,0 +1,584 @@
+"""`compare(base, finetuned)`: intruder dimensions, update statistics, subspace drift and HT-SR
+change for every matrix pair of a fine-tune against its base, plus model-level forensics.
+
+Layers: `pair_matrices` (pure name pairing with `--map` renames), `compare_pair` (pure tensor
+function over one matrix pair), `compare` (IO: opens checkpoints or a PEFT LoRA adapter, streams
+one pair at a time so memory is bounded by the largest pair). Definitions: methods.md section 3,
+and the docstrings of spectra.analysis.intruders / drift / forensics.
+
+Per pair the base gets one float64 SVD (its full thin U is needed by the intruder test), the
+fine-tune one (its top-k U and its full spectrum for alpha), and dW one `svdvals`; a LoRA update
+dW = s B A is decomposed from its factors (QR + r x r SVD), never formed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.analysis.drift import (
+    SubspaceDrift,
+    UpdateStats,
+    dense_svd,
+    lowrank_update_svd,
+    subspace_drift,
+    update_stats,
+)
+from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, classify_update, summarize
+from spectra.analysis.intruders import (
+    DEFAULT_EPSILONS,
+    DEFAULT_K,
+    IntruderResult,
+    intruder_dimensions,
+    validate_epsilons,
+)
+from spectra.analysis.powerlaw import fit_powerlaw
+from spectra.analysis.results import json_safe
+from spectra.device import resolve_device
+from spectra.errors import ValidationError
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.roles import MatrixRef
+
+try:
+    from spectra.sources.adapters import LoraAdapter
+except ImportError:  # TEMPORARY: until spectra.sources.adapters (issue 2) lands; then delete
+    from spectra.analysis._lora_fallback import LoraAdapter  # type: ignore[assignment]
+
+Progress = Callable[[int, int, str], None]  # (done, total, key of the pair just finished)
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
+
+
+# --------------------------------------------------------------------------- options, pairing
+
+
+def parse_map(rules: Iterable[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """'regex=>replacement' strings (or pairs) -> validated (pattern, replacement) tuples."""
+    out = []
+    for rule in rules:
+        if isinstance(rule, str):
+            if "=>" not in rule:
+                raise ValidationError(
+                    f"--map rule {rule!r} has no '=>': write it as 'regex=>replacement', "
+                    r"e.g. 'model\.decoder\.=>model.'"
+                )
+            pattern, repl = rule.split("=>", 1)
+        else:
+            pattern, repl = rule
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValidationError(f"--map pattern {pattern!r} is not a valid regex: {exc}") from exc
+        out.append((pattern, repl))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Knobs of a comparison (validated).
+
+    k: top singular vectors tested for intrusion (paper: 10); epsilons: thresholds (paper: 0.5);
+    map: (regex, replacement) rules applied in order to fine-tuned keys to get base keys;
+    allow_missing: proceed when keys are one-sided (they are listed in the result);
+    unchanged_tol: relative Frobenius change at or below which a matrix did not move.
+    """
+
+    k: int = DEFAULT_K
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS
+    map: tuple[tuple[str, str], ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    allow_missing: bool = False
+    unchanged_tol: float = UNCHANGED_TOL
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValidationError(f"k must be a positive integer, got {self.k!r}")
+        object.__setattr__(self, "epsilons", validate_epsilons(self.epsilons))
+        object.__setattr__(self, "map", parse_map(self.map))
+        if not self.unchanged_tol >= 0:
+            raise ValidationError(f"unchanged_tol must be >= 0, got {self.unchanged_tol!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "epsilons": list(self.epsilons),
+            "map": [f"{p}=>{r}" for p, r in self.map],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "roles": list(self.roles),
+            "allow_missing": self.allow_missing,
+            "unchanged_tol": self.unchanged_tol,
+            "device": self.device,
+        }
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Result of matching fine-tuned keys to base keys.
+
+    pairs: (base_key, ft_key) in base order; base_only / ft_only: one-sided keys;
+    mismatched: (base_key, ft_key, base_shape, ft_shape) for pairs whose shapes differ.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    base_only: tuple[str, ...] = ()
+    ft_only: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    def problems(self) -> str:
+        """One-line description of what does not pair ('' when everything pairs)."""
+        parts = []
+        if self.mismatched:
+            shown = ", ".join(f"{b} {tuple(sb)} vs {tuple(sf)}" for b, _, sb, sf in self.mismatched)
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): {_clip(shown)}")
+        if self.base_only:
+            parts.append(f"{len(self.base_only)} only in base: {_clip(', '.join(self.base_only))}")
+        if self.ft_only:
+            parts.append(f"{len(self.ft_only)} only in fine-tune: {_clip(', '.join(self.ft_only))}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_pairs": len(self.pairs),
+            "base_only": list(self.base_only),
+            "ft_only": list(self.ft_only),
+            "mismatched": [
+                {"base": b, "finetuned": f, "base_shape": list(sb), "ft_shape": list(sf)}
+                for b, f, sb, sf in self.mismatched
+            ],
+        }
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def map_key(key: str, rules: Sequence[tuple[str, str]]) -> str:
+    """Apply every (regex, replacement) rule in order to a fine-tuned key."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def pair_matrices(
+    base: Mapping[str, tuple[int, ...]],
+    finetuned: Mapping[str, tuple[int, ...]],
+    rules: Sequence[tuple[str, str]] = (),
+) -> Pairing:
+    """Pair keys by name after mapping fine-tuned keys through `rules` (pure).
+
+    base, finetuned: {key: shape}. Two fine-tuned keys mapping to one base key is an error.
+    """
+    mapped: dict[str, str] = {}
+    for ft_key in finetuned:
+        target = map_key(ft_key, rules)
+        if target in mapped:
+            raise ValidationError(
+                f"fine-tuned keys {mapped[target]!r} and {ft_key!r} both map to {target!r}: "
+                "make the --map rules more specific"
+            )
+        mapped[target] = ft_key
+    pairs, mismatched = [], []
+    for b_key, b_shape in base.items():
+        f_key = mapped.get(b_key)
+        if f_key is None:
+            continue
+        f_shape = tuple(finetuned[f_key])
+        if tuple(b_shape) != f_shape:
+            mismatched.append((b_key, f_key, tuple(b_shape), f_shape))
+        else:
+            pairs.append((b_key, f_key))
+    return Pairing(
+        pairs=tuple(pairs),
+        base_only=tuple(k for k in base if k not in mapped),
+        ft_only=tuple(f for t, f in mapped.items() if t not in base),
+        mismatched=tuple(mismatched),
+    )
+
+
+# --------------------------------------------------------------------------- one pair (pure)
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Everything compare() measures on one matrix pair (base key names the pair)."""
+
+    key: str
+    ft_key: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    kind: str  # 'unchanged' | 'low-rank' | 'full-rank' (forensics.classify_update)
+    intruders: IntruderResult
+    update: UpdateStats
+    drift: SubspaceDrift
+    alpha_base: float | None
+    alpha_ft: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "ft_key": self.ft_key,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "intruders": self.intruders.to_dict(),
+            "update": self.update.to_dict(),
+            "drift": self.drift.to_dict(),
+            "alpha_base": self.alpha_base,
+            "alpha_ft": self.alpha_ft,
+        }
+
+    def row(self) -> dict[str, Any]:
+        """Flat CSV row: one column per epsilon count, scalars only."""
+        u = self.update
+        row: dict[str, Any] = {
+            "key": self.key,
+            "ft_key": self.ft_key,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": f"{self.shape[0]}x{self.shape[1]}",
+            "kind": self.kind,
+        }
+        for eps_key, n in self.intruders.to_dict()["counts"].items():
+            row[f"intruders@{eps_key}"] = n
+        row.update(
+            min_max_cos=min(self.intruders.max_cos) if self.intruders.max_cos else None,
+            rel_change=u.rel_change,
+            numerical_rank=u.numerical_rank,
+            stable_rank=u.stable_rank,
+            effective_rank=u.effective_rank,
+            energy_rank=u.energy_rank,
+            energy_topk=u.energy_topk,
+            dw_spectral_norm=u.spectral_norm,
+            drift_min_cos=self.drift.min_cos,
+            drift_mean_cos=self.drift.mean_cos,
+            alpha_base=self.alpha_base,
+            alpha_ft=self.alpha_ft,
+        )
+        return row
+
+
+def _alpha(s: torch.Tensor) -> float | None:
+    fit = fit_powerlaw((s.detach().to("cpu", torch.float64) ** 2).numpy())
+    return fit.alpha if fit.ok else None
+
+
+@dataclass(frozen=True)
+class PairMeta:
+    """Names of one pair (no tensors)."""
+
+    key: str
+    ft_key: str
+    role: str = "other"
+    layer: int | None = None
+
+
+def compare_pair(
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor | None = None,
+    *,
+    lora: LoraFactors | None = None,
+    meta: PairMeta | None = None,
+    k: int = DEFAULT_K,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    unchanged_tol: float = UNCHANGED_TOL,
+    base_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PairResult:
+    """Compare one fine-tuned matrix with its base (pure; computed in float64).
+
+    w_base: (m, n). Exactly one of `w_ft` (m, n), or `lora` = (A (r, n), B (m, r), scale) with
+    W_ft = W_base + scale * B @ A (then dW's spectrum comes from the factors).
+    base_svd: optional precomputed (U (m, M), S (M,)) of w_base (e.g. from a cache).
+    k is capped at min(m, n).
+    """
+    if (w_ft is None) == (lora is None):
+        raise ValidationError("compare_pair needs exactly one of w_ft or lora factors")
+    meta = meta or PairMeta(key="W", ft_key="W")
+    shape = (int(w_base.shape[0]), int(w_base.shape[1]))
+    dtype = torch.float32 if w_base.device.type == "mps" else torch.float64
+    w0 = w_base.to(dtype)
+    if lora is not None:
+        a, b, scale = lora
+        _check_factors(a, b, shape, meta.key)
+        u_dw, s_dw, _ = lowrank_update_svd(a.to(w0.device), b.to(w0.device), scale)
+        w1 = w0 + float(scale) * (b.to(w0) @ a.to(w0))  # formed for intruder detection only
+    else:
+        w1 = w_ft.to(device=w0.device, dtype=dtype)  # type: ignore[union-attr]
+        if tuple(w1.shape) != shape:
+            raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
+        s_dw = torch.linalg.svdvals(w1 - w0)
+    u0, s0 = base_svd if base_svd is not None else dense_svd(w0)[:2]
+    u1, s1, _ = dense_svd(w1)
+    kk = min(k, min(shape))
+    update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
+    intr = intruder_dimensions(u1[:, :kk], u0.to(u1), epsilons)
+    return PairResult(
+        key=meta.key,
+        ft_key=meta.ft_key,
+        role=meta.role,
+        layer=meta.layer,
+        shape=shape,
+        kind=classify_update(update, unchanged_tol=unchanged_tol),
+        intruders=intr,
+        update=update,
+        drift=subspace_drift(u0[:, :kk].to(u1), u1[:, :kk]),
+        alpha_base=_alpha(s0),
+        alpha_ft=_alpha(s1),
+    )
+
+
+def _check_factors(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int], key: str) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise ValidationError(
+            f"{key}: LoRA factors must be A (r, in), B (out, r); got A {tuple(a.shape)}, "
+            f"B {tuple(b.shape)}"
+        )
+    if (b.shape[0], a.shape[1]) != shape:
+        raise ValidationError(
+            f"{key}: LoRA update is {(b.shape[0], a.shape[1])} but the base matrix is {shape}; "
+            "is this adapter for another base model?"
+        )
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `compare()` returns: one PairResult per matrix pair plus model-level forensics.
+
+    mode: 'checkpoint' (two full checkpoints) or 'lora' (a PEFT adapter on the base);
+    pairing: how keys matched (one-sided keys are listed when allow_missing was set; in LoRA
+    mode base matrices without an adapter are in `pairing.base_only`).
+    """
+
+    base: str
+    finetuned: str
+    mode: str
+    options: CompareOptions
+    pairs: tuple[PairResult, ...]
+    pairing: Pairing
+    forensics: Forensics
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def pair(self, key: str) -> PairResult:
+        """The result of base key `key` (ValidationError naming close keys when absent)."""
+        for p in self.pairs:
+            if p.key == key:
+                return p
+        close = [p.key for p in self.pairs if key in p.key][:5]
+        raise ValidationError(f"no pair {key!r} in this comparison; similar keys: {close}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(
+            {
+                "base": self.base,
+                "finetuned": self.finetuned,
+                "mode": self.mode,
+                "options": self.options.to_dict(),
+                "versions": dict(self.versions),
+                "pairing": self.pairing.to_dict(),
+                "forensics": self.forensics.to_dict(),
+                "pairs": [p.to_dict() for p in self.pairs],
+            }
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per pair (the CSV rows)."""
+        return [_json_safe(p.row()) for p in self.pairs]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame of `rows()` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ValidationError("to_pandas() needs pandas: pip install pandas") from exc
+        return pd.DataFrame(self.rows())
+
+
+def _json_safe(value: Any) -> Any:
+    return json_safe(value)
+
+
+# --------------------------------------------------------------------------- IO layer
+
+
+def compare(
+    base: str | Path,
+    finetuned: str | Path,
+    *,
+    k: int = DEFAULT_K,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    map: Sequence[str | tuple[str, str]] = (),  # noqa: A002 - the CLI's --map
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    roles: Sequence[str] = (),
+    allow_missing: bool = False,
+    unchanged_tol: float = UNCHANGED_TOL,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> Comparison:
+    """Compare a fine-tuned checkpoint (or PEFT LoRA adapter folder) with its base.
+
+    base, finetuned: anything `Checkpoint.open` accepts; `finetuned` may be a PEFT LoRA adapter
+    folder (adapter_config.json + adapter_model.safetensors): then only adapted matrices are
+    compared and dW = scale * B @ A comes from the factors.
+    Raises ValidationError listing shape mismatches and one-sided keys unless `allow_missing`.
+
+    >>> cmp = compare("base/", "finetuned/", epsilons=(0.5, 0.9))     # doctest: +SKIP
+    >>> cmp.forensics.update_kind, cmp.forensics.intruders_total        # doctest: +SKIP
+    ('low-rank', {'0.5': 12, '0.9': 40})
+    """
+    opts = CompareOptions(
+        k=k,
+        epsilons=tuple(epsilons),
+        map=tuple(map),
+        include=tuple(include),
+        exclude=tuple(exclude),
+        roles=tuple(roles),
+        allow_missing=allow_missing,
+        unchanged_tol=unchanged_tol,
+        device=device,
+    )
+    dev = resolve_device(device)
+    adapter = _open_adapter(finetuned)
+    with Checkpoint.open(base) as base_ckpt:
+        if adapter is not None:
+            mode = "lora"
+            pairing, results = _run_lora(base_ckpt, adapter, opts, dev, progress)
+        else:
+            mode = "checkpoint"
+            with Checkpoint.open(finetuned) as ft_ckpt:
+                pairing, results = _run_checkpoints(base_ckpt, ft_ckpt, opts, dev, progress)
+    return Comparison(
+        base=str(base),
+        finetuned=str(finetuned),
+        mode=mode,
+        options=opts,
+        pairs=tuple(results),
+        pairing=pairing,
+        forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
+        versions=_versions(),
+    )
+
+
+def _versions() -> dict[str, str]:
+    import spectra
+
+    return {"spectra": spectra.__version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _open_adapter(source: str | Path) -> Any | None:
+    """A LoraAdapter when `source` is a PEFT adapter folder, else None."""
+    path = Path(source).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        return None
+    return LoraAdapter.open(path)
+
+
+def _check_pairing(pairing: Pairing, opts: CompareOptions, base: str, ft: str) -> None:
+    problems = pairing.problems()
+    if pairing.mismatched or (problems and not opts.allow_missing):
+        raise ValidationError(
+            f"{base} and {ft} do not pair up: {problems}. Rename keys with --map "
+            "'regex=>replacement', narrow with --include/--exclude/--roles"
+            + ("" if pairing.mismatched else ", or pass --allow-missing to compare the rest")
+        )
+    if not pairing.pairs:
+        raise ValidationError(f"no matrix of {ft} pairs with one of {base}: nothing to compare")
+
+
+def _select(ckpt: Checkpoint, opts: CompareOptions) -> dict[str, MatrixRef]:
+    refs = ckpt.matrices(include=opts.include, exclude=opts.exclude, roles=opts.roles)
+    return {m.key: m for m in refs}
+
+
+def _compute_dtype(dev: torch.device) -> torch.dtype:
+    return torch.float32 if dev.type == "mps" else torch.float64
+
+
+def _run_checkpoints(
+    base: Checkpoint,
+    ft: Checkpoint,
+    opts: CompareOptions,
+    dev: torch.device,
+    progress: Progress | None,
+) -> tuple[Pairing, list[PairResult]]:
+    b_refs, f_refs = _select(base, opts), _select(ft, opts)
+    pairing = pair_matrices(
+        {k: m.shape for k, m in b_refs.items()}, {k: m.shape for k, m in f_refs.items()}, opts.map
+    )
+    _check_pairing(pairing, opts, base.source, ft.source)
+    dtype = _compute_dtype(dev)
+    results = []
+    for i, (b_key, f_key) in enumerate(pairing.pairs):
+        ref = b_refs[b_key]
+        w0 = base.read(ref, dtype=dtype, device=str(dev))
+        w1 = ft.read(f_refs[f_key], dtype=dtype, device=str(dev))
+        results.append(_one(w0, w1, None, ref, f_key, opts))
+        del w0, w1
+        if progress is not None:
+            progress(i + 1, len(pairing.pairs), b_key)
+    return pairing, results
+
+
+def _run_lora(
+    base: Checkpoint,
+    adapter: Any,
+    opts: CompareOptions,
+    dev: torch.device,
+    progress: Progress | None,
+) -> tuple[Pairing, list[PairResult]]:
+    b_refs = _select(base, opts)
+    modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
+    missing = [k for k in modules if k not in b_refs]
+    if missing:
+        raise ValidationError(
+            f"the adapter targets {len(missing)} matrices the base {base.source} does not have "
+            f"(after --include/--exclude/--roles): {_clip(', '.join(missing))}; check the base "
+            "model, or rename with --map"
+        )
+    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
+    pairing = Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules))
+    if not pairs:
+        raise ValidationError(f"the adapter adapts none of the selected matrices of {base.source}")
+    dtype = _compute_dtype(dev)
+    results = []
+    for i, (b_key, module) in enumerate(pairs):
+        ref = b_refs[b_key]
+        w0 = base.read(ref, dtype=dtype, device=str(dev))
+        a, b, scale = adapter.read_factors(module, dtype=dtype, device=str(dev))
+        results.append(_one(w0, None, (a, b, float(scale)), ref, module, opts))
+        if progress is not None:
+            progress(i + 1, len(pairs), b_key)
+    return pairing, results
+
+
+def _one(
+    w0: torch.Tensor,
+    w1: torch.Tensor | None,
+    lora: LoraFactors | None,
+    ref: MatrixRef,
+    ft_key: str,
+    opts: CompareOptions,
+) -> PairResult:
+    meta = PairMeta(key=ref.key, ft_key=ft_key, role=ref.role, layer=ref.layer)
+    return compare_pair(
+        w0,
+        w1,
+        lora=lora,
+        meta=meta,
+        k=opts.k,
+        epsilons=opts.epsilons,
+        unchanged_tol=opts.unchanged_tol,
+    )

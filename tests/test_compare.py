@@ -1,0 +1,230 @@
+"""compare(): planted answers on synthetic checkpoints, float64 references, LoRA == merged."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors.torch import save_file
+
+from spectra.analysis.compare import (
+    CompareOptions,
+    compare,
+    compare_pair,
+    pair_matrices,
+    parse_map,
+)
+from spectra.analysis.drift import EPS32
+from spectra.errors import ValidationError
+
+D = 48  # hidden size of the synthetic model
+Q0, V0, Q1, V1 = (f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qv")
+DOWN0 = "model.layers.0.mlp.down_proj.weight"
+
+
+def _orth(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def _base_and_ft() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Base weights and a fine-tune with planted answers (all float64 before storage)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.linspace(2.0, 0.2, D, dtype=torch.float64)
+    base, ft, planted = {}, {}, {}
+    for key in (Q0, V0, Q1, V1):
+        u, v = _orth(D, g), _orth(D, g)
+        base[key] = u @ torch.diag(s) @ v.T
+        planted[key] = (u, v)
+    base[DOWN0] = torch.randn(D, 2 * D, generator=g, dtype=torch.float64) * 0.1
+    # Q0: rank-1 update along a direction orthogonal to the base's top-10 subspace, larger than
+    # the base's S_1 = 2: exactly one intruder.
+    u, v = planted[Q0]
+    u_dir = u[:, 10:].sum(1) / math.sqrt(D - 10)
+    v_dir = v[:, 10:].sum(1) / math.sqrt(D - 10)
+    ft[Q0] = base[Q0] + 3.0 * torch.outer(u_dir, v_dir)
+    # V0: small dense update (full fine-tuning-like): full rank, no intruders.
+    ft[V0] = base[V0] + 1e-3 * torch.randn(D, D, generator=g, dtype=torch.float64)
+    # Q1: exact rank-3 update of moderate size.
+    ft[Q1] = base[Q1] + 0.01 * torch.randn(D, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, D, generator=g, dtype=torch.float64
+    )
+    ft[V1] = base[V1].clone()  # did not move
+    ft[DOWN0] = base[DOWN0].clone()
+    return base, ft, planted
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, path / "m.st")
+    (path / "m.st").rename(path / "model.safetensors")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base, ft, _ = _base_and_ft()
+    root = tmp_path_factory.mktemp("cmp")
+    return _save(root / "base", base), _save(root / "ft", ft)
+
+
+@pytest.fixture(scope="module")
+def result(pair_dirs: tuple[Path, Path]):  # noqa: ANN201 - a Comparison
+    return compare(*pair_dirs, k=10, epsilons=(0.5, 0.9), device="cpu")
+
+
+def _stored(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.double() for k, v in load_file(path / "model.safetensors").items()}
+
+
+def test_planted_answers(result) -> None:  # noqa: ANN001
+    f = result.forensics
+    assert result.pair(Q0).intruders.counts[0.5] == 1
+    assert result.pair(Q0).intruders.intruder_indices(0.5) == (0,)
+    assert result.pair(Q0).update.numerical_rank == 1
+    assert result.pair(V0).intruders.counts == {0.5: 0, 0.9: 0}
+    assert result.pair(V0).kind == "full-rank"
+    assert result.pair(Q1).update.numerical_rank == 3
+    assert result.pair(Q1).kind == "low-rank"
+    assert result.pair(V1).kind == "unchanged" and result.pair(V1).update.fro_norm == 0.0
+    assert set(f.unchanged) == {V1, DOWN0}
+    assert f.num_changed == 3
+    assert f.intruders_total["0.5"] == 1
+    assert f.top_layers[0] == (Q0, 1)
+    assert f.intruders_by_role["q"]["0.5"] == 1 and f.intruders_by_depth["0"]["0.5"] == 1
+    assert f.update_kind == "mixed"  # 2 low-rank, 1 full-rank
+    assert result.mode == "checkpoint" and len(result.pairs) == 5
+
+
+def test_every_number_matches_a_float64_reference(result, pair_dirs) -> None:  # noqa: ANN001
+    base, ft = (_stored(p) for p in pair_dirs)
+    for p in result.pairs:
+        w0, w1 = base[p.key], ft[p.key]
+        u0, s0, _ = np.linalg.svd(w0.numpy(), full_matrices=False)
+        u1, s1, _ = np.linalg.svd(w1.numpy(), full_matrices=False)
+        mc = np.abs(u0.T @ u1[:, :10]).max(axis=0)
+        np.testing.assert_allclose(p.intruders.max_cos, mc, rtol=0, atol=1e-9)
+        assert p.intruders.counts[0.5] == int((mc < 0.5).sum())
+        sd = np.linalg.svd((w1 - w0).numpy(), compute_uv=False)
+        ref_rank = int((sd > sd[0] * D * 2 * EPS32).sum()) if sd[0] > 0 else 0
+        if p.shape == (D, D):
+            assert p.update.numerical_rank == ref_rank
+        assert p.update.fro_norm == pytest.approx(float(np.sqrt((sd**2).sum())), rel=1e-9, abs=0)
+        rel = np.linalg.norm((w1 - w0).numpy()) / np.linalg.norm(w0.numpy())
+        assert p.update.rel_change == pytest.approx(rel, rel=1e-9, abs=1e-300)
+        if sd[0] > 0:
+            q = sd / sd.sum()
+            q = q[q > 0]
+            assert p.update.effective_rank == pytest.approx(math.exp(-(q * np.log(q)).sum()))
+        cos = np.sort(np.cos(scipy.linalg.subspace_angles(u0[:, :10], u1[:, :10])))[::-1]
+        np.testing.assert_allclose(p.drift.cosines, cos, rtol=0, atol=1e-7)
+        assert p.alpha_base is not None
+
+
+def test_result_is_strict_json_and_rows_are_flat(result) -> None:  # noqa: ANN001
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert (
+        data["pairs"][0]["intruders"]["counts"] == {"0.5": 0, "0.9": 0}
+        or data["pairs"][0]["key"] == Q0
+    )
+    assert set(data["forensics"]["unchanged"]) == {V1, DOWN0}
+    assert data["options"]["epsilons"] == [0.5, 0.9]
+    row = result.rows()[0]
+    assert {"intruders@0.5", "intruders@0.9", "numerical_rank", "alpha_ft"} <= set(row)
+    assert all(not isinstance(v, (list, dict)) for v in row.values())
+
+
+def _lora_and_merged(root: Path) -> tuple[Path, Path, Path]:
+    g = torch.Generator().manual_seed(5)
+    base, _, _ = _base_and_ft()
+    r, alpha = 4, 8.0
+    scale = alpha / r
+    adapter, merged = {}, {k: v.clone() for k, v in base.items()}
+    for key in (Q0, V1):
+        mod = key.removesuffix(".weight")
+        a = (torch.randn(r, D, generator=g) * 0.3).to(torch.float32)
+        b = (torch.randn(D, r, generator=g) * 0.3).to(torch.float32)
+        adapter[f"base_model.model.{mod}.lora_A.weight"] = a
+        adapter[f"base_model.model.{mod}.lora_B.weight"] = b
+        merged[key] = base[key].float().double() + scale * (b.double() @ a.double())
+    ad = root / "adapter"
+    ad.mkdir()
+    save_file(adapter, str(ad / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj"]}
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return _save(root / "base", base), ad, _save(root / "merged", merged)
+
+
+def test_lora_adapter_and_its_merged_checkpoint_agree(tmp_path: Path) -> None:
+    base, adapter, merged = _lora_and_merged(tmp_path)
+    a = compare(base, adapter, epsilons=(0.5, 0.7), device="cpu")
+    m = compare(base, merged, epsilons=(0.5, 0.7), device="cpu")
+    assert a.mode == "lora" and {p.key for p in a.pairs} == {Q0, V1}
+    assert set(a.pairing.base_only) == {V0, Q1, DOWN0}
+    for pa in a.pairs:
+        pm = m.pair(pa.key)
+        assert pa.intruders.counts == pm.intruders.counts
+        assert pa.update.numerical_rank == pm.update.numerical_rank == 4
+        np.testing.assert_allclose(pa.intruders.max_cos, pm.intruders.max_cos, atol=1e-5)
+        np.testing.assert_allclose(
+            pa.update.top_singular_values[:4], pm.update.top_singular_values[:4], rtol=1e-5
+        )
+        assert pa.update.rel_change == pytest.approx(pm.update.rel_change, rel=1e-5)
+        np.testing.assert_allclose(pa.drift.cosines, pm.drift.cosines, atol=1e-5)
+        assert pa.alpha_ft == pytest.approx(pm.alpha_ft, rel=1e-4)
+    assert a.forensics.update_kind == "low-rank" and a.forensics.apparent_rank == 4
+    assert set(m.forensics.unchanged) == {V0, Q1, DOWN0}
+
+
+def test_map_renames_and_pairing_errors(tmp_path: Path) -> None:
+    base, ft, _ = _base_and_ft()
+    b = _save(tmp_path / "b", base)
+    renamed = _save(tmp_path / "r", {"net." + k.removeprefix("model."): v for k, v in ft.items()})
+    with pytest.raises(ValidationError, match=r"5 only in base.*5 only in fine-tune.*--map"):
+        compare(b, renamed, device="cpu")
+    out = compare(b, renamed, map=[r"^net\.=>model."], device="cpu")
+    assert out.pair(Q0).ft_key == "net.layers.0.self_attn.q_proj.weight"
+    assert out.pair(Q0).intruders.counts == {0.5: 1}
+    partial = _save(tmp_path / "p", {k: v for k, v in ft.items() if k != DOWN0})
+    with pytest.raises(ValidationError, match=r"1 only in base: " + DOWN0.replace(".", r"\.")):
+        compare(b, partial, device="cpu")
+    ok = compare(b, partial, allow_missing=True, device="cpu")
+    assert ok.pairing.base_only == (DOWN0,) and len(ok.pairs) == 4
+    wrong = _save(tmp_path / "w", {**ft, V1: torch.zeros(D, D + 1, dtype=torch.float64)})
+    with pytest.raises(ValidationError, match=r"shape mismatch.*\(48, 48\) vs \(48, 49\)"):
+        compare(b, wrong, allow_missing=True, device="cpu")
+
+
+def test_pairing_is_pure_and_refuses_collisions() -> None:
+    p = pair_matrices(
+        {"a.w": (2, 3), "b.w": (2, 2)}, {"x.a.w": (2, 3), "c.w": (1, 1)}, [("^x\\.", "")]
+    )
+    assert p.pairs == (("a.w", "x.a.w"),) and p.base_only == ("b.w",) and p.ft_only == ("c.w",)
+    with pytest.raises(ValidationError, match="both map to 'a.w'"):
+        pair_matrices({"a.w": (1, 1)}, {"x.a.w": (1, 1), "y.a.w": (1, 1)}, [("^[xy]\\.", "")])
+    with pytest.raises(ValidationError, match="no '=>'"):
+        parse_map(["abc"])
+    with pytest.raises(ValidationError, match="not a valid regex"):
+        parse_map(["(=>x"])
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValidationError, match="k must be a positive integer, got 0"):
+        CompareOptions(k=0)
+    with pytest.raises(ValidationError, match="epsilon must be in"):
+        CompareOptions(epsilons=(0.0,))
+    assert CompareOptions(epsilons=(0.9, 0.5)).epsilons == (0.5, 0.9)
+
+
+def test_compare_pair_needs_exactly_one_fine_tune() -> None:
+    w = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValidationError, match="exactly one"):
+        compare_pair(w)
+    with pytest.raises(ValidationError, match="another base model"):
+        compare_pair(w, lora=(torch.zeros(2, 5), torch.zeros(4, 2), 1.0))
