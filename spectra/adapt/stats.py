@@ -1,0 +1,295 @@
+"""Streaming statistics of layer inputs, and their safetensors file format.
+
+Two accumulators, both fed one batch of token rows ``x (tokens, features)`` at a time, so memory is
+bounded by one batch plus a ``(features, features)`` matrix (covariance) or a ``(k, features)``
+basis (SVD), never by the calibration set:
+
+- `CovarianceAccumulator`: ``sum x^T x`` and the token count in float64 (CorDA, arXiv 2406.05223,
+  normalizes by the number of tokens: ``C = X^T X / count``).
+- `IncrementalSVD`: the top right singular vectors of the *mean-centred* inputs, updated batch by
+  batch with the mean-corrected merge of Ross, Lim, Lin & Yang (2008, "Incremental learning for
+  robust visual tracking", sec. 3.1): stack ``diag(S) Vh`` of the data so far, the centred new
+  batch, and one row ``sqrt(n m / (n + m)) (mean_old - mean_new)``; the SVD of that stack is the
+  SVD of all data centred on the merged mean, up to the truncation to the kept components. Each
+  update records, per component, the absolute cosine between the new and the previous right
+  singular vector (sign-invariant); EVA (arXiv 2410.07170) stops when those reach ``tau``.
+
+`CalibrationStats` bundles the per-layer results; `save_stats` / `load_stats` write and read it as
+one safetensors file (``--stats-out`` / ``--stats``) with the bookkeeping in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from spectra.errors import ValidationError
+
+STATS_FORMAT = "spectra.calibration/1"
+# Components kept beyond the requested k: the truncation after each merge drops information about
+# directions just below the top k; a few spare ones make the top k match a one-shot SVD closely.
+DEFAULT_SPARE_COMPONENTS = 8
+
+
+class CovarianceAccumulator:
+    """Running ``X^T X`` (float64 by default) and token count for one layer input.
+
+    >>> acc = CovarianceAccumulator(3)
+    >>> acc.update(torch.eye(3))
+    >>> acc.covariance().diagonal().tolist()
+    [0.3333333333333333, 0.3333333333333333, 0.3333333333333333]
+    """
+
+    def __init__(
+        self, features: int, *, device: torch.device | str = "cpu", dtype=torch.float64
+    ) -> None:
+        self.sum = torch.zeros(features, features, device=device, dtype=dtype)  # (in, in)
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x (tokens, features)``."""
+        x = x.to(device=self.sum.device, dtype=self.sum.dtype)
+        self.sum.addmm_(x.T, x)
+        self.count += int(x.shape[0])
+
+    def covariance(self) -> torch.Tensor:
+        """``X^T X / count`` (uncentred second moment, as CorDA uses it), shape (in, in)."""
+        if self.count == 0:
+            raise ValidationError("no tokens were accumulated: the calibration data is empty")
+        return self.sum / self.count
+
+
+@dataclass
+class SVDState:
+    """Result of an `IncrementalSVD`: top components of the centred inputs of one layer.
+
+    ``components (k, in)`` rows are unit right singular vectors, descending by ``values (k,)``;
+    ``total_ss`` is the total centred sum of squares (so ``values**2 / total_ss`` is the explained
+    variance ratio); ``converged (k,)`` says which components met ``tau`` at the last update.
+    """
+
+    components: torch.Tensor
+    values: torch.Tensor
+    mean: torch.Tensor
+    total_ss: float
+    count: int
+    converged: torch.Tensor
+    batches: int
+
+    def explained_variance_ratio(self) -> torch.Tensor:
+        """``S_i^2 / total centred sum of squares`` per kept component, float64."""
+        if self.total_ss <= 0:
+            return torch.zeros_like(self.values, dtype=torch.float64)
+        return self.values.double() ** 2 / self.total_ss
+
+
+class IncrementalSVD:
+    """Mean-centred incremental SVD of streamed rows (Ross et al. 2008), top-k with convergence.
+
+    Args:
+        k: number of components whose convergence is tracked and that are reported.
+        features: row width (the layer's ``in_features``).
+        tau: a component has converged when ``|cos(v_new, v_old)| >= tau`` after an update.
+        spare: extra components kept internally for accuracy (not reported).
+
+    >>> svd = IncrementalSVD(2, 4, tau=0.99)
+    >>> svd.update(torch.randn(50, 4, generator=torch.Generator().manual_seed(0)))
+    >>> svd.state().components.shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        k: int,
+        features: int,
+        *,
+        tau: float = 0.99,
+        spare: int = DEFAULT_SPARE_COMPONENTS,
+        device: torch.device | str = "cpu",
+        dtype=torch.float64,
+    ) -> None:
+        if not 1 <= k <= features:
+            raise ValidationError(f"k must be in [1, {features}] (the input width), got {k}")
+        if not 0.0 < tau <= 1.0:
+            raise ValidationError(f"tau must be in (0, 1], got {tau}")
+        self.k, self.features, self.tau = k, features, tau
+        self.keep = min(features, k + max(0, spare))
+        self.device, self.dtype = torch.device(device), dtype
+        self.values = torch.zeros(0, device=self.device, dtype=dtype)  # (q,)
+        self.vh = torch.zeros(0, features, device=self.device, dtype=dtype)  # (q, in)
+        self.mean = torch.zeros(features, device=self.device, dtype=dtype)
+        self.total_ss = 0.0
+        self.count = 0
+        self.batches = 0
+        self.cosines = torch.zeros(k, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Merge rows ``x (m, features)``; records per-component cosines to the last basis."""
+        x = x.to(device=self.device, dtype=self.dtype)
+        m = int(x.shape[0])
+        if m == 0:
+            return
+        batch_mean = x.mean(dim=0)
+        centred = x - batch_mean  # (m, in)
+        n = self.count
+        stack = [self.values[:, None] * self.vh, centred]
+        batch_ss = float(centred.square().sum())
+        if n > 0:
+            weight = math.sqrt(n * m / (n + m))
+            shift = self.mean - batch_mean
+            stack.append(weight * shift[None, :])
+            batch_ss += weight**2 * float(shift.square().sum())
+        _, values, vh = torch.linalg.svd(torch.cat(stack), full_matrices=False)
+        previous = self.vh[: self.k]
+        self.values, self.vh = values[: self.keep], vh[: self.keep]
+        self.mean = (n * self.mean + m * batch_mean) / (n + m)
+        self.total_ss += batch_ss
+        self.count += m
+        self.batches += 1
+        self._track(previous)
+
+    def _track(self, previous: torch.Tensor) -> None:
+        cos = torch.zeros(self.k, dtype=torch.float64)
+        shared = min(previous.shape[0], self.vh.shape[0], self.k)
+        if shared:
+            dots = (self.vh[:shared] * previous[:shared]).sum(dim=1).abs()
+            cos[:shared] = dots.double().cpu()
+        self.cosines = cos
+
+    def converged(self, upto: int | None = None) -> bool:
+        """True when the first `upto` (default k) components met tau at the last update."""
+        upto = self.k if upto is None else min(upto, self.k)
+        return bool((self.cosines[:upto] >= self.tau).all()) and self.batches > 1
+
+    def state(self) -> SVDState:
+        """Top-k result (fewer rows if fewer than k rows were seen), on cpu."""
+        top = min(self.k, self.vh.shape[0])
+        return SVDState(
+            components=self.vh[:top].cpu(),
+            values=self.values[:top].cpu(),
+            mean=self.mean.cpu(),
+            total_ss=self.total_ss,
+            count=self.count,
+            converged=(self.cosines[:top] >= self.tau) & (self.batches > 1),
+            batches=self.batches,
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Per-layer input statistics from calibration forward passes.
+
+    Keys are module names (``encoder.layer.0.attention.self.query``). Layers that receive the same
+    input tensor share one computation: ``shared[member] = leader`` and only the leader has
+    entries in `covariances`/`counts`/`svd`. `skipped` maps a module to the reason it has none.
+    """
+
+    covariances: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (in, in) float64
+    counts: Mapping[str, int] = field(default_factory=dict)
+    svd: Mapping[str, SVDState] = field(default_factory=dict)
+    shared: Mapping[str, str] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    info: Mapping[str, object] = field(default_factory=dict)
+
+    def leader(self, module: str) -> str:
+        """The module whose statistics `module` uses (itself unless it shares an input)."""
+        return self.shared.get(module, module)
+
+    def modules(self) -> list[str]:
+        """Every module with statistics, members of shared groups included, sorted."""
+        leaders = set(self.covariances) | set(self.svd)
+        return sorted(leaders | {m for m, lead in self.shared.items() if lead in leaders})
+
+    def covariance(self, module: str) -> torch.Tensor:
+        """``C = X^T X / tokens`` of the module's input (float64, (in, in))."""
+        lead = self.leader(module)
+        if lead not in self.covariances:
+            raise ValidationError(self._missing(module, "covariance"))
+        return self.covariances[lead]
+
+    def svd_state(self, module: str) -> SVDState:
+        """The incremental SVD of the module's centred input."""
+        lead = self.leader(module)
+        if lead not in self.svd:
+            raise ValidationError(self._missing(module, "activation SVD"))
+        return self.svd[lead]
+
+    def _missing(self, module: str, what: str) -> str:
+        if module in self.skipped:
+            return f"no {what} for {module}: skipped during calibration ({self.skipped[module]})"
+        return (
+            f"no {what} for {module} in these calibration statistics: "
+            "recompute them for this method and these targets (drop --stats)"
+        )
+
+
+def save_stats(path: str | Path, stats: CalibrationStats) -> Path:
+    """Write `stats` to one safetensors file; bookkeeping (shared, skipped, info) in metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    svd_meta: dict[str, dict[str, object]] = {}
+    for name, cov in stats.covariances.items():
+        tensors[f"cov::{name}"] = cov.detach().cpu().contiguous()
+    for name, st in stats.svd.items():
+        tensors[f"svd::{name}::components"] = st.components.contiguous()
+        tensors[f"svd::{name}::values"] = st.values.contiguous()
+        tensors[f"svd::{name}::mean"] = st.mean.contiguous()
+        tensors[f"svd::{name}::converged"] = st.converged.to(torch.uint8).contiguous()
+        svd_meta[name] = {"total_ss": st.total_ss, "count": st.count, "batches": st.batches}
+    meta = {
+        "counts": dict(stats.counts),
+        "svd": svd_meta,
+        "shared": dict(stats.shared),
+        "skipped": dict(stats.skipped),
+        "info": dict(stats.info),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": STATS_FORMAT, "stats": json.dumps(meta)})
+    return path
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    """Read a file written by `save_stats`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"statistics file {path} does not exist (write one with --stats-out)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != STATS_FORMAT:
+                raise ValidationError(
+                    f"{path} is not a spectra calibration-statistics file "
+                    f"(format {metadata.get('format')!r}, expected {STATS_FORMAT!r})"
+                )
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, RuntimeError) as exc:
+        raise ValidationError(f"cannot read statistics file {path}: {exc}") from exc
+    meta = json.loads(metadata["stats"])
+    covariances = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("cov::")}
+    svd = {
+        name: SVDState(
+            components=tensors[f"svd::{name}::components"],
+            values=tensors[f"svd::{name}::values"],
+            mean=tensors[f"svd::{name}::mean"],
+            total_ss=float(extra["total_ss"]),
+            count=int(extra["count"]),
+            converged=tensors[f"svd::{name}::converged"].bool(),
+            batches=int(extra["batches"]),
+        )
+        for name, extra in meta["svd"].items()
+    }
+    return CalibrationStats(
+        covariances=covariances,
+        counts={k: int(v) for k, v in meta["counts"].items()},
+        svd=svd,
+        shared=meta["shared"],
+        skipped=meta["skipped"],
+        info=meta["info"],
+    )
