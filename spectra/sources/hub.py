@@ -1,17 +1,363 @@
-"""Hub repo ids (placeholder; filled in below)."""
+"""Hub repo ids (`org/name`, `org/name@revision`): the local cache first, offline mode, and
+shard-by-shard streaming under a disk budget.
+
+Only `*.safetensors` and `*.json` files are ever fetched. Three ways in:
+
+- offline (`HF_HUB_OFFLINE=1` or `local_only=True`): the cached snapshot
+  `<HF_HUB_CACHE>/models--org--name/snapshots/<commit>/`, resolved through `refs/<revision>`;
+  nothing touches the network.
+- online, no budget: `snapshot_download` of the safetensors and JSON files, then a local open.
+- online with `disk_budget` (bytes): headers come from ranged reads; during a read pass each shard
+  is downloaded when its turn comes, its tensors handed on, and the file deleted after the pass
+  unless it was in the cache before. A shard larger than the budget is refused up front.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import re
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
+from spectra.errors import HubError, SourceError, ValidationError
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, parse_header
+from spectra.sources.layout import (
+    CONVERT_HINT,
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    index_shard_names,
+    local_shards,
+)
+from spectra.sources.reader import shard_digest
+
+T = TypeVar("T")
+ALLOW_PATTERNS = ("*.safetensors", "*.json")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def looks_like_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.fullmatch(text)) and not text.endswith(".safetensors")
+    """`org/name` or `org/name@rev` (and not something that reads as a file name)."""
+    return bool(_REPO_ID.fullmatch(text)) and not text.endswith((".safetensors", ".json"))
 
 
-def open_repo(text, *, revision=None, local_only=None, disk_budget=None):  # noqa: ANN001, ANN201
-    from spectra.errors import HubError
+def split_repo_id(text: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); no '@' -> (text, None)."""
+    repo_id, _, revision = text.partition("@")
+    return repo_id, revision or None
 
-    raise HubError(f"{text}: Hub repos are not supported yet (no such local path either)")
+
+def is_offline(local_only: bool | None = None) -> bool:
+    """`local_only` when given, else the HF_HUB_OFFLINE environment setting (read now)."""
+    if local_only is not None:
+        return local_only
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache folder, from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def repo_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """`<cache>/models--org--name`."""
+    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(
+    repo_id: str, revision: str | None, cache_dir: Path | None = None
+) -> Path | None:
+    """The cached snapshot folder of `repo_id` at `revision` (branch, tag or commit), or None."""
+    folder = repo_folder(repo_id, cache_dir)
+    rev = revision or "main"
+    commit: str | None = rev if _COMMIT.fullmatch(rev) else None
+    if commit is None:
+        ref = folder / "refs" / rev
+        if ".." in Path(rev).parts or not ref.is_file():
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+    snap = folder / "snapshots" / commit
+    return snap if _COMMIT.fullmatch(commit) and snap.is_dir() else None
+
+
+def open_repo(
+    text: str,
+    *,
+    revision: str | None = None,
+    local_only: bool | None = None,
+    disk_budget: int | None = None,
+) -> Checkpoint:
+    """Open the Hub repo `text` (`org/name[@rev]`) as a `Checkpoint` (see the module docstring)."""
+    repo_id, rev_in_text = split_repo_id(text)
+    if revision and rev_in_text and revision != rev_in_text:
+        raise ValidationError(f"{text}: revision given twice ({rev_in_text!r} and {revision!r})")
+    rev = revision or rev_in_text
+    if disk_budget is not None and disk_budget <= 0:
+        raise ValidationError(f"disk_budget must be a positive number of bytes, got {disk_budget}")
+    cache = hub_cache_dir()
+    if is_offline(local_only):
+        snap = cached_snapshot(repo_id, rev, cache)
+        if snap is None:
+            raise HubError(
+                f"{text}: not in the local Hub cache ({cache}) and offline mode is on "
+                "(HF_HUB_OFFLINE=1 or local_only): download it once online, e.g. "
+                f"`hf download {repo_id} --include '*.safetensors' '*.json'`, or unset "
+                "HF_HUB_OFFLINE (no such local path either)"
+            )
+        return open_snapshot(text, snap)
+    remote = HubRemote(repo_id, rev, cache)
+    if disk_budget is None:
+        return open_snapshot(text, remote.download_all())
+    return open_streaming(text, remote, disk_budget=disk_budget)
+
+
+def open_snapshot(source: str, snapshot: Path) -> Checkpoint:
+    """A Checkpoint over a snapshot folder; the source keeps the repo id for messages."""
+    try:
+        shards = local_shards(snapshot)
+    except SourceError as exc:
+        raise HubError(f"{source}: {exc}") from exc
+    return Checkpoint.from_files(source, shards)
+
+
+# -- streaming --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a remote repo: name (relative path), size in bytes, sha256 when LFS-tracked."""
+
+    name: str
+    size: int
+    sha256: str | None = None
+
+
+class RemoteRepo(Protocol):
+    """What streaming needs from a remote repo. `HubRemote` is the huggingface-hub one."""
+
+    repo_id: str
+
+    def list_files(self) -> list[RemoteFile]: ...
+
+    def read_bytes(self, name: str, start: int, length: int) -> bytes: ...
+
+    def local_path(self, name: str) -> Path: ...
+
+    def download(self, name: str) -> Path: ...
+
+
+def open_streaming(
+    source: str, remote: RemoteRepo, *, disk_budget: int, keep: bool = False
+) -> Checkpoint:
+    """A Checkpoint whose shards are fetched one at a time during reads (headers fetched now).
+
+    Shards downloaded for a pass are deleted after it unless `keep`; shards already on disk stay.
+    """
+    files = {f.name: f for f in remote.list_files()}
+    names = _shard_names(source, remote, files)
+    headers = [_remote_header(source, remote, files[n]) for n in names]
+    config = _remote_json(remote, files.get("config.json"))
+    store = StreamingStore(
+        remote, {remote.local_path(n): files[n] for n in names}, budget=disk_budget, keep=keep
+    )
+    return Checkpoint(source, headers, store=store, config=config)
+
+
+def _shard_names(source: str, remote: RemoteRepo, files: dict[str, RemoteFile]) -> list[str]:
+    if INDEX_NAME in files:
+        obj = _remote_json(remote, files[INDEX_NAME])
+        names = index_shard_names(obj, f"{source}/{INDEX_NAME}")
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise HubError(f"{source}: the index names shard {missing[0]!r}, which the repo lacks")
+        return names
+    names = sorted(n for n in files if n.endswith(".safetensors") and "/" not in n)
+    if names:
+        return names
+    pickles = [n for n in files if n.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise HubError(
+            f"{source}: only pickled weights ({pickles[0]}), no .safetensors; {CONVERT_HINT}"
+        )
+    raise HubError(f"{source}: the repo has no .safetensors files")
+
+
+def _remote_json(remote: RemoteRepo, info: RemoteFile | None) -> Any:
+    if info is None or info.size > 50_000_000:
+        return {}
+    try:
+        return json.loads(remote.read_bytes(info.name, 0, info.size).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HubError(f"{remote.repo_id}/{info.name}: invalid JSON ({exc})") from exc
+
+
+def _remote_header(source: str, remote: RemoteRepo, info: RemoteFile) -> ShardHeader:
+    label = f"{source}/{info.name}"
+    head = remote.read_bytes(info.name, 0, min(8, info.size)) if info.size else b""
+    rest = b""
+    if len(head) == 8:
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen <= min(info.size - 8, MAX_HEADER_BYTES):
+            rest = remote.read_bytes(info.name, 8, hlen)
+    return parse_header(
+        io.BytesIO(head + rest), info.size, remote.local_path(info.name), label=label
+    )
+
+
+class StreamingStore:
+    """Fetches a shard when a read pass reaches it and drops it after, within a disk budget."""
+
+    def __init__(
+        self, remote: RemoteRepo, files: dict[Path, RemoteFile], *, budget: int, keep: bool
+    ) -> None:
+        self._remote, self._files, self._budget, self._keep = remote, files, budget, keep
+        self.downloads: list[str] = []  # names fetched, in order (for callers and tests)
+
+    @contextmanager
+    def open(self, shard: Path) -> Iterator[BinaryIO]:
+        info = self._files[shard]
+        fetched = not shard.is_file()
+        path = self._fetch(info) if fetched else shard
+        try:
+            with path.open("rb") as fh:
+                yield fh
+        finally:
+            if fetched and not self._keep:
+                _drop(path)
+
+    def digest(self, shard: Path) -> str:
+        info = self._files[shard]
+        if info.sha256:
+            return info.sha256
+        if shard.is_file():
+            return shard_digest(shard)
+        with self.open(shard):
+            return shard_digest(shard)
+
+    def close(self) -> None:
+        return None
+
+    def _fetch(self, info: RemoteFile) -> Path:
+        if info.size > self._budget:
+            raise HubError(
+                f"{self._remote.repo_id}/{info.name}: shard is {info.size} bytes, more than the "
+                f"disk budget of {self._budget} bytes: raise the budget"
+            )
+        target = self._remote.local_path(info.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
+        if free < info.size:
+            raise HubError(
+                f"{self._remote.repo_id}/{info.name}: needs {info.size} bytes, only {free} free "
+                f"under {target.parent}: free space or set HF_HUB_CACHE elsewhere"
+            )
+        self.downloads.append(info.name)
+        return self._remote.download(info.name)
+
+
+def _drop(path: Path) -> None:
+    """Delete a downloaded shard: its cache blob too when `path` is a snapshot symlink."""
+    real = path.resolve()
+    path.unlink(missing_ok=True)
+    if real != path:
+        real.unlink(missing_ok=True)
+
+
+# -- huggingface-hub ----------------------------------------------------------------------------
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors
+
+    found: list[type[BaseException]] = [errors.HfHubHTTPError, OSError, ValueError]
+    for name in ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "EntryNotFoundError"):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    try:
+        import httpx
+
+        found.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+class HubRemote:
+    """A Hub repo at one commit, through huggingface-hub (the only code here that uses it)."""
+
+    def __init__(self, repo_id: str, revision: str | None, cache_dir: Path) -> None:
+        from huggingface_hub import HfApi
+
+        self.repo_id, self._cache = repo_id, cache_dir
+        info = self._call(
+            lambda: HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        )
+        self.commit: str = info.sha or (revision or "main")
+        self._files = [
+            RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
+            for s in (info.siblings or [])
+        ]
+
+    def list_files(self) -> list[RemoteFile]:
+        return list(self._files)
+
+    def read_bytes(self, name: str, start: int, length: int) -> bytes:
+        from huggingface_hub import HfFileSystem
+
+        def read() -> bytes:
+            with HfFileSystem().open(f"{self.repo_id}@{self.commit}/{name}", "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
+
+        return self._call(read)
+
+    def local_path(self, name: str) -> Path:
+        return repo_folder(self.repo_id, self._cache) / "snapshots" / self.commit / name
+
+    def download(self, name: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            self._call(
+                lambda: hf_hub_download(
+                    self.repo_id, name, revision=self.commit, cache_dir=self._cache
+                )
+            )
+        )
+
+    def download_all(self) -> Path:
+        from huggingface_hub import snapshot_download
+
+        names = [f.name for f in self._files]
+        if not any(n.endswith(".safetensors") for n in names):
+            _shard_names(self.repo_id, self, {f.name: f for f in self._files})  # raises
+        return Path(
+            self._call(
+                lambda: snapshot_download(
+                    self.repo_id,
+                    revision=self.commit,
+                    allow_patterns=list(ALLOW_PATTERNS),
+                    cache_dir=self._cache,
+                )
+            )
+        )
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except _network_errors() as exc:
+            raise HubError(
+                f"{self.repo_id}: Hub request failed ({type(exc).__name__}: {exc}); check the repo "
+                "id, revision, network and token, or use HF_HUB_OFFLINE=1 with a cached copy"
+            ) from exc

@@ -87,20 +87,7 @@ def shards_from_index(index: Path) -> list[Path]:
         obj = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{index}: cannot read the index ({exc})") from exc
-    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(weight_map, dict):
-        raise SourceError(f"{index}: index has no 'weight_map' object")
-    shards: list[Path] = []
-    seen: set[str] = set()
-    for tensor, rel in weight_map.items():
-        if not isinstance(rel, str):
-            raise SourceError(f"{index}: tensor {tensor!r} maps to {rel!r}, not a file name")
-        if rel in seen:
-            continue
-        seen.add(rel)
-        shards.append(_safe_child(index.parent, rel, index, tensor))
-    if not shards:
-        raise SourceError(f"{index}: the index lists no tensors (empty checkpoint)")
+    shards = [index.parent / name for name in index_shard_names(obj, str(index))]
     for shard in shards:
         if not shard.is_file():
             raise SourceError(
@@ -110,7 +97,25 @@ def shards_from_index(index: Path) -> list[Path]:
     return shards
 
 
-def _safe_child(folder: Path, rel: str, index: Path, tensor: str) -> Path:
+def index_shard_names(obj: object, label: str) -> list[str]:
+    """Shard file names of a parsed index, in order of first appearance, refused before any
+    file is opened when one would leave the checkpoint folder."""
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SourceError(f"{label}: index has no 'weight_map' object")
+    names: dict[str, None] = {}  # ordered set
+    for tensor, rel in weight_map.items():
+        if not isinstance(rel, str):
+            raise SourceError(f"{label}: tensor {tensor!r} maps to {rel!r}, not a file name")
+        if rel not in names:
+            _check_child(rel, label, tensor)
+            names[rel] = None
+    if not names:
+        raise SourceError(f"{label}: the index lists no tensors (empty checkpoint)")
+    return list(names)
+
+
+def _check_child(rel: str, label: str, tensor: str) -> None:
     """Refuse, before any file is opened, an index entry that leaves the checkpoint folder."""
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
     if (
@@ -122,9 +127,8 @@ def _safe_child(folder: Path, rel: str, index: Path, tensor: str) -> Path:
         or ".." in windows.parts
     ):
         raise SourceError(
-            f"{index}: tensor {tensor!r} points to {rel!r}, outside the checkpoint folder; "
+            f"{label}: tensor {tensor!r} points to {rel!r}, outside the checkpoint folder; "
             "refusing to read it (shard names must be plain file names in the same folder)"
         )
     if not rel.endswith(".safetensors"):
-        raise SourceError(f"{index}: tensor {tensor!r} points to {rel!r}, not a .safetensors file")
-    return folder / posix
+        raise SourceError(f"{label}: tensor {tensor!r} points to {rel!r}, not a .safetensors file")

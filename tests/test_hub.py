@@ -1,0 +1,205 @@
+"""Hub repo ids with no network: a fake local Hub cache (offline) and a fake remote (streaming)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from _source_fixtures import llama_tensors, write_llama_like, write_safetensors
+from safetensors.torch import load_file
+
+from spectra.errors import HubError, SourceError
+from spectra.sources import Checkpoint
+from spectra.sources.hub import (
+    RemoteFile,
+    StreamingStore,
+    looks_like_repo_id,
+    open_streaming,
+    split_repo_id,
+)
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def build_fake_cache(cache: Path, repo_id: str, source: Path, *, commit: str = COMMIT) -> Path:
+    """Lay `source`'s files out as huggingface-hub does: sha256-named blobs, snapshot symlinks."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / sha)
+        os.symlink(Path("..") / ".." / "blobs" / sha, snap / f.name)
+    return snap
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return cache
+
+
+def test_repo_id_parsing() -> None:
+    assert looks_like_repo_id("org/name") and looks_like_repo_id("org/name@v1.0")
+    assert not looks_like_repo_id("./org/name")
+    assert not looks_like_repo_id("a/b/c") and not looks_like_repo_id("x/model.safetensors")
+    assert split_repo_id("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
+    assert split_repo_id("org/name") == ("org/name", None)
+
+
+def test_offline_cache_opens_and_reads(tmp_path: Path, offline_cache: Path) -> None:
+    src = write_llama_like(tmp_path / "src", shards=2)
+    snap = build_fake_cache(offline_cache, "org/tiny", src)
+    with Checkpoint.open("org/tiny") as ckpt:
+        assert ckpt.source == "org/tiny"
+        assert [p.parent for p in ckpt.files] == [snap, snap]
+        q = ckpt.matrices(roles=["q"])[0]
+        ref = load_file(str(src / q.tensor.shard.name))[q.tensor.name]
+        assert torch.equal(ckpt.read(q), ref.float())
+        blob = q.tensor.shard.resolve().name
+        assert ckpt.content_key(q).split(":")[0] == blob
+        assert blob == hashlib.sha256(q.tensor.shard.read_bytes()).hexdigest()
+    for spec, kwargs in [(f"org/tiny@{COMMIT}", {}), ("org/tiny", {"revision": "main"})]:
+        with Checkpoint.open(spec, **kwargs) as ckpt:
+            assert len(ckpt.matrices()) == 16
+
+
+def test_offline_not_cached_is_a_clear_error(offline_cache: Path) -> None:
+    with pytest.raises(HubError, match=r"org/absent: not in the local Hub cache .*HF_HUB_OFFLINE"):
+        Checkpoint.open("org/absent")
+    build_fake_cache(offline_cache, "org/x", write_llama_like(offline_cache.parent / "s"))
+    with pytest.raises(HubError, match=r"org/x@v2: not in the local Hub cache"):
+        Checkpoint.open("org/x@v2")
+
+
+def test_local_only_without_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "c"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    build_fake_cache(cache, "org/tiny", write_llama_like(tmp_path / "src"))
+    with Checkpoint.open("org/tiny", local_only=True) as ckpt:
+        assert len(ckpt.files) == 2
+
+
+def test_cached_snapshot_with_only_pickles(tmp_path: Path, offline_cache: Path) -> None:
+    src = tmp_path / "pk"
+    src.mkdir()
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
+    build_fake_cache(offline_cache, "org/old", src)
+    with pytest.raises(HubError, match=r"org/old: .*only pickled weights.*never unpickles"):
+        Checkpoint.open("org/old")
+
+
+def test_existing_local_path_wins_over_repo_id(tmp_path: Path, offline_cache: Path) -> None:
+    write_llama_like(tmp_path / "org" / "local", shards=1)
+    with Checkpoint.open("org/local") as ckpt:
+        assert ckpt.files == [Path("org/local/model-00001-of-00001.safetensors")]
+
+
+class FakeRemote:
+    """A remote repo backed by a local folder; downloads copy into a fake cache layout."""
+
+    def __init__(self, folder: Path, cache: Path, repo_id: str = "org/stream") -> None:
+        self.repo_id, self.folder, self.cache = repo_id, folder, cache
+        self.ranged: list[tuple[str, int, int]] = []
+
+    def list_files(self) -> list[RemoteFile]:
+        return [
+            RemoteFile(p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(self.folder.iterdir())
+        ]
+
+    def read_bytes(self, name: str, start: int, length: int) -> bytes:
+        self.ranged.append((name, start, length))
+        with (self.folder / name).open("rb") as fh:
+            fh.seek(start)
+            return fh.read(length)
+
+    def local_path(self, name: str) -> Path:
+        return self.cache / "snapshots" / COMMIT / name
+
+    def download(self, name: str) -> Path:
+        target = self.local_path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.folder / name, target)
+        return target
+
+
+def test_streaming_downloads_one_shard_at_a_time_and_drops_it(tmp_path: Path) -> None:
+    src = write_llama_like(tmp_path / "src", shards=3)
+    remote = FakeRemote(src, tmp_path / "cache")
+    ckpt = open_streaming("org/stream", remote, disk_budget=10_000_000)
+    # Listing fetched headers only: every ranged read is inside a header.
+    for name, start, length in remote.ranged:
+        if name.endswith(".safetensors"):
+            hlen = int.from_bytes((src / name).read_bytes()[:8], "little")
+            assert start + length <= 8 + hlen
+    store = ckpt._store
+    assert isinstance(store, StreamingStore)
+    reference = {**{k: v for f in src.glob("*.safetensors") for k, v in load_file(str(f)).items()}}
+    seen_on_disk: list[list[str]] = []
+    for m, w in ckpt.read_many(ckpt.matrices()):
+        assert torch.equal(w, reference[m.tensor.name].float())
+        seen_on_disk.append(sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")))
+    assert store.downloads == [p.name for p in ckpt.files]  # each shard once, in order
+    assert all(len(names) == 1 for names in seen_on_disk)  # never two shards at once
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # dropped after the pass
+    first = ckpt.matrices()[0]
+    digest = ckpt.content_key(first).split(":")[0]
+    assert digest == hashlib.sha256((src / first.tensor.shard.name).read_bytes()).hexdigest()
+
+
+def test_streaming_budget_too_small(tmp_path: Path) -> None:
+    src = write_llama_like(tmp_path / "src", shards=2)
+    ckpt = open_streaming("org/stream", FakeRemote(src, tmp_path / "cache"), disk_budget=1000)
+    with pytest.raises(HubError, match=r"more than the disk budget of 1000 bytes"):
+        next(ckpt.read_many(ckpt.matrices()))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_streaming_refuses_index_outside_and_pickles(tmp_path: Path) -> None:
+    src = write_llama_like(tmp_path / "src", shards=1)
+    index = src / "model.safetensors.index.json"
+    body = json.loads(index.read_text())
+    body["weight_map"]["model.norm.weight"] = "../../secret.safetensors"
+    index.write_text(json.dumps(body))
+    with pytest.raises(SourceError, match=r"outside the checkpoint folder; refusing"):
+        open_streaming("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "pytorch_model.bin").write_bytes(b"junk")
+    with pytest.raises(HubError, match=r"only pickled weights"):
+        open_streaming("org/pk", FakeRemote(pk, tmp_path / "c2"), disk_budget=10**9)
+
+
+def test_streaming_keeps_shards_already_cached(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_safetensors(src / "model.safetensors", llama_tensors(layers=1))
+    remote = FakeRemote(src, tmp_path / "cache")
+    remote.download("model.safetensors")  # already in the cache before the pass
+    ckpt = open_streaming("org/stream", remote, disk_budget=10**9)
+    list(ckpt.read_many(ckpt.matrices()))
+    assert ckpt._store.downloads == []  # type: ignore[attr-defined]
+    assert remote.local_path("model.safetensors").is_file()
