@@ -44,7 +44,9 @@ def _root(
 def _register() -> None:
     # Each command module defines `register(app)`. Imports are local so `spectra --help`
     # stays fast and one broken optional extra cannot take the whole CLI down.
-    return None
+    from spectra.cli import compare_cmd
+
+    compare_cmd.register(app)
 
 
 _register()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from safetensors.torch import save_file
+from _compare_fixtures import DOWN0, Q0, Q1, V0, V1, D, base_and_ft, lora_and_merged, save
 
 from spectra.analysis.compare import (
     CompareOptions,
@@ -22,54 +22,12 @@ from spectra.analysis.compare import (
 from spectra.analysis.drift import EPS32
 from spectra.errors import ValidationError
 
-D = 48  # hidden size of the synthetic model
-Q0, V0, Q1, V1 = (f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qv")
-DOWN0 = "model.layers.0.mlp.down_proj.weight"
-
-
-def _orth(n: int, g: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-
-
-def _base_and_ft() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Base weights and a fine-tune with planted answers (all float64 before storage)."""
-    g = torch.Generator().manual_seed(0)
-    s = torch.linspace(2.0, 0.2, D, dtype=torch.float64)
-    base, ft, planted = {}, {}, {}
-    for key in (Q0, V0, Q1, V1):
-        u, v = _orth(D, g), _orth(D, g)
-        base[key] = u @ torch.diag(s) @ v.T
-        planted[key] = (u, v)
-    base[DOWN0] = torch.randn(D, 2 * D, generator=g, dtype=torch.float64) * 0.1
-    # Q0: rank-1 update along a direction orthogonal to the base's top-10 subspace, larger than
-    # the base's S_1 = 2: exactly one intruder.
-    u, v = planted[Q0]
-    u_dir = u[:, 10:].sum(1) / math.sqrt(D - 10)
-    v_dir = v[:, 10:].sum(1) / math.sqrt(D - 10)
-    ft[Q0] = base[Q0] + 3.0 * torch.outer(u_dir, v_dir)
-    # V0: small dense update (full fine-tuning-like): full rank, no intruders.
-    ft[V0] = base[V0] + 1e-3 * torch.randn(D, D, generator=g, dtype=torch.float64)
-    # Q1: exact rank-3 update of moderate size.
-    ft[Q1] = base[Q1] + 0.01 * torch.randn(D, 3, generator=g, dtype=torch.float64) @ torch.randn(
-        3, D, generator=g, dtype=torch.float64
-    )
-    ft[V1] = base[V1].clone()  # did not move
-    ft[DOWN0] = base[DOWN0].clone()
-    return base, ft, planted
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, path / "m.st")
-    (path / "m.st").rename(path / "model.safetensors")
-    return path
-
 
 @pytest.fixture(scope="module")
 def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base, ft, _ = _base_and_ft()
+    base, ft, _ = base_and_ft()
     root = tmp_path_factory.mktemp("cmp")
-    return _save(root / "base", base), _save(root / "ft", ft)
+    return save(root / "base", base), save(root / "ft", ft)
 
 
 @pytest.fixture(scope="module")
@@ -140,29 +98,8 @@ def test_result_is_strict_json_and_rows_are_flat(result) -> None:  # noqa: ANN00
     assert all(not isinstance(v, (list, dict)) for v in row.values())
 
 
-def _lora_and_merged(root: Path) -> tuple[Path, Path, Path]:
-    g = torch.Generator().manual_seed(5)
-    base, _, _ = _base_and_ft()
-    r, alpha = 4, 8.0
-    scale = alpha / r
-    adapter, merged = {}, {k: v.clone() for k, v in base.items()}
-    for key in (Q0, V1):
-        mod = key.removesuffix(".weight")
-        a = (torch.randn(r, D, generator=g) * 0.3).to(torch.float32)
-        b = (torch.randn(D, r, generator=g) * 0.3).to(torch.float32)
-        adapter[f"base_model.model.{mod}.lora_A.weight"] = a
-        adapter[f"base_model.model.{mod}.lora_B.weight"] = b
-        merged[key] = base[key].float().double() + scale * (b.double() @ a.double())
-    ad = root / "adapter"
-    ad.mkdir()
-    save_file(adapter, str(ad / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj"]}
-    (ad / "adapter_config.json").write_text(json.dumps(cfg))
-    return _save(root / "base", base), ad, _save(root / "merged", merged)
-
-
 def test_lora_adapter_and_its_merged_checkpoint_agree(tmp_path: Path) -> None:
-    base, adapter, merged = _lora_and_merged(tmp_path)
+    base, adapter, merged = lora_and_merged(tmp_path)
     a = compare(base, adapter, epsilons=(0.5, 0.7), device="cpu")
     m = compare(base, merged, epsilons=(0.5, 0.7), device="cpu")
     assert a.mode == "lora" and {p.key for p in a.pairs} == {Q0, V1}
@@ -183,20 +120,20 @@ def test_lora_adapter_and_its_merged_checkpoint_agree(tmp_path: Path) -> None:
 
 
 def test_map_renames_and_pairing_errors(tmp_path: Path) -> None:
-    base, ft, _ = _base_and_ft()
-    b = _save(tmp_path / "b", base)
-    renamed = _save(tmp_path / "r", {"net." + k.removeprefix("model."): v for k, v in ft.items()})
+    base, ft, _ = base_and_ft()
+    b = save(tmp_path / "b", base)
+    renamed = save(tmp_path / "r", {"net." + k.removeprefix("model."): v for k, v in ft.items()})
     with pytest.raises(ValidationError, match=r"5 only in base.*5 only in fine-tune.*--map"):
         compare(b, renamed, device="cpu")
     out = compare(b, renamed, map=[r"^net\.=>model."], device="cpu")
     assert out.pair(Q0).ft_key == "net.layers.0.self_attn.q_proj.weight"
     assert out.pair(Q0).intruders.counts == {0.5: 1}
-    partial = _save(tmp_path / "p", {k: v for k, v in ft.items() if k != DOWN0})
+    partial = save(tmp_path / "p", {k: v for k, v in ft.items() if k != DOWN0})
     with pytest.raises(ValidationError, match=r"1 only in base: " + DOWN0.replace(".", r"\.")):
         compare(b, partial, device="cpu")
     ok = compare(b, partial, allow_missing=True, device="cpu")
     assert ok.pairing.base_only == (DOWN0,) and len(ok.pairs) == 4
-    wrong = _save(tmp_path / "w", {**ft, V1: torch.zeros(D, D + 1, dtype=torch.float64)})
+    wrong = save(tmp_path / "w", {**ft, V1: torch.zeros(D, D + 1, dtype=torch.float64)})
     with pytest.raises(ValidationError, match=r"shape mismatch.*\(48, 48\) vs \(48, 49\)"):
         compare(b, wrong, allow_missing=True, device="cpu")
 

@@ -13,6 +13,9 @@ dW = s B A is decomposed from its factors (QR + r x r SVD), never formed.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -393,9 +396,24 @@ class Comparison:
             }
         )
 
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """Strict JSON text (no NaN tokens) of `to_dict()`."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per pair (the CSV rows)."""
         return [_json_safe(p.row()) for p in self.pairs]
+
+    def to_csv(self) -> str:
+        """CSV text, one row per pair (columns of `rows()`), empty cells for None."""
+        rows = self.rows()
+        buf = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        return buf.getvalue()
 
     def to_pandas(self) -> Any:
         """A pandas DataFrame of `rows()` (needs pandas)."""
