@@ -1,0 +1,89 @@
+"""`spectra inspect [SOURCE]`: the weight matrices of a checkpoint, from its headers alone."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from spectra.cli._common import (
+    ExcludeOpt,
+    IncludeOpt,
+    RolesOpt,
+    console,
+    handle_errors,
+    split_csv,
+)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe_text(text: str) -> str:
+    """A name fit for a terminal: control characters (escape sequences) shown as `?`, rich
+    markup escaped so `[bold]` in a tensor name prints literally."""
+    return escape(_CONTROL.sub("?", text))
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f}"
+
+
+@handle_errors
+def inspect(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Checkpoint: .safetensors file, folder, Hub id. Default: bundled MiniLM."
+        ),
+    ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    roles: RolesOpt = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub branch, tag or commit.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")
+    ] = False,
+) -> None:
+    """List weight matrices (name, role, layer, shape, dtype, MB) and totals. Reads headers only."""
+    from spectra.sources import Checkpoint, bundled_model_path
+    from spectra.sources.inventory import inventory
+
+    target = source if source is not None else str(bundled_model_path())
+    with Checkpoint.open(target, revision=revision) as ckpt:
+        inv = inventory(ckpt, include=include or (), exclude=exclude or (), roles=split_csv(roles))
+    if as_json:
+        typer.echo(json.dumps(inv.to_dict(), indent=1))
+        return
+    table = Table(title=f"{safe_text(inv.source)}: {len(inv.matrices)} matrices")
+    table.add_column("name", overflow="fold")
+    table.add_column("role")
+    for col in ("layer", "shape (out, in)"):
+        table.add_column(col, justify="right")
+    table.add_column("dtype")
+    table.add_column("MB", justify="right")
+    for m in inv.matrices:
+        role = m.role if m.expert_role is None else f"{m.role}:{m.expert_role}"
+        layer = "" if m.layer is None else str(m.layer)
+        shape = f"{m.shape[0]} x {m.shape[1]}" + (" (T)" if m.transpose else "")
+        table.add_row(safe_text(m.key), role, layer, shape, m.tensor.dtype, _mb(m.nbytes))
+    console.print(table)
+    totals = Table(title="totals")
+    for col in ("role", "count", "parameters", "MB"):
+        totals.add_column(col, justify="left" if col == "role" else "right")
+    for t in inv.by_role:
+        totals.add_row(t.role, str(t.count), f"{t.parameters:,}", _mb(t.bytes))
+    totals.add_row(
+        "all", str(len(inv.matrices)), f"{inv.parameters:,}", _mb(inv.bytes), style="bold"
+    )
+    console.print(totals)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `inspect` to the root app."""
+    app.command("inspect")(inspect)
