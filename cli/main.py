@@ -48,6 +48,10 @@ def _register() -> None:
 
     compare_cmd.register(app)
 
+    from spectra.cli import inspect_cmd
+
+    inspect_cmd.register(app)
+
 
 _register()
 
