@@ -168,6 +168,32 @@ def layer_metrics(
     )
 
 
+def failed_layer(
+    *,
+    key: str,
+    shape: tuple[int, int],
+    message: str,
+    name: str | None = None,
+    role: str = "other",
+    layer: int | None = None,
+    dtype: str = "",
+    spectrum_method: str = "",
+    code: str = "non-finite",
+) -> LayerMetrics:
+    """The LayerMetrics of a matrix whose spectrum could not be computed (e.g. NaN entries)."""
+    common = {
+        "key": key,
+        "name": name if name is not None else key,
+        "role": role,
+        "layer": layer,
+        "shape": (int(shape[0]), int(shape[1])),
+        "dtype": dtype,
+        "num_evals": 0,
+        "spectrum_method": spectrum_method,
+    }
+    return failed_metrics(common, message, code)
+
+
 def failed_metrics(common: dict, message: str, code: str = "non-finite") -> LayerMetrics:
     """A LayerMetrics with every number None, fit_status "failed" and warning `code`."""
     nones = dict.fromkeys(

@@ -1,0 +1,256 @@
+"""`analyze()`: HT-SR metrics of every weight matrix of a checkpoint, as an `Analysis`.
+
+Two passes over the checkpoint, both memory-bounded:
+1. spectra: `compute_spectra(mode="values")` (the engine batches equal shapes, uses the
+   spectrum cache; default exact route: float64 Gram eigenvalues, which reproduces
+   WeightWatcher's alphas, methods.md section 1), then the pure per-matrix metrics, and the MP
+   edge when asked (no extra decomposition);
+2. only when a metric needs the weights themselves (outlier ratio, on by default; randomized
+   control, off by default): `Checkpoint.read_many` streams each matrix once more, in shard order,
+   and the metric is computed while it is in memory. This pass never uses the spectrum cache,
+   so outlier ratios are always fresh; its cost is one read of the weights (plus, with
+   `randomize`, one extra exact spectrum per matrix).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.analysis.htsr import failed_layer, layer_metrics
+from spectra.analysis.mp import mp_fit as fit_mp
+from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
+from spectra.analysis.randomized import DEFAULT_SEED, randomized_control
+from spectra.analysis.results import Analysis, LayerMetrics
+from spectra.analysis.summary import summarize
+from spectra.device import resolve_device
+from spectra.errors import NumericalError, ValidationError
+
+Progress = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What `analyze()` computes; recorded in `Analysis.options`.
+
+    mp_fit: MP bulk edge and spike count (cheap: no extra decomposition).
+    randomize: shuffled-entries control (one extra exact spectrum per matrix).
+    outliers: weight-magnitude outlier ratio (one extra read of the weights).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    device: str = "auto"
+    mp_fit: bool = False
+    randomize: bool = False
+    outliers: bool = True
+    outlier_multiplier: float = DEFAULT_MULTIPLIER
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "roles"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if not self.outlier_multiplier > 0:
+            raise ValidationError(
+                f"outlier_multiplier must be > 0, got {self.outlier_multiplier!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for name in ("include", "exclude", "roles"):
+            d[name] = list(d[name])
+        return d
+
+
+def analyze(
+    source: Any = None,
+    *,
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+    roles: tuple[str, ...] | list[str] = (),
+    device: str = "auto",
+    mp_fit: bool = False,
+    randomize: bool = False,
+    outliers: bool = True,
+    cache: Any = True,
+    progress: Progress | None = None,
+    seed: int = DEFAULT_SEED,
+    max_memory: int | None = None,
+) -> Analysis:
+    """HT-SR analysis of the weight matrices of `source` (methods.md section 2).
+
+    source: a `.safetensors` file, a sharded folder, a Hub repo id, an open `Checkpoint`, or
+        None for the bundled all-MiniLM-L6-v2.
+    include/exclude: name globs; roles: e.g. ("q", "k", "v", "o", "up", "down").
+    device: "auto" | "cpu" | "cuda[:N]" | "mps" for the decompositions.
+    mp_fit, randomize, outliers: optional metrics (see AnalyzeOptions for their cost).
+    cache: True (default spectrum cache), False/None (no cache), or a SpectrumCache.
+    progress: passed to the engine: progress(done, total, bytes_read) per matrix.
+    seed: seed of the randomized control's shuffles.
+    max_memory: working-memory budget in bytes for one engine batch (None: engine default).
+
+    >>> an = analyze(roles=("q",))  # doctest: +SKIP
+    >>> [round(lm.alpha, 2) for lm in an.layers][:2]  # doctest: +SKIP
+    """
+    from spectra.sources import Checkpoint
+
+    options = AnalyzeOptions(
+        include=include,
+        exclude=exclude,
+        roles=roles,
+        device=str(device),
+        mp_fit=mp_fit,
+        randomize=randomize,
+        outliers=outliers,
+        seed=seed,
+    )
+    run = {"cache": cache, "progress": progress, "max_memory": max_memory}
+    if isinstance(source, Checkpoint):
+        return _analyze_checkpoint(source, options, **run)
+    if source is None:
+        from spectra.sources import bundled_model_path
+
+        source = bundled_model_path()
+    with Checkpoint.open(str(source)) as ckpt:
+        return _analyze_checkpoint(ckpt, options, **run)
+
+
+def _analyze_checkpoint(
+    ckpt: Any,
+    options: AnalyzeOptions,
+    *,
+    cache: Any,
+    progress: Progress | None,
+    max_memory: int | None,
+) -> Analysis:
+    from spectra.linalg.engine import compute_spectra
+
+    matrices = ckpt.matrices(include=options.include, exclude=options.exclude, roles=options.roles)
+    if not matrices:
+        raise ValidationError(
+            f"no weight matrices in {ckpt.source} match include={list(options.include)} "
+            f"exclude={list(options.exclude)} roles={list(options.roles)}: "
+            "loosen the filters (spectra inspect lists the matrices)"
+        )
+    dev = resolve_device(options.device)
+    spectra = {}
+    for spec in compute_spectra(
+        ckpt,
+        matrices,
+        mode="values",
+        device=dev,
+        cache=_resolve_cache(cache),
+        progress=progress,
+        max_memory=max_memory,
+    ):
+        spectra[spec.key] = spec
+    esds = {
+        key: spec.values.double().square().cpu().numpy() for key, spec in spectra.items() if spec.ok
+    }
+    extras = _weight_extras(ckpt, matrices, esds, options, dev)
+    layers = [
+        _layer(ref, spectra.get(ref.key), extras.get(ref.key, {}), options) for ref in matrices
+    ]
+    return Analysis(
+        source=str(ckpt.source),
+        layers=layers,
+        summary=summarize(layers),
+        options=options.to_dict(),
+        esds=esds,
+        versions=_versions(),
+    )
+
+
+def _layer(ref: Any, spec: Any, extra: dict[str, Any], options: AnalyzeOptions) -> LayerMetrics:
+    meta = {
+        "key": ref.key,
+        "name": ref.tensor.name,
+        "role": ref.role,
+        "layer": ref.layer,
+        "dtype": ref.tensor.dtype,
+    }
+    shape = tuple(ref.shape)
+    if spec is None or not spec.ok:
+        message = "no spectrum returned" if spec is None else (spec.message or "spectrum failed")
+        method = "" if spec is None else spec.method
+        return failed_layer(shape=shape, message=message, spectrum_method=method, **meta)
+    S = spec.values.double().cpu().numpy()
+    mp = fit_mp(S**2, shape) if options.mp_fit else None
+    return layer_metrics(
+        S,
+        shape,
+        spectrum_method=spec.method,
+        mp=mp,
+        rand_distance=extra.get("rand_distance"),
+        outlier_ratio=extra.get("outlier_ratio"),
+        **meta,
+    )
+
+
+def _weight_extras(
+    ckpt: Any,
+    matrices: list[Any],
+    esds: dict[str, np.ndarray],
+    options: AnalyzeOptions,
+    device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Second pass: metrics that need W itself (outlier ratio, randomized control)."""
+    if not (options.outliers or options.randomize):
+        return {}
+    from spectra.linalg import exact_svdvals
+
+    def spectrum(W: torch.Tensor) -> np.ndarray:
+        return exact_svdvals(W).cpu().numpy()
+
+    out: dict[str, dict[str, Any]] = {}
+    for ref, W in ckpt.read_many(matrices, device=str(device)):
+        extra: dict[str, Any] = {}
+        if options.outliers:
+            extra["outlier_ratio"] = outlier_ratio(W, multiplier=options.outlier_multiplier)
+        if options.randomize and ref.key in esds:
+            try:
+                _, extra["rand_distance"] = randomized_control(
+                    W, esds[ref.key], spectrum, seed=options.seed
+                )
+            except NumericalError:
+                extra["rand_distance"] = None
+        out[ref.key] = extra
+        del W
+    return out
+
+
+def _resolve_cache(cache: Any) -> Any:
+    """True -> the default on-disk SpectrumCache; False/None -> None; a cache -> itself."""
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        from spectra.linalg.cache import SpectrumCache
+
+        return SpectrumCache()
+    if isinstance(cache, (str, Path)):
+        from spectra.linalg.cache import SpectrumCache
+
+        return SpectrumCache(Path(cache))
+    return cache
+
+
+def _versions() -> dict[str, str]:
+    import spectra
+
+    return {
+        "spectra": spectra.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
