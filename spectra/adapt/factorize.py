@@ -1,0 +1,86 @@
+"""SVD slices -> LoRA factors, and the residual base: the one place every initializer goes through.
+
+Conventions (../shared/docs/methods.md section 4): W is stored (out, in) = (m, n); a LoRA adapter
+adds ``scale * B @ A`` with ``A (r, n)``, ``B (m, r)`` and ``scale = alpha / r`` (LoRA) or
+``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732). The residual is always
+computed by subtraction, ``W_res = W - scale * B @ A``, so the adapted model reproduces W up to
+the rounding of the storage dtype even when the decomposition was approximate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from spectra.errors import ValidationError
+
+
+def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
+    """The factor PEFT multiplies ``B @ A`` by: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA.
+
+    >>> lora_scale(16, 16), lora_scale(8, 4, rslora=True)
+    (1.0, 4.0)
+    """
+    if rank <= 0:
+        raise ValidationError(f"LoRA rank must be positive, got {rank}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValidationError(f"LoRA alpha must be a positive number, got {alpha}")
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def factorize(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Split ``U diag(S) Vh`` into LoRA factors with ``scale * B @ A == U diag(S) Vh``.
+
+    Shapes: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)`` -> ``A (..., r, n)``,
+    ``B (..., m, r)``; the singular values are shared evenly, ``A = diag(sqrt(S / s)) Vh``,
+    ``B = U diag(sqrt(S / s))`` (PiSSA, Meng et al. 2024, arXiv 2404.02948, eq. 2-3).
+    Works for any slice of the SVD (top-r for PiSSA, bottom-r for MiLoRA, CorDA's V').
+
+    >>> U, S, Vh = torch.linalg.svd(torch.randn(6, 5, dtype=torch.float64), full_matrices=False)
+    >>> A, B = factorize(U[:, :2], S[:2], Vh[:2], 0.5)
+    >>> torch.allclose(0.5 * B @ A, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2])
+    True
+    """
+    if scale <= 0 or not math.isfinite(scale):
+        raise ValidationError(f"LoRA scale must be a positive number, got {scale}")
+    r = S.shape[-1]
+    if U.shape[-1] != r or Vh.shape[-2] != r:
+        raise ValidationError(
+            f"SVD slices disagree on the rank: U {tuple(U.shape)}, S {tuple(S.shape)}, "
+            f"Vh {tuple(Vh.shape)}"
+        )
+    if bool((S < 0).any()):
+        raise ValidationError("singular values must be non-negative")
+    root = torch.sqrt(S / scale)  # (..., r)
+    A = root.unsqueeze(-1) * Vh  # (..., r, n)
+    B = U * root.unsqueeze(-2)  # (..., m, r)
+    return A, B
+
+
+def residual(W: Tensor, A: Tensor, B: Tensor, scale: float, *, dtype: torch.dtype) -> Tensor:
+    """``W - scale * B @ A`` computed in float64 (or W's dtype if wider) and cast to ``dtype``.
+
+    ``W (m, n)``, ``A (r, n)``, ``B (m, r)`` -> ``(m, n)`` in ``dtype`` (the storage dtype).
+    """
+    work = torch.float64
+    out = W.to(work) - scale * (B.to(work) @ A.to(work))
+    return out.to(dtype)
+
+
+def reconstruction_error(
+    W: Tensor, W_res: Tensor | None, A: Tensor, B: Tensor, scale: float
+) -> float:
+    """Relative Frobenius error ``||W - (W_res + scale B A)|| / ||W||`` in float64.
+
+    ``W_res`` None means the base is unchanged (the adapter must then add nothing: EVA-style
+    ``B = 0``), so the error is ``||scale B A|| / ||W||``. A zero matrix gives the absolute error.
+    """
+    W64 = W.to(torch.float64)
+    delta = scale * (B.to(torch.float64) @ A.to(torch.float64))
+    base = W64 if W_res is None else W_res.to(torch.float64)
+    diff = W64 - (base + delta)
+    norm = float(torch.linalg.matrix_norm(W64))
+    err = float(torch.linalg.matrix_norm(diff))
+    return err / norm if norm > 0 else err
