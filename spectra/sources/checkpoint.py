@@ -142,7 +142,7 @@ class Checkpoint:
         return select(self._matrices, include=include, exclude=exclude, roles=roles)
 
     def tensor(self, name: str) -> TensorRef:
-        """The tensor called `name`; the error suggests close names."""
+        """The tensor called `name` (SourceError when there is none)."""
         try:
             return self._by_name[name]
         except KeyError:
