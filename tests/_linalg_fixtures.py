@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 
@@ -35,3 +38,15 @@ def worst_cosine(U: torch.Tensor, U_ref: torch.Tensor) -> float:
 def rel_err(S: torch.Tensor, S_ref: torch.Tensor) -> float:
     """max_i |S_i - S_ref_i| / S_ref_i."""
     return float(((S.double() - S_ref.double()).abs() / S_ref.double()).max())
+
+
+@pytest.fixture(autouse=False)
+def one_thread() -> Iterator[None]:
+    """Run a test with one torch thread, then restore. On a loaded 2-core machine LAPACK with
+    2 OpenMP threads measured 10-40x slower than with 1 (threads spin against other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _linalg_fixtures import decaying, planted
+from _linalg_fixtures import (
+    decaying,
+    one_thread,  # noqa: F401 (fixture)
+    planted,
+)
 
 from spectra.errors import NumericalError, ValidationError
 from spectra.linalg.exact import exact_svd, exact_svdvals, resolve_route
@@ -80,3 +84,6 @@ def test_route_and_input_errors() -> None:
         exact_svdvals(W, names=["emb"])
     assert resolve_route("auto", torch.device("mps")) == "svdvals"
     assert resolve_route("auto", torch.device("cpu")) == "gram64"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,0 +1,244 @@
+"""On-disk spectrum cache: safetensors payloads + JSON metadata, keyed by content and parameters.
+
+Layout under the root (default `$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spectra`, else
+`~/.cache/spectra`):
+
+    v1/entries/<ab>/<key>.json                      metadata + sha256 of the payload file
+    v1/entries/<ab>/<key>.<sha256[:16]>.safetensors values (float64), optional U and Vh
+    v1/shards.json                                  memo of shard digests by (path, size, mtime)
+
+`key = sha256(format version, content key of the matrix's bytes, decomposition parameters)`.
+Every file is written to a temporary sibling and renamed into place (`os.replace`), the payload
+first, the JSON last: the JSON is the commit record, and it names a payload file whose name
+carries its own checksum, so processes writing the same entry at once can never pair a JSON with
+another writer's payload. A truncated or corrupted entry (bad JSON, missing payload, checksum
+mismatch) is reported (`warnings.warn` with `CacheCorruptionWarning`, or the `on_corrupt`
+callback), removed, and treated as a miss, so the caller recomputes it. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from spectra.errors import CacheError
+from spectra.linalg.spectrum import Spectrum
+
+CACHE_FORMAT = 1
+_SPECTRUM_FIELDS = ("method", "params", "residual", "converged", "iterations", "status", "message")
+
+
+class CacheCorruptionWarning(UserWarning):
+    """A cache entry was unreadable or did not match its checksum; it will be recomputed."""
+
+
+def default_cache_dir() -> Path:
+    """`$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spectra`, else `~/.cache/spectra`."""
+    env = os.environ.get("SPECTRA_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "spectra"
+
+
+class SpectrumCache:
+    """Spectra on disk so report, compare and init reuse work and interrupted runs resume.
+
+    root: cache folder (default `default_cache_dir()`); created on first write.
+    on_corrupt: called with a one-line message when a corrupted entry is found (default:
+        `warnings.warn(..., CacheCorruptionWarning)`).
+
+    >>> import tempfile
+    >>> cache = SpectrumCache(tempfile.mkdtemp())
+    >>> key = cache.entry_key("sha:0:16:F32:2x2", {"mode": "values"})
+    >>> cache.get(key) is None
+    True
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        on_corrupt: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self._dir = self.root / f"v{CACHE_FORMAT}"
+        self._on_corrupt = on_corrupt
+        self._shards: dict[str, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SpectrumCache({str(self.root)!r})"
+
+    # -- keys --------------------------------------------------------------------------------
+    @staticmethod
+    def entry_key(content_key: str, params: Mapping[str, Any]) -> str:
+        """sha256 hex of the format version, the content key and the (JSON) parameters."""
+        blob = json.dumps(
+            {"format": CACHE_FORMAT, "content": content_key, "params": dict(params)},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _json_path(self, key: str) -> Path:
+        return self._dir / "entries" / key[:2] / f"{key}.json"
+
+    # -- entries -----------------------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        """Whether an entry for `key` exists (not verified; `get` verifies)."""
+        return self._json_path(key).is_file()
+
+    def get(self, key: str) -> Spectrum | None:
+        """The cached Spectrum (`from_cache=True`, no key/role/layer), or None when absent or
+        corrupted (then reported and removed)."""
+        path = self._json_path(key)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CacheError(f"cannot read cache entry {path}: {exc.strerror or exc}") from exc
+        try:
+            meta = json.loads(text)
+            payload_path = path.with_name(meta["payload"])
+            payload = payload_path.read_bytes()
+            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+                raise ValueError("payload checksum mismatch")
+            tensors = st_load(payload)
+            return _spectrum_from(meta, tensors)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            # json.JSONDecodeError and safetensors' errors are ValueErrors or OSErrors
+            self._report(f"corrupted spectrum cache entry {path.name} ({exc}); recomputing it")
+            self._remove(path)
+            return None
+
+    def put(self, key: str, spectrum: Spectrum) -> None:
+        """Store `spectrum` under `key` (failed spectra are not stored)."""
+        if not spectrum.ok:
+            return
+        tensors = {"values": spectrum.values.detach().to("cpu", torch.float64).contiguous()}
+        for name in ("U", "Vh"):
+            t = getattr(spectrum, name)
+            if t is not None:
+                tensors[name] = t.detach().cpu().contiguous()
+        payload = st_save(tensors)
+        digest = hashlib.sha256(payload).hexdigest()
+        path = self._json_path(key)
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "payload": f"{key}.{digest[:16]}.safetensors",
+            "sha256": digest,
+            "shape": list(spectrum.shape),
+            **{f: getattr(spectrum, f) for f in _SPECTRUM_FIELDS},
+        }
+        _atomic_write(path.with_name(meta["payload"]), payload)
+        _atomic_write(path, json.dumps(meta, sort_keys=True, default=str).encode())
+
+    def clear(self) -> None:
+        """Remove every entry of this cache format (the folder itself stays)."""
+        entries = self._dir / "entries"
+        if not entries.is_dir():
+            return
+        for sub in entries.iterdir():
+            for f in sub.iterdir():
+                f.unlink(missing_ok=True)
+            sub.rmdir()
+
+    def _report(self, message: str) -> None:
+        if self._on_corrupt is not None:
+            self._on_corrupt(message)
+        else:
+            warnings.warn(message, CacheCorruptionWarning, stacklevel=3)
+
+    @staticmethod
+    def _remove(json_path: Path) -> None:
+        for f in json_path.parent.glob(f"{json_path.stem}*"):
+            try:
+                f.unlink()
+            except OSError:
+                pass  # another process removed or replaced it; the next get() sees the result
+
+    # -- shard digests -----------------------------------------------------------------------
+    def shard_digest(self, path: str | Path, compute: Callable[[Path], str]) -> str:
+        """The digest of shard `path`, remembered across runs by (realpath, size, mtime_ns), so
+        a second run does not rehash multi-GB shards. `compute(path)` makes it on a miss."""
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        with self._lock:
+            memo = self._load_shards()
+            hit = memo.get(real)
+            if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+                return str(hit["sha256"])
+        digest = compute(Path(real))
+        with self._lock:
+            memo = self._load_shards()
+            memo[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+            self._save_shards(memo)
+        return digest
+
+    def _load_shards(self) -> dict[str, dict[str, Any]]:
+        if self._shards is None:
+            try:
+                data = json.loads((self._dir / "shards.json").read_text(encoding="utf-8"))
+                self._shards = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._shards = {}  # absent or unreadable: rebuilt as shards are hashed
+        return self._shards
+
+    def _save_shards(self, memo: dict[str, dict[str, Any]]) -> None:
+        path = self._dir / "shards.json"
+        try:  # merge with what other processes wrote meanwhile (lost updates only cost a rehash)
+            disk = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(disk, dict):
+                memo = {**disk, **memo}
+        except (OSError, ValueError):
+            pass
+        self._shards = memo
+        _atomic_write(path, json.dumps(memo, sort_keys=True).encode())
+
+
+def _spectrum_from(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Spectrum:
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+    kwargs = {f: meta[f] for f in _SPECTRUM_FIELDS}
+    return Spectrum(
+        values=tensors["values"],
+        U=tensors.get("U"),
+        Vh=tensors.get("Vh"),
+        shape=(int(meta["shape"][0]), int(meta["shape"][1])),
+        from_cache=True,
+        **kwargs,
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling of `path`, then rename it over `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    except OSError as exc:
+        raise CacheError(
+            f"cannot write the spectrum cache at {path.parent}: {exc.strerror or exc}; "
+            "choose another folder (--cache-dir / SPECTRA_CACHE_DIR) or disable it (--no-cache)"
+        ) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CacheError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
