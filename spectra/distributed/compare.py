@@ -1,0 +1,156 @@
+"""`compare()` split over torchrun ranks: each rank compares its share of the matrix pairs.
+
+Pairing (names and shapes, from headers) is computed identically on every rank and checked with
+compare()'s own rules; the pairs are partitioned by estimated cost (two float64 SVDs of the pair's
+shape plus the bytes of both sides); each pair is computed by the same pure `compare_pair` a
+single process calls; rank 0 rebuilds the `Comparison` (forensics recomputed from all pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.distributed.failures import Tracker, guarded, settle
+from spectra.distributed.gather import gather_results
+from spectra.distributed.hub import open_checkpoint
+from spectra.distributed.partition import matrix_cost, shard_items
+from spectra.distributed.runtime import Session
+
+Progress = Callable[[int, int, str], None]
+
+
+def distributed_compare(
+    session: Session,
+    base: Any,
+    finetuned: Any,
+    device: str,
+    progress: Progress | None,
+    options: dict[str, Any],
+) -> Any:
+    """The Comparison on rank 0, None elsewhere (see module docstring)."""
+    from spectra.analysis.compare import CompareOptions, _open_adapter
+
+    opts = CompareOptions(device=str(device), **options)
+    adapter = _open_adapter(finetuned)
+    with open_checkpoint(session, base) as base_ckpt:
+        if adapter is not None:
+            return _run(session, base_ckpt, None, adapter, opts, progress, (base, finetuned))
+        with open_checkpoint(session, finetuned) as ft_ckpt:
+            return _run(session, base_ckpt, ft_ckpt, None, opts, progress, (base, finetuned))
+
+
+def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, dict[str, Any]]:
+    """(Pairing, base refs by key) exactly as compare() forms them (same checks, same errors)."""
+    from spectra.analysis.compare import Pairing, _check_pairing, map_key, pair_matrices
+
+    b_refs = _select(base_ckpt, opts)
+    if ft_ckpt is not None:
+        f_refs = _select(ft_ckpt, opts)
+        pairing = pair_matrices(
+            {k: m.shape for k, m in b_refs.items()},
+            {k: m.shape for k, m in f_refs.items()},
+            opts.map,
+        )
+        _check_pairing(pairing, opts, base_ckpt.source, ft_ckpt.source)
+        return pairing, b_refs
+    modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
+    missing = [k for k in modules if k not in b_refs]
+    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
+    if missing or not pairs:
+        from spectra.errors import ValidationError
+
+        raise ValidationError(
+            f"the adapter targets {len(missing)} matrices the base {base_ckpt.source} does not "
+            f"have, or none of the selected ones ({', '.join(missing[:5])}); check the base "
+            "model, --include/--exclude/--roles, or rename with --map"
+        )
+    return Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules)), b_refs
+
+
+def _select(ckpt: Any, opts: Any) -> dict[str, Any]:
+    refs = ckpt.matrices(include=opts.include, exclude=opts.exclude, roles=opts.roles)
+    return {m.key: m for m in refs}
+
+
+def _run(
+    session: Session,
+    base_ckpt: Any,
+    ft_ckpt: Any,
+    adapter: Any,
+    opts: Any,
+    progress: Progress | None,
+    names: tuple[Any, Any],
+) -> Any:
+    pairing, b_refs = _plan(base_ckpt, ft_ckpt, adapter, opts)
+    refs = [b_refs[b] for b, _ in pairing.pairs]
+    env = session.env
+    mine = shard_items(refs, env.rank, env.world_size, cost=lambda r: 2 * matrix_cost(r))
+    sides = (base_ckpt, ft_ckpt, adapter)
+
+    def work(tracker: Tracker) -> list[tuple[int, Any]]:
+        out = []
+        for done, i in enumerate(mine):
+            b_key, f_key = pairing.pairs[i]
+            tracker.step(b_key)
+            out.append((i, _pair(sides, b_refs[b_key], f_key, opts, session.device)))
+            if progress is not None:
+                progress(done + 1, len(mine), b_key)
+        return out
+
+    status, part = guarded(session, work)
+    settle(session, status)
+    results = gather_results(session, part or [], len(pairing.pairs))
+    if results is None:
+        return None
+    return _assemble(names, "lora" if adapter is not None else "checkpoint", opts, pairing, results)
+
+
+def _pair(sides: tuple[Any, Any, Any], ref: Any, f_key: str, opts: Any, dev: Any) -> Any:
+    """One PairResult, computed as compare() computes it."""
+    from spectra.analysis.compare import PairMeta, compare_pair
+
+    base_ckpt, ft_ckpt, adapter = sides
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    w0 = base_ckpt.read(ref, dtype=dtype, device=str(dev))
+    if adapter is not None:
+        a, b, scale = adapter.read_factors(f_key, dtype=dtype, device=str(dev))
+        w1, lora = None, (a, b, float(scale))
+    else:
+        w1, lora = ft_ckpt.read(f_key, dtype=dtype, device=str(dev)), None
+    meta = PairMeta(key=ref.key, ft_key=f_key, role=ref.role, layer=ref.layer)
+    return compare_pair(
+        w0,
+        w1,
+        lora=lora,
+        meta=meta,
+        k=opts.k,
+        epsilons=opts.epsilons,
+        unchanged_tol=opts.unchanged_tol,
+    )
+
+
+def _assemble(
+    names: tuple[Any, Any], mode: str, opts: Any, pairing: Any, results: list[Any]
+) -> Any:
+    import spectra
+    from spectra.analysis.compare import Comparison
+    from spectra.analysis.forensics import summarize
+
+    return Comparison(
+        base=str(names[0]),
+        finetuned=str(names[1]),
+        mode=mode,
+        options=opts,
+        pairs=tuple(results),
+        pairing=pairing,
+        forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
+        versions={
+            "spectra": spectra.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+    )

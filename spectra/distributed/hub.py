@@ -1,0 +1,82 @@
+"""Opening a checkpoint under torchrun: Hub shards downloaded once per node, not once per rank.
+
+Local paths open directly on every rank. For a Hub repo id (without a disk budget), local rank 0
+of each node opens it first (a snapshot download into the node's Hub cache, or a cache hit),
+then every rank learns the resolved commit and the outcome through one status exchange (a
+barrier that also carries errors, so a failed download stops every rank with its message instead
+of leaving them waiting); the other ranks then open `repo@commit` offline from the cache.
+
+With a disk budget each rank streams only the shards it reads (the partition gives each rank a
+contiguous run of shards), so there is nothing to share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spectra.distributed.failures import DistributedError
+from spectra.distributed.gather import all_gather
+from spectra.distributed.runtime import Session
+from spectra.errors import SpectraError
+
+
+def is_hub_source(source: Any) -> bool:
+    """A Hub repo id that is not a local path."""
+    from spectra.sources.hub import looks_like_repo_id
+
+    text = str(source)
+    return not Path(text).expanduser().exists() and looks_like_repo_id(text)
+
+
+def open_checkpoint(
+    session: Session,
+    source: Any,
+    *,
+    revision: str | None = None,
+    local_only: bool | None = None,
+    disk_budget: int | None = None,
+) -> Any:
+    """`Checkpoint.open(source, ...)` on every rank, downloading Hub shards once per node."""
+    from spectra.sources import Checkpoint
+
+    if source is None:
+        from spectra.sources import bundled_model_path
+
+        source = bundled_model_path()
+    kwargs = {"revision": revision, "local_only": local_only, "disk_budget": disk_budget}
+    if not (session.env.is_distributed and disk_budget is None and is_hub_source(source)):
+        return Checkpoint.open(source, **kwargs)
+    ckpt = None
+    outcome: tuple[str, str] = ("", "")  # (commit, error line) of this rank's leader step
+    if session.env.is_local_leader:
+        try:
+            ckpt = Checkpoint.open(source, **kwargs)
+            outcome = (_snapshot_commit(ckpt), "")
+        except SpectraError as exc:
+            outcome = ("", f"{type(exc).__name__}: {exc}")
+    outcomes = all_gather(session, outcome)
+    errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
+    if errors:
+        if ckpt is not None:
+            ckpt.close()
+        raise DistributedError(f"opening {source} failed on the node leaders: {'; '.join(errors)}")
+    if ckpt is not None:
+        return ckpt
+    leader = session.env.rank - session.env.local_rank  # torchrun numbers ranks node by node
+    commit = outcomes[leader][0] or revision
+    repo = str(source).partition("@")[0]
+    return Checkpoint.open(repo, revision=commit, local_only=True)
+
+
+def _snapshot_commit(ckpt: Any) -> str:
+    """The 40-hex commit folder (`.../snapshots/<commit>/...`) a checkpoint was opened from ('' when
+    it was not opened from a Hub snapshot)."""
+    if not ckpt.files:
+        return ""
+    for folder in Path(ckpt.files[0]).parents:
+        name = folder.name
+        if folder.parent.name == "snapshots":
+            ok = len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+            return name if ok else ""
+    return ""
