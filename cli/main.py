@@ -52,6 +52,10 @@ def _register() -> None:
 
     inspect_cmd.register(app)
 
+    from spectra.cli import report_cmd
+
+    report_cmd.register(app)
+
 
 _register()
 

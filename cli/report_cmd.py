@@ -1,0 +1,165 @@
+"""`spectra report [SOURCE] --out DIR`: HT-SR analysis as an HTML/Markdown/JSON/CSV folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from spectra.cli._common import (
+    CacheDirOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    NoCacheOpt,
+    RolesOpt,
+    console,
+    err_console,
+    handle_errors,
+    is_interactive,
+    split_csv,
+)
+from spectra.errors import ValidationError
+
+HELP = (
+    "HT-SR report of every weight matrix: power-law alpha of the ESD (WeightWatcher's "
+    "definitions), norms, stable rank, entropy, outlier ratio, warnings, model summary.\n\n"
+    "Writes report.html (self-contained), report.md, metrics.json, metrics.csv and plots/*.png "
+    "into DIR, atomically. Without SOURCE it reports on the bundled all-MiniLM-L6-v2."
+)
+DEFAULT_OUT = "spectra-report"
+
+
+class ReportProgress:
+    """A rich progress bar on stderr (matrices, MB read, ETA) fed by the engine's callback
+    `progress(done, total, bytes_read)`. Disabled when quiet or stderr is not a terminal."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("matrices, {task.fields[mb]:,.0f} MB read"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("spectra", total=None, mb=0.0)
+
+    def __call__(self, done: int, total: int, bytes_read: int) -> None:
+        self.bar.update(self.task, completed=done, total=total, mb=bytes_read / 1e6)
+        if done == total:
+            self.bar.update(self.task, description="metrics")
+
+    def __enter__(self) -> ReportProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def _cache_arg(no_cache: bool, cache_dir: str | None) -> Any:
+    """--no-cache / --cache-dir -> analyze()'s `cache` (False, a folder, or True)."""
+    if no_cache and cache_dir:
+        raise ValidationError("--no-cache and --cache-dir contradict each other: pass one of them")
+    if no_cache:
+        return False
+    return Path(cache_dir).expanduser() if cache_dir else True
+
+
+@handle_errors
+def report_cmd(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="A .safetensors file, a folder of shards or a Hub repo id "
+            "(default: the bundled all-MiniLM-L6-v2).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output folder (created; refused if not empty).")
+    ] = DEFAULT_OUT,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    roles: RolesOpt = None,
+    device: DeviceOpt = "auto",
+    no_cache: NoCacheOpt = False,
+    cache_dir: CacheDirOpt = None,
+    formats: Annotated[
+        str,
+        typer.Option("--format", help="Comma-separated subset of html,md,json,csv (default all)."),
+    ] = "html,md,json,csv",
+    force: ForceOpt = False,
+    mp_fit: Annotated[
+        bool,
+        typer.Option(
+            "--mp-fit",
+            help="Add the Marchenko-Pastur bulk edge and spike count (cheap: no extra SVD).",
+        ),
+    ] = False,
+    randomize: Annotated[
+        bool,
+        typer.Option(
+            "--randomize",
+            help="Add the shuffled-entries control (costs one extra spectrum per matrix, "
+            "about doubling the run).",
+        ),
+    ] = False,
+    max_esd_plots: Annotated[
+        int,
+        typer.Option(
+            "--max-esd-plots",
+            help="ESD plots drawn at most (beyond it: warned layers, then a set per role).",
+        ),
+    ] = 64,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
+    ] = False,
+) -> None:
+    from spectra.analysis.analyze import analyze
+    from spectra.export.outdir import check_output_dir
+    from spectra.reports.report import parse_formats, write_report
+    from spectra.reports.terminal import print_summary
+
+    wanted = parse_formats(formats)
+    if max_esd_plots < 0:
+        raise ValidationError(f"--max-esd-plots must be >= 0, got {max_esd_plots}")
+    final = Path(out).expanduser().absolute()
+    check_output_dir(final, force=force)  # fail before the work, not after it
+    cache = _cache_arg(no_cache, cache_dir)
+    with ReportProgress(enabled=not quiet and is_interactive()) as progress:
+        analysis = analyze(
+            source,
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            roles=tuple(split_csv(roles)),
+            device=device,
+            mp_fit=mp_fit,
+            randomize=randomize,
+            cache=cache,
+            progress=progress,
+        )
+    paths = write_report(analysis, final, formats=wanted, force=force, max_esd_plots=max_esd_plots)
+    if not quiet:
+        print_summary(analysis, console)
+        console.print(f"wrote {len(paths)} files to {final}", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `spectra report` to the root app."""
+    app.command("report", help=HELP)(report_cmd)
