@@ -1,0 +1,364 @@
+"""spectra.distributed: partition, gather, failure protocol (pure), and real 2-process torchrun
+runs with gloo on CPU (results equal to a single process, a crashed rank, resume from cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from _source_fixtures import write_llama_like
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectra.distributed import (
+    CostModel,
+    DistEnv,
+    DistributedError,
+    RankStatus,
+    Session,
+    detect_env,
+    guarded,
+    merge_indexed,
+    partition,
+    shard_items,
+)
+from spectra.distributed.failures import Aborted, FailureBoard, Fault, Tracker, check_statuses
+from spectra.distributed.gather import GatherError
+from spectra.distributed.hub import _snapshot_commit
+from spectra.distributed.partition import loads, matrix_cost
+from spectra.distributed.runtime import backend_for, resolve_threads, resolve_timeout
+from spectra.errors import ValidationError
+from spectra.sources import Checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+# ------------------------------------------------------------------------------ partition
+
+
+@given(
+    costs=st.lists(st.floats(min_value=0, max_value=1e6), min_size=0, max_size=60),
+    world=st.integers(min_value=1, max_value=9),
+)
+@settings(max_examples=200, deadline=None)
+def test_partition_is_complete_contiguous_and_balanced(costs: list[float], world: int) -> None:
+    parts = partition(costs, world)
+    assert len(parts) == world
+    flat = [i for part in parts for i in part]
+    assert flat == list(range(len(costs)))  # every item once, ranks in order: contiguous runs
+    assert partition(costs, world) == parts  # deterministic
+    total = sum(costs)
+    if total > 0:
+        bound = total / world + max(costs)
+        assert max(loads(costs, parts)) <= bound * (1 + 1e-12)
+
+
+def test_partition_balances_by_cost_not_count() -> None:
+    costs = [8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert partition(costs, 2) == [[0], [1, 2, 3, 4, 5, 6, 7, 8]]
+    assert partition([0.0, 0.0, 0.0, 0.0], 2) == [[0, 1], [2, 3]]  # no cost known: by count
+    assert partition([5.0], 3) == [[], [0], []]  # fewer items than ranks: some ranks idle
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_partition_rejects_bad_world_size(bad: object) -> None:
+    with pytest.raises(ValidationError, match=f"world_size must be a positive integer, got {bad}"):
+        partition([1.0], bad)  # type: ignore[arg-type]
+
+
+def test_partition_rejects_negative_or_nan_cost() -> None:
+    with pytest.raises(ValidationError, match="finite and >= 0, got -1.0"):
+        partition([1.0, -1.0], 2)
+    with pytest.raises(ValidationError, match="got nan"):
+        partition([float("nan")], 2)
+
+
+def test_cost_model_flops_and_seconds() -> None:
+    full = CostModel(flops_per_s=1e9, bytes_per_s=1e8)
+    assert full.flops((4096, 1024)) == 4096 * 1024 * 1024
+    assert full.seconds((4096, 1024), 8 * 10**6) == pytest.approx(4.294967296 + 0.08)
+    topk = CostModel(mode="topk", k=16, oversample=4, power_iters=2)
+    assert topk.flops((100, 50)) == 2.0 * 100 * 50 * 20 * 6
+    assert CostModel(mode="topk", k=64).flops((8, 8)) == 2.0 * 8 * 8 * 8 * 10  # width capped
+    with pytest.raises(ValidationError, match="mode must be values, full or topk, got 'svd'"):
+        CostModel(mode="svd")
+    with pytest.raises(ValidationError, match="rates must be > 0"):
+        CostModel(flops_per_s=0)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    shard: str
+
+
+@dataclass(frozen=True)
+class _Ref:
+    key: str
+    shape: tuple[int, int]
+    nbytes: int
+    tensor: _Tensor
+
+
+def test_shard_items_keeps_ranks_on_their_own_files() -> None:
+    # 4 shards of 6 equal matrices, listed interleaved (the worst case for reading)
+    refs = [_Ref(f"m{i}", (64, 64), 8192, _Tensor(f"s{i % 4}")) for i in range(24)]
+    shares = [shard_items(refs, r, 4, cost=lambda r: 1.0) for r in range(4)]
+    assert sorted(i for s in shares for i in s) == list(range(24))
+    for share in shares:
+        assert len(share) == 6
+        assert len({refs[i].tensor.shard for i in share}) == 1  # one file per rank
+    with pytest.raises(ValidationError, match=r"rank must be in \[0, 4\), got 4"):
+        shard_items(refs, 4, 4)
+
+
+def test_shard_items_on_a_real_checkpoint_touches_few_shards(tmp_path: Path) -> None:
+    folder = write_llama_like(tmp_path / "ck", layers=4, shards=4)
+    with Checkpoint.open(folder) as ck:
+        refs = ck.matrices()
+    costs = [matrix_cost(r) for r in refs]
+    shares = [shard_items(refs, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(len(refs)))
+    mine = [sum(costs[i] for i in s) for s in shares]
+    assert max(mine) <= sum(costs) / 2 + max(costs)
+    shards = [{refs[i].tensor.shard for i in s} for s in shares]
+    assert len(shards[0] & shards[1]) <= 1  # at most the boundary shard is shared
+
+
+# ------------------------------------------------------------------------------ runtime
+
+
+def test_detect_env_reads_torchrun_variables() -> None:
+    assert detect_env({}) == DistEnv(0, 1, 0, 1)
+    env = detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert env.is_distributed and not env.is_writer and not env.is_local_leader
+    with pytest.raises(ValidationError, match="WORLD_SIZE='two' is not an integer"):
+        detect_env({"WORLD_SIZE": "two"})
+    with pytest.raises(ValidationError, match="RANK=2, WORLD_SIZE=2"):
+        detect_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValidationError, match="LOCAL_RANK=2, LOCAL_WORLD_SIZE=2"):
+        detect_env({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"})
+
+
+def test_threads_timeout_and_backend() -> None:
+    assert resolve_threads(3, {}) == 3
+    assert resolve_threads(None, {"SPECTRA_NUM_THREADS": "2"}) == 2
+    assert resolve_threads(None, {}) is None
+    with pytest.raises(ValidationError, match="SPECTRA_NUM_THREADS='x' is not an integer"):
+        resolve_threads(None, {"SPECTRA_NUM_THREADS": "x"})
+    with pytest.raises(ValidationError, match="positive integer, got 0"):
+        resolve_threads(0, {})
+    assert resolve_timeout(12) == 12.0
+    with pytest.raises(ValidationError, match="got -1"):
+        resolve_timeout(-1)
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
+
+
+def test_snapshot_commit_from_hub_cache_layout(tmp_path: Path) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    @dataclass
+    class _Ck:
+        files: list[Path]
+
+    snap = tmp_path / "models--org--name" / "snapshots" / commit / "model.safetensors"
+    assert _snapshot_commit(_Ck([snap])) == commit
+    assert _snapshot_commit(_Ck([tmp_path / "local" / "model.safetensors"])) == ""
+
+
+# ------------------------------------------------------------------------------ gather, failures
+
+
+def test_merge_indexed_orders_and_checks() -> None:
+    assert merge_indexed([[(2, "c"), (0, "a")], [], [(1, "b")]], 3) == ["a", "b", "c"]
+    with pytest.raises(GatherError, match="index 1 arrived twice"):
+        merge_indexed([[(0, "a"), (1, "b")], [(1, "b")]], 2)
+    with pytest.raises(GatherError, match="1 result.s. missing after the gather, e.g. index 2"):
+        merge_indexed([[(0, "a"), (1, "b")]], 3)
+    with pytest.raises(GatherError, match=r"index 5 out of range \[0, 2\)"):
+        merge_indexed([[(5, "x")]], 2)
+
+
+def test_fault_spec_parsing() -> None:
+    assert Fault.from_env({"SPECTRA_DIST_FAULT": "1:3:exit"}) == Fault(1, 3, "exit")
+    assert Fault.from_env({}) is None
+    with pytest.raises(ValidationError, match="'1:x:raise': RANK and N must be integers"):
+        Fault.from_env({"SPECTRA_DIST_FAULT": "1:x:raise"})
+    with pytest.raises(ValidationError, match="expected RANK:N:raise or RANK:N:exit"):
+        Fault.from_env({"SPECTRA_DIST_FAULT": "1:2:boom"})
+
+
+class _Store:
+    """The two calls FailureBoard makes on a c10d store."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def add(self, key: str, amount: int) -> int:
+        self.values[key] = self.values.get(key, 0) + amount
+        return self.values[key]
+
+
+def _session(rank: int, world: int, store: object = None) -> Session:
+    return Session(DistEnv(rank, world, rank, world), torch.device("cpu"), 1, store=store)
+
+
+def test_failure_is_recorded_with_its_matrix_and_peers_stop_early() -> None:
+    store = _Store()
+
+    def failing(tracker: Tracker) -> list[int]:
+        tracker.step("layer.0")
+        tracker.step("layer.1")
+        raise ValueError("bad\nvalue")
+
+    status, result = guarded(_session(1, 2, store), failing, fault=None)
+    assert result is None
+    assert status == RankStatus(1, status.host, "failed", "layer.1", "ValueError", "bad value")
+    assert FailureBoard(store).any_failed()
+
+    seen: list[str] = []
+
+    def peer(tracker: Tracker) -> list[int]:
+        for key in ("a", "b"):
+            tracker.step(key)
+            seen.append(key)
+        return [1]
+
+    status0, result0 = guarded(_session(0, 2, store), peer, fault=None)
+    assert (status0.state, result0, seen) == ("aborted", None, [])
+    with pytest.raises(DistributedError) as info:
+        check_statuses([status0, status])
+    text = str(info.value)
+    assert "1 of 2 rank(s) failed: rank 1" in text
+    assert "on matrix 'layer.1': ValueError: bad value" in text and "rerun" in text
+
+
+def test_injected_fault_and_world_of_one_reraises() -> None:
+    def work(tracker: Tracker) -> None:
+        for key in ("a", "b", "c"):
+            tracker.step(key)
+
+    status, _ = guarded(_session(1, 2), work, fault=Fault(1, 2, "raise"))
+    assert (status.state, status.key) == ("failed", "c")
+    assert "injected failure" in status.message
+    status_other, _ = guarded(_session(0, 2), work, fault=Fault(1, 0, "raise"))
+    assert status_other.state == "ok"
+    with pytest.raises(RuntimeError, match="injected failure"):  # single process: as is
+        guarded(_session(0, 1), work, fault=Fault(0, 0, "raise"))
+    with pytest.raises(Aborted):
+        Tracker(_session(0, 2, _Store()), _FailedBoard()).step("x")
+    check_statuses([RankStatus(0, "h"), RankStatus(1, "h")])  # all ok: no error
+
+
+class _FailedBoard(FailureBoard):
+    def any_failed(self) -> bool:
+        return True
+
+
+# ----------------------------------------------------------------- torchrun (2 CPU ranks)
+
+_WORKER = """
+import json, sys
+from spectra.distributed import run_analyze, run_compare
+from spectra.linalg.cache import SpectrumCache
+base, ft, cache, out = sys.argv[1:5]
+an = run_analyze(base, device="cpu", threads=1, cache=SpectrumCache(cache), mp_fit=True,
+                 randomize=True)
+cmp = run_compare(base, ft, device="cpu", threads=1, epsilons=(0.5, 0.9)) if ft != "-" else None
+if an is not None:
+    with open(out, "w") as fh:
+        json.dump({"analysis": an.to_dict(), "compare": cmp.to_dict() if cmp else None}, fh)
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    base = write_llama_like(root / "base", layers=2, shards=3, seed=0)
+    ft = write_llama_like(root / "ft", layers=2, shards=3, seed=1)
+    worker = root / "worker.py"
+    worker.write_text(_WORKER)
+    return base, ft, worker
+
+
+def _torchrun(
+    worker: Path, args: list[str], fault: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.pop("SPECTRA_DIST_FAULT", None)
+    if fault:
+        env["SPECTRA_DIST_FAULT"] = fault
+    env["SPECTRA_DIST_TIMEOUT"] = "60"
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(worker), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _single(base: Path, ft: Path, cache: Path) -> dict[str, object]:
+    """The same work in this process, with the same thread count as each torchrun worker."""
+    from spectra.analysis import analyze
+    from spectra.analysis.compare import compare
+    from spectra.linalg.cache import SpectrumCache
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        an = analyze(base, device="cpu", cache=SpectrumCache(cache), mp_fit=True, randomize=True)
+        cmp = compare(base, ft, device="cpu", epsilons=(0.5, 0.9))
+    finally:
+        torch.set_num_threads(before)
+    return {"analysis": an.to_dict(), "compare": cmp.to_dict()}
+
+
+def _entries(cache: Path) -> dict[Path, tuple[int, int]]:
+    """Spectrum cache entries -> (inode, mtime_ns): a rewritten entry changes both."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("entries/*/*.json")}
+
+
+@pytest.mark.timeout(300)
+def test_killed_rank_fails_the_job_and_the_rerun_resumes_and_equals_one_process(
+    pair: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, ft, worker = pair
+    cache, out = tmp_path / "cache", tmp_path / "out.json"
+    n_matrices = 16  # 2 layers x 7 + embed + lm_head
+
+    crashed = _torchrun(worker, [str(base), "-", str(cache), str(out)], fault="1:2:exit")
+    assert crashed.returncode != 0
+    assert "exitcode: 17" in crashed.stderr and "local_rank: 1" in crashed.stderr
+    assert not out.exists()
+    done = _entries(cache)
+    assert 2 <= len(done) < n_matrices  # rank 1 finished 2 spectra, rank 0 some or all of its own
+
+    rerun = _torchrun(worker, [str(base), str(ft), str(cache), str(out)])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = _entries(cache)
+    assert len(after) == n_matrices
+    assert all(after[p] == v for p, v in done.items())  # reused, not recomputed or rewritten
+
+    got = json.loads(out.read_text())
+    want = _single(base, ft, tmp_path / "single-cache")
+    assert got == want  # every JSON number bit for bit (json round trip is exact for floats)
+    assert len(got["analysis"]["layers"]) == n_matrices
+    assert len(got["compare"]["pairs"]) == n_matrices
+
+
+@pytest.mark.timeout(300)
+def test_failing_rank_names_itself_and_its_matrix(
+    pair: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, _, worker = pair
+    out = tmp_path / "out.json"
+    res = _torchrun(worker, [str(base), "-", str(tmp_path / "c"), str(out)], fault="1:1:raise")
+    assert res.returncode != 0
+    text = res.stdout + res.stderr
+    assert "DistributedError: 1 of 2 rank(s) failed: rank 1" in text
+    assert "failed on matrix 'model.layers." in text
+    assert "RuntimeError: injected failure (SPECTRA_DIST_FAULT) at matrix 2" in text
+    assert not out.exists()
