@@ -124,7 +124,7 @@ def esd_plot(evals: np.ndarray, layer: LayerMetrics) -> bytes | None:
     ax.set_xlabel("eigenvalue λ of WᵀW")
     ax.set_ylabel("density")
     ax.set_title(short_label(layer.key), fontsize=9, parse_math=False)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     # Fixed margins: tight_layout measures every tick label and costs more than the drawing.
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
     return _png(fig)

@@ -282,3 +282,9 @@ def test_terminal_summary_is_inert(analysis: Analysis) -> None:
     console = Console(record=True, width=200, color_system=None)
     print_summary(a, console, max_rows=1)
     assert "... 2 more" in console.export_text()
+
+
+def test_display_name(tmp_path: Path) -> None:
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    assert R.display_name(str(tmp_path / "org" / "model")) == "org/model"
+    assert R.display_name("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"  # a Hub id, not a local path
