@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/spectra inspect
+	$(BIN)/spectra report --out $(DEMO_OUT) --force
 
 # Headless Chromium for the HTML report tests (Debian package), installed only when missing.
 browser-deps:
