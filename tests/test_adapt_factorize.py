@@ -16,7 +16,7 @@ from spectra.adapt.registry import (
     get_initializer,
     register_initializer,
 )
-from spectra.adapt.svd import use_exact
+from spectra.adapt.svd import exact_slice, use_exact
 from spectra.errors import ValidationError
 
 
@@ -174,3 +174,24 @@ def test_check_factors_rejects_nan() -> None:
     f = Factors(torch.tensor([[math.nan, 0.0]]), torch.zeros(2, 1))
     with pytest.raises(ValidationError, match="NaN"):
         check_factors(f, (2, 2), 1, "x")
+
+
+@pytest.mark.parametrize("which", ["top", "bottom"])
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+def test_exact_slice_gram_route_matches_float64_svd(which: str, shape: tuple[int, int]) -> None:
+    S = torch.logspace(1, -2, 12, dtype=torch.float64)
+    W = _known_spectrum(*shape, S, seed=4)
+    U, S_got, Vh, route = exact_slice(W, 3, which)
+    assert route == "gram64"
+    sl = slice(0, 3) if which == "top" else slice(9, 12)
+    torch.testing.assert_close(S_got, S[sl], rtol=1e-9, atol=0)
+    Ur, _, Vhr = torch.linalg.svd(W, full_matrices=False)
+    assert torch.allclose(_projector(U), _projector(Ur[:, sl]), atol=1e-8)
+    assert torch.allclose(_projector(Vh.T), _projector(Vhr[sl].T), atol=1e-8)
+
+
+def test_exact_slice_falls_back_to_the_svd_when_rank_deficient() -> None:
+    W = _known_spectrum(20, 12, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    U, S, Vh, route = exact_slice(W, 2, "bottom")
+    assert route == "svd64" and float(S.max()) < 1e-12
+    assert torch.allclose(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-10)

@@ -2,21 +2,20 @@
 
 Wang et al. 2024, "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM
 Finetuning", arXiv 2406.09044. The same factorization as PiSSA on the last r components of the
-thin SVD; the bottom of a spectrum cannot come from a randomized top-k, so the SVD is always exact
-and in float64 (the smallest singular values of a float32 matrix are where float32 SVDs lose
-relative accuracy first).
+thin SVD; the bottom of a spectrum cannot come from a randomized top-k, so the decomposition is
+always exact and in float64 (spectra.adapt.svd.exact_slice: float64 Gram eigenvectors, or the full
+float64 SVD for nearly rank-deficient matrices).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from spectra.adapt.factorize import factorize
 from spectra.adapt.registry import Factors, InitContext, register_initializer
-from spectra.adapt.svd import full_svd
+from spectra.adapt.svd import exact_slice
 
 
 class MiLoRA:
@@ -26,10 +25,9 @@ class MiLoRA:
     description: ClassVar[str] = "bottom-r singular components (arXiv 2406.09044)"
 
     def init(self, W: Tensor, rank: int, scale: float, ctx: InitContext) -> Factors:
-        U, S, Vh = full_svd(W, dtype=torch.float64)
-        U, S, Vh = U[:, -rank:], S[-rank:], Vh[-rank:]  # (m, r), (r,), (r, n)
+        U, S, Vh, route = exact_slice(W, rank, "bottom")  # (m, r), (r,), (r, n)
         A, B = factorize(U, S, Vh, scale)
-        info = {"svd": "exact", "sigma_kept": [float(S[0]), float(S[-1])]}
+        info = {"svd": f"exact-{route}", "sigma_kept": [float(S[0]), float(S[-1])]}
         return Factors(A.float(), B.float(), info)
 
 

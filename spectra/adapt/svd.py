@@ -39,14 +39,42 @@ def full_svd(W: Tensor, *, dtype: torch.dtype = torch.float64) -> tuple[Tensor, 
     return exact_svd(W, dtype=dtype)
 
 
+def exact_slice(W: Tensor, rank: int, which: str = "top") -> tuple[Tensor, Tensor, Tensor, str]:
+    """Exact top or bottom ``rank`` singular triplets of ``W (m, n)`` in float64.
+
+    Route "gram64": eigenvectors of the smaller float64 Gram matrix give one side, the other is
+    ``W v_i / s_i``. About 8x faster than a float64 SVD on MiniLM shapes (0.26 s vs 2.0 s for
+    1536 x 384 on 2 busy cores) and accurate when ``s_i >> sqrt(eps64) s_1``: the eigenvalue error
+    is about ``eps64 s_1^2`` (methods.md section 1). Kept components below ``1e-6 s_1`` (nearly
+    rank-deficient matrices, MiLoRA's bottom) fall back to the full float64 SVD, route "svd64".
+    """
+    W64 = W.cpu().double() if W.device.type == "mps" else W.double()
+    m, n = W64.shape
+    wide = m < n
+    G = W64 @ W64.T if wide else W64.T @ W64  # (M, M)
+    evals, evecs = torch.linalg.eigh(G)  # ascending
+    sl = slice(evals.numel() - rank, None) if which == "top" else slice(0, rank)
+    lam, vecs = evals[sl].flip(0), evecs[:, sl].flip(1)  # descending within the slice
+    S = lam.clamp_min(0).sqrt()
+    top = float(evals[-1].clamp_min(0).sqrt())
+    if S.numel() == 0 or float(S[-1]) <= 1e-6 * top:
+        U, S_all, Vh = full_svd(W64)
+        pick = slice(0, rank) if which == "top" else slice(S_all.numel() - rank, None)
+        return U[:, pick], S_all[pick], Vh[pick], "svd64"
+    other = (vecs.T @ W64) / S.unsqueeze(1) if wide else (W64 @ vecs) / S  # the other side
+    if wide:
+        return vecs, S, other, "gram64"  # U (m, r), Vh (r, n)
+    return other, S, vecs.T, "gram64"
+
+
 def top_svd(W: Tensor, rank: int, ctx: InitContext) -> tuple[Tensor, Tensor, Tensor, dict]:
     """Top-``rank`` SVD of ``W (m, n)``: ``U (m, r), S (r,), Vh (r, n)`` plus facts for the
-    manifest: ``svd`` (route), ``residual`` (max_i ||W^T u_i - s_i v_i|| / s_1) and, for the
+    manifest: ``svd`` (route), ``residual`` (``||W Vh^T - U diag(S)||_F / s_1``) and, for the
     randomized route, ``iterations``. With ``svd="auto"`` a randomized run that did not converge
     is redone exactly (``svd: "exact-fallback"``)."""
     if use_exact(tuple(W.shape), rank, ctx.svd):
-        U, S, Vh = full_svd(W)
-        return U[:, :rank], S[:rank], Vh[:rank], {"svd": "exact", "residual": 0.0}
+        U, S, Vh, route = exact_slice(W, rank, "top")
+        return U, S, Vh, {"svd": f"exact-{route}", "residual": _residual(W, U, S, Vh)}
     res = randomized_svd_info(W, rank, method="krylov", seed=ctx.seed, dtype=torch.float32)
     info = {
         "svd": "randomized",
@@ -54,6 +82,14 @@ def top_svd(W: Tensor, rank: int, ctx: InitContext) -> tuple[Tensor, Tensor, Ten
         "residual": float(res.residual[0]),
     }
     if ctx.svd == "auto" and not bool(res.converged[0]):
-        U, S, Vh = full_svd(W)
-        return U[:, :rank], S[:rank], Vh[:rank], {"svd": "exact-fallback", "residual": 0.0}
+        U, S, Vh, route = exact_slice(W, rank, "top")
+        return U, S, Vh, {"svd": f"exact-fallback-{route}", "residual": _residual(W, U, S, Vh)}
     return res.U[0], res.S[0], res.Vh[0], info
+
+
+def _residual(W: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> float:
+    """``||W Vh^T - U diag(S)||_F / s_1`` in float64: 0 for an exact decomposition."""
+    W64 = W.double().to(U.device)
+    diff = W64 @ Vh.double().T - U.double() * S.double()
+    top = float(S[0]) if S.numel() and float(S[0]) > 0 else 1.0
+    return float(torch.linalg.matrix_norm(diff)) / top

@@ -1,0 +1,220 @@
+"""From user targets and ranks to a per-module plan: which matrices get an adapter, rank, alpha.
+
+Targets (a comma list or a sequence) accept, per item:
+- a role from the loaders (q k v o qkv up gate down gate_up lm_head other);
+- ``re:<regex>``: a regular expression searched in the module path;
+- a glob (has ``*?[``) matched against the whole module path;
+- any other word: a module path or its dotted suffix, as PEFT's ``target_modules`` does
+  (``query`` matches ``encoder.layer.0.attention.self.query``).
+
+The PEFT module path of tensor ``<path>.weight`` is ``<path>``. Only plain 2-D ``.weight``
+matrices stored ``(out, in)`` can carry a PEFT LoRA ``Linear`` adapter: embeddings, expert slices
+of 3-D stacks and GPT-2 ``Conv1D`` (stored transposed) are refused with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from spectra.adapt.allocate import Allocation
+from spectra.adapt.factorize import lora_scale
+from spectra.errors import ValidationError
+
+TARGET_ROLES = ("q", "k", "v", "o", "qkv", "up", "gate", "down", "gate_up", "lm_head", "other")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class MatrixLike(Protocol):
+    """What the plan needs from a loader's ``MatrixRef`` (spectra.sources)."""
+
+    key: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    transpose: bool
+    expert: int | None
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapted matrix: key (tensor name), module (PEFT path), rank, alpha, scale."""
+
+    key: str
+    module: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "module": self.module,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+        }
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Every module that gets an adapter (rank >= 1), plus how the ranks were chosen."""
+
+    method: str
+    modules: tuple[ModulePlan, ...]
+    rslora: bool
+    targets: tuple[str, ...]
+    allocation: Allocation | None = None
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.module: m.rank for m in self.modules}
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return {m.module: m.alpha for m in self.modules}
+
+    def by_key(self) -> dict[str, ModulePlan]:
+        return {m.key: m for m in self.modules}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "rslora": self.rslora,
+            "targets": list(self.targets),
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
+            "modules": [m.to_dict() for m in self.modules],
+        }
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """``"q, k,,v"`` or ``["q", "k"]`` -> ``("q", "k", "v")``; empty is an error."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    parsed = tuple(t.strip() for t in items if t and t.strip())
+    if not parsed:
+        raise ValidationError("no targets given: pass e.g. --targets q,k,v,o,up,gate,down")
+    return parsed
+
+
+def module_path(key: str) -> str:
+    """PEFT module path of a weight tensor: ``a.b.query.weight`` -> ``a.b.query``."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _matches(item: str, mat: MatrixLike) -> bool:
+    path = module_path(mat.key)
+    if item in TARGET_ROLES:
+        return mat.role == item
+    if item.startswith("re:"):
+        return re.search(item[3:], path) is not None
+    if _GLOB_CHARS.search(item):
+        return fnmatch.fnmatchcase(path, item)
+    return path == item or path.endswith("." + item)
+
+
+def _refusal(mat: MatrixLike) -> str | None:
+    if not mat.key.endswith(".weight"):
+        return "is not a `.weight` tensor"
+    if mat.expert is not None:
+        return "is an expert slice (PEFT LoRA cannot target one expert of a 3-D stack)"
+    if mat.transpose:
+        return "is stored transposed (Conv1D); not supported for init yet"
+    if mat.role == "embedding":
+        return "is an embedding (PEFT uses lora_embedding_A/B there); not supported"
+    return None
+
+
+def select_targets(matrices: Sequence[MatrixLike], targets: str | Sequence[str]) -> list:
+    """The matrices matched by any target item, in the given (shard) order.
+
+    Raises ValidationError when an item is a bad regex, when nothing matches (the message lists
+    the roles present and a few module paths), or when a matched matrix cannot carry a LoRA.
+    """
+    items = parse_targets(targets)
+    for item in items:
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as exc:
+                raise ValidationError(f"bad target regex {item!r}: {exc}") from exc
+    chosen = [m for m in matrices if any(_matches(item, m) for item in items)]
+    if not chosen:
+        roles = sorted({m.role for m in matrices})
+        sample = [module_path(m.key) for m in matrices[:4]]
+        raise ValidationError(
+            f"no weight matrix matched targets {','.join(items)}: roles here are "
+            f"{','.join(roles)}; module paths look like {', '.join(sample)}"
+        )
+    for mat in chosen:
+        why = _refusal(mat)
+        if why is not None:
+            raise ValidationError(
+                f"target {module_path(mat.key)!r} {why}: narrow --targets to exclude it"
+            )
+    return chosen
+
+
+def build_plan(
+    matrices: Sequence[MatrixLike],
+    *,
+    method: str,
+    targets: str | Sequence[str],
+    rank: int | None = None,
+    ranks: dict[str, int] | None = None,
+    alpha: float | None = None,
+    rslora: bool = False,
+    allocation: Allocation | None = None,
+) -> AdapterPlan:
+    """Plan for ``matrices`` already selected by ``select_targets``.
+
+    Ranks come from ``ranks`` (per matrix key; 0 = no adapter) or a uniform ``rank``. ``alpha``
+    None gives each module ``alpha = r`` (scale 1, or sqrt(r) with rsLoRA), PiSSA's convention;
+    a number is used for every module (PEFT's ``lora_alpha``).
+    """
+    if ranks is None:
+        if rank is None:
+            raise ValidationError("give a rank (--rank) or an allocator with a budget")
+        ranks = {m.key: rank for m in matrices}
+    if alpha is not None and not alpha > 0:
+        raise ValidationError(f"alpha must be positive, got {alpha}")
+    mods = []
+    for mat in matrices:
+        r = int(ranks.get(mat.key, 0))
+        if r < 0 or r > min(mat.shape):
+            raise ValidationError(
+                f"rank {r} for {module_path(mat.key)!r} exceeds min(m, n) = {min(mat.shape)} "
+                f"of its shape {tuple(mat.shape)}: use a rank <= {min(mat.shape)}"
+            )
+        if r == 0:
+            continue
+        a = float(r) if alpha is None else float(alpha)
+        mods.append(
+            ModulePlan(
+                key=mat.key,
+                module=module_path(mat.key),
+                role=mat.role,
+                layer=mat.layer,
+                shape=(int(mat.shape[0]), int(mat.shape[1])),
+                rank=r,
+                alpha=a,
+                scale=lora_scale(a, r, rslora=rslora),
+            )
+        )
+    if not mods:
+        raise ValidationError("every target got rank 0: raise the budget or --min-rank")
+    return AdapterPlan(method, tuple(mods), rslora, parse_targets(targets), allocation)
+
+
+def most_common(values: Sequence[Any]) -> Any:
+    """The most frequent value (ties: the first seen), for PEFT's global ``r``/``lora_alpha``."""
+    return Counter(values).most_common(1)[0][0]

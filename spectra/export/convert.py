@@ -1,0 +1,140 @@
+"""Turn a trained adapter whose initialization changed the base (PiSSA, MiLoRA, OLoRA, CorDA)
+into a plain LoRA on the original, unmodified base.
+
+../shared/docs/methods.md section 4: with the initial factors ``A0, B0`` and the trained ``A, B``
+(same scale ``s``), the original base is ``W = W_res + s B0 A0``, so the trained model
+``W_res + s B A = W + s (B A - B0 A0)``. A rank-2r LoRA with ``A' = [A; A0]`` ``(2r, in)``,
+``B' = [B, -B0]`` ``(out, 2r)`` gives exactly that delta if its scale is still ``s``: alpha doubles
+(``2 alpha / 2r = alpha / r``), or is multiplied by sqrt(2) under rsLoRA
+(``sqrt(2) alpha / sqrt(2r) = alpha / sqrt(r)``). PEFT's
+``path_initial_model_for_weight_conversion`` does the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from spectra.errors import SourceError, ValidationError
+from spectra.export.peft import PeftAdapter, read_peft_adapter, write_peft_adapter
+
+
+def stack_factors(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:
+    """``A' = [A; A0] (2r, in)``, ``B' = [B, -B0] (out, 2r)`` so ``B' A' = B A - B0 A0``."""
+    if A.shape != A0.shape or B.shape != B0.shape:
+        raise ValidationError(
+            f"trained factors A {tuple(A.shape)}, B {tuple(B.shape)} do not match the initial "
+            f"A {tuple(A0.shape)}, B {tuple(B0.shape)}: was the adapter trained from this init?"
+        )
+    A0 = A0.to(A.dtype)
+    B0 = B0.to(B.dtype)
+    return torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1)
+
+
+def doubled_alpha(alpha: float, *, rslora: bool) -> float:
+    """Alpha of the rank-2r LoRA with the same scale: ``2 alpha`` (LoRA), ``sqrt(2) alpha``
+    (rsLoRA)."""
+    return alpha * (math.sqrt(2.0) if rslora else 2.0)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """The rank-2r adapter's factors and alphas, by module path."""
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    alphas: dict[str, float]
+    rslora: bool
+
+
+def convert_adapters(init: PeftAdapter, trained: PeftAdapter) -> Converted:
+    """Pure conversion of two adapters in memory (see module docstring)."""
+    if set(init.factors) != set(trained.factors):
+        only = sorted(set(init.factors) ^ set(trained.factors))[:3]
+        raise ValidationError(
+            f"initial and trained adapters target different modules (e.g. {only}): "
+            "pass the init that this adapter was trained from"
+        )
+    rslora = bool(trained.config.get("use_rslora", False))
+    if rslora != bool(init.config.get("use_rslora", False)):
+        raise ValidationError("initial and trained adapters disagree on use_rslora")
+    factors, alphas = {}, {}
+    for module in sorted(trained.factors):
+        s0, s1 = init.scale(module), trained.scale(module)
+        if not math.isclose(s0, s1, rel_tol=1e-6):
+            raise ValidationError(
+                f"{module}: the LoRA scale changed between init ({s0}) and training ({s1})"
+            )
+        A, B = trained.factors[module]
+        A0, B0 = init.factors[module]
+        factors[module] = stack_factors(A, B, A0, B0)
+        alphas[module] = doubled_alpha(trained.alpha(module), rslora=rslora)
+    return Converted(factors, alphas, rslora)
+
+
+def _adapter_dir(path: Path) -> Path:
+    """An init output folder holds ``adapter/``; an adapter folder is taken as it is."""
+    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+
+
+def _original_base(init_dir: Path) -> str | None:
+    from spectra.export.manifest import MANIFEST_NAME, read_manifest
+
+    if (init_dir / MANIFEST_NAME).is_file():
+        return str(read_manifest(init_dir).get("source"))
+    return None
+
+
+def convert_to_lora(
+    init_dir: str | Path, trained_dir: str | Path, out: str | Path, *, force: bool = False
+) -> Path:
+    """Write the plain rank-2r LoRA (a PEFT adapter folder, plus ``spectra.json``) to ``out``.
+
+    init_dir: a ``spectra init`` output folder (or its ``adapter/``); trained_dir: the adapter
+    saved after training (``PeftModel.save_pretrained``). The result loads with
+    ``PeftModel.from_pretrained(original_base, out)``.
+    """
+    from spectra.export.manifest import build_manifest, write_manifest
+    from spectra.export.outdir import atomic_output_dir
+
+    init_path, trained_path = Path(init_dir), Path(trained_dir)
+    for p, what in ((init_path, "--init"), (trained_path, "--trained")):
+        if not p.is_dir():
+            raise SourceError(f"{what} folder {str(p)!r} does not exist")
+    init = read_peft_adapter(_adapter_dir(init_path))
+    trained = read_peft_adapter(_adapter_dir(trained_path))
+    conv = convert_adapters(init, trained)
+    base = _original_base(init_path) or trained.config.get("base_model_name_or_path")
+    with atomic_output_dir(out, force=force) as tmp:
+        write_peft_adapter(
+            tmp,
+            conv.factors,
+            conv.alphas,
+            rslora=conv.rslora,
+            base_model_name_or_path=base,
+            dtype=_dtype_of(trained),
+            other=trained.other,
+        )
+        manifest = build_manifest(
+            kind="convert",
+            method="lora",
+            source=str(base),
+            source_files=[],
+            options={"init": str(init_path), "trained": str(trained_path)},
+            plan={
+                "ranks": {m: int(a.shape[0]) for m, (a, _) in conv.factors.items()},
+                "alphas": conv.alphas,
+                "rslora": conv.rslora,
+            },
+            matrices={},
+        )
+        write_manifest(tmp, manifest)
+    return Path(out).expanduser().absolute()
+
+
+def _dtype_of(adapter: PeftAdapter) -> torch.dtype:
+    first = next(iter(adapter.factors.values()))[0]
+    return first.dtype

@@ -1,0 +1,99 @@
+"""``spectra.json``: what an init run did, so a result can be traced and reproduced.
+
+Fields: ``format`` (manifest version), ``kind`` ("init" or "convert"), ``method``, ``source``
+(as given) and ``source_files`` (name, bytes, sha256 of every shard read), ``options``,
+``plan`` (per-module rank, alpha, scale, role, layer, shape), ``allocation`` (allocator, budget,
+formula, ranks) when ranks were allocated, ``matrices`` (per matrix: relative reconstruction
+error ``||W - (W_res + s B A)||_F / ||W||_F`` measured after casting the residual to its storage
+dtype, and the decomposition facts), ``versions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from spectra.analysis.results import json_safe
+from spectra.errors import SourceError
+
+MANIFEST_NAME = "spectra.json"
+FORMAT_VERSION = 1
+_PACKAGES = ("spectra", "torch", "safetensors", "numpy", "peft", "transformers")
+
+
+def file_sha256(path: Path, *, chunk: int = 8 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks (memory bounded)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    except OSError as exc:
+        raise SourceError(f"cannot hash {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def describe_files(files: Iterable[Path]) -> list[dict[str, Any]]:
+    """[{name, bytes, sha256}] for each file."""
+    return [{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape the output (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_manifest(
+    *,
+    kind: str,
+    method: str,
+    source: str,
+    source_files: Iterable[Path],
+    options: dict[str, Any],
+    plan: dict[str, Any],
+    matrices: dict[str, dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest as a JSON-safe dict (see module docstring)."""
+    manifest = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "method": method,
+        "source": source,
+        "source_files": describe_files(source_files),
+        "options": options,
+        "plan": plan,
+        "matrices": matrices,
+        "versions": versions(),
+    }
+    manifest.update(extra or {})
+    return json_safe(manifest)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a spectra output folder; SourceError if absent or unreadable."""
+    path = folder / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SourceError(
+            f"{str(folder)!r} has no {MANIFEST_NAME}: is it a spectra init output?"
+        ) from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from exc

@@ -1,0 +1,196 @@
+"""Residual base checkpoints, streamed tensor by tensor: the source's layout with some matrices
+replaced.
+
+The output has the source's shard files (same names, same tensor order and dtypes), its
+``model.safetensors.index.json`` (still valid: names, shards and sizes are unchanged) and its
+config/tokenizer files. Tensors the method does not touch are copied byte for byte from the
+source file, so they are unchanged by construction. Memory is bounded by the largest single
+tensor (the one being replaced), never by a shard or the model: the safetensors header is written
+first (it only needs names, dtypes and shapes), then each tensor's bytes in order.
+
+Callers write into a temporary folder (``spectra.export.outdir.atomic_output_dir``) so a crash
+never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor
+
+from spectra.errors import SourceError, ValidationError
+
+INDEX_NAME = "model.safetensors.index.json"
+_CHUNK = 16 << 20
+# Files next to the weights that are not weights: copied as they are (config, tokenizer, ...).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the data in the source file
+    nbytes: int
+
+
+def storage_dtype(dtype: str) -> torch.dtype:
+    """torch dtype of a safetensors dtype string (``"BF16"`` -> ``torch.bfloat16``)."""
+    found = _DTYPES.get(dtype)
+    if found is None:
+        raise ValidationError(f"cannot write a residual for storage dtype {dtype!r}")
+    return found
+
+
+def _read_header(path: Path) -> tuple[list[_Entry], dict[str, str]]:
+    try:
+        with path.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read the safetensors header ({exc})") from exc
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + size
+    entries = [
+        _Entry(
+            name,
+            v["dtype"],
+            tuple(v["shape"]),
+            base + v["data_offsets"][0],
+            v["data_offsets"][1] - v["data_offsets"][0],
+        )
+        for name, v in header.items()
+    ]
+    entries.sort(key=lambda e: e.start)
+    return entries, meta
+
+
+def _header_bytes(entries: list[_Entry], meta: dict[str, str]) -> bytes:
+    header: dict[str, object] = {}
+    if meta:
+        header["__metadata__"] = meta
+    pos = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [pos, pos + e.nbytes],
+        }
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
+    src.seek(start)
+    left = nbytes
+    while left > 0:
+        chunk = src.read(min(_CHUNK, left))
+        if not chunk:
+            raise SourceError(f"{src.name}: file ends early (truncated shard?)")
+        dst.write(chunk)
+        left -= len(chunk)
+
+
+def _tensor_bytes(entry: _Entry, value: Tensor) -> bytes:
+    want = storage_dtype(entry.dtype)
+    if value.dtype != want or tuple(value.shape) != entry.shape:
+        raise ValidationError(
+            f"replacement for {entry.name!r} is {value.dtype} {tuple(value.shape)}, "
+            f"the source stores {want} {entry.shape}"
+        )
+    return value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+Replace = Callable[[str], Tensor | None]
+
+
+def write_shard(src: Path, dst: Path, replace: Replace) -> list[str]:
+    """Write ``dst`` as a copy of safetensors file ``src`` where ``replace(name)`` returns a
+    tensor (same dtype and shape as stored) for the tensors to change, None for the rest.
+    Returns the names replaced."""
+    entries, meta = _read_header(src)
+    replaced = []
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        fout.write(_header_bytes(entries, meta))
+        for entry in entries:
+            value = replace(entry.name)
+            if value is None:
+                _copy_range(fin, fout, entry.start, entry.nbytes)
+            else:
+                fout.write(_tensor_bytes(entry, value))
+                replaced.append(entry.name)
+                del value
+    return replaced
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path, shards: list[Path]) -> list[str]:
+    """Copy config, tokenizer and other non-weight files (and sub-folders such as
+    sentence-transformers' ``1_Pooling``) from ``src_dir``; hidden files and weights other
+    than the index are skipped. Returns the copied top-level names."""
+    copied = []
+    for item in sorted(src_dir.iterdir()):
+        if item.name.startswith(".") or item in shards:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst_dir / item.name, ignore=_ignore_weights)
+        elif item.name == INDEX_NAME or not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, dst_dir / item.name)
+        else:
+            continue
+        copied.append(item.name)
+    return copied
+
+
+def _ignore_weights(folder: str, names: list[str]) -> set[str]:
+    return {n for n in names if n.startswith(".") or n.endswith(_WEIGHT_SUFFIXES)}
+
+
+def write_residual_checkpoint(
+    shards: list[Path],
+    out_dir: str | Path,
+    replace: Replace,
+    *,
+    copy_files: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Write the checkpoint made of ``shards`` into ``out_dir`` (created), replacing the
+    tensors for which ``replace(name)`` returns a tensor. Shards are processed in order, one
+    tensor in memory at a time. Returns every replaced tensor name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise ValidationError(f"shard file names repeat: {names}")
+    replaced: list[str] = []
+    for shard in shards:
+        if not shard.is_file():
+            raise SourceError(f"shard {str(shard)!r} is not a local file; download it first")
+        replaced += write_shard(shard, out / shard.name, replace)
+        if progress is not None:
+            progress(shard.name)
+    if copy_files:
+        copy_side_files(shards[0].parent, out, shards)
+    return replaced

@@ -1,0 +1,178 @@
+"""PEFT adapter folders, the streamed residual checkpoint writer and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from spectra.errors import SourceError, ValidationError
+from spectra.export.manifest import build_manifest, file_sha256, read_manifest, write_manifest
+from spectra.export.peft import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    pattern_keys,
+    read_peft_adapter,
+    write_peft_adapter,
+)
+from spectra.export.residual import INDEX_NAME, write_residual_checkpoint
+
+
+def _factors(modules: dict[str, tuple[int, int, int]]) -> dict[str, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        m: (torch.randn(r, n, generator=g), torch.randn(o, r, generator=g))
+        for m, (o, n, r) in modules.items()
+    }
+
+
+def test_adapter_folder_has_peft_keys_and_full_path_patterns(tmp_path: Path) -> None:
+    mods = {"enc.layer.0.q": (8, 6, 2), "enc.layer.1.q": (8, 6, 4), "enc.layer.1.up": (12, 6, 4)}
+    factors = _factors(mods)
+    alphas = {"enc.layer.0.q": 2.0, "enc.layer.1.q": 4.0, "enc.layer.1.up": 8.5}
+    write_peft_adapter(
+        tmp_path, factors, alphas, rslora=True, base_model_name_or_path="/b", dtype=torch.bfloat16
+    )
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["init_lora_weights"] is True
+    assert cfg["use_rslora"] is True and cfg["bias"] == "none"
+    assert cfg["base_model_name_or_path"] == "/b"
+    assert cfg["target_modules"] == sorted(mods)
+    assert cfg["rank_pattern"] == {"enc.layer.0.q": 2, "enc.layer.1.q": 4, "enc.layer.1.up": 4}
+    assert cfg["alpha_pattern"] == {"enc.layer.0.q": 2, "enc.layer.1.q": 4, "enc.layer.1.up": 8.5}
+    assert cfg["r"] == 4  # most common
+    # PEFT's own resolution finds each module's own key.
+    for m in mods:
+        assert get_pattern_key(list(cfg["rank_pattern"]), m) == m
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as fh:
+        keys = set(fh.keys())
+        assert fh.get_tensor(f"{PREFIX}enc.layer.1.up.lora_A.weight").dtype == torch.bfloat16
+    assert keys == {f"{PREFIX}{m}.lora_{w}.weight" for m in mods for w in "AB"}
+    back = read_peft_adapter(tmp_path)
+    for m, (A, B) in factors.items():
+        assert torch.equal(back.factors[m][0], A.bfloat16())
+        assert torch.equal(back.factors[m][1], B.bfloat16())
+    assert back.alpha("enc.layer.1.up") == 8.5
+    assert back.scale("enc.layer.1.up") == pytest.approx(8.5 / 2.0)  # rsLoRA: alpha / sqrt(4)
+
+
+def test_pattern_keys_never_shadow_a_suffix_module() -> None:
+    modules = ["a.q", "x.a.q", "layer.1.q", "layer.11.q"]
+    keys = pattern_keys(modules)
+    assert keys["x.a.q"] == "x.a.q" and keys["a.q"].startswith("^")
+    for m in modules:
+        assert get_pattern_key(sorted(keys.values()), m) == keys[m]
+
+
+def test_write_rejects_bad_factors(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="do not form a LoRA"):
+        write_peft_adapter(tmp_path, {"m": (torch.zeros(2, 3), torch.zeros(4, 3))}, {"m": 1.0})
+    with pytest.raises(ValidationError, match="no adapter factors"):
+        write_peft_adapter(tmp_path, {}, {})
+
+
+def test_read_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not a PEFT adapter folder"):
+        read_peft_adapter(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    save_file({"base_model.model.m.lora_A.weight": torch.zeros(1, 2)}, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(SourceError, match="not both"):
+        read_peft_adapter(tmp_path)
+
+
+def _sharded(folder: Path) -> list[Path]:
+    """Two shards with an index, mixed dtypes, plus config/tokenizer and a stray .bin."""
+    g = torch.Generator().manual_seed(1)
+    shard1 = {
+        "emb.weight": torch.randn(10, 4, generator=g).bfloat16(),
+        "l.0.q.weight": torch.randn(6, 4, generator=g).bfloat16(),
+        "l.0.q.bias": torch.randn(6, generator=g),
+        "ids": torch.arange(5),
+    }
+    shard2 = {"l.1.q.weight": torch.randn(6, 4, generator=g), "norm.weight": torch.ones(4)}
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    folder.mkdir()
+    save_file(shard1, str(folder / names[0]), metadata={"format": "pt"})
+    save_file(shard2, str(folder / names[1]), metadata={"format": "pt"})
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": {**dict.fromkeys(shard1, names[0]), **dict.fromkeys(shard2, names[1])},
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"x")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text("{}")
+    return [folder / n for n in names]
+
+
+def test_residual_checkpoint_replaces_only_targets_and_copies_the_rest(tmp_path: Path) -> None:
+    shards = _sharded(tmp_path / "src")
+    new = {"l.0.q.weight": torch.full((6, 4), 2.0).bfloat16(), "l.1.q.weight": torch.zeros(6, 4)}
+    asked: list[str] = []
+
+    def replace(name: str) -> torch.Tensor | None:
+        asked.append(name)
+        return new.get(name)
+
+    out = tmp_path / "out"
+    done = write_residual_checkpoint(shards, out, replace)
+    assert sorted(done) == sorted(new)
+    assert sorted(asked) == sorted(
+        ["emb.weight", "l.0.q.weight", "l.0.q.bias", "ids", "l.1.q.weight", "norm.weight"]
+    )
+    assert {p.name for p in out.iterdir()} == {
+        shards[0].name,
+        shards[1].name,
+        INDEX_NAME,
+        "config.json",
+        "tokenizer.json",
+        "1_Pooling",
+    }
+    assert (out / INDEX_NAME).read_bytes() == (shards[0].parent / INDEX_NAME).read_bytes()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as a, safe_open(str(out / shard.name), "pt") as b:
+            assert list(a.keys()) == list(b.keys()) and a.metadata() == b.metadata()
+            for k in a.keys():  # noqa: SIM118
+                want = new.get(k, a.get_tensor(k))
+                got = b.get_tensor(k)
+                assert got.dtype == a.get_tensor(k).dtype and torch.equal(got, want)
+        assert (out / shard.name).stat().st_size == shard.stat().st_size
+
+
+def test_residual_refuses_a_dtype_or_shape_change(tmp_path: Path) -> None:
+    shards = _sharded(tmp_path / "src")
+    with pytest.raises(ValidationError, match="the source stores torch.bfloat16"):
+        write_residual_checkpoint(
+            shards, tmp_path / "o", lambda n: torch.zeros(6, 4) if n == "l.0.q.weight" else None
+        )
+
+
+def test_manifest_hashes_and_round_trip(tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"spectra" * 1000)
+    assert file_sha256(f, chunk=7) == hashlib.sha256(f.read_bytes()).hexdigest()
+    m = build_manifest(
+        kind="init",
+        method="pissa",
+        source=str(f),
+        source_files=[f],
+        options={"rank": 4},
+        plan={},
+        matrices={"w": {"error": float("nan")}},
+    )
+    assert m["source_files"][0]["sha256"] == file_sha256(f)
+    assert m["matrices"]["w"]["error"] is None  # strict JSON
+    assert m["versions"]["torch"] == torch.__version__
+    write_manifest(tmp_path, m)
+    assert read_manifest(tmp_path) == m
+    with pytest.raises(SourceError, match="spectra init output"):
+        read_manifest(tmp_path / "nowhere")

@@ -1,0 +1,148 @@
+"""End to end on the real all-MiniLM-L6-v2: PEFT loads our adapter on our residual base and the
+model computes what the original base computes; our PiSSA equals PEFT's own."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModel  # noqa: E402
+
+from spectra.adapt.init import init_adapter  # noqa: E402
+from spectra.errors import ValidationError  # noqa: E402
+
+# Four matrices of both aspect ratios in two layers keep each init short (2 shared CPU cores).
+TARGETS = (
+    "encoder.layer.0.attention.self.query,encoder.layer.0.attention.self.value,"
+    "encoder.layer.0.intermediate.dense,encoder.layer.5.output.dense"
+)
+Q0 = "encoder.layer.0.attention.self.query"
+
+
+@pytest.fixture(scope="module")
+def inputs() -> torch.Tensor:
+    return torch.randint(1000, 29000, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path: Path, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return AutoModel.from_pretrained(minilm_path).eval()(input_ids=inputs).last_hidden_state
+
+
+def _peft_output(residual: Path, adapter: Path, inputs: torch.Tensor) -> torch.Tensor:
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(residual), adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=inputs).last_hidden_state
+
+
+CASES = [
+    ("pissa", None, None, False),
+    ("milora", "energy", 24, True),
+    ("olora", "alpha-power", 24, False),
+    ("pissa", "alpha-linear", 24, True),
+]
+
+
+@pytest.mark.parametrize(("method", "allocator", "budget", "rslora"), CASES)
+def test_peft_output_equals_the_original_base(
+    minilm_path: Path,
+    tmp_path: Path,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    method: str,
+    allocator: str | None,
+    budget: int | None,
+    rslora: bool,
+) -> None:
+    res = init_adapter(
+        minilm_path,
+        method=method,
+        rank=8,
+        targets=TARGETS,
+        out=tmp_path / "o",
+        allocator=allocator,
+        budget=budget,
+        rslora=rslora,
+        alpha=None,
+    )
+    assert len(res.plan.modules) == 4
+    ranks = res.plan.ranks
+    if allocator is None:
+        assert set(ranks.values()) == {8}
+    else:
+        assert sum(ranks.values()) == budget and len(set(ranks.values())) > 1
+    assert res.max_error < 1e-6
+    out = _peft_output(res.residual_dir, res.adapter_dir, inputs)
+    assert float((out - reference).abs().max()) <= 1e-4
+    manifest = json.loads(res.manifest_path.read_text())
+    assert manifest["method"] == method and manifest["ranks"] == ranks
+    assert manifest["source_files"][0]["name"] == "model.safetensors"
+    assert len(manifest["matrices"]) == 4
+    # A broken adapter would not match: negative control on the same pipeline.
+    wrong = PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), res.adapter_dir)
+    with torch.no_grad():
+        moved = wrong.eval()(input_ids=inputs).last_hidden_state
+    assert float((moved - reference).abs().max()) > 1e-2
+
+
+def test_our_pissa_matches_peft_pissa(minilm_path: Path, tmp_path: Path) -> None:
+    targets = [Q0, "encoder.layer.0.intermediate.dense"]
+    res = init_adapter(
+        minilm_path, method="pissa", rank=8, targets=targets, out=tmp_path / "o", alpha=16.0
+    )
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="pissa")
+    peft_model = get_peft_model(AutoModel.from_pretrained(minilm_path), cfg)
+    ours = PeftModel.from_pretrained(AutoModel.from_pretrained(res.residual_dir), res.adapter_dir)
+    for name in targets:
+        theirs_layer = peft_model.base_model.model.get_submodule(name)
+        our_layer = ours.base_model.model.get_submodule(name)
+        ba_theirs = theirs_layer.lora_B["default"].weight @ theirs_layer.lora_A["default"].weight
+        ba_ours = our_layer.lora_B["default"].weight @ our_layer.lora_A["default"].weight
+        rel = torch.linalg.matrix_norm(ba_ours - ba_theirs) / torch.linalg.matrix_norm(ba_theirs)
+        assert float(rel.detach()) < 1e-3, name
+        res_diff = our_layer.base_layer.weight - theirs_layer.base_layer.weight
+        assert float(res_diff.abs().max()) < 1e-4
+
+
+def test_reload_after_simulated_training(
+    minilm_path: Path, tmp_path: Path, inputs: torch.Tensor
+) -> None:
+    res = init_adapter(minilm_path, method="pissa", rank=4, targets=[Q0], out=tmp_path / "o")
+    model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(res.residual_dir), res.adapter_dir, is_trainable=True
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=inputs).last_hidden_state
+    model.save_pretrained(tmp_path / "trained")
+    saved = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True  # PEFT keeps ours: no re-decomposition on load
+    again = _peft_output(res.residual_dir, tmp_path / "trained", inputs)
+    assert float((again - trained).abs().max()) <= 1e-5
+
+
+def test_errors_name_what_exists(minilm_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="no weight matrix matched targets gate: roles here"):
+        init_adapter(minilm_path, method="pissa", rank=4, targets="gate", out=tmp_path / "a")
+    with pytest.raises(ValidationError, match="exceeds min\\(m, n\\) = 384"):
+        init_adapter(minilm_path, method="pissa", rank=400, targets=[Q0], out=tmp_path / "b")
+    with pytest.raises(ValidationError, match="embedding"):
+        init_adapter(
+            minilm_path, method="pissa", rank=4, targets="*embeddings*", out=tmp_path / "c"
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
