@@ -1,0 +1,108 @@
+"""Conversion of a trained PiSSA/MiLoRA/OLoRA adapter into a plain LoRA on the original base."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectra.errors import ValidationError
+from spectra.export.convert import convert_adapters, doubled_alpha, stack_factors
+from spectra.export.peft import read_peft_adapter, write_peft_adapter
+
+
+def test_stacked_factors_give_the_difference_of_updates() -> None:
+    g = torch.Generator().manual_seed(0)
+    A, A0 = (
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+    )
+    B, B0 = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
+    A2, B2 = stack_factors(A, B, A0, B0)
+    assert A2.shape == (6, 7) and B2.shape == (5, 6)
+    torch.testing.assert_close(B2 @ A2, B @ A - B0 @ A0)
+    with pytest.raises(ValidationError, match="do not match the initial"):
+        stack_factors(A[:2], B[:, :2], A0, B0)
+
+
+@pytest.mark.parametrize(("rslora", "factor"), [(False, 2.0), (True, math.sqrt(2.0))])
+def test_alpha_keeps_the_scale(rslora: bool, factor: float) -> None:
+    assert doubled_alpha(8.0, rslora=rslora) == pytest.approx(8.0 * factor)
+    s = 8.0 / (math.sqrt(4) if rslora else 4)
+    s2 = doubled_alpha(8.0, rslora=rslora) / (math.sqrt(8) if rslora else 8)
+    assert s2 == pytest.approx(s)
+
+
+def test_convert_in_memory_checks_scales_and_modules(tmp_path: Path) -> None:
+    f = {"m": (torch.ones(2, 3), torch.ones(4, 2))}
+    write_peft_adapter(tmp_path / "i", f, {"m": 2.0})
+    write_peft_adapter(tmp_path / "t", f, {"m": 4.0})
+    write_peft_adapter(tmp_path / "u", {"n": f["m"]}, {"n": 2.0})
+    init = read_peft_adapter(tmp_path / "i")
+    with pytest.raises(ValidationError, match="scale changed"):
+        convert_adapters(init, read_peft_adapter(tmp_path / "t"))
+    with pytest.raises(ValidationError, match="different modules"):
+        convert_adapters(init, read_peft_adapter(tmp_path / "u"))
+    conv = convert_adapters(init, init)
+    assert conv.alphas == {"m": 4.0}
+    A2, B2 = conv.factors["m"]
+    assert float((B2 @ A2).abs().max()) == 0.0  # untrained: no change on the original base
+
+
+@pytest.mark.parametrize(("method", "rslora"), [("pissa", False), ("olora", True)])
+def test_converted_adapter_on_the_original_base_reproduces_training(
+    minilm_path: Path, tmp_path: Path, method: str, rslora: bool
+) -> None:
+    pytest.importorskip("peft")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from spectra.adapt.init import init_adapter
+    from spectra.export.convert import convert_to_lora
+
+    targets = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
+    res = init_adapter(
+        minilm_path,
+        method=method,
+        rank=4,
+        targets=targets,
+        out=tmp_path / "init",
+        alpha=8.0,
+        rslora=rslora,
+    )
+    model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(res.residual_dir), res.adapter_dir, is_trainable=True
+    )
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x = torch.randint(1000, 29000, (2, 9), generator=g)
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=x).last_hidden_state
+    model.save_pretrained(tmp_path / "trained")
+
+    out = convert_to_lora(tmp_path / "init", tmp_path / "trained", tmp_path / "lora")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert set(cfg["rank_pattern"].values()) == {8}
+    assert cfg["base_model_name_or_path"] == str(minilm_path)
+    assert cfg["init_lora_weights"] is True and cfg["use_rslora"] is rslora
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), out).eval()
+    with torch.no_grad():
+        got = plain(input_ids=x).last_hidden_state
+    assert float((got - trained).abs().max()) <= 1e-4
+    # Negative control: the trained adapter alone on the original base is wrong.
+    wrong = PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), tmp_path / "trained")
+    with torch.no_grad():
+        off = wrong.eval()(input_ids=x).last_hidden_state
+    assert float((off - trained).abs().max()) > 1e-2
