@@ -165,3 +165,26 @@ def test_compare_pair_needs_exactly_one_fine_tune() -> None:
         compare_pair(w)
     with pytest.raises(ValidationError, match="another base model"):
         compare_pair(w, lora=(torch.zeros(2, 5), torch.zeros(4, 2), 1.0))
+
+
+def test_base_svd_is_cached_across_comparisons(
+    pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    import spectra.analysis.compare as cmp_mod
+
+    calls = []
+    real = cmp_mod.dense_svd
+
+    def counting(w: torch.Tensor):  # noqa: ANN202
+        calls.append(tuple(w.shape))
+        return real(w)
+
+    monkeypatch.setattr(cmp_mod, "dense_svd", counting)
+    first = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
+    n_first = len(calls)
+    second = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
+    assert n_first == 2 * len(first.pairs)  # base (stored) + fine-tune
+    assert len(calls) - n_first == len(second.pairs)  # fine-tune only: the base came from cache
+    assert second.to_dict()["pairs"] == first.to_dict()["pairs"]
+    uncached = compare(*pair_dirs, device="cpu")
+    assert uncached.to_dict()["pairs"] == first.to_dict()["pairs"]

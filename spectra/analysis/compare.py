@@ -45,13 +45,12 @@ from spectra.analysis.powerlaw import fit_powerlaw
 from spectra.analysis.results import json_safe
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
+from spectra.linalg.cache import SpectrumCache
+from spectra.linalg.engine import matrix_content_key
+from spectra.linalg.spectrum import Spectrum
+from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
-
-try:
-    from spectra.sources.adapters import LoraAdapter
-except ImportError:  # TEMPORARY: until spectra.sources.adapters (issue 2) lands; then delete
-    from spectra.analysis._lora_fallback import LoraAdapter  # type: ignore[assignment]
 
 Progress = Callable[[int, int, str], None]  # (done, total, key of the pair just finished)
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
@@ -321,6 +320,8 @@ def compare_pair(
             raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
         s_dw = torch.linalg.svdvals(w1 - w0)
     u0, s0 = base_svd if base_svd is not None else dense_svd(w0)[:2]
+    # One memory layout whether U came from LAPACK or from the cache: same bits either way.
+    u0 = u0.contiguous()
     u1, s1, _ = dense_svd(w1)
     kk = min(k, min(shape))
     update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
@@ -444,6 +445,7 @@ def compare(
     allow_missing: bool = False,
     unchanged_tol: float = UNCHANGED_TOL,
     device: str = "auto",
+    cache: SpectrumCache | str | Path | bool | None = None,
     progress: Progress | None = None,
 ) -> Comparison:
     """Compare a fine-tuned checkpoint (or PEFT LoRA adapter folder) with its base.
@@ -452,6 +454,10 @@ def compare(
     folder (adapter_config.json + adapter_model.safetensors): then only adapted matrices are
     compared and dW = scale * B @ A comes from the factors.
     Raises ValidationError listing shape mismatches and one-sided keys unless `allow_missing`.
+    cache: reuse the base's float64 SVD (full thin U and S) across comparisons: a SpectrumCache,
+    a folder, True (the default cache folder) or None/False (default: no cache; an entry holds
+    U in float64, about twice the base matrix's float32 size).
+    progress: called as progress(done, total, key) after each pair.
 
     >>> cmp = compare("base/", "finetuned/", epsilons=(0.5, 0.9))     # doctest: +SKIP
     >>> cmp.forensics.update_kind, cmp.forensics.intruders_total        # doctest: +SKIP
@@ -469,15 +475,17 @@ def compare(
         device=device,
     )
     dev = resolve_device(device)
+    run = _Run(opts, dev, _resolve_cache(cache), progress)
     adapter = _open_adapter(finetuned)
     with Checkpoint.open(base) as base_ckpt:
         if adapter is not None:
             mode = "lora"
-            pairing, results = _run_lora(base_ckpt, adapter, opts, dev, progress)
+            with adapter:
+                pairing, results = _run_lora(base_ckpt, adapter, run)
         else:
             mode = "checkpoint"
             with Checkpoint.open(finetuned) as ft_ckpt:
-                pairing, results = _run_checkpoints(base_ckpt, ft_ckpt, opts, dev, progress)
+                pairing, results = _run_checkpoints(base_ckpt, ft_ckpt, run)
     return Comparison(
         base=str(base),
         finetuned=str(finetuned),
@@ -525,38 +533,86 @@ def _compute_dtype(dev: torch.device) -> torch.dtype:
     return torch.float32 if dev.type == "mps" else torch.float64
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every pair of one compare() call shares."""
+
+    opts: CompareOptions
+    dev: torch.device
+    cache: SpectrumCache | None
+    progress: Progress | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _compute_dtype(self.dev)
+
+    def tick(self, done: int, total: int, key: str) -> None:
+        if self.progress is not None:
+            self.progress(done, total, key)
+
+
+def _resolve_cache(cache: SpectrumCache | str | Path | bool | None) -> SpectrumCache | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return SpectrumCache()
+    if isinstance(cache, (str, Path)):
+        return SpectrumCache(Path(cache))
+    return cache
+
+
+BASE_SVD_PARAMS = {"mode": "compare-base-svd", "dtype": "float64", "full_u": True}
+
+
+def base_svd(
+    ckpt: Checkpoint, ref: MatrixRef, w0: torch.Tensor, cache: SpectrumCache | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U (m, M), S (M,)) of the base matrix from the cache, computing and storing it on a miss;
+    None without a cache (compare_pair then computes it). Keyed by the matrix's content."""
+    if cache is None:
+        return None
+    key = cache.entry_key(matrix_content_key(ckpt, ref, cache), BASE_SVD_PARAMS)
+    hit = cache.get(key)
+    if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
+        return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)
+    u, s, _ = dense_svd(w0)
+    spec = Spectrum(
+        values=s.cpu().to(torch.float64),
+        U=u.cpu(),
+        Vh=None,
+        method="svd",
+        params=dict(BASE_SVD_PARAMS),
+        shape=(int(w0.shape[0]), int(w0.shape[1])),
+    )
+    cache.put(key, spec)
+    return u, s
+
+
 def _run_checkpoints(
-    base: Checkpoint,
-    ft: Checkpoint,
-    opts: CompareOptions,
-    dev: torch.device,
-    progress: Progress | None,
+    base: Checkpoint, ft: Checkpoint, run: _Run
 ) -> tuple[Pairing, list[PairResult]]:
+    opts = run.opts
     b_refs, f_refs = _select(base, opts), _select(ft, opts)
     pairing = pair_matrices(
         {k: m.shape for k, m in b_refs.items()}, {k: m.shape for k, m in f_refs.items()}, opts.map
     )
     _check_pairing(pairing, opts, base.source, ft.source)
-    dtype = _compute_dtype(dev)
     results = []
     for i, (b_key, f_key) in enumerate(pairing.pairs):
         ref = b_refs[b_key]
-        w0 = base.read(ref, dtype=dtype, device=str(dev))
-        w1 = ft.read(f_refs[f_key], dtype=dtype, device=str(dev))
-        results.append(_one(w0, w1, None, ref, f_key, opts))
-        del w0, w1
-        if progress is not None:
-            progress(i + 1, len(pairing.pairs), b_key)
+        w0 = base.read(ref, dtype=run.dtype, device=str(run.dev))
+        w1 = ft.read(f_refs[f_key], dtype=run.dtype, device=str(run.dev))
+        svd0 = base_svd(base, ref, w0, run.cache)
+        results.append(_one(w0, w1, None, ref, f_key, opts, svd0))
+        del w0, w1, svd0
+        run.tick(i + 1, len(pairing.pairs), b_key)
     return pairing, results
 
 
 def _run_lora(
-    base: Checkpoint,
-    adapter: Any,
-    opts: CompareOptions,
-    dev: torch.device,
-    progress: Progress | None,
+    base: Checkpoint, adapter: LoraAdapter, run: _Run
 ) -> tuple[Pairing, list[PairResult]]:
+    opts = run.opts
     b_refs = _select(base, opts)
     modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
     missing = [k for k in modules if k not in b_refs]
@@ -570,15 +626,14 @@ def _run_lora(
     pairing = Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules))
     if not pairs:
         raise ValidationError(f"the adapter adapts none of the selected matrices of {base.source}")
-    dtype = _compute_dtype(dev)
     results = []
     for i, (b_key, module) in enumerate(pairs):
         ref = b_refs[b_key]
-        w0 = base.read(ref, dtype=dtype, device=str(dev))
-        a, b, scale = adapter.read_factors(module, dtype=dtype, device=str(dev))
-        results.append(_one(w0, None, (a, b, float(scale)), ref, module, opts))
-        if progress is not None:
-            progress(i + 1, len(pairs), b_key)
+        w0 = base.read(ref, dtype=run.dtype, device=str(run.dev))
+        a, b, scale = adapter.read_factors(module, dtype=run.dtype, device=str(run.dev))
+        svd0 = base_svd(base, ref, w0, run.cache)
+        results.append(_one(w0, None, (a, b, float(scale)), ref, module, opts, svd0))
+        run.tick(i + 1, len(pairs), b_key)
     return pairing, results
 
 
@@ -589,6 +644,7 @@ def _one(
     ref: MatrixRef,
     ft_key: str,
     opts: CompareOptions,
+    svd0: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PairResult:
     meta = PairMeta(key=ref.key, ft_key=ft_key, role=ref.role, layer=ref.layer)
     return compare_pair(
@@ -599,4 +655,5 @@ def _one(
         k=opts.k,
         epsilons=opts.epsilons,
         unchanged_tol=opts.unchanged_tol,
+        base_svd=svd0,
     )
