@@ -56,6 +56,14 @@ def _register() -> None:
 
     report_cmd.register(app)
 
+    from spectra.cli import init_cmd
+
+    init_cmd.register(app)
+
+    from spectra.cli import convert_cmd
+
+    convert_cmd.register(app)
+
 
 _register()
 

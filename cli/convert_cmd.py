@@ -1,0 +1,32 @@
+"""`spectra convert --init INIT_DIR --trained TRAINED_DIR --out DIR`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spectra.cli._common import ForceOpt, console, handle_errors
+
+
+@handle_errors
+def convert(
+    init_dir: Annotated[
+        str, typer.Option("--init", help="The `spectra init` output folder (or its adapter/).")
+    ],
+    trained: Annotated[
+        str, typer.Option("--trained", help="The adapter folder saved after training.")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output adapter folder.")],
+    force: ForceOpt = False,
+) -> None:
+    """Turn a trained PiSSA/MiLoRA/OLoRA adapter into a plain rank-2r LoRA on the original base."""
+    from spectra.export.convert import convert_to_lora
+
+    path = convert_to_lora(init_dir, trained, out, force=force)
+    console.print(f"plain LoRA for the original base: {path}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `convert` to the root app."""
+    app.command("convert")(convert)
