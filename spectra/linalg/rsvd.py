@@ -242,8 +242,14 @@ class _Krylov:
         self.R64, self.G = self.R64[keep], self.G[keep]
 
     def factors(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        Ub, S, Vh = torch.linalg.svd(self.R[rows].mT, full_matrices=False)  # B (a, L, n)
-        return self.Q[rows] @ Ub[..., :k], S[..., :k], Vh[..., :k, :]
+        """Rayleigh-Ritz through the float64 Gram already held: `G = B B^T = Ub S^2 Ub^T`,
+        `U = Q Ub`, `V = B^T Ub S^-1 = R Ub S^-1` (top k only; cheaper than an SVD of B)."""
+        ev, vec = torch.linalg.eigh(self.G[rows])  # ascending, (a, L), (a, L, L)
+        top = vec[..., -k:].flip(-1)  # (a, L, k)
+        S = ev[..., -k:].flip(-1).clamp_min(0).sqrt()  # (a, k)
+        V = (self.R64[rows] @ top) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+        dt = self.Q.dtype
+        return self.Q[rows] @ top.to(dt), S.to(dt), V.mT.to(dt)
 
 
 def _converged(now: torch.Tensor, prev: torch.Tensor | None, tol: float) -> torch.Tensor:
