@@ -23,6 +23,8 @@ from spectra.errors import SourceError
 #: Largest header we accept. The reference implementation refuses 100 MB as well; a real header of
 #: a 400B-parameter checkpoint is a few MB.
 MAX_HEADER_BYTES = 100_000_000
+#: Largest element count (and stride) a tensor may have: torch indexes with int64.
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,12 @@ def _decode_json(raw: bytes, where: str) -> dict[str, Any]:
         raise SourceError(
             f"{where}: invalid header JSON ({exc.msg} at byte {exc.pos}): not a safetensors file"
         ) from exc
+    except (ValueError, RecursionError) as exc:
+        # an integer of thousands of digits (ValueError), or nesting deeper than the stack
+        raise SourceError(
+            f"{where}: invalid header JSON ({type(exc).__name__}: nesting too deep or a number "
+            "too long): not a safetensors file"
+        ) from exc
     if not isinstance(obj, dict):
         raise SourceError(f"{where}: header JSON must be an object, got {type(obj).__name__}")
     return obj
@@ -170,7 +178,7 @@ def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
-                raise SourceError(f"{where}: tensor {key!r} appears twice in the header")
+                raise SourceError(f"{where}: tensor {clip(key)} appears twice in the header")
             out[key] = value
         return out
 
@@ -187,18 +195,24 @@ def _metadata(raw: Any, where: str) -> dict[str, str]:
     return dict(raw)
 
 
+def clip(value: Any, limit: int = 120) -> str:
+    """`repr(value)`, cut to `limit` characters: hostile headers must not make huge messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} chars)"
+
+
 def _tensor_ref(name: str, info: Any, path: Path, data_start: int, where: str) -> TensorRef:
     def bad(why: str) -> SourceError:
-        return SourceError(f"{where}: tensor {name!r}: {why}")
+        return SourceError(f"{where}: tensor {clip(name)}: {why}")
 
     if not isinstance(info, dict):
         raise bad("entry must be an object with dtype, shape, data_offsets")
     dtype = info.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise bad(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        raise bad(f"unknown dtype {clip(dtype)} (known: {', '.join(DTYPES)})")
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
-        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise bad(f"shape must be a list of non-negative integers, got {clip(shape)}")
     offsets = info.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -206,13 +220,17 @@ def _tensor_ref(name: str, info: Any, path: Path, data_start: int, where: str) -
         or not all(_is_nonneg_int(o) for o in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {clip(offsets)}")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: no overflow
     if expected != end - begin:
         raise bad(
-            f"shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}"
+            f"shape {clip(shape)} of {dtype} needs {expected} bytes "
+            f"but data_offsets span {end - begin}"
         )
+    if math.prod(d for d in shape if d) > INT64_MAX:
+        # a zero dimension makes the byte size 0, but torch still cannot hold the others
+        raise bad(f"shape {clip(shape)} has more elements than an int64 can count")
     return TensorRef(name, tuple(shape), dtype, path, data_start + begin, end - begin)
 
 
@@ -226,12 +244,14 @@ def _check_ranges(refs: list[TensorRef], data_start: int, size: int, where: str)
         end = ref.offset + ref.nbytes
         if end > size:
             raise SourceError(
-                f"{where}: tensor {ref.name!r}: byte range [{ref.offset}, {end}) exceeds the file "
+                f"{where}: tensor {clip(ref.name)}: byte range [{ref.offset}, {end}) exceeds "
+                "the file "
                 f"({size} bytes): the file is truncated, download or copy it again"
             )
         if ref.offset < last_end and ref.nbytes > 0:
             raise SourceError(
-                f"{where}: tensor {ref.name!r} overlaps tensor {last_name!r} in the data region"
+                f"{where}: tensor {clip(ref.name)} overlaps tensor {clip(last_name)} "
+                "in the data region"
             )
         if ref.nbytes > 0:
             last_end, last_name = end, ref.name
