@@ -64,6 +64,14 @@ def compare_cmd(
     exclude: ExcludeOpt = None,
     roles: RolesOpt = None,
     device: DeviceOpt = "auto",
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir",
+            help="Keep the base's float64 SVD here to reuse it when comparing other fine-tunes "
+            "of the same base (off by default: about 2x the base's float32 size on disk).",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     from spectra.analysis.compare import compare
@@ -88,6 +96,7 @@ def compare_cmd(
             roles=tuple(split_csv(roles)),
             allow_missing=allow_missing,
             device=device,
+            cache=Path(cache_dir).expanduser() if cache_dir else None,
             progress=tick,
         )
     paths = write_compare(cmp, out, force=force)

@@ -87,12 +87,24 @@ def test_refuses_to_overwrite_and_reports_pairing_errors(
 def test_lora_adapter_folder_via_cli(tmp_path: Path) -> None:
     base, adapter, _ = lora_and_merged(tmp_path)
     res = CliRunner().invoke(
-        app, ["compare", str(base), str(adapter), "--out", str(tmp_path / "o"), "--k", "5"]
+        app,
+        [
+            "compare",
+            str(base),
+            str(adapter),
+            "--out",
+            str(tmp_path / "o"),
+            "--k",
+            "5",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
     )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "o" / "compare.json").read_text())
     assert data["mode"] == "lora" and data["forensics"]["apparent_rank"] == 4
     assert all(p["intruders"]["k"] == 5 for p in data["pairs"])
+    assert any((tmp_path / "c").rglob("*.safetensors"))  # the base SVDs were cached
 
 
 REASON = browser_unavailable()
