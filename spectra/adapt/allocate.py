@@ -196,6 +196,10 @@ register_allocator(
 
 
 def get_allocator(name: str) -> AllocatorSpec:
+    """The registered allocator ``name`` (case-insensitive); the error lists the known ones."""
+    from spectra.adapt.registry import load_builtins
+
+    load_builtins()
     found = ALLOCATORS.get(name.lower())
     if found is None:
         raise ValidationError(

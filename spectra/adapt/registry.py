@@ -87,7 +87,7 @@ def register_initializer(initializer: Initializer) -> Initializer:
 
 def get_initializer(name: str) -> Initializer:
     """The registered initializer ``name`` (case-insensitive); the error lists the known ones."""
-    _load_builtins()
+    load_builtins()
     found = INITIALIZERS.get(name.lower())
     if found is None:
         raise ValidationError(
@@ -108,6 +108,24 @@ def check_factors(factors: Factors, shape: tuple[int, int], rank: int, name: str
         raise ValidationError(f"initializer {name!r} produced NaN/Inf factors")
 
 
-def _load_builtins() -> None:
-    # Importing the modules registers them; local import avoids a cycle at package import.
-    from spectra.adapt import milora, olora, pissa  # noqa: F401
+# Modules whose import registers built-in initializers/allocators (one file per method).
+BUILTIN_MODULES: tuple[str, ...] = ("pissa", "milora", "olora", "corda", "eva", "lamda")
+
+
+def load_builtins() -> None:
+    """Import every built-in method module so its ``register_*`` calls have run (idempotent;
+    local imports keep ``import spectra.adapt.registry`` free of cycles)."""
+    import importlib
+
+    for name in BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"spectra.adapt.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"spectra.adapt.{name}":
+                raise
+
+
+def available_initializers() -> dict[str, str]:
+    """{name: one-line description} of every registered initializer."""
+    load_builtins()
+    return {name: INITIALIZERS[name].description for name in sorted(INITIALIZERS)}
