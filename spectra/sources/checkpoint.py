@@ -25,6 +25,7 @@ from spectra.sources.roles import MatrixRef, classify
 from spectra.sources.select import select
 
 Ref = TensorRef | MatrixRef | str
+_MAX_CONFIG_BYTES = 10_000_000  # a real config.json is a few KB
 
 
 class ShardStore(Protocol):
@@ -87,7 +88,8 @@ class Checkpoint:
         self._tensors = _collect(source, headers)
         self._by_name = {t.name: t for t in self._tensors}
         hidden = self.config.get("hidden_size")
-        hidden = hidden if isinstance(hidden, int) else None
+        ok = isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0
+        hidden = hidden if ok else None
         self._matrices = [m for t in self._tensors for m in classify(t, hidden_size=hidden)]
         self._by_key = {m.key: m for m in self._matrices}
 
@@ -293,7 +295,9 @@ def _read_config(shards: Sequence[Path]) -> dict[str, Any]:
         return {}
     candidate = shards[0].parent / "config.json"
     try:
+        if candidate.stat().st_size > _MAX_CONFIG_BYTES:
+            return {}
         obj = json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}  # ValueError covers bad JSON and numbers too long to parse
     return obj if isinstance(obj, dict) else {}

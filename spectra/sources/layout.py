@@ -10,6 +10,7 @@ import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from spectra.errors import SourceError
+from spectra.sources.header import MAX_HEADER_BYTES, clip
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -84,14 +85,21 @@ def _no_safetensors_message(folder: Path) -> str:
 def shards_from_index(index: Path) -> list[Path]:
     """Shard paths named by a `*.safetensors.index.json`, each checked to stay inside its folder."""
     try:
+        size = index.stat().st_size
+        if size > MAX_HEADER_BYTES:
+            raise SourceError(
+                f"{index}: index is {size} bytes, more than {MAX_HEADER_BYTES}: not a real index"
+            )
         obj = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{index}: cannot read the index ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+        raise SourceError(f"{index}: invalid index JSON ({type(exc).__name__})") from exc
     shards = [index.parent / name for name in index_shard_names(obj, str(index))]
     for shard in shards:
         if not shard.is_file():
             raise SourceError(
-                f"{index}: names shard {shard.name!r}, which is missing from {index.parent}: "
+                f"{index}: names shard {clip(shard.name)}, which is missing from {index.parent}: "
                 "download the missing shard or remove the index"
             )
     return shards
@@ -106,7 +114,9 @@ def index_shard_names(obj: object, label: str) -> list[str]:
     names: dict[str, None] = {}  # ordered set
     for tensor, rel in weight_map.items():
         if not isinstance(rel, str):
-            raise SourceError(f"{label}: tensor {tensor!r} maps to {rel!r}, not a file name")
+            raise SourceError(
+                f"{label}: tensor {clip(tensor)} maps to {clip(rel)}, not a file name"
+            )
         if rel not in names:
             _check_child(rel, label, tensor)
             names[rel] = None
@@ -127,8 +137,10 @@ def _check_child(rel: str, label: str, tensor: str) -> None:
         or ".." in windows.parts
     ):
         raise SourceError(
-            f"{label}: tensor {tensor!r} points to {rel!r}, outside the checkpoint folder; "
+            f"{label}: tensor {clip(tensor)} points to {clip(rel)}, outside the checkpoint folder; "
             "refusing to read it (shard names must be plain file names in the same folder)"
         )
     if not rel.endswith(".safetensors"):
-        raise SourceError(f"{label}: tensor {tensor!r} points to {rel!r}, not a .safetensors file")
+        raise SourceError(
+            f"{label}: tensor {clip(tensor)} points to {clip(rel)}, not a .safetensors file"
+        )
