@@ -23,8 +23,9 @@ import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError
+from spectra.sources.adapter_config import validate_adapter_config
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.header import TensorRef
+from spectra.sources.header import TensorRef, clip
 from spectra.sources.roles import MatrixRef
 
 _KEY = re.compile(
@@ -64,7 +65,7 @@ class LoraAdapter:
 
     def __init__(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
         self.checkpoint = checkpoint
-        self.config = config
+        self.config = validate_adapter_config(config, f"{checkpoint.source}: adapter_config.json")
         self.modules: dict[str, LoraModule] = _modules(checkpoint, config)
 
     @classmethod
@@ -78,6 +79,10 @@ class LoraAdapter:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{cfg_path}: cannot read adapter config ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+            raise SourceError(
+                f"{cfg_path}: invalid adapter config JSON ({type(exc).__name__})"
+            ) from exc
         if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
             raise SourceError(f"{cfg_path}: not a LoRA adapter (peft_type must be LORA)")
         weights = folder / "adapter_model.safetensors"
@@ -125,7 +130,7 @@ class LoraAdapter:
             return module
         found = self.modules.get(module) or self.by_base_key().get(module)
         if found is None:
-            raise SourceError(f"{self.checkpoint.source}: no LoRA module {module!r}")
+            raise SourceError(f"{self.checkpoint.source}: no LoRA module {clip(module)}")
         return found
 
 
@@ -149,18 +154,21 @@ def _module(
     source: str, module: str, ab: dict[str, TensorRef], config: dict[str, Any], rslora: bool
 ) -> LoraModule:
     if set(ab) != {"A", "B"}:
-        raise SourceError(f"{source}: module {module!r} has lora_{set(ab).pop()} but not both")
+        raise SourceError(f"{source}: module {clip(module)} has lora_{set(ab).pop()} but not both")
     a, b = ab["A"], ab["B"]
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
         raise SourceError(
-            f"{source}: module {module!r}: A {list(a.shape)} and B {list(b.shape)} are not "
+            f"{source}: module {clip(module)}: A {clip(list(a.shape))} and B {clip(list(b.shape))} "
+            "are not "
             "(r, in) and (out, r) (only linear LoRA is supported)"
         )
     rank = a.shape[0]
+    if rank < 1:
+        raise SourceError(f"{source}: module {clip(module)} has rank 0 (empty lora_A)")
     expected = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank)))
     if expected != rank:
         raise SourceError(
-            f"{source}: module {module!r} has rank {rank} but the config says {expected}"
+            f"{source}: module {clip(module)} has rank {rank} but the config says {expected}"
         )
     alpha = float(
         pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
@@ -186,11 +194,12 @@ class MergedCheckpoint:
             m = by_key.get(key)
             if m is None:
                 raise SourceError(
-                    f"{self.source}: adapter module {mod.module!r} has no base {key!r}"
+                    f"{self.source}: adapter module {clip(mod.module)} has no base {clip(key)}"
                 )
             if m.shape != (mod.b.shape[0], mod.a.shape[1]):
                 raise SourceError(
-                    f"{self.source}: {key!r} is {m.shape} in the base but the adapter's B @ A is "
+                    f"{self.source}: {clip(key)} is {m.shape} in the base but the adapter's "
+                    "B @ A is "
                     f"({mod.b.shape[0]}, {mod.a.shape[1]}): wrong base model?"
                 )
 
