@@ -6,10 +6,12 @@ Two passes over the checkpoint, both memory-bounded:
    WeightWatcher's alphas, methods.md section 1), then the pure per-matrix metrics, and the MP
    edge when asked (no extra decomposition);
 2. only when a metric needs the weights themselves (outlier ratio, on by default; randomized
-   control, off by default): `Checkpoint.read_many` streams each matrix once more, in shard order,
-   and the metric is computed while it is in memory. This pass never uses the spectrum cache,
-   so outlier ratios are always fresh; its cost is one read of the weights (plus, with
-   `randomize`, one extra exact spectrum per matrix).
+   control, off by default): each matrix is read once more and the metric is computed while it
+   is in memory. With `randomize` the engine decomposes the entry-shuffled matrices
+   (`ShuffledView`: same batching and memory budget, no cache) and the outlier ratio rides on
+   those reads; otherwise `Checkpoint.read_many` streams the matrices in shard order. This pass
+   never uses the spectrum cache, so outlier ratios are always fresh. Cost: one read of the
+   weights, plus with `randomize` one extra exact spectrum per matrix.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import torch
 from spectra.analysis.htsr import failed_layer, layer_metrics
 from spectra.analysis.mp import mp_fit as fit_mp
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
-from spectra.analysis.randomized import DEFAULT_SEED, randomized_control
+from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
 from spectra.analysis.results import Analysis, LayerMetrics
 from spectra.analysis.summary import summarize
 from spectra.device import resolve_device
-from spectra.errors import NumericalError, ValidationError
+from spectra.errors import ValidationError
 
 Progress = Callable[..., Any]
 
@@ -158,7 +160,7 @@ def _analyze_checkpoint(
     esds = {
         key: spec.values.double().square().cpu().numpy() for key, spec in spectra.items() if spec.ok
     }
-    extras = _weight_extras(ckpt, matrices, esds, options, dev)
+    extras = _weight_extras(ckpt, matrices, esds, options, dev, max_memory)
     layers = [
         _layer(ref, spectra.get(ref.key), extras.get(ref.key, {}), options) for ref in matrices
     ]
@@ -204,29 +206,35 @@ def _weight_extras(
     esds: dict[str, np.ndarray],
     options: AnalyzeOptions,
     device: torch.device,
+    max_memory: int | None,
 ) -> dict[str, dict[str, Any]]:
-    """Second pass: metrics that need W itself (outlier ratio, randomized control)."""
-    if not (options.outliers or options.randomize):
-        return {}
-    from spectra.linalg import exact_svdvals
+    """Second pass: metrics that need W itself (outlier ratio, randomized control).
 
-    def spectrum(W: torch.Tensor) -> np.ndarray:
-        return exact_svdvals(W).cpu().numpy()
+    With `randomize`, the engine decomposes a ShuffledView of the checkpoint (same batching and
+    memory budget as the real spectra, no cache) and the outlier ratio taps the same reads;
+    matrices left over (failed spectra, or no randomize) get a plain streaming read.
+    """
+    from spectra.linalg.engine import compute_spectra
 
-    out: dict[str, dict[str, Any]] = {}
-    for ref, W in ckpt.read_many(matrices, device=str(device)):
-        extra: dict[str, Any] = {}
-        if options.outliers:
-            extra["outlier_ratio"] = outlier_ratio(W, multiplier=options.outlier_multiplier)
-        if options.randomize and ref.key in esds:
-            try:
-                _, extra["rand_distance"] = randomized_control(
-                    W, esds[ref.key], spectrum, seed=options.seed
-                )
-            except NumericalError:
-                extra["rand_distance"] = None
-        out[ref.key] = extra
-        del W
+    out: dict[str, dict[str, Any]] = {ref.key: {} for ref in matrices}
+
+    def tap(ref: Any, W: torch.Tensor) -> None:
+        out[ref.key]["outlier_ratio"] = outlier_ratio(W, multiplier=options.outlier_multiplier)
+
+    if options.randomize:
+        view = ShuffledView(ckpt, seed=options.seed, tap=tap if options.outliers else None)
+        targets = [ref for ref in matrices if ref.key in esds]
+        for spec in compute_spectra(
+            view, targets, mode="values", device=device, cache=None, max_memory=max_memory
+        ):
+            if spec.ok:
+                rand = spec.values.double().square().cpu().numpy()
+                out[spec.key]["rand_distance"] = esd_distance(esds[spec.key], rand)
+    if options.outliers:
+        left = [ref for ref in matrices if "outlier_ratio" not in out[ref.key]]
+        for ref, W in ckpt.read_many(left, device=str(device)):
+            tap(ref, W)
+            del W
     return out
 
 

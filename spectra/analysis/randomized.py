@@ -13,7 +13,8 @@ generator, so its values are not reproducible; ours are seeded (torch.Generator)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,3 +74,38 @@ def randomized_control(
     S_rand = np.asarray(spectrum(shuffle_entries(W, seed=seed)), dtype=np.float64)
     rand_evals = np.sort(S_rand**2)[::-1]
     return rand_evals, esd_distance(evals, rand_evals)
+
+
+class ShuffledView:
+    """A checkpoint whose matrices read back entry-shuffled (seeded), for the spectral engine.
+
+    Lets `compute_spectra` batch, budget and place the shuffled matrices exactly as it does the
+    real ones. `tap(ref, W)` (optional) sees each original matrix before it is shuffled, so a
+    metric that needs W (the outlier ratio) rides on the same read. Never give this view a
+    spectrum cache: the engine keys cache entries by shard bytes, which are the unshuffled
+    ones.
+    """
+
+    def __init__(
+        self,
+        ckpt: Any,
+        *,
+        seed: int = DEFAULT_SEED,
+        tap: Callable[[Any, torch.Tensor], None] | None = None,
+    ) -> None:
+        self._ckpt = ckpt
+        self._seed = seed
+        self._tap = tap
+        self.source = f"shuffled({getattr(ckpt, 'source', ckpt)}, seed={seed})"
+
+    def matrices(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return self._ckpt.matrices(*args, **kwargs)
+
+    def content_key(self, ref: Any) -> str:
+        return f"{self._ckpt.content_key(ref)}:shuffled:{self._seed}"
+
+    def read_many(self, refs: Any, **kwargs: Any) -> Iterator[tuple[Any, torch.Tensor]]:
+        for ref, W in self._ckpt.read_many(refs, **kwargs):
+            if self._tap is not None:
+                self._tap(ref, W)
+            yield ref, shuffle_entries(W, seed=self._seed)
