@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _source_fixtures import write_llama_like
+from _source_fixtures import write_llama_like, write_lora_adapter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,24 +268,31 @@ _WORKER = """
 import json, sys
 from spectra.distributed import run_analyze, run_compare
 from spectra.linalg.cache import SpectrumCache
-base, ft, cache, out = sys.argv[1:5]
+base, ft, lora, cache, out = sys.argv[1:6]
 an = run_analyze(base, device="cpu", threads=1, cache=SpectrumCache(cache), mp_fit=True,
                  randomize=True)
-cmp = run_compare(base, ft, device="cpu", threads=1, epsilons=(0.5, 0.9)) if ft != "-" else None
+res = {"analysis": an.to_dict() if an else None}
+if ft != "-":
+    for name, other in (("compare", ft), ("lora", lora)):
+        cmp = run_compare(base, other, device="cpu", threads=1, epsilons=(0.5, 0.9))
+        res[name] = cmp.to_dict() if cmp else None
 if an is not None:
     with open(out, "w") as fh:
-        json.dump({"analysis": an.to_dict(), "compare": cmp.to_dict() if cmp else None}, fh)
+        json.dump(res, fh)
 """
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
     root = tmp_path_factory.mktemp("dist")
     base = write_llama_like(root / "base", layers=2, shards=3, seed=0)
     ft = write_llama_like(root / "ft", layers=2, shards=3, seed=1)
+    with Checkpoint.open(base) as ck:
+        shapes = {m.key: tuple(m.shape) for m in ck.matrices(roles=["q", "v", "down"])}
+    lora = write_lora_adapter(root / "lora", shapes, r=4)
     worker = root / "worker.py"
     worker.write_text(_WORKER)
-    return base, ft, worker
+    return base, ft, lora, worker
 
 
 def _torchrun(
@@ -300,7 +307,7 @@ def _torchrun(
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
-def _single(base: Path, ft: Path, cache: Path) -> dict[str, object]:
+def _single(base: Path, ft: Path, lora: Path, cache: Path) -> dict[str, object]:
     """The same work in this process, with the same thread count as each torchrun worker."""
     from spectra.analysis import analyze
     from spectra.analysis.compare import compare
@@ -311,9 +318,10 @@ def _single(base: Path, ft: Path, cache: Path) -> dict[str, object]:
     try:
         an = analyze(base, device="cpu", cache=SpectrumCache(cache), mp_fit=True, randomize=True)
         cmp = compare(base, ft, device="cpu", epsilons=(0.5, 0.9))
+        cmp_lora = compare(base, lora, device="cpu", epsilons=(0.5, 0.9))
     finally:
         torch.set_num_threads(before)
-    return {"analysis": an.to_dict(), "compare": cmp.to_dict()}
+    return {"analysis": an.to_dict(), "compare": cmp.to_dict(), "lora": cmp_lora.to_dict()}
 
 
 def _entries(cache: Path) -> dict[Path, tuple[int, int]]:
@@ -323,42 +331,55 @@ def _entries(cache: Path) -> dict[Path, tuple[int, int]]:
 
 @pytest.mark.timeout(300)
 def test_killed_rank_fails_the_job_and_the_rerun_resumes_and_equals_one_process(
-    pair: tuple[Path, Path, Path], tmp_path: Path
+    pair: tuple[Path, Path, Path, Path], tmp_path: Path
 ) -> None:
-    base, ft, worker = pair
+    base, ft, lora, worker = pair
     cache, out = tmp_path / "cache", tmp_path / "out.json"
     n_matrices = 16  # 2 layers x 7 + embed + lm_head
 
-    crashed = _torchrun(worker, [str(base), "-", str(cache), str(out)], fault="1:2:exit")
+    crashed = _torchrun(worker, [str(base), "-", "-", str(cache), str(out)], fault="1:2:exit")
     assert crashed.returncode != 0
     assert "exitcode: 17" in crashed.stderr and "local_rank: 1" in crashed.stderr
     assert not out.exists()
     done = _entries(cache)
     assert 2 <= len(done) < n_matrices  # rank 1 finished 2 spectra, rank 0 some or all of its own
 
-    rerun = _torchrun(worker, [str(base), str(ft), str(cache), str(out)])
+    rerun = _torchrun(worker, [str(base), str(ft), str(lora), str(cache), str(out)])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     after = _entries(cache)
     assert len(after) == n_matrices
     assert all(after[p] == v for p, v in done.items())  # reused, not recomputed or rewritten
 
     got = json.loads(out.read_text())
-    want = _single(base, ft, tmp_path / "single-cache")
+    want = _single(base, ft, lora, tmp_path / "single-cache")
     assert got == want  # every JSON number bit for bit (json round trip is exact for floats)
     assert len(got["analysis"]["layers"]) == n_matrices
     assert len(got["compare"]["pairs"]) == n_matrices
+    assert len(got["lora"]["pairs"]) == 6 and got["lora"]["mode"] == "lora"
 
 
 @pytest.mark.timeout(300)
 def test_failing_rank_names_itself_and_its_matrix(
-    pair: tuple[Path, Path, Path], tmp_path: Path
+    pair: tuple[Path, Path, Path, Path], tmp_path: Path
 ) -> None:
-    base, _, worker = pair
+    base, _, _, worker = pair
     out = tmp_path / "out.json"
-    res = _torchrun(worker, [str(base), "-", str(tmp_path / "c"), str(out)], fault="1:1:raise")
+    args = [str(base), "-", "-", str(tmp_path / "c"), str(out)]
+    res = _torchrun(worker, args, fault="1:1:raise")
     assert res.returncode != 0
     text = res.stdout + res.stderr
     assert "DistributedError: 1 of 2 rank(s) failed: rank 1" in text
     assert "failed on matrix 'model.layers." in text
     assert "RuntimeError: injected failure (SPECTRA_DIST_FAULT) at matrix 2" in text
     assert not out.exists()
+
+
+def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectra.distributed import run_init
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    # a source that does not exist: a non-writer must not even open it
+    assert run_init("/nonexistent/model", out="/nonexistent/out", method="pissa") is None

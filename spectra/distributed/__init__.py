@@ -5,8 +5,8 @@ share of the matrices on `cuda:LOCAL_RANK` (or the CPU with gloo), rank 0 gather
 results in single-process order and writes the outputs. Outside torchrun everything here is the
 plain single-process call. Commands use:
 
-- `run_analyze(source, ...)` / `run_compare(base, finetuned, ...)`: the result on the writer,
-  None on the other ranks (which then write nothing);
+- `run_analyze(source, ...)` / `run_compare(base, finetuned, ...)` / `run_init(source, ...)`:
+  the result on the writer, None on the other ranks (which then write nothing);
 - `is_distributed()`, `is_writer()`: where this process stands.
 
 Building blocks for other work: `distributed_session`, `my_share`, `shard_items`, `partition`,
@@ -20,7 +20,7 @@ from spectra.distributed.failures import DistributedError, RankStatus, guarded, 
 from spectra.distributed.gather import all_gather, gather_results, merge_indexed
 from spectra.distributed.hub import open_checkpoint
 from spectra.distributed.partition import CostModel, matrix_cost, partition, shard_items
-from spectra.distributed.run import my_share, run_analyze, run_compare
+from spectra.distributed.run import my_share, run_analyze, run_compare, run_init
 from spectra.distributed.runtime import (
     DistEnv,
     Session,
@@ -57,6 +57,7 @@ __all__ = [
     "partition",
     "run_analyze",
     "run_compare",
+    "run_init",
     "settle",
     "shard_items",
 ]

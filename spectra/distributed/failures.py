@@ -32,7 +32,7 @@ from spectra.errors import SpectraError, ValidationError
 
 T = TypeVar("T")
 FAULT_ENV = "SPECTRA_DIST_FAULT"
-_FAILED_KEY = "spectra/failed_ranks"
+_FAILED_KEY = "spectra/failed_ranks/{tag}"
 
 
 class DistributedError(SpectraError):
@@ -89,17 +89,18 @@ class Fault:
 class FailureBoard:
     """A failure counter in the rendezvous store that every rank can read cheaply."""
 
-    def __init__(self, store: Any = None) -> None:
+    def __init__(self, store: Any = None, tag: int = 0) -> None:
         self._store = store
+        self._key = _FAILED_KEY.format(tag=tag)
 
     def mark_failed(self) -> None:
         if self._store is not None:
-            self._store.add(_FAILED_KEY, 1)
+            self._store.add(self._key, 1)
 
     def any_failed(self) -> bool:
         if self._store is None:
             return False
-        return int(self._store.add(_FAILED_KEY, 0)) > 0  # add 0: read without blocking
+        return int(self._store.add(self._key, 0)) > 0  # add 0: read without blocking
 
 
 class Tracker:
@@ -131,7 +132,7 @@ def guarded(
     session: Session, work: Callable[[Tracker], T], *, fault: Fault | None = None
 ) -> tuple[RankStatus, T | None]:
     """Run `work(tracker)`; return this rank's status and the result (None on failure)."""
-    board = FailureBoard(session.store)
+    board = FailureBoard(session.store, session.tag)
     tracker = Tracker(session, board, fault if fault is not None else Fault.from_env())
     host = socket.gethostname()
     rank = session.env.rank

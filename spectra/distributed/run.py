@@ -29,7 +29,14 @@ from spectra.distributed.failures import Tracker, guarded, settle
 from spectra.distributed.gather import gather_results
 from spectra.distributed.hub import open_checkpoint
 from spectra.distributed.partition import CostModel, matrix_cost, shard_items
-from spectra.distributed.runtime import Session, apply_threads, distributed_session, is_distributed
+from spectra.distributed.runtime import (
+    Session,
+    apply_threads,
+    detect_env,
+    distributed_session,
+    is_distributed,
+    rank_device,
+)
 from spectra.sources import Checkpoint
 
 
@@ -187,3 +194,25 @@ def run_compare(
 
     with distributed_session(device=device, threads=threads, timeout_s=timeout_s) as s:
         return distributed_compare(s, base, finetuned, device, progress, options)
+
+
+# --------------------------------------------------------------------------------- init
+
+
+def run_init(
+    source: Any, *, device: str = "auto", threads: int | None = None, **options: Any
+) -> Any:
+    """`init_adapter(source, ...)` under torchrun: rank 0 runs it on `cuda:LOCAL_RANK` (or the
+    CPU) and returns its InitResult; the other ranks return None at once, without joining a
+    process group, so nothing can wait on them. Outside torchrun: `init_adapter(...)`.
+
+    Not parallel yet: splitting the per-matrix factorizations over ranks needs init_adapter to
+    accept precomputed factors (see docs/scaling.md); one rank is still correct and complete.
+    """
+    from spectra.adapt.init import init_adapter
+
+    env = detect_env()
+    if env.is_distributed and not env.is_writer:
+        return None
+    apply_threads(threads)
+    return init_adapter(source, device=str(rank_device(env, device)), **options)

@@ -5,7 +5,8 @@
 (a plain `python -m spectra ...` has none and is a world of one). `distributed_session()` then
 creates the process group (NCCL when the device is CUDA, gloo otherwise), plus a gloo group for
 the Python objects spectra exchanges (results, failure reports), so object traffic never needs GPU
-memory; it destroys both on exit.
+memory. The groups live until the process exits, so several sessions (a report, then a
+comparison) share them.
 
 Threads: BLAS/LAPACK results move in their last bits with the thread count (docs/architecture.md,
 "Reproducibility contract"), and torchrun starts each worker with `OMP_NUM_THREADS=1` unless told
@@ -16,6 +17,7 @@ made bit-comparable.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -171,7 +173,9 @@ class Session:
 
     env: ranks; device: this rank's compute device; threads: intra-op threads in effect;
     objects: the gloo process group used for object collectives (None in a world of one);
-    store: the rendezvous key-value store (None in a world of one), used for failure flags.
+    store: the rendezvous key-value store (None in a world of one), used for failure flags;
+    tag: the number of this session in the process (every rank opens sessions in the same order,
+    so the tag names the same work phase on all ranks and keeps store keys of phases apart).
     """
 
     env: DistEnv
@@ -179,10 +183,15 @@ class Session:
     threads: int
     objects: Any = None
     store: Any = None
+    tag: int = 0
 
     @property
     def is_writer(self) -> bool:
         return self.env.is_writer
+
+
+_GROUPS: dict[str, Any] = {}  # the process-wide object group, created once
+_COUNTER = [0]  # sessions opened in this process
 
 
 @contextmanager
@@ -195,8 +204,10 @@ def distributed_session(
 ) -> Iterator[Session]:
     """Join the torchrun job for the duration of the block (a no-op world of one outside it).
 
-    Creates the default group (NCCL on CUDA, gloo otherwise) with a timeout, a gloo group for
-    objects, sets this rank's CUDA device; destroys the groups on exit, also after an error.
+    The first session of a process creates the default group (NCCL on CUDA, gloo otherwise) with
+    a timeout, and a gloo group for objects, and sets this rank's CUDA device; later sessions
+    reuse them (destroying and re-creating a group on the same rendezvous store can hand a peer
+    the stale address of the previous group). The groups are destroyed when the process exits.
     """
     env = detect_env(environ)
     n_threads = apply_threads(threads)
@@ -206,21 +217,27 @@ def distributed_session(
         return
     import torch.distributed as dist
 
-    if dist.is_initialized():  # someone else owns the group (e.g. a caller's own job)
-        yield Session(env, dev, n_threads, _object_group(dist), _default_store(dist))
-        return
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     timeout = timedelta(seconds=resolve_timeout(timeout_s))
-    dist.init_process_group(backend=backend_for(dev), timeout=timeout)
-    try:
-        objects = _object_group(dist, timeout)
-        yield Session(env, dev, n_threads, objects, _default_store(dist))
-    finally:
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend_for(dev), timeout=timeout)
+        atexit.register(_shutdown)
+    if "objects" not in _GROUPS:
+        _GROUPS["objects"] = _object_group(dist, timeout)
+    _COUNTER[0] += 1
+    yield Session(env, dev, n_threads, _GROUPS["objects"], _default_store(dist), _COUNTER[0])
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    _GROUPS.clear()
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _object_group(dist: Any, timeout: timedelta | None = None) -> Any:
+def _object_group(dist: Any, timeout: timedelta) -> Any:
     """A gloo group over all ranks (the default group itself when it is gloo already)."""
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
