@@ -383,3 +383,61 @@ def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     # a source that does not exist: a non-writer must not even open it
     assert run_init("/nonexistent/model", out="/nonexistent/out", method="pissa") is None
+
+
+class _Opened:
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, leader_error: bool) -> list[tuple]:
+    """Checkpoint.open records its calls; all_gather answers as two node leaders would."""
+    from spectra.distributed import hub
+    from spectra.errors import HubError
+
+    commit = "ab" * 20
+    calls: list[tuple] = []
+    snap = tmp_path / "models--org--m" / "snapshots" / commit / "model.safetensors"
+
+    def fake_open(source: object, **kwargs: object) -> _Opened:
+        calls.append((str(source), kwargs))
+        if leader_error:
+            raise HubError("org/m: not in the local Hub cache")
+        return _Opened([snap])
+
+    monkeypatch.setattr(Checkpoint, "open", staticmethod(fake_open))
+    monkeypatch.setattr(hub, "is_hub_source", lambda source: True)
+    outcome = ("", "HubError: org/m: not in the local Hub cache") if leader_error else (commit, "")
+    # ranks 0 and 2 lead nodes 0 and 1 (2 ranks per node)
+    monkeypatch.setattr(hub, "all_gather", lambda s, mine: [outcome, ("", ""), outcome, ("", "")])
+    return calls
+
+
+def test_hub_repo_is_opened_by_the_node_leader_then_offline_by_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from spectra.distributed.hub import open_checkpoint
+
+    calls = _fake_hub(monkeypatch, tmp_path, leader_error=False)
+    leader = Session(DistEnv(2, 4, 0, 2), torch.device("cpu"), 1)
+    other = Session(DistEnv(3, 4, 1, 2), torch.device("cpu"), 1)
+    open_checkpoint(leader, "org/m")
+    open_checkpoint(other, "org/m@main")
+    assert calls[0] == ("org/m", {"revision": None, "local_only": None, "disk_budget": None})
+    assert calls[1] == ("org/m", {"revision": "ab" * 20, "local_only": True})
+
+
+def test_hub_download_error_stops_every_rank(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from spectra.distributed.hub import open_checkpoint
+
+    calls = _fake_hub(monkeypatch, tmp_path, leader_error=True)
+    other = Session(DistEnv(1, 4, 1, 2), torch.device("cpu"), 1)
+    with pytest.raises(DistributedError, match="rank 0: HubError: org/m: not in the local Hub"):
+        open_checkpoint(other, "org/m")
+    assert calls == []  # the non-leader never touched the Hub
