@@ -230,3 +230,24 @@ def test_calibration_options_are_validated():
         CalibrationOptions(batch_size=0, covariance=True)
     with pytest.raises(ValidationError, match="nothing to collect"):
         CalibrationOptions()
+
+
+def test_calibration_for_method_redistributes_eva_ranks(minilm_path):
+    from spectra.adapt.calibrate import calibration_for_method
+
+    weights = [f"encoder.layer.0.attention.self.{p}.weight" for p in ("query", "key", "value")]
+    weights.append("encoder.layer.0.output.dense.weight")
+    ranks = dict.fromkeys(weights, 2)
+    opts = CalibrationOptions(samples=8, batch_size=4, covariance=True, max_batches=2)
+    got = calibration_for_method(
+        minilm_path, "eva", weights, ranks, texts=load_texts(None), options=opts, device="cpu"
+    )
+    assert got.ranks is not None and sum(got.ranks.values()) == 8
+    assert set(got.ranks) == set(weights)
+    assert not got.calibration.covariances and got.calibration.svd
+    assert got.stats["encoder.layer.0.attention.self.key"] is got.calibration
+    # Reusing saved statistics gives the same ranks without a forward pass.
+    again = calibration_for_method(minilm_path, "eva", weights, ranks, saved=got.calibration)
+    assert again.ranks == got.ranks
+    with pytest.raises(ValidationError, match="does not use calibration statistics"):
+        calibration_for_method(minilm_path, "pissa", weights, ranks, saved=got.calibration)

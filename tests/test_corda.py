@@ -140,3 +140,21 @@ def test_peft_loads_export_on_residual_base_and_output_is_unchanged(minilm_path,
     with torch.no_grad(), model.disable_adapter():
         bare = model(**enc).last_hidden_state
     assert float((ref - bare).abs().max()) > 1e-3
+
+
+def test_shared_covariance_inverse_is_reused_and_released():
+    W, C = _layer(seed=5)
+    ipm = get_initializer("corda-ipm")
+    stats = CalibrationStats(covariances={"q": C}, shared={"k": "q"})
+    ipm.init(W.float(), 2, 1.0, InitContext(key="q.weight", module="q", stats=stats))
+    memo = ipm._memo
+    assert memo is not None and memo[0]() is C
+    f = ipm.init(W.float(), 2, 1.0, InitContext(key="k.weight", module="k", stats=stats))
+    assert ipm._memo is memo  # same covariance object: no second inversion
+    A, B, _ = corda_factors(W, C, 2, 1.0, "ipm")
+    torch.testing.assert_close(f.B @ f.A, (B @ A).float(), rtol=1e-5, atol=1e-5)
+    del stats, C
+    import gc
+
+    gc.collect()
+    assert ipm._memo is None  # dropped together with the statistics

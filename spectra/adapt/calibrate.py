@@ -36,8 +36,9 @@ from spectra.adapt.stats import CalibrationStats, CovarianceAccumulator, Increme
 from spectra.device import resolve_device
 from spectra.errors import SpectraError, ValidationError
 
-# Maps leader module -> explained-variance ratios (descending) to leader -> number of leading
-# components that must have converged (EVA's current rank of that layer).
+# Maps module -> explained-variance ratios (descending; members of a shared group get their
+# leader's) to module -> number of leading components that must have converged (EVA's current
+# rank of that module); a leader must converge up to the largest rank in its group.
 ConvergenceRanks = Callable[[Mapping[str, torch.Tensor]], Mapping[str, int]]
 
 
@@ -328,7 +329,14 @@ def _eva_done(collector: _Collector, convergence_ranks: ConvergenceRanks | None)
     if not collector.svd:
         return False
     evr = {name: s.state().explained_variance_ratio() for name, s in collector.svd.items()}
-    needed = convergence_ranks(evr) if convergence_ranks is not None else {}
+    # Members of a shared group compete with their own copy of the leader's ratios; a leader
+    # must converge up to the largest rank any of its members currently gets.
+    evr.update({m: evr[lead] for m, lead in collector.shared.items() if lead in evr})
+    needed: dict[str, int] = {}
+    if convergence_ranks is not None:
+        for name, rank in convergence_ranks(evr).items():
+            lead = collector.shared.get(name, name)
+            needed[lead] = max(needed.get(lead, 0), int(rank))
     collector.frozen.clear()
     for name, svd in collector.svd.items():
         if svd.converged(needed.get(name, svd.k)):
@@ -410,3 +418,71 @@ def calibrate(
         )
     del model
     return stats, mapping
+
+
+@dataclass(frozen=True)
+class MethodCalibration:
+    """What `init_adapter` needs from calibration for one method.
+
+    stats: module -> statistics object for ``InitContext.stats`` (the whole CalibrationStats
+    under every target module, so a skipped module gets an error naming why); ranks: EVA's
+    redistributed ranks by weight key (0 = no adapter there), None for CorDA; calibration: the
+    statistics themselves (to save with ``save_stats`` / for the manifest).
+    """
+
+    stats: dict[str, Any]
+    ranks: dict[str, int] | None
+    calibration: CalibrationStats
+
+
+def calibration_for_method(
+    source: str | Path,
+    method: str,
+    weight_names: Sequence[str],
+    ranks: Mapping[str, int],
+    *,
+    texts: Sequence[str] | None = None,
+    saved: CalibrationStats | None = None,
+    options: CalibrationOptions | None = None,
+    rho: float = 2.0,
+    device: str | torch.device = "auto",
+) -> MethodCalibration:
+    """Collect (or reuse `saved`) the statistics `method` needs and, for EVA, redistribute ranks.
+
+    method: ``corda-ipm``/``corda-kpm`` (covariance) or ``eva`` (activation SVD); ranks: weight
+    key -> initial rank; options: samples/max_length/batch_size/tau/max_batches (what to collect
+    is set here from the method).
+    """
+    from dataclasses import replace
+
+    from spectra.adapt.eva import components_per_layer, convergence_ranks, eva_ranks
+
+    is_eva = method == "eva"
+    if not is_eva and not method.startswith("corda"):
+        raise ValidationError(f"method {method!r} does not use calibration statistics")
+    base = options or CalibrationOptions(covariance=True)
+    if saved is None:
+        if texts is None:
+            raise ValidationError("calibration needs texts (or saved statistics via --stats)")
+        model, tokenizer = load_model(source, device)
+        mapping = resolve_modules(model, weight_names)
+        by_module = {mapping[w]: r for w, r in ranks.items() if w in mapping}
+        opts = replace(
+            base,
+            covariance=not is_eva,
+            svd_components=components_per_layer(by_module, rho) if is_eva else None,
+        )
+        rule = convergence_ranks(by_module, None, rho) if is_eva else None
+        stats = run_calibration(
+            model, tokenizer, texts, list(by_module), opts, convergence_ranks=rule
+        )
+        del model
+    else:
+        stats, mapping = saved, {w: w.removesuffix(".weight") for w in weight_names}
+    module_of = {w: mapping.get(w, w.removesuffix(".weight")) for w in weight_names}
+    new_ranks = None
+    if is_eva:
+        by_module = {module_of[w]: r for w, r in ranks.items()}
+        moved = eva_ranks(stats, by_module, rho)
+        new_ranks = {w: moved[module_of[w]] for w in ranks}
+    return MethodCalibration(dict.fromkeys(module_of.values(), stats), new_ranks, stats)

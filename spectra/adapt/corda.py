@@ -19,6 +19,7 @@ input by its own max |x| and averages over forward calls, which needs batch size
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -76,10 +77,17 @@ def damped_inverse(C: Tensor) -> tuple[Tensor, Tensor, float, float]:
     raise NumericalError(f"could not invert the damped covariance (last error {err:.3g})")
 
 
-def corda_decompose(W: Tensor, C: Tensor, *, keep: slice | None = None) -> CordaDecomposition:
+def corda_decompose(
+    W: Tensor,
+    C: Tensor,
+    *,
+    keep: slice | None = None,
+    damped: tuple[Tensor, Tensor, float, float] | None = None,
+) -> CordaDecomposition:
     """CorDA's covariance-oriented SVD of ``W (out, in)`` with input covariance ``C (in, in)``.
 
     keep: only these components (``V'`` is then computed for them alone, saving a product).
+    damped: a `damped_inverse(C)` result to reuse (q, k and v share one input covariance).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> W = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -93,7 +101,7 @@ def corda_decompose(W: Tensor, C: Tensor, *, keep: slice | None = None) -> Corda
             f"covariance {tuple(C.shape)} does not match W {tuple(W.shape)}: "
             f"expected ({W.shape[1]}, {W.shape[1]})"
         )
-    C_d, inv, damp, err = damped_inverse(C.to(W.device))
+    C_d, inv, damp, err = damped if damped is not None else damped_inverse(C.to(W.device))
     W64 = W.to(torch.float64)
     U, S, Vh = torch.linalg.svd(W64 @ C_d, full_matrices=False)  # (out, k), (k,), (k, in)
     if keep is not None:
@@ -103,7 +111,13 @@ def corda_decompose(W: Tensor, C: Tensor, *, keep: slice | None = None) -> Corda
 
 
 def corda_factors(
-    W: Tensor, C: Tensor, rank: int, scale: float, mode: CordaMode = "ipm"
+    W: Tensor,
+    C: Tensor,
+    rank: int,
+    scale: float,
+    mode: CordaMode = "ipm",
+    *,
+    damped: tuple[Tensor, Tensor, float, float] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """LoRA factors ``A (r, in)``, ``B (out, r)`` (float64) for CorDA IPM or KPM, plus facts.
 
@@ -115,7 +129,7 @@ def corda_factors(
     if not 1 <= rank <= k:
         raise ValidationError(f"rank {rank} must be in [1, {k}] for W of shape {tuple(W.shape)}")
     sl = slice(0, rank) if mode == "ipm" else slice(k - rank, k)
-    dec = corda_decompose(W, C, keep=sl)
+    dec = corda_decompose(W, C, keep=sl, damped=damped)
     A, B = factorize(dec.U, dec.S, dec.Vp.T, scale)
     info = {
         "damp": dec.damp,
@@ -143,9 +157,29 @@ class _Corda:
     mutates_base: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
 
+    def __init__(self) -> None:
+        # One-entry memo: modules sharing an input (q, k, v) come one after the other and hand
+        # over the same covariance tensor, so its damped inverse is computed once per group. The
+        # memo follows C by weak reference and is dropped with it: at most one (in, in) pair is
+        # held, and nothing outlives the caller's statistics.
+        self._memo: tuple[weakref.ref, tuple[Tensor, Tensor, float, float]] | None = None
+
+    def _damped(self, C: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        if self._memo is not None and self._memo[0]() is C:
+            return self._memo[1]
+        self._memo = None
+        value = damped_inverse(C)
+        self._memo = (weakref.ref(C, self._drop), value)
+        return value
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self._memo is not None and self._memo[0] is ref:
+            self._memo = None
+
     def init(self, W: Tensor, rank: int, scale: float, ctx: InitContext) -> Factors:
-        C = _covariance(ctx).to(device=W.device)
-        A, B, info = corda_factors(W, C, rank, scale, self.mode)
+        C = _covariance(ctx)
+        damped = tuple(t.to(W.device) if isinstance(t, Tensor) else t for t in self._damped(C))
+        A, B, info = corda_factors(W, C.to(W.device), rank, scale, self.mode, damped=damped)
         return Factors(A.float(), B.float(), {"mode": self.mode, **info})
 
 
