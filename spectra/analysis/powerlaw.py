@@ -25,7 +25,7 @@ from spectra.errors import ValidationError
 EVALS_THRESH = 1e-5  # eigenvalues <= this are dropped before fitting (WeightWatcher's cut)
 MIN_EVALS = 8  # fewer eigenvalues than this left after the cut: the fit is skipped
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # bound on the (candidates x tail) float64 blocks of one chunk
-_BLOCK_TEMPS = 4  # (c, w) 8-byte arrays alive at once in _ks_block (offset, emp, block, mask)
+_BLOCK_TEMPS = 2  # (c, w) float64 arrays alive at once in _ks_block
 
 
 def fit_powerlaw(
@@ -101,30 +101,30 @@ def candidate_fits(
         width = big_n - start  # columns: tail positions start..N-1
         rows = max(1, min(big_n - 1 - start, max_chunk_bytes // (_BLOCK_TEMPS * 8 * width)))
         stop = start + rows
-        ds[start:stop] = _ks_block(data, alphas, start, stop)
+        ds[start:stop] = _ks_block(log_x, alphas, start, stop)
         start = stop
     ds[~valid] = 1.0
     return alphas, ds
 
 
-def _ks_block(data: np.ndarray, alphas: np.ndarray, start: int, stop: int) -> np.ndarray:
+def _ks_block(log_x: np.ndarray, alphas: np.ndarray, start: int, stop: int) -> np.ndarray:
     """D for candidates start..stop-1: max over each tail of |F_emp - F_fit|, (stop-start,).
 
-    Two (c, w) float64 temporaries live at once; the caller sizes c so they fit the budget.
+    With c = stop - start rows and w = N - start columns (absolute positions start..N-1):
+    `1 - F_fit = exp((1 - alpha) ln(x_j / xmin))` and `F_emp - 1 = (j - N) / n`, so
+    `F_emp - F_fit` is their sum. Two (c, w) float64 arrays live at once.
     """
-    big_n = data.size
-    cand = np.arange(start, stop)  # (c,)
-    offset = np.arange(start, big_n)[None, :] - cand[:, None]  # (c, w) position j in each tail
-    n = (big_n - cand).astype(np.float64)[:, None]  # (c, 1)
-    expo = (1.0 - alphas[start:stop])[:, None]  # (c, 1)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        block = data[None, start:] / data[start:stop, None]  # (c, w) x_j / xmin
-        np.power(block, expo, out=block)  # (x_j / xmin)^(1 - alpha)
-        np.subtract(1.0, block, out=block)  # F_fit
-        emp = offset / n  # (c, w) F_emp = j / n
-        np.subtract(emp, block, out=block)
-        np.abs(block, out=block)
-    block[offset < 0] = 0.0  # positions before the candidate are not in its tail
+    big_n = log_x.size
+    inv_n = 1.0 / (big_n - np.arange(start, stop, dtype=np.float64))  # (c,) 1 / tail size
+    expo = 1.0 - alphas[start:stop]  # (c,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        block = log_x[None, start:] - log_x[start:stop, None]  # (c, w) ln(x_j / xmin)
+        block *= expo[:, None]
+        np.exp(block, out=block)  # (x_j / xmin)^(1 - alpha) = 1 - F_fit
+        block += np.arange(start - big_n, 0, dtype=np.float64)[None, :] * inv_n[:, None]
+        np.abs(block, out=block)  # |F_emp - F_fit|
+    for r in range(1, stop - start):  # positions before candidate r are not in its tail
+        block[r, :r] = 0.0
     return block.max(axis=1)
 
 
