@@ -1,0 +1,315 @@
+"""Output safety: killed writers, corrupted cache entries, disk full and permission denied.
+
+- SIGKILL at seeded random points of a child process writing a large output folder (or cache
+  entries): the final folder either does not exist or is complete; a cache entry is either
+  absent or exactly what was stored.
+- Bytes of cache files truncated or flipped: `get` detects it, reports it, removes the entry,
+  and the value is recomputed and stored again.
+- ENOSPC / EACCES while writing or renaming: one-line `OutputError` / `CacheError`, nothing
+  partial left.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _fuzz_helpers import FUZZ
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from spectra.errors import CacheError, OutputError
+from spectra.export.outdir import MARKER, atomic_output_dir
+from spectra.linalg.cache import CacheCorruptionWarning, SpectrumCache
+from spectra.linalg.spectrum import Spectrum
+
+REPO = Path(__file__).resolve().parents[1]
+FILES, CHUNK = 24, 1 << 20
+
+
+def _content(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (CHUNK // 32)
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time, hashlib
+    from pathlib import Path
+    from spectra.export.outdir import atomic_output_dir
+    out, files, chunk, force = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    print("ready", flush=True)
+    with atomic_output_dir(out, force=force) as tmp:
+        for i in range(files):
+            data = hashlib.sha256(str(i).encode()).digest() * (chunk // 32)
+            with open(tmp / f"part-{i:03d}.bin", "wb") as fh:
+                fh.write(data[: chunk // 2])
+                time.sleep(0.015)
+                fh.write(data[chunk // 2 :])
+    print("done", flush=True)
+    """
+)
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _kill_after(proc: subprocess.Popen[str], delay: float) -> bool:
+    """SIGKILL `proc` after `delay` s; True when it was still running (a real kill)."""
+    time.sleep(delay)
+    alive = proc.poll() is None
+    if alive:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return alive
+
+
+def _complete(folder: Path) -> bool:
+    names = sorted(p.name for p in folder.iterdir())
+    want = sorted([MARKER] + [f"part-{i:03d}.bin" for i in range(FILES)])
+    if names != want:
+        return False
+    return all((folder / f"part-{i:03d}.bin").read_bytes() == _content(i) for i in range(FILES))
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_never_leaves_a_partial_output_folder(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    kills = 0
+    for it in range(5):
+        out = tmp_path / f"out{it}"
+        proc = _spawn(_WRITER, str(out), str(FILES), str(CHUNK), "0")
+        kills += _kill_after(proc, rng.uniform(0.0, 0.3))
+        assert not out.exists() or _complete(out), f"iteration {it}: partial output"
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{it}.")]
+        assert all("spectra-tmp" in n for n in leftovers), leftovers
+    assert kills >= 3, "the kills must land while the writer runs"
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_during_forced_replace_keeps_old_or_new(tmp_path: Path) -> None:
+    """With --force over an earlier output: afterwards the final folder is the old one, the new
+    complete one, or (in the two-rename window) absent with the old one kept as a sibling."""
+    rng = random.Random(99)
+    out = tmp_path / "out"
+    for it in range(4):
+        with atomic_output_dir(out, force=True) as tmp:
+            (tmp / "old.txt").write_text("old")
+        proc = _spawn(_WRITER, str(out), str(FILES), str(CHUNK), "1")
+        _kill_after(proc, rng.uniform(0.0, 0.35))
+        if out.exists():
+            is_old = sorted(p.name for p in out.iterdir()) == sorted([MARKER, "old.txt"])
+            assert is_old or _complete(out), f"iteration {it}: mixed or partial folder"
+        else:
+            olds = list(tmp_path.glob(".out.spectra-old-*"))
+            assert olds and (olds[0] / "old.txt").read_text() == "old"
+            os.replace(olds[0], out)
+
+
+# -- cache ------------------------------------------------------------------------------------
+def _spectrum(i: int, n: int = 256) -> Spectrum:
+    g = torch.Generator().manual_seed(i)
+    values = torch.rand(n, generator=g, dtype=torch.float64).sort(descending=True).values
+    U = torch.randn(n, 32, generator=g, dtype=torch.float64)
+    return Spectrum(values=values, U=U, Vh=None, method="svd", shape=(n, n), params={"i": i})
+
+
+_CACHER = textwrap.dedent(
+    """
+    import sys, torch
+    from spectra.linalg.cache import SpectrumCache
+    from spectra.linalg.spectrum import Spectrum
+    cache = SpectrumCache(sys.argv[1])
+    print("ready", flush=True)
+    for i in range(int(sys.argv[2])):
+        g = torch.Generator().manual_seed(i)
+        v = torch.rand(256, generator=g, dtype=torch.float64).sort(descending=True).values
+        U = torch.randn(256, 32, generator=g, dtype=torch.float64)
+        s = Spectrum(values=v, U=U, Vh=None, method="svd", shape=(256, 256), params={"i": i})
+        cache.put(cache.entry_key(f"k{i}", {"m": 1}), s)
+    print("done", flush=True)
+    """
+)
+
+
+def _same(a: Spectrum, b: Spectrum) -> bool:
+    return (
+        torch.equal(a.values, b.values)
+        and a.U is not None
+        and b.U is not None
+        and torch.equal(a.U, b.U)
+        and a.shape == b.shape
+        and a.params == b.params
+    )
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_never_leaves_a_servable_bad_cache_entry(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    n = 200
+    for it in range(3):
+        root = tmp_path / f"c{it}"
+        proc = _spawn(_CACHER, str(root), str(n))
+        _kill_after(proc, rng.uniform(0.05, 0.6))
+        cache = SpectrumCache(root, on_corrupt=lambda msg: None)
+        for i in range(n):
+            got = cache.get(cache.entry_key(f"k{i}", {"m": 1}))
+            assert got is None or _same(got, _spectrum(i)), f"iteration {it}: entry {i} wrong"
+
+
+MUTATION = st.sampled_from(["truncate", "flip", "empty", "delete"])
+
+
+@FUZZ
+@given(
+    target=st.sampled_from(["payload", "json"]),
+    kind=MUTATION,
+    pos=st.floats(0, 1),
+    bit=st.integers(0, 7),
+)
+def test_corrupted_cache_entry_is_detected_and_recomputed(
+    tmp_path_factory: pytest.TempPathFactory, target: str, kind: str, pos: float, bit: int
+) -> None:
+    root = tmp_path_factory.mktemp("cache")
+    cache = SpectrumCache(root)
+    key = cache.entry_key("content", {"mode": "full"})
+    cache.put(key, _spectrum(1))
+    json_file = next(root.glob("v1/entries/*/*.json"))
+    payload = next(root.glob("v1/entries/*/*.safetensors"))
+    victim = payload if target == "payload" else json_file
+    data = victim.read_bytes()
+    at = min(int(pos * len(data)), len(data) - 1)
+    if kind == "truncate":
+        victim.write_bytes(data[:at])
+    elif kind == "flip":
+        b = bytearray(data)
+        b[at] ^= 1 << bit
+        victim.write_bytes(bytes(b))
+    elif kind == "empty":
+        victim.write_bytes(b"")
+    else:
+        victim.unlink()
+    if target == "json" and kind in ("flip", "truncate"):
+        # non-UTF-8 JSON escapes get() as UnicodeDecodeError: known defect, reproduced by the
+        # strict xfail below; excluded here so the rest of the space stays fuzzed
+        try:
+            victim.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            assume(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = cache.get(key)
+    if got is not None:
+        # a flip that leaves the entry intact in every field the Spectrum carries is harmless
+        # (e.g. in JSON whitespace or a key order byte); anything served must be exact
+        assert _same(got, _spectrum(1)), f"served a corrupted entry ({target}, {kind}, {at})"
+        return
+    if not (kind == "delete" and target == "json"):
+        assert any(issubclass(w.category, CacheCorruptionWarning) for w in caught)
+        assert not json_file.exists(), "a corrupted entry must be removed"
+    cache.put(key, _spectrum(1))
+    again = cache.get(key)
+    assert again is not None and _same(again, _spectrum(1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect in spectra/linalg/cache.py (not owned here): the JSON metadata is not covered "
+    "by the checksum, so a flipped digit in 'shape' or 'params' is served as a valid entry",
+)
+def test_flipped_shape_digit_in_cache_metadata_is_not_served(tmp_path: Path) -> None:
+    cache = SpectrumCache(tmp_path)
+    key = cache.entry_key("content", {"mode": "full"})
+    cache.put(key, _spectrum(1))
+    json_file = next(tmp_path.glob("v1/entries/*/*.json"))
+    json_file.write_text(json_file.read_text().replace("[256, 256]", "[256, 257]"))
+    got = cache.get(key)
+    assert got is None or got.shape == (256, 256)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=UnicodeDecodeError,
+    reason="defect in spectra/linalg/cache.py (not owned here): get() reads the JSON with "
+    "read_text outside its try/except, so a non-UTF-8 byte raises UnicodeDecodeError",
+)
+def test_non_utf8_cache_json_is_treated_as_corrupt(tmp_path: Path) -> None:
+    cache = SpectrumCache(tmp_path, on_corrupt=lambda msg: None)
+    key = cache.entry_key("content", {"mode": "full"})
+    cache.put(key, _spectrum(1))
+    json_file = next(tmp_path.glob("v1/entries/*/*.json"))
+    json_file.write_bytes(b"\xfb" + json_file.read_bytes()[1:])
+    assert cache.get(key) is None
+
+
+# -- disk full, permission denied -------------------------------------------------------------
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT])
+def test_failure_mid_write_is_one_line_and_leaves_nothing(tmp_path: Path, err: int) -> None:
+    out = tmp_path / "rep"
+    with pytest.raises(OutputError) as info, atomic_output_dir(out) as tmp:
+        with (tmp / "big.bin").open("wb") as fh:
+            fh.write(b"x" * 100_000)
+            raise OSError(err, os.strerror(err), str(tmp / "big.bin"))
+    msg = str(info.value)
+    assert "\n" not in msg and str(out) in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_failure_at_rename_keeps_the_earlier_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    out = tmp_path / "rep"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def flaky(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # earlier output moved aside, the new one fails to move in
+            raise OSError(err, os.strerror(err))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OutputError), atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_cache_write_failure_is_a_cache_error_without_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    cache = SpectrumCache(tmp_path)
+    key = cache.entry_key("content", {"mode": "full"})
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(CacheError) as info:
+        cache.put(key, _spectrum(2))
+    monkeypatch.undo()
+    assert "\n" not in str(info.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert cache.get(key) is None
