@@ -273,8 +273,8 @@ an = run_analyze(base, device="cpu", threads=1, cache=SpectrumCache(cache), mp_f
                  randomize=True)
 res = {"analysis": an.to_dict() if an else None}
 if ft != "-":
-    for name, other in (("compare", ft), ("lora", lora)):
-        cmp = run_compare(base, other, device="cpu", threads=1, epsilons=(0.5, 0.9))
+    for name, other, svds in (("compare", ft, cache + "-svd"), ("lora", lora, None)):
+        cmp = run_compare(base, other, device="cpu", threads=1, epsilons=(0.5, 0.9), cache=svds)
         res[name] = cmp.to_dict() if cmp else None
 if an is not None:
     with open(out, "w") as fh:
@@ -317,7 +317,8 @@ def _single(base: Path, ft: Path, lora: Path, cache: Path) -> dict[str, object]:
     torch.set_num_threads(1)
     try:
         an = analyze(base, device="cpu", cache=SpectrumCache(cache), mp_fit=True, randomize=True)
-        cmp = compare(base, ft, device="cpu", epsilons=(0.5, 0.9))
+        svds = SpectrumCache(f"{cache}-svd")
+        cmp = compare(base, ft, device="cpu", epsilons=(0.5, 0.9), cache=svds)
         cmp_lora = compare(base, lora, device="cpu", epsilons=(0.5, 0.9))
     finally:
         torch.set_num_threads(before)
@@ -356,6 +357,7 @@ def test_killed_rank_fails_the_job_and_the_rerun_resumes_and_equals_one_process(
     assert len(got["analysis"]["layers"]) == n_matrices
     assert len(got["compare"]["pairs"]) == n_matrices
     assert len(got["lora"]["pairs"]) == 6 and got["lora"]["mode"] == "lora"
+    assert len(_entries(Path(f"{cache}-svd"))) == n_matrices  # base SVDs cached by their ranks
 
 
 @pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ single process calls; rank 0 rebuilds the `Comparison` (forensics recomputed fro
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,20 +33,42 @@ def distributed_compare(
     options: dict[str, Any],
 ) -> Any:
     """The Comparison on rank 0, None elsewhere (see module docstring)."""
-    from spectra.analysis.compare import CompareOptions, _open_adapter
+    from spectra.analysis.compare import CompareOptions, _open_adapter, _resolve_cache
 
+    options = dict(options)
+    cache = _resolve_cache(options.pop("cache", None))
     opts = CompareOptions(device=str(device), **options)
+    job = _Job(session, opts, cache, progress, (base, finetuned))
     adapter = _open_adapter(finetuned)
     with open_checkpoint(session, base) as base_ckpt:
         if adapter is not None:
-            return _run(session, base_ckpt, None, adapter, opts, progress, (base, finetuned))
+            with adapter:
+                return _run(job, base_ckpt, None, adapter)
         with open_checkpoint(session, finetuned) as ft_ckpt:
-            return _run(session, base_ckpt, ft_ckpt, None, opts, progress, (base, finetuned))
+            return _run(job, base_ckpt, ft_ckpt, None)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every pair of one distributed comparison shares."""
+
+    session: Session
+    opts: Any
+    cache: Any
+    progress: Progress | None
+    names: tuple[Any, Any]
 
 
 def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, dict[str, Any]]:
     """(Pairing, base refs by key) exactly as compare() forms them (same checks, same errors)."""
-    from spectra.analysis.compare import Pairing, _check_pairing, map_key, pair_matrices
+    from spectra.analysis.compare import (
+        Pairing,
+        _check_pairing,
+        _clip,
+        map_key,
+        pair_matrices,
+    )
+    from spectra.errors import ValidationError
 
     b_refs = _select(base_ckpt, opts)
     if ft_ckpt is not None:
@@ -59,14 +82,16 @@ def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, d
         return pairing, b_refs
     modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
     missing = [k for k in modules if k not in b_refs]
-    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
-    if missing or not pairs:
-        from spectra.errors import ValidationError
-
+    if missing:
         raise ValidationError(
             f"the adapter targets {len(missing)} matrices the base {base_ckpt.source} does not "
-            f"have, or none of the selected ones ({', '.join(missing[:5])}); check the base "
-            "model, --include/--exclude/--roles, or rename with --map"
+            f"have (after --include/--exclude/--roles): {_clip(', '.join(missing))}; check the "
+            "base model, or rename with --map"
+        )
+    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
+    if not pairs:
+        raise ValidationError(
+            f"the adapter adapts none of the selected matrices of {base_ckpt.source}"
         )
     return Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules)), b_refs
 
@@ -76,15 +101,8 @@ def _select(ckpt: Any, opts: Any) -> dict[str, Any]:
     return {m.key: m for m in refs}
 
 
-def _run(
-    session: Session,
-    base_ckpt: Any,
-    ft_ckpt: Any,
-    adapter: Any,
-    opts: Any,
-    progress: Progress | None,
-    names: tuple[Any, Any],
-) -> Any:
+def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
+    session, opts = job.session, job.opts
     pairing, b_refs = _plan(base_ckpt, ft_ckpt, adapter, opts)
     refs = [b_refs[b] for b, _ in pairing.pairs]
     env = session.env
@@ -96,9 +114,9 @@ def _run(
         for done, i in enumerate(mine):
             b_key, f_key = pairing.pairs[i]
             tracker.step(b_key)
-            out.append((i, _pair(sides, b_refs[b_key], f_key, opts, session.device)))
-            if progress is not None:
-                progress(done + 1, len(mine), b_key)
+            out.append((i, _pair(job, sides, b_refs[b_key], f_key)))
+            if job.progress is not None:
+                job.progress(done + 1, len(mine), b_key)
         return out
 
     status, part = guarded(session, work)
@@ -106,14 +124,16 @@ def _run(
     results = gather_results(session, part or [], len(pairing.pairs))
     if results is None:
         return None
-    return _assemble(names, "lora" if adapter is not None else "checkpoint", opts, pairing, results)
+    mode = "lora" if adapter is not None else "checkpoint"
+    return _assemble(job.names, mode, opts, pairing, results)
 
 
-def _pair(sides: tuple[Any, Any, Any], ref: Any, f_key: str, opts: Any, dev: Any) -> Any:
-    """One PairResult, computed as compare() computes it."""
-    from spectra.analysis.compare import PairMeta, compare_pair
+def _pair(job: _Job, sides: tuple[Any, Any, Any], ref: Any, f_key: str) -> Any:
+    """One PairResult, computed as compare() computes it (base SVD from the cache if any)."""
+    from spectra.analysis.compare import PairMeta, base_svd, compare_pair
 
     base_ckpt, ft_ckpt, adapter = sides
+    opts, dev = job.opts, job.session.device
     dtype = torch.float32 if dev.type == "mps" else torch.float64
     w0 = base_ckpt.read(ref, dtype=dtype, device=str(dev))
     if adapter is not None:
@@ -130,6 +150,7 @@ def _pair(sides: tuple[Any, Any, Any], ref: Any, f_key: str, opts: Any, dev: Any
         k=opts.k,
         epsilons=opts.epsilons,
         unchanged_tol=opts.unchanged_tol,
+        base_svd=base_svd(base_ckpt, ref, w0, job.cache),
     )
 
 

@@ -184,7 +184,8 @@ def run_compare(
 ) -> Any:
     """`compare(base, finetuned, ...)` over all torchrun ranks; the Comparison on rank 0, None
     on the others. `options` are compare()'s other keywords (k, epsilons, map, include, exclude,
-    roles, allow_missing, unchanged_tol)."""
+    roles, allow_missing, unchanged_tol, cache: the base SVDs are cached by the rank that
+    computes them)."""
     from spectra.analysis.compare import compare
 
     if not is_distributed():
