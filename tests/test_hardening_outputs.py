@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -313,3 +314,54 @@ def test_cache_write_failure_is_a_cache_error_without_temp_files(
     assert "\n" not in str(info.value)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert cache.get(key) is None
+
+
+# -- checkpoint strings in terminal output --------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+TERMINAL_NAMES = (
+    "model.layers.0.\x1b[31mred\x1b[0m.q_proj.weight",
+    "model.layers.0.\x1b]8;;http://evil/\x07link.k_proj.weight",
+    "model.layers.0.[bold]markup[/bold].v_proj.weight",
+    "model.layers.0.<script>alert(1)</script>.o_proj.weight",
+)
+
+
+def _hostile_checkpoint(folder: Path) -> Path:
+    from _source_fixtures import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(16, 16, generator=g) for n in TERMINAL_NAMES}
+    meta = {"note": "\x1b[2J\x1b[H cleared", "<b>": "</b>"}
+    return write_safetensors(folder / "model.safetensors", tensors, metadata=meta)
+
+
+def test_inspect_prints_hostile_names_inert(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+
+    path = _hostile_checkpoint(tmp_path)
+    for args in (["inspect", str(path)], ["inspect", str(path), "--json"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert not _CONTROL.search(result.output.replace("\n", "")), repr(result.output)
+    as_json = CliRunner().invoke(app, ["inspect", str(path), "--json"]).output
+    assert "[bold]markup[/bold]" in as_json and "\\u001b[31mred" in as_json
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect in cli/_common.py fail() (not owned here): error lines escape rich markup but "
+    "keep control characters, so a shard file name with an escape sequence reaches the terminal",
+)
+def test_error_line_with_hostile_file_name_is_inert(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+
+    shard = tmp_path / "m" / "model-\x1b]0;pwned\x07\x1b[31m.safetensors"
+    shard.parent.mkdir()
+    shard.write_bytes(b"\x01\x00")  # truncated: the error message names the file
+    result = CliRunner().invoke(app, ["inspect", str(shard.parent)])
+    assert result.exit_code == 2
+    assert not _CONTROL.search(result.output.replace("\n", "")), repr(result.output)
