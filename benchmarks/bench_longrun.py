@@ -145,6 +145,16 @@ def growth_per_matrix(samples: list[tuple[float, int, int]], total: int) -> dict
     return out
 
 
+def peaks_by_decile(samples: list[tuple[float, int, int]], total: int) -> list[float]:
+    """Peak RSS (MB) while the matrices done were in each tenth of `total` (NaN: no sample)."""
+    peaks = [float("nan")] * 10
+    for _, rss, done in samples:
+        i = min(9, done * 10 // max(1, total))
+        mb = rss / 2**20
+        peaks[i] = mb if peaks[i] != peaks[i] else max(peaks[i], mb)
+    return peaks
+
+
 def run_report(ckpt: Path, work: Path, threads: int) -> dict[str, Any]:
     cache, out = work / "cache", work / "report"
     shutil.rmtree(cache, ignore_errors=True)
@@ -194,6 +204,7 @@ def main() -> None:
     res = run_report(ckpt, work, args.threads)
     raw = [(t, int(r * 2**20), d) for t, r, d in res["timeline"]]
     res.update(growth_per_matrix(raw, info["matrices"]))
+    res["peak_mb_by_decile"] = peaks_by_decile(raw, info["matrices"])
     res["checkpoint"] = info
     print(
         f"spectra report: {res['wall_s']:.0f} s wall, peak RSS {res['peak_rss_mb']:.0f} MB "
@@ -204,6 +215,10 @@ def main() -> None:
         f"{res['rss_mb_at_10pct']:.0f} / {res['rss_mb_at_50pct']:.0f} / "
         f"{res['rss_mb_at_90pct']:.0f} MB; growth "
         f"{res.get('slope_kb_per_matrix', float('nan')):+.1f} KB per matrix (LSQ, 10-90 %)"
+    )
+    print(
+        "peak RSS by tenth of matrices done (MB): "
+        + " ".join(f"{p:.0f}" for p in res["peak_mb_by_decile"])
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
