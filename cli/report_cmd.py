@@ -131,7 +131,7 @@ def report_cmd(
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
 ) -> None:
-    from spectra.analysis.analyze import analyze
+    from spectra.distributed import run_analyze
     from spectra.export.outdir import check_output_dir
     from spectra.reports.report import parse_formats, write_report
     from spectra.reports.terminal import print_summary
@@ -143,7 +143,8 @@ def report_cmd(
     check_output_dir(final, force=force)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:
-        analysis = analyze(
+        # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
+        analysis = run_analyze(
             source,
             include=tuple(include or ()),
             exclude=tuple(exclude or ()),
@@ -154,6 +155,8 @@ def report_cmd(
             cache=cache,
             progress=progress,
         )
+    if analysis is None:  # a non-writer rank under torchrun
+        return
     paths = write_report(analysis, final, formats=wanted, force=force, max_esd_plots=max_esd_plots)
     if not quiet:
         print_summary(analysis, console)
