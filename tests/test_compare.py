@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ from spectra.analysis.compare import (
 )
 from spectra.analysis.drift import EPS32
 from spectra.errors import ValidationError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One BLAS thread: on a loaded 2-core box two threads made the float64 SVDs ~7x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +198,33 @@ def test_base_svd_is_cached_across_comparisons(
     assert second.to_dict()["pairs"] == first.to_dict()["pairs"]
     uncached = compare(*pair_dirs, device="cpu")
     assert uncached.to_dict()["pairs"] == first.to_dict()["pairs"]
+
+
+@pytest.mark.slow
+def test_real_minilm_lora_adapter_equals_its_peft_merge(minilm_path: Path, tmp_path: Path) -> None:
+    """A few PEFT LoRA steps on the real MiniLM: the adapter folder and PEFT's own merged
+    weights give the same comparison (keys, scale and factor reading checked on real files)."""
+    import importlib.util
+
+    pytest.importorskip("peft")
+    spec = importlib.util.spec_from_file_location(
+        "finetune_minilm", Path(__file__).parents[1] / "examples" / "finetune_minilm.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    adapter = example.finetune_lora(
+        minilm_path, tmp_path / "lora", steps=3, merged_out=tmp_path / "merged"
+    )
+    a = compare(minilm_path, adapter, epsilons=(0.5, 0.9), device="cpu")
+    m = compare(minilm_path, tmp_path / "merged", epsilons=(0.5, 0.9), device="cpu")
+    assert a.mode == "lora" and len(a.pairs) == 12  # query and value in 6 layers
+    assert {p.role for p in a.pairs} == {"q", "v"}
+    assert len(m.forensics.unchanged) == len(m.pairs) - 12  # only q/v moved in the merge
+    for pa in a.pairs:
+        pm = m.pair(pa.key)
+        assert pm.kind == pa.kind == "low-rank"
+        assert 1 <= pa.update.numerical_rank == pm.update.numerical_rank <= 8
+        assert pa.intruders.counts == pm.intruders.counts
+        np.testing.assert_allclose(pa.intruders.max_cos, pm.intruders.max_cos, atol=1e-4)
+        assert pa.update.rel_change == pytest.approx(pm.update.rel_change, rel=1e-3)
+    assert a.forensics.update_kind == "low-rank" and a.forensics.max_low_rank <= 8
