@@ -19,6 +19,7 @@ from spectra.sources import Checkpoint
 from spectra.sources.hub import (
     RemoteFile,
     StreamingStore,
+    cached_snapshot,
     looks_like_repo_id,
     open_streaming,
     split_repo_id,
@@ -203,3 +204,23 @@ def test_streaming_keeps_shards_already_cached(tmp_path: Path) -> None:
     list(ckpt.read_many(ckpt.matrices()))
     assert ckpt._store.downloads == []  # type: ignore[attr-defined]
     assert remote.local_path("model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000, '{"weight_map": {"a": ' + "9" * 5000 + "}}"], ids=["deep", "long-int"]
+)
+def test_streaming_hostile_index_json_is_a_hub_error(tmp_path: Path, text: str) -> None:
+    src = write_llama_like(tmp_path / "src", shards=2)
+    (src / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(HubError, match=r"invalid JSON"):
+        open_streaming("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
+
+
+def test_absolute_revision_never_reads_outside_the_cache(
+    tmp_path: Path, offline_cache: Path
+) -> None:
+    build_fake_cache(offline_cache, "org/tiny", write_llama_like(tmp_path / "src"))
+    outside = tmp_path / "ref-outside"
+    outside.write_text(COMMIT)  # before the fix this outside file was read as the ref
+    assert cached_snapshot("org/tiny", str(outside), offline_cache) is None
+    assert cached_snapshot("org/tiny", "main", offline_cache) is not None

@@ -87,7 +87,7 @@ def cached_snapshot(
     commit: str | None = rev if _COMMIT.fullmatch(rev) else None
     if commit is None:
         ref = folder / "refs" / rev
-        if ".." in Path(rev).parts or not ref.is_file():
+        if ".." in Path(rev).parts or Path(rev).is_absolute() or not ref.is_file():
             return None
         commit = ref.read_text(encoding="utf-8").strip()
     snap = folder / "snapshots" / commit
@@ -201,6 +201,10 @@ def _remote_json(remote: RemoteRepo, info: RemoteFile | None) -> Any:
         return json.loads(remote.read_bytes(info.name, 0, info.size).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{remote.repo_id}/{info.name}: invalid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+        raise HubError(
+            f"{remote.repo_id}/{info.name}: invalid JSON ({type(exc).__name__})"
+        ) from exc
 
 
 def _remote_header(source: str, remote: RemoteRepo, info: RemoteFile) -> ShardHeader:
