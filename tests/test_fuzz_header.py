@@ -279,6 +279,21 @@ def _overlap() -> bytes:
 
 
 CASES["overlapping tensors"] = (_overlap(), "overlaps")
+CASES["a million 1x1 experts"] = (
+    raw_safetensors(
+        header_bytes(
+            {
+                "model.layers.0.mlp.experts.down_proj": {
+                    "dtype": "F8_E4M3",
+                    "shape": [1 << 20, 1, 1],
+                    "data_offsets": [0, 1 << 20],
+                }
+            }
+        ),
+        b"\0" * (1 << 20),
+    ),
+    "experts",
+)
 CASES["megabyte shape echoed"] = (_one("F32", ["x" * 100] * 10_000, [0, 4]), "shape")
 CASES["megabyte name"] = (
     raw_safetensors(header_bytes({"n" * 1_000_000: {"dtype": "F9"}})),

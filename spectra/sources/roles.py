@@ -15,7 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from spectra.sources.header import DTYPES, TensorRef
+from spectra.errors import SourceError
+from spectra.sources.header import DTYPES, TensorRef, clip
+
+#: Most experts one 3-D stack may hold (real MoE models have up to a few hundred). Each expert
+#: becomes a MatrixRef, so a tiny hostile stack of (10**8, 1, 1) would otherwise cost gigabytes.
+MAX_EXPERTS = 1 << 16
 
 ROLES: tuple[str, ...] = (
     "q",
@@ -152,6 +157,11 @@ def _matrix_2d(ref: TensorRef) -> MatrixRef:
 
 def _expert_stack(ref: TensorRef, hidden_size: int | None) -> list[MatrixRef]:
     n_experts, rows, cols = ref.shape
+    if n_experts > MAX_EXPERTS:
+        raise SourceError(
+            f"{ref.shard}: tensor {clip(ref.name)} stacks {n_experts} experts, more than "
+            f"{MAX_EXPERTS}: not a real MoE layer"
+        )
     expert_role = name_role(ref.name)
     transpose = _stack_transposed(expert_role, rows, cols, hidden_size)
     shape = (cols, rows) if transpose else (rows, cols)
