@@ -1,0 +1,173 @@
+"""spectra.analyze() vs WeightWatcher analyze(): end-to-end time, peak RSS, alpha agreement.
+
+Every measurement runs in a fresh subprocess (clean peak RSS, no shared caches, WeightWatcher's
+import-time logging/warning side effects contained). Spectrum cache off for ours.
+
+    .venv/bin/python benchmarks/bench_report_vs_ww.py                   # bundled MiniLM
+    .venv/bin/python benchmarks/bench_report_vs_ww.py --synthetic DIR   # + Llama-shaped bf16
+    .venv/bin/python benchmarks/bench_report_vs_ww.py --threads 2 --json out.json
+
+The synthetic checkpoint (written once into DIR if missing): Llama-7B-shaped layers (hidden
+4096, intermediate 11008, vocab 32000), `--layers` of them (4 -> 28 attention/MLP matrices +
+embed_tokens + lm_head = 1.07B parameters), bf16, one shard per layer, entries
+`0.02 * N(0, 1)` plus a seeded rank-16 signal so the ESDs have a tail to fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_OURS = """
+import json, resource, sys, time, torch
+torch.set_num_threads({threads})
+from spectra.analysis.analyze import analyze
+t = time.perf_counter()
+an = analyze(sys.argv[1], cache=None, device="cpu", mp_fit={mp}, randomize={rand})
+dt = time.perf_counter() - t
+alphas = {{lm.name.removesuffix(".weight"): lm.alpha for lm in an.layers}}
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("BENCH" + json.dumps({{"time_s": dt, "rss_mb": rss, "alphas": alphas}}))
+"""
+
+_WW = """
+import json, os, resource, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+torch.set_num_threads({threads})
+import weightwatcher as ww
+t = time.perf_counter()
+df = ww.WeightWatcher(model=sys.argv[1]).analyze(mp_fit={mp}, randomize={rand})
+dt = time.perf_counter() - t
+alphas = dict(zip(df["name"], df["alpha"]))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("BENCH" + json.dumps({{"time_s": dt, "rss_mb": rss, "alphas": alphas}}))
+"""
+
+
+def run_job(template: str, path: Path, threads: int, mp: bool, rand: bool) -> dict[str, Any]:
+    """One measurement in a fresh interpreter; returns time_s, rss_mb, alphas."""
+    code = template.format(threads=threads, mp=mp, rand=rand)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark job failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH") :])
+
+
+def alpha_agreement(ours: dict[str, float | None], ww: dict[str, float]) -> dict[str, Any]:
+    """Max relative alpha difference over the matrices both analyzed."""
+    common = [k for k in ww if k in ours and ours[k] is not None and ww[k] not in (None, -1)]
+    rel = [abs(ours[k] - ww[k]) / abs(ww[k]) for k in common]
+    return {"compared": len(common), "max_rel_diff": max(rel) if rel else None}
+
+
+def write_synthetic(folder: Path, layers: int, seed: int = 0) -> Path:
+    """Llama-7B-shaped bf16 checkpoint, one shard per layer, with an index (module docstring).
+
+    Each shard is written as soon as it is built, so memory stays about one layer.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter, vocab, rank = 4096, 11008, 32000, 16
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def mat(m: int, n: int) -> torch.Tensor:
+        w = torch.randn(m, n, generator=gen).mul_(0.02)
+        u, v = torch.randn(m, rank, generator=gen), torch.randn(rank, n, generator=gen)
+        return w.addmm_(u, v, alpha=2e-3).to(torch.bfloat16)
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        t = {p + f"self_attn.{x}_proj.weight": mat(hidden, hidden) for x in "qkvo"}
+        t[p + "mlp.gate_proj.weight"] = mat(inter, hidden)
+        t[p + "mlp.up_proj.weight"] = mat(inter, hidden)
+        t[p + "mlp.down_proj.weight"] = mat(hidden, inter)
+        t[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        return t
+
+    builders = [lambda: {"model.embed_tokens.weight": mat(vocab, hidden)}]
+    builders += [lambda i=i: layer(i) for i in range(layers)]
+    builders += [lambda: {"lm_head.weight": mat(vocab, hidden)}]
+    weight_map: dict[str, str] = {}
+    for j, build in enumerate(builders):
+        fname = f"model-{j + 1:05d}-of-{len(builders):05d}.safetensors"
+        shard = build()
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        del shard
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def bench_model(path: Path, threads: int, with_ww_options: bool) -> dict[str, Any]:
+    """Ours (default, +mp_fit, +randomize) and WeightWatcher (default; options if asked)."""
+    res: dict[str, Any] = {"path": str(path)}
+    for name, mp, rand in (
+        ("ours", False, False),
+        ("ours_mp", True, False),
+        ("ours_rand", False, True),
+    ):
+        res[name] = run_job(_OURS, path, threads, mp, rand)
+        print(f"  {name}: {res[name]['time_s']:.2f} s, {res[name]['rss_mb']:.0f} MB", flush=True)
+    res["ww"] = run_job(_WW, path, threads, False, False)
+    print(f"  ww: {res['ww']['time_s']:.2f} s, {res['ww']['rss_mb']:.0f} MB", flush=True)
+    if with_ww_options:
+        for name, mp, rand in (("ww_mp", True, False), ("ww_rand", False, True)):
+            res[name] = run_job(_WW, path, threads, mp, rand)
+            print(f"  {name}: {res[name]['time_s']:.2f} s", flush=True)
+    res["agreement"] = alpha_agreement(res["ours"]["alphas"], res["ww"]["alphas"])
+    res["speedup"] = res["ww"]["time_s"] / res["ours"]["time_s"]
+    res["mp_overhead"] = res["ours_mp"]["time_s"] / res["ours"]["time_s"] - 1
+    res["rand_overhead"] = res["ours_rand"]["time_s"] / res["ours"]["time_s"] - 1
+    print(f"  agreement {res['agreement']}, speedup {res['speedup']:.2f}x", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", type=Path, help="folder of the synthetic checkpoint")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--ww-options", action="store_true", help="also time WW mp_fit/randomize")
+    ap.add_argument("--json", type=Path, help="write all results here")
+    args = ap.parse_args()
+    results: dict[str, Any] = {"threads": args.threads}
+    if not args.skip_minilm:
+        from spectra.sources import bundled_model_path
+
+        print("MiniLM", flush=True)
+        results["minilm"] = bench_model(bundled_model_path(), args.threads, args.ww_options)
+    if args.synthetic is not None:
+        if not (args.synthetic / "model.safetensors.index.json").exists():
+            t = time.perf_counter()
+            write_synthetic(args.synthetic, args.layers)
+            print(f"wrote {args.synthetic} in {time.perf_counter() - t:.0f} s", flush=True)
+        print("synthetic", flush=True)
+        results["synthetic"] = bench_model(args.synthetic, args.threads, False)
+    if args.json is not None:
+        for r in results.values():
+            if isinstance(r, dict):
+                for v in r.values():
+                    if isinstance(v, dict):
+                        v.pop("alphas", None)
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

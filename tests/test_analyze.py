@@ -1,0 +1,122 @@
+"""`analyze()` end to end on tiny synthetic checkpoints: selection, optional metrics, cache, NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _source_fixtures import llama_tensors, write_llama_like, write_safetensors
+
+from spectra.analysis.analyze import AnalyzeOptions, analyze
+from spectra.analysis.htsr import layer_metrics
+from spectra.analysis.outliers import outlier_ratio
+from spectra.analysis.randomized import randomized_control
+from spectra.analysis.results import Analysis
+from spectra.errors import ValidationError
+from spectra.linalg import exact_svdvals
+from spectra.linalg.cache import SpectrumCache
+from spectra.sources import Checkpoint
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_llama_like(tmp_path_factory.mktemp("llama") / "ckpt", hidden=48, intermediate=96)
+
+
+def test_every_matrix_matches_float64_reference(llama_dir: Path) -> None:
+    an = analyze(llama_dir, cache=None, device="cpu")
+    with Checkpoint.open(str(llama_dir)) as ck:
+        refs = ck.matrices()
+        assert [lm.key for lm in an.layers] == [r.key for r in refs]
+        for ref, W in ck.read_many(refs):
+            S = np.linalg.svd(W.double().numpy(), compute_uv=False)
+            want = layer_metrics(S, ref.shape, key=ref.key)
+            got = an.layer(ref.key)
+            assert got.role == ref.role and got.layer == ref.layer and got.dtype == "BF16"
+            assert got.alpha == pytest.approx(want.alpha, rel=1e-9)
+            assert got.xmin == pytest.approx(want.xmin, rel=1e-9)
+            assert got.stable_rank == pytest.approx(want.stable_rank, rel=1e-9)
+            assert got.outlier_ratio == outlier_ratio(W)
+            assert got.mp_bulk_max is None and got.rand_distance is None
+            np.testing.assert_allclose(an.esds[ref.key], np.sort(S**2)[::-1], rtol=1e-9)
+    assert an.summary.num_matrices == len(refs)
+    assert set(an.summary.by_role) == {
+        "q",
+        "k",
+        "v",
+        "o",
+        "gate",
+        "up",
+        "down",
+        "embedding",
+        "lm_head",
+    }
+    assert an.options["outliers"] is True and an.versions["torch"] == torch.__version__
+
+
+def test_selection_and_optional_metrics(llama_dir: Path) -> None:
+    an = analyze(
+        llama_dir,
+        roles=("q", "down"),
+        exclude=("*layers.1.*",),
+        mp_fit=True,
+        randomize=True,
+        outliers=False,
+        cache=None,
+        device="cpu",
+    )
+    assert sorted(lm.key for lm in an.layers) == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+    ]
+    for lm in an.layers:
+        assert lm.outlier_ratio is None
+        assert lm.mp_bulk_max is not None and lm.mp_bulk_max > 0
+        assert lm.mp_num_spikes is not None
+        assert lm.rand_distance is not None and 0 <= lm.rand_distance < math.sqrt(math.log(2))
+    again = analyze(
+        llama_dir, roles=("q",), randomize=True, exclude=("*layers.1.*",), cache=None, device="cpu"
+    )
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert again.layer(q).rand_distance == an.layer(q).rand_distance  # seeded
+    # the engine's batched shuffled spectra equal the pure per-matrix control
+    with Checkpoint.open(str(llama_dir)) as ck:
+        W = ck.read(q)
+    _, want = randomized_control(W, an.esds[q], lambda X: exact_svdvals(X).numpy(), seed=0)
+    assert an.layer(q).rand_distance == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValidationError, match="no weight matrices .* include=\\['nothing\\*'\\]"):
+        analyze(llama_dir, include=("nothing*",), cache=None)
+
+
+def test_cached_run_still_has_outliers(llama_dir: Path, tmp_path: Path) -> None:
+    cache = SpectrumCache(tmp_path / "cache")
+    cold = analyze(llama_dir, cache=cache, device="cpu", roles=("up",))
+    warm = analyze(llama_dir, cache=cache, device="cpu", roles=("up",))
+    assert [lm.to_dict() for lm in warm.layers] == [lm.to_dict() for lm in cold.layers]
+    assert all(lm.outlier_ratio is not None for lm in warm.layers)
+
+
+def test_non_finite_matrix_is_reported_not_fatal(tmp_path: Path) -> None:
+    t = llama_tensors(layers=1, hidden=32, intermediate=64, vocab=40, dtype=torch.float32)
+    t["model.layers.0.self_attn.k_proj.weight"][3, 4] = float("nan")
+    path = write_safetensors(tmp_path / "model.safetensors", t)
+    an = analyze(path, cache=None, device="cpu")
+    bad = an.layer("model.layers.0.self_attn.k_proj.weight")
+    assert bad.fit_status == "failed" and "non-finite" in bad.warnings
+    assert bad.alpha is None and bad.outlier_ratio is None
+    assert an.layer("model.layers.0.self_attn.q_proj.weight").fit_status == "ok"
+    assert any(s["key"] == bad.key for s in an.summary.standouts)
+    text = an.to_json()
+    assert json.loads(text)["layers"][0]["key"] == an.layers[0].key
+    back = Analysis.from_json(text)
+    assert back.layers == an.layers
+
+
+def test_options_validation() -> None:
+    assert AnalyzeOptions(roles="q").roles == ("q",)
+    with pytest.raises(ValidationError, match="outlier_multiplier must be > 0, got 0"):
+        AnalyzeOptions(outlier_multiplier=0)
