@@ -29,7 +29,7 @@ from spectra.errors import SpectraError
 
 #: One budget for every fuzz test: reproducible (derandomized, no example database) and bounded.
 FUZZ = settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
