@@ -40,7 +40,7 @@ def headline(cmp: Comparison) -> list[tuple[str, object]]:
         ("changed", f.num_changed),
         ("did not move", len(f.unchanged)),
         ("update", f.update_kind),
-        ("apparent rank", f.apparent_rank if f.apparent_rank is not None else "-"),
+        ("apparent rank", f.apparent_rank if f.update_kind in ("low-rank", "mixed") else "-"),
         (f"intruders @ {first}", f.intruders_total[first]),
     ]
 
@@ -212,9 +212,14 @@ def summary_renderable(cmp: Comparison, *, max_rows: int = TOP_ROWS) -> Group:
     head = Table.grid(padding=(0, 2))
     for label, value in headline(cmp):
         head.add_row(safe(label), safe(H.fmt(value) if isinstance(value, float) else value))
+    if len(cmp.options.epsilons) > 1:
+        sweep = "  ".join(f"{k}: {n}" for k, n in cmp.forensics.intruders_total.items())
+        head.add_row("intruders by epsilon", safe(sweep))
     verdicts = Table.grid()
     for v in cmp.forensics.verdicts:
         verdicts.add_row("• " + safe(v.message))
+    if not cmp.forensics.top_layers:
+        return Group(head, verdicts)
     top = Table(title="most intruders", title_justify="left", show_edge=False)
     for name in ("matrix", "role", "layer", "rank", "rel change"):
         top.add_column(name, justify="left" if name in ("matrix", "role") else "right")

@@ -6,8 +6,9 @@ Rules (stated in the output):
   float32 rounding of a re-saved checkpoint, far below any training step);
 - a changed matrix is *low-rank* when the numerical rank of dW is <= LOW_RANK_FRACTION * min(m, n)
   (LoRA updates have rank r << min(m, n)); otherwise *full-rank*;
-- a full-rank update whose 99% energy rank is <= NOISY_LOW_RANK is flagged as "low-rank plus
-  noise" (a LoRA merged and stored in bf16/fp16 is full rank only through rounding);
+- a full-rank update whose 99% energy rank is <= NOISY_LOW_RANK is flagged as "effectively
+  low-rank" (a LoRA merged and stored in bf16/fp16 is full rank only through rounding; a short
+  full fine-tune can concentrate its update in a few directions);
 - the model is LoRA-like when at least MAJORITY of the changed matrices are low-rank, full-rank
   when at least MAJORITY are full-rank, mixed otherwise.
 """
@@ -206,9 +207,10 @@ def _verdicts(f: Forensics, changed: Sequence[PairLike]) -> list[Verdict]:
         if noisy:
             out.append(
                 Verdict(
-                    "low-rank-plus-noise",
+                    "effectively-low-rank",
                     f"{len(noisy)} full-rank update(s) hold 99% of their energy in at most "
-                    f"{NOISY_LOW_RANK} directions: a low-rank update stored in low precision?",
+                    f"{NOISY_LOW_RANK} directions (effectively low-rank: few training steps, "
+                    "or a low-rank update stored in low precision)",
                     {"keys": noisy[:20]},
                 )
             )
