@@ -385,3 +385,31 @@ def test_side_files_never_copy_from_outside_the_checkpoint(tmp_path: Path) -> No
     copy_side_files(src, dst, [])
     copied = [p.read_text() for p in dst.rglob("*") if p.is_file()]
     assert "private key" not in copied
+
+
+def test_report_on_a_lone_surrogate_name_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Such a name used to crash the PNG plots with an internal error (exit 1); the sources now
+    refuse it as the reference reader does."""
+    import json
+    import struct
+
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+
+    header = json.dumps(
+        {
+            "model.layers.0.\ud800.q_proj.weight": {
+                "dtype": "F32",
+                "shape": [2, 2],
+                "data_offsets": [0, 16],
+            }
+        }
+    ).encode()
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    result = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "not valid Unicode" in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "o").exists()

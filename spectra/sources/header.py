@@ -138,6 +138,8 @@ def parse_header(fh: BinaryIO, size: int, path: Path, *, label: str | None = Non
     obj = _decode_json(raw, where)
     data_start = 8 + hlen
     metadata = _metadata(obj.pop("__metadata__", None), where)
+    for text in (*obj, *metadata, *metadata.values()):
+        _check_unicode(text, where)
     refs = [_tensor_ref(name, info, path, data_start, where) for name, info in obj.items()]
     _check_ranges(refs, data_start, size, where)
     return ShardHeader(path, size, data_start, tuple(refs), metadata)
@@ -171,6 +173,17 @@ def _decode_json(raw: bytes, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SourceError(f"{where}: header JSON must be an object, got {type(obj).__name__}")
     return obj
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse strings that cannot be written as UTF-8 (a `\\udXXX` escape of a lone surrogate):
+    the reference reader refuses them too, and every writer downstream would fail on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(
+            f"{where}: header string {clip(text)} is not valid Unicode (lone surrogate escape)"
+        ) from None
 
 
 def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
