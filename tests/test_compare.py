@@ -228,3 +228,40 @@ def test_real_minilm_lora_adapter_equals_its_peft_merge(minilm_path: Path, tmp_p
         np.testing.assert_allclose(pa.intruders.max_cos, pm.intruders.max_cos, atol=1e-4)
         assert pa.update.rel_change == pytest.approx(pm.update.rel_change, rel=1e-3)
     assert a.forensics.update_kind == "low-rank" and a.forensics.max_low_rank <= 8
+
+
+def test_forensics_rules_on_constructed_pairs() -> None:
+    from dataclasses import dataclass as dc
+
+    from spectra.analysis.drift import update_stats
+    from spectra.analysis.forensics import summarize
+    from spectra.analysis.intruders import IntruderResult
+
+    @dc
+    class P:
+        key: str
+        role: str
+        layer: int | None
+        shape: tuple[int, int]
+        intruders: IntruderResult
+        update: object
+
+    def pair(key: str, s: list[float], n_intr: int) -> P:
+        st = update_stats(torch.tensor(s, dtype=torch.float64), shape=(100, 100), base_fro=10.0)
+        cos = tuple([0.1] * n_intr + [0.99] * (10 - n_intr))
+        res = IntruderResult(max_cos=cos, counts={0.5: n_intr})
+        return P(key, "q", 0, (100, 100), res, st)
+
+    full = [1.0] * 100  # flat: full rank, energy spread
+    peaked = [1.0] * 10 + [1e-4] * 90  # full numerical rank, 99% of energy in 10 directions
+    pairs = [pair(f"m{i}", full, 0) for i in range(9)] + [pair("p", peaked, 2)]
+    f = summarize(pairs, (0.5,))
+    assert f.update_kind == "full-rank"  # 10/10 full-rank >= 90%
+    codes = [v.code for v in f.verdicts]
+    assert codes == ["changed", "update-full-rank", "effectively-low-rank", "intruders"]
+    assert f.verdicts[2].evidence["keys"] == ["p"]
+    assert f.top_layers == (("p", 2),) and "in 1 matrix;" in f.verdicts[3].message
+    low = [pair(f"l{i}", [1.0] * 4, 0) for i in range(5)] + [pair("z", [0.0] * 4, 0)]
+    g = summarize(low, (0.5,))
+    assert g.update_kind == "low-rank" and g.apparent_rank == 4 and g.unchanged == ("z",)
+    assert summarize([pair("z", [0.0], 0)], (0.5,)).update_kind == "none"

@@ -250,8 +250,9 @@ def _intruder_verdict(f: Forensics, eps: float, with_any: int) -> Verdict:
     if n == 0:
         msg = f"no intruder dimensions at epsilon {key}: the top singular vectors stay in the base"
     else:
+        where = "matrix" if with_any == 1 else "matrices"
         msg = (
-            f"{n} intruder dimension(s) at epsilon {key} in {with_any} matrices; most in "
+            f"{n} intruder dimension(s) at epsilon {key} in {with_any} {where}; most in "
             f"{f.top_layers[0][0]} ({f.top_layers[0][1]})"
         )
     by_role = {r: c.get(key, 0) for r, c in f.intruders_by_role.items()}
