@@ -413,3 +413,55 @@ def test_report_on_a_lone_surrogate_name_is_one_line_exit_2(tmp_path: Path) -> N
     assert result.exit_code == 2, result.output
     assert "not valid Unicode" in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """`spectra report` (CliRunner, stdout and stderr together) on escape/formula names."""
+    from _source_fixtures import write_safetensors
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+
+    root = tmp_path_factory.mktemp("hostile-report")
+    g = torch.Generator().manual_seed(0)
+    names = (
+        "model.layers.0.\x1b[31mred\x1b[0m.q_proj.weight",
+        '=HYPERLINK("http://evil").k_proj.weight',
+    )
+    ckpt = write_safetensors(
+        root / "ck" / "model.safetensors", {n: torch.randn(24, 24, generator=g) for n in names}
+    )
+    out = root / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(
+            app, ["report", str(ckpt.parent), "--out", str(out), "--no-cache", "--device", "cpu"]
+        )
+    assert result.exit_code == 0, result.output
+    # outside pytest, warnings are printed to stderr: count them as terminal output
+    return result.output + "".join(f"{w.message}\n" for w in caught), out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect in reports/plots.py (not owned here): tensor names reach matplotlib with their "
+    "control characters; its 'Glyph 27 (\\x1b) missing' warning prints the raw ESC to the terminal",
+)
+def test_report_terminal_output_has_no_raw_escape(hostile_report: tuple[str, Path]) -> None:
+    output, _ = hostile_report
+    assert "\x1b" not in output, repr(output)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect in spectra/analysis/results.py to_csv (not owned here): names are written raw, "
+    "with control characters and a leading '=' that spreadsheets execute as a formula",
+)
+def test_report_csv_is_inert(hostile_report: tuple[str, Path]) -> None:
+    _, out = hostile_report
+    text = (out / "metrics.csv").read_text()
+    assert "\x1b" not in text
+    assert not any(
+        cell.startswith(("=", "+", "@")) for line in text.splitlines() for cell in line.split(",")
+    )
