@@ -112,6 +112,7 @@ def finetune_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
+    torch.manual_seed(0)  # LoRA A and the head are initialized at random: seed them
     tok = AutoTokenizer.from_pretrained(base)
     enc = AutoModel.from_pretrained(base)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
@@ -140,6 +141,7 @@ def finetune_full(base: Path, out: Path, steps: int, lr: float = 5e-5) -> Path:
     """Train every weight and save model.safetensors with the base's key names."""
     from transformers import AutoModel, AutoTokenizer
 
+    torch.manual_seed(0)  # the head is initialized at random: seed it
     tok = AutoTokenizer.from_pretrained(base)
     enc = AutoModel.from_pretrained(base)
     model = Classifier(enc, enc.config.hidden_size)
