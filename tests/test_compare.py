@@ -181,6 +181,7 @@ def test_base_svd_is_cached_across_comparisons(
     pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
     import spectra.analysis.compare as cmp_mod
+    import spectra.analysis.pair as pair_mod
 
     calls = []
     real = cmp_mod.dense_svd
@@ -189,7 +190,8 @@ def test_base_svd_is_cached_across_comparisons(
         calls.append(tuple(w.shape))
         return real(w)
 
-    monkeypatch.setattr(cmp_mod, "dense_svd", counting)
+    monkeypatch.setattr(cmp_mod, "dense_svd", counting)  # the base, through the cache
+    monkeypatch.setattr(pair_mod, "dense_svd", counting)  # the fine-tune (and an uncached base)
     first = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
     n_first = len(calls)
     second = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")

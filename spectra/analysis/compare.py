@@ -1,10 +1,10 @@
 """`compare(base, finetuned)`: intruder dimensions, update statistics, subspace drift and HT-SR
 change for every matrix pair of a fine-tune against its base, plus model-level forensics.
 
-Layers: `pair_matrices` (pure name pairing with `--map` renames), `compare_pair` (pure tensor
-function over one matrix pair), `compare` (IO: opens checkpoints or a PEFT LoRA adapter, streams
-one pair at a time so memory is bounded by the largest pair). Definitions: methods.md section 3,
-and the docstrings of spectra.analysis.intruders / drift / forensics.
+Layers: `pairing.pair_matrices` (pure name pairing with `--map` renames), `pair.compare_pair`
+(pure tensor function over one matrix pair), `compare` (IO: opens checkpoints or a PEFT LoRA
+adapter, streams one pair at a time so memory is bounded by the largest pair). Definitions:
+methods.md section 3, and the docstrings of spectra.analysis.intruders / drift / forensics.
 
 Per pair the base gets one float64 SVD (its full thin U is needed by the intruder test), the
 fine-tune one (its top-k U and its full spectrum for alpha), and dW one `svdvals`; a LoRA update
@@ -16,8 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.analysis.drift import (
-    SubspaceDrift,
-    UpdateStats,
-    dense_svd,
-    lowrank_update_svd,
-    subspace_drift,
-    update_stats,
-)
-from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, classify_update, summarize
-from spectra.analysis.intruders import (
-    DEFAULT_EPSILONS,
-    DEFAULT_K,
-    IntruderResult,
-    intruder_dimensions,
-    validate_epsilons,
-)
-from spectra.analysis.powerlaw import fit_powerlaw
+from spectra.analysis.drift import dense_svd
+from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, summarize
+from spectra.analysis.intruders import DEFAULT_EPSILONS, DEFAULT_K, validate_epsilons
+from spectra.analysis.pair import LoraFactors, PairMeta, PairResult, compare_pair
+from spectra.analysis.pairing import Pairing, _clip, map_key, pair_matrices, parse_map
 from spectra.analysis.results import json_safe
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
@@ -52,32 +39,23 @@ from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
 
+# Re-exported: callers (spectra.distributed, tests) import these from here.
+__all__ = [
+    "CompareOptions",
+    "Comparison",
+    "LoraFactors",
+    "PairMeta",
+    "PairResult",
+    "Pairing",
+    "base_svd",
+    "compare",
+    "compare_pair",
+    "map_key",
+    "pair_matrices",
+    "parse_map",
+]
+
 Progress = Callable[[int, int, str], None]  # (done, total, key of the pair just finished)
-LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
-
-
-# --------------------------------------------------------------------------- options, pairing
-
-
-def parse_map(rules: Iterable[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """'regex=>replacement' strings (or pairs) -> validated (pattern, replacement) tuples."""
-    out = []
-    for rule in rules:
-        if isinstance(rule, str):
-            if "=>" not in rule:
-                raise ValidationError(
-                    f"--map rule {rule!r} has no '=>': write it as 'regex=>replacement', "
-                    r"e.g. 'model\.decoder\.=>model.'"
-                )
-            pattern, repl = rule.split("=>", 1)
-        else:
-            pattern, repl = rule
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValidationError(f"--map pattern {pattern!r} is not a valid regex: {exc}") from exc
-        out.append((pattern, repl))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -120,238 +98,6 @@ class CompareOptions:
             "unchanged_tol": self.unchanged_tol,
             "device": self.device,
         }
-
-
-@dataclass(frozen=True)
-class Pairing:
-    """Result of matching fine-tuned keys to base keys.
-
-    pairs: (base_key, ft_key) in base order; base_only / ft_only: one-sided keys;
-    mismatched: (base_key, ft_key, base_shape, ft_shape) for pairs whose shapes differ.
-    """
-
-    pairs: tuple[tuple[str, str], ...]
-    base_only: tuple[str, ...] = ()
-    ft_only: tuple[str, ...] = ()
-    mismatched: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...]], ...] = ()
-
-    def problems(self) -> str:
-        """One-line description of what does not pair ('' when everything pairs)."""
-        parts = []
-        if self.mismatched:
-            shown = ", ".join(f"{b} {tuple(sb)} vs {tuple(sf)}" for b, _, sb, sf in self.mismatched)
-            parts.append(f"{len(self.mismatched)} shape mismatch(es): {_clip(shown)}")
-        if self.base_only:
-            parts.append(f"{len(self.base_only)} only in base: {_clip(', '.join(self.base_only))}")
-        if self.ft_only:
-            parts.append(f"{len(self.ft_only)} only in fine-tune: {_clip(', '.join(self.ft_only))}")
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "num_pairs": len(self.pairs),
-            "base_only": list(self.base_only),
-            "ft_only": list(self.ft_only),
-            "mismatched": [
-                {"base": b, "finetuned": f, "base_shape": list(sb), "ft_shape": list(sf)}
-                for b, f, sb, sf in self.mismatched
-            ],
-        }
-
-
-def _clip(text: str, limit: int = 400) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def map_key(key: str, rules: Sequence[tuple[str, str]]) -> str:
-    """Apply every (regex, replacement) rule in order to a fine-tuned key."""
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def pair_matrices(
-    base: Mapping[str, tuple[int, ...]],
-    finetuned: Mapping[str, tuple[int, ...]],
-    rules: Sequence[tuple[str, str]] = (),
-) -> Pairing:
-    """Pair keys by name after mapping fine-tuned keys through `rules` (pure).
-
-    base, finetuned: {key: shape}. Two fine-tuned keys mapping to one base key is an error.
-    """
-    mapped: dict[str, str] = {}
-    for ft_key in finetuned:
-        target = map_key(ft_key, rules)
-        if target in mapped:
-            raise ValidationError(
-                f"fine-tuned keys {mapped[target]!r} and {ft_key!r} both map to {target!r}: "
-                "make the --map rules more specific"
-            )
-        mapped[target] = ft_key
-    pairs, mismatched = [], []
-    for b_key, b_shape in base.items():
-        f_key = mapped.get(b_key)
-        if f_key is None:
-            continue
-        f_shape = tuple(finetuned[f_key])
-        if tuple(b_shape) != f_shape:
-            mismatched.append((b_key, f_key, tuple(b_shape), f_shape))
-        else:
-            pairs.append((b_key, f_key))
-    return Pairing(
-        pairs=tuple(pairs),
-        base_only=tuple(k for k in base if k not in mapped),
-        ft_only=tuple(f for t, f in mapped.items() if t not in base),
-        mismatched=tuple(mismatched),
-    )
-
-
-# --------------------------------------------------------------------------- one pair (pure)
-
-
-@dataclass(frozen=True)
-class PairResult:
-    """Everything compare() measures on one matrix pair (base key names the pair)."""
-
-    key: str
-    ft_key: str
-    role: str
-    layer: int | None
-    shape: tuple[int, int]
-    kind: str  # 'unchanged' | 'low-rank' | 'full-rank' (forensics.classify_update)
-    intruders: IntruderResult
-    update: UpdateStats
-    drift: SubspaceDrift
-    alpha_base: float | None
-    alpha_ft: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "ft_key": self.ft_key,
-            "role": self.role,
-            "layer": self.layer,
-            "shape": list(self.shape),
-            "kind": self.kind,
-            "intruders": self.intruders.to_dict(),
-            "update": self.update.to_dict(),
-            "drift": self.drift.to_dict(),
-            "alpha_base": self.alpha_base,
-            "alpha_ft": self.alpha_ft,
-        }
-
-    def row(self) -> dict[str, Any]:
-        """Flat CSV row: one column per epsilon count, scalars only."""
-        u = self.update
-        row: dict[str, Any] = {
-            "key": self.key,
-            "ft_key": self.ft_key,
-            "role": self.role,
-            "layer": self.layer,
-            "shape": f"{self.shape[0]}x{self.shape[1]}",
-            "kind": self.kind,
-        }
-        for eps_key, n in self.intruders.to_dict()["counts"].items():
-            row[f"intruders@{eps_key}"] = n
-        row.update(
-            min_max_cos=min(self.intruders.max_cos) if self.intruders.max_cos else None,
-            rel_change=u.rel_change,
-            numerical_rank=u.numerical_rank,
-            stable_rank=u.stable_rank,
-            effective_rank=u.effective_rank,
-            energy_rank=u.energy_rank,
-            energy_topk=u.energy_topk,
-            dw_spectral_norm=u.spectral_norm,
-            drift_min_cos=self.drift.min_cos,
-            drift_mean_cos=self.drift.mean_cos,
-            alpha_base=self.alpha_base,
-            alpha_ft=self.alpha_ft,
-        )
-        return row
-
-
-def _alpha(s: torch.Tensor) -> float | None:
-    fit = fit_powerlaw((s.detach().to("cpu", torch.float64) ** 2).numpy())
-    return fit.alpha if fit.ok else None
-
-
-@dataclass(frozen=True)
-class PairMeta:
-    """Names of one pair (no tensors)."""
-
-    key: str
-    ft_key: str
-    role: str = "other"
-    layer: int | None = None
-
-
-def compare_pair(
-    w_base: torch.Tensor,
-    w_ft: torch.Tensor | None = None,
-    *,
-    lora: LoraFactors | None = None,
-    meta: PairMeta | None = None,
-    k: int = DEFAULT_K,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    unchanged_tol: float = UNCHANGED_TOL,
-    base_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> PairResult:
-    """Compare one fine-tuned matrix with its base (pure; computed in float64).
-
-    w_base: (m, n). Exactly one of `w_ft` (m, n), or `lora` = (A (r, n), B (m, r), scale) with
-    W_ft = W_base + scale * B @ A (then dW's spectrum comes from the factors).
-    base_svd: optional precomputed (U (m, M), S (M,)) of w_base (e.g. from a cache).
-    k is capped at min(m, n).
-    """
-    if (w_ft is None) == (lora is None):
-        raise ValidationError("compare_pair needs exactly one of w_ft or lora factors")
-    meta = meta or PairMeta(key="W", ft_key="W")
-    shape = (int(w_base.shape[0]), int(w_base.shape[1]))
-    dtype = torch.float32 if w_base.device.type == "mps" else torch.float64
-    w0 = w_base.to(dtype)
-    if lora is not None:
-        a, b, scale = lora
-        _check_factors(a, b, shape, meta.key)
-        u_dw, s_dw, _ = lowrank_update_svd(a.to(w0.device), b.to(w0.device), scale)
-        w1 = w0 + float(scale) * (b.to(w0) @ a.to(w0))  # formed for intruder detection only
-    else:
-        w1 = w_ft.to(device=w0.device, dtype=dtype)  # type: ignore[union-attr]
-        if tuple(w1.shape) != shape:
-            raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
-        s_dw = torch.linalg.svdvals(w1 - w0)
-    u0, s0 = base_svd if base_svd is not None else dense_svd(w0)[:2]
-    # One memory layout whether U came from LAPACK or from the cache: same bits either way.
-    u0 = u0.contiguous()
-    u1, s1, _ = dense_svd(w1)
-    kk = min(k, min(shape))
-    update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
-    intr = intruder_dimensions(u1[:, :kk], u0.to(u1), epsilons)
-    return PairResult(
-        key=meta.key,
-        ft_key=meta.ft_key,
-        role=meta.role,
-        layer=meta.layer,
-        shape=shape,
-        kind=classify_update(update, unchanged_tol=unchanged_tol),
-        intruders=intr,
-        update=update,
-        drift=subspace_drift(u0[:, :kk].to(u1), u1[:, :kk]),
-        alpha_base=_alpha(s0),
-        alpha_ft=_alpha(s1),
-    )
-
-
-def _check_factors(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int], key: str) -> None:
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-        raise ValidationError(
-            f"{key}: LoRA factors must be A (r, in), B (out, r); got A {tuple(a.shape)}, "
-            f"B {tuple(b.shape)}"
-        )
-    if (b.shape[0], a.shape[1]) != shape:
-        raise ValidationError(
-            f"{key}: LoRA update is {(b.shape[0], a.shape[1])} but the base matrix is {shape}; "
-            "is this adapter for another base model?"
-        )
 
 
 # --------------------------------------------------------------------------- the result

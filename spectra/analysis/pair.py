@@ -1,0 +1,178 @@
+"""One matrix pair compared (pure, float64): intruders, update statistics, drift, alpha.
+
+`compare_pair(w_base, w_ft | lora=(A, B, scale))` -> `PairResult`. Definitions: methods.md
+section 3 and the docstrings of spectra.analysis.intruders / drift / forensics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spectra.analysis.drift import (
+    SubspaceDrift,
+    UpdateStats,
+    dense_svd,
+    lowrank_update_svd,
+    subspace_drift,
+    update_stats,
+)
+from spectra.analysis.forensics import UNCHANGED_TOL, classify_update
+from spectra.analysis.intruders import (
+    DEFAULT_EPSILONS,
+    DEFAULT_K,
+    IntruderResult,
+    intruder_dimensions,
+)
+from spectra.analysis.powerlaw import fit_powerlaw
+from spectra.errors import ValidationError
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Everything compare() measures on one matrix pair (base key names the pair)."""
+
+    key: str
+    ft_key: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    kind: str  # 'unchanged' | 'low-rank' | 'full-rank' (forensics.classify_update)
+    intruders: IntruderResult
+    update: UpdateStats
+    drift: SubspaceDrift
+    alpha_base: float | None
+    alpha_ft: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "ft_key": self.ft_key,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "intruders": self.intruders.to_dict(),
+            "update": self.update.to_dict(),
+            "drift": self.drift.to_dict(),
+            "alpha_base": self.alpha_base,
+            "alpha_ft": self.alpha_ft,
+        }
+
+    def row(self) -> dict[str, Any]:
+        """Flat CSV row: one column per epsilon count, scalars only."""
+        u = self.update
+        row: dict[str, Any] = {
+            "key": self.key,
+            "ft_key": self.ft_key,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": f"{self.shape[0]}x{self.shape[1]}",
+            "kind": self.kind,
+        }
+        for eps_key, n in self.intruders.to_dict()["counts"].items():
+            row[f"intruders@{eps_key}"] = n
+        row.update(
+            min_max_cos=min(self.intruders.max_cos) if self.intruders.max_cos else None,
+            rel_change=u.rel_change,
+            numerical_rank=u.numerical_rank,
+            stable_rank=u.stable_rank,
+            effective_rank=u.effective_rank,
+            energy_rank=u.energy_rank,
+            energy_topk=u.energy_topk,
+            dw_spectral_norm=u.spectral_norm,
+            drift_min_cos=self.drift.min_cos,
+            drift_mean_cos=self.drift.mean_cos,
+            alpha_base=self.alpha_base,
+            alpha_ft=self.alpha_ft,
+        )
+        return row
+
+
+def _alpha(s: torch.Tensor) -> float | None:
+    fit = fit_powerlaw((s.detach().to("cpu", torch.float64) ** 2).numpy())
+    return fit.alpha if fit.ok else None
+
+
+@dataclass(frozen=True)
+class PairMeta:
+    """Names of one pair (no tensors)."""
+
+    key: str
+    ft_key: str
+    role: str = "other"
+    layer: int | None = None
+
+
+def compare_pair(
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor | None = None,
+    *,
+    lora: LoraFactors | None = None,
+    meta: PairMeta | None = None,
+    k: int = DEFAULT_K,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    unchanged_tol: float = UNCHANGED_TOL,
+    base_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PairResult:
+    """Compare one fine-tuned matrix with its base (pure; computed in float64).
+
+    w_base: (m, n). Exactly one of `w_ft` (m, n), or `lora` = (A (r, n), B (m, r), scale) with
+    W_ft = W_base + scale * B @ A (then dW's spectrum comes from the factors).
+    base_svd: optional precomputed (U (m, M), S (M,)) of w_base (e.g. from a cache).
+    k is capped at min(m, n).
+    """
+    if (w_ft is None) == (lora is None):
+        raise ValidationError("compare_pair needs exactly one of w_ft or lora factors")
+    meta = meta or PairMeta(key="W", ft_key="W")
+    shape = (int(w_base.shape[0]), int(w_base.shape[1]))
+    dtype = torch.float32 if w_base.device.type == "mps" else torch.float64
+    w0 = w_base.to(dtype)
+    if lora is not None:
+        a, b, scale = lora
+        _check_factors(a, b, shape, meta.key)
+        u_dw, s_dw, _ = lowrank_update_svd(a.to(w0.device), b.to(w0.device), scale)
+        w1 = w0 + float(scale) * (b.to(w0) @ a.to(w0))  # formed for intruder detection only
+    else:
+        w1 = w_ft.to(device=w0.device, dtype=dtype)  # type: ignore[union-attr]
+        if tuple(w1.shape) != shape:
+            raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
+        s_dw = torch.linalg.svdvals(w1 - w0)
+    u0, s0 = base_svd if base_svd is not None else dense_svd(w0)[:2]
+    # One memory layout whether U came from LAPACK or from the cache: same bits either way.
+    u0 = u0.contiguous()
+    u1, s1, _ = dense_svd(w1)
+    kk = min(k, min(shape))
+    update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
+    intr = intruder_dimensions(u1[:, :kk], u0.to(u1), epsilons)
+    return PairResult(
+        key=meta.key,
+        ft_key=meta.ft_key,
+        role=meta.role,
+        layer=meta.layer,
+        shape=shape,
+        kind=classify_update(update, unchanged_tol=unchanged_tol),
+        intruders=intr,
+        update=update,
+        drift=subspace_drift(u0[:, :kk].to(u1), u1[:, :kk]),
+        alpha_base=_alpha(s0),
+        alpha_ft=_alpha(s1),
+    )
+
+
+def _check_factors(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int], key: str) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise ValidationError(
+            f"{key}: LoRA factors must be A (r, in), B (out, r); got A {tuple(a.shape)}, "
+            f"B {tuple(b.shape)}"
+        )
+    if (b.shape[0], a.shape[1]) != shape:
+        raise ValidationError(
+            f"{key}: LoRA update is {(b.shape[0], a.shape[1])} but the base matrix is {shape}; "
+            "is this adapter for another base model?"
+        )

@@ -1,0 +1,119 @@
+"""Pairing of fine-tuned tensors with base tensors by name, with `--map` regex renames (pure).
+
+One-sided keys and shape mismatches are listed, never silently dropped; `Pairing.problems()`
+says what does not pair in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from spectra.errors import ValidationError
+
+
+def parse_map(rules: Iterable[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """'regex=>replacement' strings (or pairs) -> validated (pattern, replacement) tuples."""
+    out = []
+    for rule in rules:
+        if isinstance(rule, str):
+            if "=>" not in rule:
+                raise ValidationError(
+                    f"--map rule {rule!r} has no '=>': write it as 'regex=>replacement', "
+                    r"e.g. 'model\.decoder\.=>model.'"
+                )
+            pattern, repl = rule.split("=>", 1)
+        else:
+            pattern, repl = rule
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValidationError(f"--map pattern {pattern!r} is not a valid regex: {exc}") from exc
+        out.append((pattern, repl))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Result of matching fine-tuned keys to base keys.
+
+    pairs: (base_key, ft_key) in base order; base_only / ft_only: one-sided keys;
+    mismatched: (base_key, ft_key, base_shape, ft_shape) for pairs whose shapes differ.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    base_only: tuple[str, ...] = ()
+    ft_only: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    def problems(self) -> str:
+        """One-line description of what does not pair ('' when everything pairs)."""
+        parts = []
+        if self.mismatched:
+            shown = ", ".join(f"{b} {tuple(sb)} vs {tuple(sf)}" for b, _, sb, sf in self.mismatched)
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): {_clip(shown)}")
+        if self.base_only:
+            parts.append(f"{len(self.base_only)} only in base: {_clip(', '.join(self.base_only))}")
+        if self.ft_only:
+            parts.append(f"{len(self.ft_only)} only in fine-tune: {_clip(', '.join(self.ft_only))}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_pairs": len(self.pairs),
+            "base_only": list(self.base_only),
+            "ft_only": list(self.ft_only),
+            "mismatched": [
+                {"base": b, "finetuned": f, "base_shape": list(sb), "ft_shape": list(sf)}
+                for b, f, sb, sf in self.mismatched
+            ],
+        }
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def map_key(key: str, rules: Sequence[tuple[str, str]]) -> str:
+    """Apply every (regex, replacement) rule in order to a fine-tuned key."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def pair_matrices(
+    base: Mapping[str, tuple[int, ...]],
+    finetuned: Mapping[str, tuple[int, ...]],
+    rules: Sequence[tuple[str, str]] = (),
+) -> Pairing:
+    """Pair keys by name after mapping fine-tuned keys through `rules` (pure).
+
+    base, finetuned: {key: shape}. Two fine-tuned keys mapping to one base key is an error.
+    """
+    mapped: dict[str, str] = {}
+    for ft_key in finetuned:
+        target = map_key(ft_key, rules)
+        if target in mapped:
+            raise ValidationError(
+                f"fine-tuned keys {mapped[target]!r} and {ft_key!r} both map to {target!r}: "
+                "make the --map rules more specific"
+            )
+        mapped[target] = ft_key
+    pairs, mismatched = [], []
+    for b_key, b_shape in base.items():
+        f_key = mapped.get(b_key)
+        if f_key is None:
+            continue
+        f_shape = tuple(finetuned[f_key])
+        if tuple(b_shape) != f_shape:
+            mismatched.append((b_key, f_key, tuple(b_shape), f_shape))
+        else:
+            pairs.append((b_key, f_key))
+    return Pairing(
+        pairs=tuple(pairs),
+        base_only=tuple(k for k in base if k not in mapped),
+        ft_only=tuple(f for t, f in mapped.items() if t not in base),
+        mismatched=tuple(mismatched),
+    )
