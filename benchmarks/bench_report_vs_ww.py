@@ -5,7 +5,7 @@ import-time logging/warning side effects contained). Spectrum cache off for ours
 
     .venv/bin/python benchmarks/bench_report_vs_ww.py                   # bundled MiniLM
     .venv/bin/python benchmarks/bench_report_vs_ww.py --synthetic DIR   # + Llama-shaped bf16
-    .venv/bin/python benchmarks/bench_report_vs_ww.py --threads 2 --json out.json
+    .venv/bin/python benchmarks/bench_report_vs_ww.py --jobs ours,ww,ww_mp,ww_rand --json o.json
 
 The synthetic checkpoint (written once into DIR if missing): Llama-7B-shaped layers (hidden
 4096, intermediate 11008, vocab 32000), `--layers` of them (4 -> 28 attention/MLP matrices +
@@ -28,12 +28,14 @@ _OURS = """
 import json, resource, sys, time, torch
 torch.set_num_threads({threads})
 from spectra.analysis.analyze import analyze
-t = time.perf_counter()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
+cpu0, t = ru0.ru_utime + ru0.ru_stime, time.perf_counter()
 an = analyze(sys.argv[1], cache=None, device="cpu", mp_fit={mp}, randomize={rand})
 dt = time.perf_counter() - t
 alphas = {{lm.name.removesuffix(".weight"): lm.alpha for lm in an.layers}}
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("BENCH" + json.dumps({{"time_s": dt, "rss_mb": rss, "alphas": alphas}}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+rss, cpu = ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime - cpu0
+print("BENCH" + json.dumps({{"time_s": dt, "cpu_s": cpu, "rss_mb": rss, "alphas": alphas}}))
 """
 
 _WW = """
@@ -42,12 +44,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 torch.set_num_threads({threads})
 import weightwatcher as ww
-t = time.perf_counter()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
+cpu0, t = ru0.ru_utime + ru0.ru_stime, time.perf_counter()
 df = ww.WeightWatcher(model=sys.argv[1]).analyze(mp_fit={mp}, randomize={rand})
 dt = time.perf_counter() - t
 alphas = dict(zip(df["name"], df["alpha"]))
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("BENCH" + json.dumps({{"time_s": dt, "rss_mb": rss, "alphas": alphas}}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+rss, cpu = ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime - cpu0
+print("BENCH" + json.dumps({{"time_s": dt, "cpu_s": cpu, "rss_mb": rss, "alphas": alphas}}))
 """
 
 
@@ -114,27 +118,37 @@ def write_synthetic(folder: Path, layers: int, seed: int = 0) -> Path:
     return folder
 
 
-def bench_model(path: Path, threads: int, with_ww_options: bool) -> dict[str, Any]:
-    """Ours (default, +mp_fit, +randomize) and WeightWatcher (default; options if asked)."""
+JOBS = {  # name: (template, mp_fit, randomize)
+    "ours": (_OURS, False, False),
+    "ours_mp": (_OURS, True, False),
+    "ours_rand": (_OURS, False, True),
+    "ww": (_WW, False, False),
+    "ww_mp": (_WW, True, False),
+    "ww_rand": (_WW, False, True),
+}
+
+
+def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
+    """The named JOBS on one checkpoint: wall and CPU seconds (CPU time is the fairer number
+    on a shared machine), peak RSS, alpha agreement and the ratios that exist."""
     res: dict[str, Any] = {"path": str(path)}
-    for name, mp, rand in (
-        ("ours", False, False),
-        ("ours_mp", True, False),
-        ("ours_rand", False, True),
-    ):
-        res[name] = run_job(_OURS, path, threads, mp, rand)
-        print(f"  {name}: {res[name]['time_s']:.2f} s, {res[name]['rss_mb']:.0f} MB", flush=True)
-    res["ww"] = run_job(_WW, path, threads, False, False)
-    print(f"  ww: {res['ww']['time_s']:.2f} s, {res['ww']['rss_mb']:.0f} MB", flush=True)
-    if with_ww_options:
-        for name, mp, rand in (("ww_mp", True, False), ("ww_rand", False, True)):
-            res[name] = run_job(_WW, path, threads, mp, rand)
-            print(f"  {name}: {res[name]['time_s']:.2f} s", flush=True)
-    res["agreement"] = alpha_agreement(res["ours"]["alphas"], res["ww"]["alphas"])
-    res["speedup"] = res["ww"]["time_s"] / res["ours"]["time_s"]
-    res["mp_overhead"] = res["ours_mp"]["time_s"] / res["ours"]["time_s"] - 1
-    res["rand_overhead"] = res["ours_rand"]["time_s"] / res["ours"]["time_s"] - 1
-    print(f"  agreement {res['agreement']}, speedup {res['speedup']:.2f}x", flush=True)
+    for name in jobs:
+        template, mp, rand = JOBS[name]
+        r = res[name] = run_job(template, path, threads, mp, rand)
+        print(
+            f"  {name}: {r['time_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, {r['rss_mb']:.0f} MB",
+            flush=True,
+        )
+    if "ours" in res and "ww" in res:
+        res["agreement"] = alpha_agreement(res["ours"]["alphas"], res["ww"]["alphas"])
+        print(f"  alpha agreement {res['agreement']}", flush=True)
+        for unit in ("time_s", "cpu_s"):
+            res[f"speedup_{unit}"] = res["ww"][unit] / res["ours"][unit]
+    for name in jobs:
+        base = "ours" if name.startswith("ours") else "ww"
+        if name != base and base in res:
+            for unit in ("time_s", "cpu_s"):
+                res[f"{name}_over_{base}_{unit}"] = res[name][unit] / res[base][unit]
     return res
 
 
@@ -144,7 +158,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-minilm", action="store_true")
-    ap.add_argument("--ww-options", action="store_true", help="also time WW mp_fit/randomize")
+    ap.add_argument("--jobs", default="ours,ours_mp,ours_rand,ww", help=f"of {sorted(JOBS)}")
+    ap.add_argument("--synthetic-jobs", default="ours,ww")
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args()
     results: dict[str, Any] = {"threads": args.threads}
@@ -152,14 +167,15 @@ def main() -> None:
         from spectra.sources import bundled_model_path
 
         print("MiniLM", flush=True)
-        results["minilm"] = bench_model(bundled_model_path(), args.threads, args.ww_options)
+        results["minilm"] = bench_model(bundled_model_path(), args.threads, args.jobs.split(","))
     if args.synthetic is not None:
         if not (args.synthetic / "model.safetensors.index.json").exists():
             t = time.perf_counter()
             write_synthetic(args.synthetic, args.layers)
             print(f"wrote {args.synthetic} in {time.perf_counter() - t:.0f} s", flush=True)
         print("synthetic", flush=True)
-        results["synthetic"] = bench_model(args.synthetic, args.threads, False)
+        jobs = args.synthetic_jobs.split(",")
+        results["synthetic"] = bench_model(args.synthetic, args.threads, jobs)
     if args.json is not None:
         for r in results.values():
             if isinstance(r, dict):
