@@ -58,6 +58,17 @@ class InitResult:
     def max_error(self) -> float:
         return max(self.errors.values(), default=0.0)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "adapter_dir": str(self.adapter_dir),
+            "residual_dir": None if self.residual_dir is None else str(self.residual_dir),
+            "manifest_path": str(self.manifest_path),
+            "plan": self.plan.to_dict(),
+            "errors": dict(self.errors),
+            "seconds": self.seconds,
+        }
+
 
 def storage_dtype_of(name: str) -> torch.dtype:
     found = STORAGE_DTYPES.get(name)
