@@ -74,7 +74,7 @@ def compare_cmd(
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    from spectra.analysis.compare import compare
+    from spectra.distributed import run_compare
     from spectra.export.outdir import check_output_dir
     from spectra.reports.compare import print_summary, write_compare
 
@@ -85,7 +85,8 @@ def compare_cmd(
         def tick(done: int, total: int, key: str) -> None:
             bar.update(task, completed=done, total=total, description=_short(key))
 
-        cmp = compare(
+        # Under torchrun each rank compares its share of pairs; rank 0 gets the whole result.
+        cmp = run_compare(
             base,
             finetuned,
             k=k,
@@ -99,6 +100,8 @@ def compare_cmd(
             cache=Path(cache_dir).expanduser() if cache_dir else None,
             progress=tick,
         )
+    if cmp is None:  # a non-writer rank under torchrun
+        return
     paths = write_compare(cmp, out, force=force)
     print_summary(cmp, console)
     console.print(
