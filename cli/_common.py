@@ -4,6 +4,7 @@ exceptions into a one-line message and an exit code."""
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -60,9 +61,31 @@ def split_csv(value: str | None) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+# ESC sequences first (CSI `ESC [ ... final`, OSC/DCS/APC/PM/SOS strings up to BEL or ST, any
+# other `ESC x`), so their parameters do not survive as text; then every C0/C1 control and DEL.
+_ESCAPE_SEQ = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b[\]PX^_].*?(?:\x07|\x1b\\|$)"
+    r"|\x1b[ -~]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]"
+    r"|[\x90\x98\x9d-\x9f].*?(?:\x07|\x9c|\x1b\\|$)",
+    re.DOTALL,
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(message: str) -> str:
+    """`message` safe for a terminal line: escape sequences removed, every other control
+    character (C0 including newline and tab, DEL, C1) replaced by a space."""
+    return _CONTROL.sub(" ", _ESCAPE_SEQ.sub("", message))
+
+
 def fail(message: str, code: int = 2) -> None:
-    """Print one escaped line to stderr and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Print one line to stderr (control characters and escape sequences removed, rich markup
+    escaped) and exit with `code`. Messages can carry file names chosen by a stranger."""
+    err_console.print(
+        f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 

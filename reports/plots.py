@@ -6,7 +6,9 @@ None when there is nothing to draw (e.g. no matrix has a layer index). Figures a
 threads and in processes that use another backend. Every number drawn is also in metrics.json.
 
 Text from the checkpoint (tensor names) is drawn with `parse_math=False`, so a `$` in a name is
-shown as it is instead of being parsed as mathtext.
+shown as it is instead of being parsed as mathtext, and without its control characters
+(`printable`): matplotlib warns about glyphs missing from the font by printing the raw character,
+so an ESC in a name would otherwise reach the terminal.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
 from spectra.analysis.results import LayerMetrics
+from spectra.reports.html import printable
 
 # Thresholds of the HT-SR warnings (methods.md section 2).
 ALPHA_LOW = 2.0
@@ -123,7 +126,7 @@ def esd_plot(evals: np.ndarray, layer: LayerMetrics) -> bytes | None:
     _light_log_ticks(ax)
     ax.set_xlabel("eigenvalue λ of WᵀW")
     ax.set_ylabel("density")
-    ax.set_title(short_label(layer.key), fontsize=9, parse_math=False)
+    ax.set_title(short_label(printable(layer.key)), fontsize=9, parse_math=False)
     ax.legend(fontsize=8, loc="upper right")
     # Fixed margins: tight_layout measures every tick label and costs more than the drawing.
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
@@ -187,7 +190,7 @@ def _by_role_depth(
 def _depth_lines(ax, series: dict[str, list[tuple[int, float]]]) -> None:  # noqa: ANN001
     for role, points in series.items():
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=role_color(role), label=role)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=role_color(role), label=printable(role))
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
@@ -290,7 +293,7 @@ def sv_decay(layers: Sequence[LayerMetrics], esds: Mapping[str, np.ndarray]) -> 
             else:
                 ax.plot(x, s, color=cmap(depth / max(deepest, 1)), lw=0.9)
         ax.set_yscale("log")
-        ax.set_title(role, fontsize=9, parse_math=False)
+        ax.set_title(printable(role), fontsize=9, parse_math=False)
         ax.set_xlabel("i / min(m, n)", fontsize=8)
         ax.grid(True, alpha=0.3)
     for ax in axes[len(roles) :]:
@@ -335,7 +338,7 @@ def outlier_heatmap(layers: Sequence[LayerMetrics]) -> bytes | None:
     fig = Figure(figsize=(1.0 + 0.75 * len(roles) + 1.2, 1.2 + 0.28 * len(depths)))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma_r")
-    ax.set_xticks(range(len(roles)), labels=roles, fontsize=8)
+    ax.set_xticks(range(len(roles)), labels=[printable(r) for r in roles], fontsize=8)
     ax.set_yticks(range(len(depths)), labels=[str(d) for d in depths], fontsize=7)
     ax.set_xlabel("role")
     ax.set_ylabel("layer")

@@ -15,7 +15,7 @@ from _linalg_fixtures import (
 
 from spectra.errors import SourceError, ValidationError
 from spectra.linalg.batching import plan_batches, prefetch
-from spectra.linalg.cache import SpectrumCache
+from spectra.linalg.cache import CACHE_FORMAT, SpectrumCache
 from spectra.linalg.engine import compute_spectra
 
 
@@ -193,7 +193,7 @@ def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
             assert float(cos) >= 0.99
         again = list(compute_spectra(ck, refs, mode="values", device="cpu", cache=cache))
         assert all(s.from_cache for s in again)
-        assert (tmp_path / "v1" / "shards.json").is_file()
+        assert (tmp_path / f"v{CACHE_FORMAT}" / "shards.json").is_file()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

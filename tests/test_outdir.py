@@ -67,3 +67,75 @@ def test_os_errors_are_one_line_and_leave_nothing(
     monkeypatch.setattr("tempfile.mkdtemp", deny)
     with pytest.raises(OutputError, match=words), atomic_output_dir(out):
         pass
+
+
+def test_finished_folder_has_the_umask_mode_not_mkdtemp_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        with atomic_output_dir(tmp_path / "rep") as tmp:
+            (tmp / "a.txt").write_text("x")
+            assert stat.S_IMODE(tmp.stat().st_mode) == 0o700  # private while being written
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "rep").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o750
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _earlier_output(folder: Path, text: str) -> None:
+    folder.mkdir()
+    (folder / MARKER).write_text("")
+    (folder / "old.txt").write_text(text)
+
+
+def test_interrupted_replace_is_restored_by_the_next_run(tmp_path: Path) -> None:
+    """Killed between the two renames: no final folder, the earlier one under `-old-<pid>`."""
+    from spectra.export.outdir import recover_interrupted
+
+    out = tmp_path / "rep"
+    _earlier_output(tmp_path / f".rep.spectra-old-{_dead_pid()}", "earlier")
+    partial = tmp_path / f".rep.spectra-tmp-{_dead_pid()}-abc"
+    partial.mkdir()
+    (partial / "half.bin").write_bytes(b"x")
+    with pytest.raises(OutputError, match="earlier spectra output"):
+        with atomic_output_dir(out):  # restored first, so refused without --force
+            pass
+    assert (out / "old.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    assert recover_interrupted(out) == []  # idempotent
+
+
+def test_stale_old_sibling_next_to_new_output_is_removed(tmp_path: Path) -> None:
+    """Killed after the second rename: the new output is in place, the old one left over."""
+    out = tmp_path / "rep"
+    _earlier_output(out, "new")
+    _earlier_output(tmp_path / f".rep.spectra-old-{_dead_pid()}", "earlier")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "newer.txt").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    assert (out / "newer.txt").read_text() == "y"
+
+
+def test_siblings_of_a_live_process_are_left_alone(tmp_path: Path) -> None:
+    """Another run in progress (its pid alive): its `-old-` and `-tmp-` folders stay."""
+    import os
+
+    from spectra.export.outdir import recover_interrupted
+
+    live = os.getppid()
+    _earlier_output(tmp_path / f".rep.spectra-old-{live}", "theirs")
+    (tmp_path / f".rep.spectra-tmp-{live}-xyz").mkdir()
+    assert recover_interrupted(tmp_path / "rep") == []
+    assert len(list(tmp_path.iterdir())) == 2 and not (tmp_path / "rep").exists()

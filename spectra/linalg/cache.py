@@ -3,17 +3,25 @@
 Layout under the root (default `$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spectra`, else
 `~/.cache/spectra`):
 
-    v1/entries/<ab>/<key>.json                      metadata + sha256 of the payload file
-    v1/entries/<ab>/<key>.<sha256[:16]>.safetensors values (float64), optional U and Vh
-    v1/shards.json                                  memo of shard digests by (path, size, mtime)
+    v2/entries/<ab>/<key>.json                      metadata + sha256 of the payload file
+    v2/entries/<ab>/<key>.<sha256[:16]>.safetensors values (float64), optional U and Vh
+    v2/shards.json                                  memo of shard digests by (path, size, mtime)
 
 `key = sha256(format version, content key of the matrix's bytes, decomposition parameters)`.
 Every file is written to a temporary sibling and renamed into place (`os.replace`), the payload
 first, the JSON last: the JSON is the commit record, and it names a payload file whose name
 carries its own checksum, so processes writing the same entry at once can never pair a JSON with
-another writer's payload. A truncated or corrupted entry (bad JSON, missing payload, checksum
-mismatch) is reported (`warnings.warn` with `CacheCorruptionWarning`, or the `on_corrupt`
-callback), removed, and treated as a miss, so the caller recomputes it. Nothing is pickled.
+another writer's payload. A truncated or corrupted entry (bad or non-UTF-8 JSON, missing
+payload, payload or metadata checksum mismatch) is reported (`warnings.warn` with
+`CacheCorruptionWarning`, or the `on_corrupt` callback), removed, and treated as a miss, so the
+caller recomputes it. Nothing is pickled.
+
+Checksums (format 2): `sha256` covers the payload bytes; `meta_sha256` covers the metadata, as
+the sha256 of its canonical JSON (sorted keys, no spaces, ASCII) without the `meta_sha256`
+field itself. Since the metadata holds the payload's digest, one check on each file covers every
+byte a `Spectrum` is built from: a flipped digit in `shape` or `params` is a corrupt entry, not
+a served one. Format 1 (payload checksum only) lived under `v1/`; its entries are ignored, not
+migrated (they are recomputed on demand).
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from spectra.errors import CacheError
+from spectra.errors import CacheError, ValidationError
 from spectra.linalg.spectrum import Spectrum
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _SPECTRUM_FIELDS = ("method", "params", "residual", "converged", "iterations", "status", "message")
 
 
@@ -106,21 +114,26 @@ class SpectrumCache:
         corrupted (then reported and removed)."""
         path = self._json_path(key)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise CacheError(f"cannot read cache entry {path}: {exc.strerror or exc}") from exc
         try:
-            meta = json.loads(text)
+            meta = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
+            if not isinstance(meta, dict):
+                raise ValueError(f"metadata is a JSON {type(meta).__name__}, not an object")
+            if meta.get("meta_sha256") != _meta_digest(meta):
+                raise ValueError("metadata checksum mismatch")
             payload_path = path.with_name(meta["payload"])
             payload = payload_path.read_bytes()
             if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
                 raise ValueError("payload checksum mismatch")
             tensors = st_load(payload)
             return _spectrum_from(meta, tensors)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            # json.JSONDecodeError and safetensors' errors are ValueErrors or OSErrors
+        except (ValueError, KeyError, TypeError, OSError, RecursionError, ValidationError) as exc:
+            # json.JSONDecodeError, UnicodeDecodeError and safetensors' errors are ValueErrors or
+            # OSErrors; ValidationError: a Spectrum field out of its domain
             self._report(f"corrupted spectrum cache entry {path.name} ({exc}); recomputing it")
             self._remove(path)
             return None
@@ -145,8 +158,12 @@ class SpectrumCache:
             "shape": list(spectrum.shape),
             **{f: getattr(spectrum, f) for f in _SPECTRUM_FIELDS},
         }
+        # the digest is taken over what a reader will parse (default=str turns exotic values
+        # into strings), so writer and reader hash the same canonical text
+        meta = json.loads(json.dumps(meta, default=str))
+        meta["meta_sha256"] = _meta_digest(meta)
         _atomic_write(path.with_name(meta["payload"]), payload)
-        _atomic_write(path, json.dumps(meta, sort_keys=True, default=str).encode())
+        _atomic_write(path, json.dumps(meta, sort_keys=True).encode())
 
     def clear(self) -> None:
         """Remove every entry of this cache format (the folder itself stays)."""
@@ -209,6 +226,13 @@ class SpectrumCache:
             pass
         self._shards = memo
         _atomic_write(path, json.dumps(memo, sort_keys=True).encode())
+
+
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 hex of the canonical JSON of `meta` without its `meta_sha256` field."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _spectrum_from(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Spectrum:
