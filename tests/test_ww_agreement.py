@@ -42,7 +42,8 @@ def minilm_analysis(minilm_path: Path):
 def ww_rows(minilm_path: Path) -> list[dict]:
     if importlib.util.find_spec("weightwatcher") is None:
         pytest.skip("weightwatcher is not installed (pip install -e '.[dev]')")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # one BLAS thread: on a shared 2-core box WeightWatcher's SVDs thrash with more (5 s vs 30 s)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _WW_SCRIPT, str(minilm_path)],
         capture_output=True,
