@@ -204,3 +204,16 @@ def test_analysis_json_csv_round_trip(tmp_path) -> None:
     assert list(df["key"]) == ["a", "b"] and math.isnan(df["alpha"][1])
     with pytest.raises(ValidationError, match="no matrix 'zz'"):
         an.layer("zz")
+
+
+def test_outlier_ratio_chunked_equals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spectra.analysis.outliers as outliers
+
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(64, 48, generator=g) ** 3).to(torch.bfloat16)
+    score = W.float().abs()
+    want = int((score > 13.0 * score.mean()).sum()) / W.numel()
+    assert want > 0
+    assert outlier_ratio(W) == want
+    monkeypatch.setattr(outliers, "CHUNK_ELEMENTS", 100)  # 2 rows per block
+    assert outlier_ratio(W) == want

@@ -232,7 +232,7 @@ def _weight_extras(
                 out[spec.key]["rand_distance"] = esd_distance(esds[spec.key], rand)
     if options.outliers:
         left = [ref for ref in matrices if "outlier_ratio" not in out[ref.key]]
-        for ref, W in ckpt.read_many(left, device=str(device)):
+        for ref, W in ckpt.read_many(left, dtype=None, device=str(device)):  # as stored
             tap(ref, W)
             del W
     return out

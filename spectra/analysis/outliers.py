@@ -13,6 +13,7 @@ import torch
 from spectra.errors import ValidationError
 
 DEFAULT_MULTIPLIER = 13.0  # OwLore's shipped threshold (arXiv 2405.18380)
+CHUNK_ELEMENTS = 4 * 2**20  # rows per block so one float32 score block is <= 16 MB
 
 
 def outlier_ratio(
@@ -24,8 +25,9 @@ def outlier_ratio(
     """Share of entries of W (m, n) whose score exceeds `multiplier` times the mean score.
 
     act_norms: optional (n,) L2 norms of the layer's input features (OWL's activation-aware
-    score). Computed in float32 at least, on W's device. Returns None when W has NaN/Inf
-    entries or is all zeros (no meaningful mean).
+    score). Computed in float32 at least (float64 for float64 W), on W's device, in row blocks
+    of CHUNK_ELEMENTS entries, so a bf16 W is never upcast whole. Returns None when W has
+    NaN/Inf entries or is all zeros (no meaningful mean).
 
     >>> outlier_ratio(torch.tensor([[1.0, 1.0, 1.0, 100.0]]), multiplier=3.0)
     0.25
@@ -35,16 +37,32 @@ def outlier_ratio(
     if not multiplier > 0:
         raise ValidationError(f"multiplier must be > 0, got {multiplier}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    score = W.detach().to(dtype).abs()  # (m, n)
     if act_norms is not None:
         if act_norms.shape != (W.shape[1],):
             raise ValidationError(
                 f"act_norms must have shape ({W.shape[1]},) for W {tuple(W.shape)}, "
                 f"got {tuple(act_norms.shape)}"
             )
-        score = score * act_norms.to(device=score.device, dtype=dtype)[None, :]
-    mean = score.mean()
+        act_norms = act_norms.to(device=W.device, dtype=dtype)
+    rows = max(1, CHUNK_ELEMENTS // W.shape[1])
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for start in range(0, W.shape[0], rows):
+        total += _scores(W[start : start + rows], dtype, act_norms).sum(dtype=torch.float64)
+    mean = total / W.numel()
     if not torch.isfinite(mean) or mean <= 0:
         return None
-    count = int(torch.count_nonzero(score > multiplier * mean))
-    return count / score.numel()
+    cut = multiplier * mean.to(dtype)
+    count = 0
+    for start in range(0, W.shape[0], rows):
+        count += int(torch.count_nonzero(_scores(W[start : start + rows], dtype, act_norms) > cut))
+    return count / W.numel()
+
+
+def _scores(
+    block: torch.Tensor, dtype: torch.dtype, act_norms: torch.Tensor | None
+) -> torch.Tensor:
+    """|W| (times the input norms) of a row block, in `dtype`: (rows, n)."""
+    score = block.detach().to(dtype).abs()
+    if act_norms is not None:
+        score.mul_(act_norms[None, :])
+    return score
