@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,11 @@ def _analyze_checkpoint(
             "loosen the filters (spectra inspect lists the matrices)"
         )
     dev = resolve_device(options.device)
-    spectra = {}
+    by_key = {ref.key: ref for ref in matrices}
+    base: dict[str, LayerMetrics] = {}
+    esds: dict[str, np.ndarray] = {}
+    # metrics as spectra arrive: the fits overlap the engine's background reads, and only the
+    # eigenvalues (not the Spectrum objects) are kept
     for spec in compute_spectra(
         ckpt,
         matrices,
@@ -156,13 +160,13 @@ def _analyze_checkpoint(
         progress=progress,
         max_memory=max_memory,
     ):
-        spectra[spec.key] = spec
-    esds = {
-        key: spec.values.double().square().cpu().numpy() for key, spec in spectra.items() if spec.ok
-    }
+        base[spec.key] = _layer(by_key[spec.key], spec, options)
+        if spec.ok:
+            esds[spec.key] = spec.values.double().square().cpu().numpy()
     extras = _weight_extras(ckpt, matrices, esds, options, dev, max_memory)
     layers = [
-        _layer(ref, spectra.get(ref.key), extras.get(ref.key, {}), options) for ref in matrices
+        replace(base[ref.key], **extras[ref.key]) if ref.key in base else _layer(ref, None, options)
+        for ref in matrices
     ]
     return Analysis(
         source=str(ckpt.source),
@@ -174,7 +178,8 @@ def _analyze_checkpoint(
     )
 
 
-def _layer(ref: Any, spec: Any, extra: dict[str, Any], options: AnalyzeOptions) -> LayerMetrics:
+def _layer(ref: Any, spec: Any, options: AnalyzeOptions) -> LayerMetrics:
+    """Metrics of one matrix from its Spectrum (weight-based extras are added later)."""
     meta = {
         "key": ref.key,
         "name": ref.tensor.name,
@@ -194,8 +199,6 @@ def _layer(ref: Any, spec: Any, extra: dict[str, Any], options: AnalyzeOptions) 
         shape,
         spectrum_method=spec.method,
         mp=mp,
-        rand_distance=extra.get("rand_distance"),
-        outlier_ratio=extra.get("outlier_ratio"),
         **meta,
     )
 
