@@ -81,6 +81,15 @@ def _cache_arg(no_cache: bool, cache_dir: str | None) -> Any:
     return Path(cache_dir).expanduser() if cache_dir else True
 
 
+def _budget_bytes(max_memory: float | None) -> int | None:
+    """--max-memory MiB -> bytes (None: the engine's default)."""
+    if max_memory is None:
+        return None
+    if not max_memory > 0 or max_memory == float("inf"):
+        raise ValidationError(f"--max-memory must be a positive number of MiB, got {max_memory}")
+    return max(1, int(max_memory * 2**20))
+
+
 @handle_errors
 def report_cmd(
     source: Annotated[
@@ -127,6 +136,16 @@ def report_cmd(
             help="ESD plots drawn at most (beyond it: warned layers, then a set per role).",
         ),
     ] = 64,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--max-memory",
+            help="Working-memory budget of one decomposition batch, in MiB (default: 1024 on "
+            "the CPU, half the free GPU memory). A matrix over it is computed alone, chunked "
+            "or on the CPU, with a warning.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
@@ -139,6 +158,7 @@ def report_cmd(
     wanted = parse_formats(formats)
     if max_esd_plots < 0:
         raise ValidationError(f"--max-esd-plots must be >= 0, got {max_esd_plots}")
+    budget = _budget_bytes(max_memory)
     final = Path(out).expanduser().absolute()
     check_output_dir(final, force=force)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
@@ -154,6 +174,7 @@ def report_cmd(
             randomize=randomize,
             cache=cache,
             progress=progress,
+            max_memory=budget,
         )
     if analysis is None:  # a non-writer rank under torchrun
         return

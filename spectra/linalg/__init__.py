@@ -9,13 +9,14 @@
 
 from spectra.linalg.cache import CacheCorruptionWarning, SpectrumCache, default_cache_dir
 from spectra.linalg.decompose import SpectrumOptions, decompose_batch
-from spectra.linalg.engine import compute_spectra, matrix_content_key
+from spectra.linalg.engine import MemoryBudgetWarning, compute_spectra, matrix_content_key
 from spectra.linalg.exact import exact_svd, exact_svdvals
 from spectra.linalg.rsvd import RSVDResult, randomized_svd, randomized_svd_info
 from spectra.linalg.spectrum import Spectrum
 
 __all__ = [
     "CacheCorruptionWarning",
+    "MemoryBudgetWarning",
     "RSVDResult",
     "Spectrum",
     "SpectrumCache",

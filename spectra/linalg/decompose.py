@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from spectra.errors import ValidationError
-from spectra.linalg.exact import ROUTES, exact_svd, exact_svdvals, resolve_route
+from spectra.linalg.exact import ROUTES, exact_svd, exact_svdvals, gram_svdvals, resolve_route
 from spectra.linalg.rsvd import DEFAULT_TOL, RSVD_METHODS, randomized_svd_info
 from spectra.linalg.spectrum import Spectrum
 
@@ -24,6 +24,9 @@ TOPK_METHODS = ("auto", "exact", *RSVD_METHODS)
 # faster at 1024^2 k=64 (ratio 14), 0.4x at 1024^2 k=256 (ratio 3.8), 0.9x at 2048^2 k=256
 # (7.7), 2.1x at 2048x5504 k=256 (7.7). Exact is also exact, so ties go to it.
 EXACT_SHARE = 6
+# Fewest rows/columns per slice of a chunked Gram matrix: below it the loop overhead dominates,
+# and one slice of 64 x M float64 is still 1/M of the Gram matrix's own size.
+MIN_GRAM_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -109,35 +112,109 @@ class SpectrumOptions:
         return 4 * m * n + item * m * n + 3 * 8 * (m + n) * basis + 8 * basis * basis
 
 
+@dataclass(frozen=True)
+class Oversize:
+    """How to compute one matrix whose working-memory estimate exceeds the batch budget.
+
+    device: where it is computed (the CPU when the compute device cannot hold it).
+    gram_block: slice length of a chunked float64 Gram matrix ("values" mode, "gram64" route),
+        or None: the usual decomposition, the matrix alone in its batch.
+    need: the estimated bytes of the unchunked computation.
+    """
+
+    device: torch.device
+    gram_block: int | None
+    need: int
+
+    def describe(self) -> str:
+        if self.gram_block is not None:
+            return (
+                f"by a float64 Gram matrix summed over slices of {self.gram_block} "
+                f"rows/columns on {self.device}"
+            )
+        return f"on {self.device}"
+
+
+def oversize_plan(
+    opts: SpectrumOptions, shape: tuple[int, int], budget: int, device: torch.device
+) -> Oversize | None:
+    """None when a matrix of `shape` fits `budget` bytes; else how to compute it anyway.
+
+    "values" on the "gram64" route is chunked: the Gram matrix (`M x M`, M = min(m, n)) plus a
+    float64 slice of the long side fill the budget, and only those live on `device` (the input
+    stays on the CPU). When even the Gram matrix does not fit, or for other modes, a GPU run
+    falls back to the CPU for this matrix; on the CPU the matrix is computed alone (a larger
+    `max_memory` then says what it really needs).
+    """
+    need = opts.bytes_per_matrix(shape)
+    if need <= budget:
+        return None
+    cpu = torch.device("cpu")
+    M, L = min(shape), max(shape)
+    if opts.mode == "values" and resolve_route(opts.route, device) == "gram64":
+        gram = 24 * M * M  # G, one product temporary, eigvalsh workspace (float64)
+        room = budget - gram
+        if room <= 0 and device.type != "cpu":
+            device = cpu  # not even the Gram matrix fits on the device
+        # at least MIN_GRAM_BLOCK slices' worth: one slice costs 8 * M bytes, far less than G
+        block = max(room // (8 * M), MIN_GRAM_BLOCK)
+        return Oversize(device, int(min(block, L)), need)
+    return Oversize(cpu if device.type != "cpu" else device, None, need)
+
+
 def decompose_batch(
     W: torch.Tensor,
     opts: SpectrumOptions,
     *,
     names: Sequence[str] | None = None,
+    gram_block: int | None = None,
+    device: torch.device | None = None,
 ) -> list[Spectrum]:
     """Spectra of each matrix of `W (b, m, n)` per `opts`; a matrix with NaN/Inf entries gets a
-    failed Spectrum (message says how many), the others are computed. Values and vectors come
-    back on the CPU; values float64."""
+    failed Spectrum (message says how many of each), the others are computed. Values and
+    vectors come back on the CPU; values float64.
+
+    gram_block, device: "values" mode on the "gram64" route only: accumulate the Gram matrix
+    over slices of `gram_block` rows/columns on `device` (W may stay on the CPU); see
+    `oversize_plan`. Other modes compute where W is.
+    """
     b, m, n = W.shape
     finite = torch.isfinite(W).flatten(1).all(dim=1).cpu()
     out: list[Spectrum | None] = [None] * b
     for i in (~finite).nonzero().flatten().tolist():
-        bad = int((~torch.isfinite(W[i])).sum())
         name = names[i] if names else f"batch index {i}"
-        out[i] = Spectrum.failed(
-            (m, n), f"{name}: {bad} NaN/Inf entries of {m * n}; not decomposed"
-        )
+        out[i] = Spectrum.failed((m, n), f"{name}: {_nonfinite_counts(W[i])}; not decomposed")
     good = finite.nonzero().flatten()
     if good.numel():
         Wg = W if good.numel() == b else W[good.to(W.device)]
-        for i, spec in zip(good.tolist(), _decompose_finite(Wg, opts), strict=True):
+        specs = _decompose_finite(Wg, opts, gram_block=gram_block, device=device)
+        for i, spec in zip(good.tolist(), specs, strict=True):
             out[i] = spec
     return [s for s in out if s is not None]
 
 
-def _decompose_finite(W: torch.Tensor, opts: SpectrumOptions) -> list[Spectrum]:
+def _nonfinite_counts(W: torch.Tensor) -> str:
+    """'3 NaN and 1 Inf entries of 4096' for one matrix."""
+    nan = int(torch.isnan(W).sum())
+    inf = int(torch.isinf(W).sum())
+    return f"{nan} NaN and {inf} Inf entries of {W.numel()}"
+
+
+def _decompose_finite(
+    W: torch.Tensor,
+    opts: SpectrumOptions,
+    *,
+    gram_block: int | None = None,
+    device: torch.device | None = None,
+) -> list[Spectrum]:
     shape = (int(W.shape[1]), int(W.shape[2]))
-    params = opts.params(shape, W.device)
+    dev = W.device if device is None else device
+    params = opts.params(shape, dev)
+    if opts.mode == "values" and gram_block is not None and params["route"] == "gram64":
+        S = gram_svdvals(W, block=gram_block, device=dev).cpu()
+        return [
+            Spectrum(S[i].clone(), None, None, "gram64", params, shape=shape) for i in range(len(S))
+        ]
     if opts.mode == "values":
         S = exact_svdvals(W, route=params["route"], dtype=opts.work_dtype()).cpu()
         return [

@@ -12,13 +12,21 @@
    since two batches are alive then).
 3. A background thread reads the next batch (one-deep queue) while the current one computes;
    a reading error is re-raised in the caller.
-4. A matrix with NaN/Inf entries yields a failed Spectrum (`status="failed"`, message), and the
-   run continues. Results are buffered only until every earlier matrix has been yielded.
+4. A matrix with NaN/Inf entries yields a failed Spectrum (`status="failed"`, message with
+   the NaN and Inf counts), and the run continues. Results are buffered only until every
+   earlier matrix has been yielded.
+5. A matrix whose working-memory estimate exceeds the budget on its own is computed alone,
+   never refused (`decompose.oversize_plan`): for singular values (gram64 route) the float64
+   Gram matrix is accumulated over slices of the long side, so only the Gram matrix and one
+   slice live on the compute device; other modes, or a device that cannot hold even the Gram
+   matrix, compute it on the CPU. One `MemoryBudgetWarning` per run says how many matrices
+   this concerned, the largest, and how they were computed.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -27,13 +35,18 @@ import torch
 from spectra.device import resolve_device
 from spectra.linalg.batching import Batch, memory_budget, plan_batches, prefetch
 from spectra.linalg.cache import SpectrumCache
-from spectra.linalg.decompose import SpectrumOptions, decompose_batch
+from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
 from spectra.linalg.rsvd import DEFAULT_TOL
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources import shard_digest
 
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read_from_checkpoint)"""
+
+
+class MemoryBudgetWarning(UserWarning):
+    """Some matrices need more working memory than the engine's budget; they were computed
+    alone, chunked or on the CPU (the message says which)."""
 
 
 class CheckpointLike(Protocol):
@@ -142,11 +155,13 @@ class _Run:
         self.ready: dict[int, Spectrum] = {}
         self.next = 0
         self.bytes_read = 0
+        self.oversize: dict[tuple[int, int], Oversize | None] = {}
 
     def stream(self, background: bool) -> Iterator[Spectrum]:
         self._lookup_cache()
         shapes = [tuple(r.shape) for r in self.refs]
         batches = plan_batches(shapes, self.opts.bytes_per_matrix, self.budget, skip=self.cached)
+        self._warn_oversize([i for b in batches for i in b.indices])
         loaded = prefetch((self._read(b) for b in batches), enabled=background)
         yield from self._drain()
         for batch, W in loaded:
@@ -178,11 +193,42 @@ class _Run:
             W[slots[ref.key].pop(0)].copy_(t)
         return batch, W
 
+    def _plan(self, shape: tuple[int, int]) -> Oversize | None:
+        if shape not in self.oversize:
+            self.oversize[shape] = oversize_plan(self.opts, shape, self.budget, self.device)
+        return self.oversize[shape]
+
+    def _warn_oversize(self, planned: list[int]) -> None:
+        """One MemoryBudgetWarning for the planned matrices that exceed the budget alone."""
+        plans = {i: p for i in planned if (p := self._plan(tuple(self.refs[i].shape)))}
+        if not plans:
+            return
+        worst = max(plans, key=lambda i: plans[i].need)
+        plan = plans[worst]
+        m, n = self.refs[worst].shape
+        warnings.warn(
+            f"{len(plans)} of {len(self.refs)} matrices need more working memory than the budget "
+            f"of {_mib(self.budget)} on {self.device} (largest: {self.refs[worst].key!r}, "
+            f"{m} x {n}, about {_mib(plan.need)}); they are computed one at a time, the largest "
+            f"{plan.describe()}. "
+            "Pass a larger max_memory if the device has room.",
+            MemoryBudgetWarning,
+            stacklevel=4,
+        )
+
     def _compute(self, batch: Batch, W: torch.Tensor) -> None:
         names = [self.refs[i].key for i in batch.indices]
         self.bytes_read += sum(int(self.refs[i].nbytes) for i in batch.indices)
-        Wd = W.to(self.device, non_blocking=True)
-        for i, spec in zip(batch.indices, decompose_batch(Wd, self.opts, names=names), strict=True):
+        plan = self._plan(batch.shape) if len(batch.indices) == 1 else None
+        if plan is not None and plan.gram_block is not None:
+            # W stays on the CPU; slices go to plan.device one at a time
+            specs = decompose_batch(
+                W, self.opts, names=names, gram_block=plan.gram_block, device=plan.device
+            )
+        else:
+            Wd = W.to(self.device if plan is None else plan.device, non_blocking=True)
+            specs = decompose_batch(Wd, self.opts, names=names)
+        for i, spec in zip(batch.indices, specs, strict=True):
             if self.cache is not None and self.keys[i] is not None:
                 self.cache.put(self.keys[i], spec)
             self.ready[i] = spec
@@ -210,3 +256,11 @@ class _Run:
             self.next += 1
             if self.progress is not None:
                 self.progress(self.next, len(self.refs), self.bytes_read)
+
+
+def _mib(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):,.1f} {unit}"
+    return f"{nbytes / 1024:,.1f} KiB"
