@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _cos(X: torch.Tensor, Q_ref: torch.Tensor) -> float:
     """Smallest principal-angle cosine between span(X) and the orthonormal columns Q_ref."""
     Q, _ = torch.linalg.qr(X.double())
-    return float(torch.linalg.svdvals(Q_ref.T @ Q).min())
+    return float(torch.linalg.svdvals(Q_ref.double().T @ Q).min())
 
 
 _REFS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
