@@ -88,6 +88,7 @@ def test_peft_output_equals_the_original_base(
     assert manifest["method"] == method and manifest["ranks"] == ranks
     assert manifest["source_files"][0]["name"] == "model.safetensors"
     assert len(manifest["matrices"]) == 4
+    assert res.to_dict()["plan"]["modules"][0]["rank"] == ranks[res.plan.modules[0].module]
     # A broken adapter would not match: negative control on the same pipeline.
     wrong = PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), res.adapter_dir)
     with torch.no_grad():
