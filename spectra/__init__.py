@@ -1,12 +1,49 @@
 """spectra: spectral reports, fine-tune forensics and SVD-initialized adapters from model weights.
 
-Importing spectra configures nothing (no logging set-up, no warning filters).
+The three entry points mirror the CLI:
+
+>>> import spectra
+>>> analysis = spectra.analyze()                      # doctest: +SKIP  (bundled MiniLM)
+>>> cmp = spectra.compare("base", "ft-or-adapter")    # doctest: +SKIP
+>>> res = spectra.init_adapter("base", method="pissa", rank=16, targets=["q", "v"], out="o")
+...                                                   # doctest: +SKIP
+
+Importing spectra configures nothing (no logging set-up, no warning filters) and loads the heavy
+modules only when one of these names is first used.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from spectra.errors import SpectraError
 
 __version__ = "0.1.0"
 
-__all__ = ["SpectraError", "__version__"]
+# public name -> module that defines it (imported lazily on first attribute access)
+_LAZY = {
+    "Checkpoint": "spectra.sources",
+    "analyze": "spectra.analysis.analyze",
+    "Analysis": "spectra.analysis.results",
+    "compare": "spectra.analysis.compare",
+    "Comparison": "spectra.analysis.compare",
+    "init_adapter": "spectra.adapt.init",
+    "compute_spectra": "spectra.linalg",
+    "Spectrum": "spectra.linalg",
+}
+
+__all__ = ["SpectraError", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spectra' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
