@@ -95,18 +95,23 @@ def _after(delay: float) -> Trigger:
     return wait
 
 
-def _when(condition: Callable[[], bool], delay: float = 0.0) -> Trigger:
-    """Poll `condition` every ms while the process runs; True (kill it) once it holds."""
+def _when(condition: Callable[[int], bool], delay: float = 0.0) -> Trigger:
+    """Poll `condition(pid)` every ms while the process runs; True (kill it) once it holds."""
 
     def wait(proc: subprocess.Popen[bytes]) -> bool:
         while proc.poll() is None:
-            if condition():
+            if condition(proc.pid):
                 time.sleep(delay)
                 return proc.poll() is None
             time.sleep(0.001)
         return False
 
     return wait
+
+
+def _writing(folder: Path, pid: int) -> bool:
+    """Whether process `pid` has its temp output folder in `folder` (mid write)."""
+    return any(folder.glob(f".out.spectra-tmp-{pid}-*"))
 
 
 def _entries(cache: Path) -> dict[str, int]:
@@ -131,9 +136,9 @@ def test_sigkilled_report_leaves_no_partial_output_and_no_bad_cache(tmp_path: Pa
     target = rng.randint(1, len(ref_metrics) - 1)  # cache entries committed before the kill
     triggers = [
         _after(duration * rng.uniform(0.1, 0.5)),
-        _when(lambda: len(_entries(cache)) >= target),
-        _when(lambda: any(tmp_path.glob(".out.spectra-tmp-*")), rng.uniform(0, 0.004)),
-        _when(lambda: any(tmp_path.glob(".out.spectra-tmp-*")), rng.uniform(0, 0.004)),
+        _when(lambda pid: len(_entries(cache)) >= target),
+        _when(lambda pid: _writing(tmp_path, pid), rng.uniform(0, 0.004)),
+        _when(lambda pid: _writing(tmp_path, pid), rng.uniform(0, 0.004)),
     ]
     killed = 0
     for it, trigger in enumerate(triggers):
