@@ -33,6 +33,8 @@ from typing import Any
 import psutil
 import torch
 
+from spectra.linalg.cache import CACHE_FORMAT
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _source_fixtures import write_safetensors  # noqa: E402
 
@@ -110,7 +112,7 @@ class Sampler(threading.Thread):
                 self.hwm_kb = max(self.hwm_kb, _vm_hwm_kb(self.proc.pid))
             except psutil.Error:
                 break
-            done = sum(1 for _ in self.cache.glob("v1/entries/*/*.json"))
+            done = sum(1 for _ in self.cache.glob(f"v{CACHE_FORMAT}/entries/*/*.json"))
             self.samples.append((time.perf_counter() - t0, rss, done))
             self._halt.wait(self.period)
 
