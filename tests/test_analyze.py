@@ -120,3 +120,38 @@ def test_options_validation() -> None:
     assert AnalyzeOptions(roles="q").roles == ("q",)
     with pytest.raises(ValidationError, match="outlier_multiplier must be > 0, got 0"):
         AnalyzeOptions(outlier_multiplier=0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("=1+2", "'=1+2"),
+        ("+x", "'+x"),
+        ("-x", "'-x"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("  =x", "'  =x"),
+        ("\t=x", "'=x"),  # the tab is dropped, the formula still prefixed
+        ("a\x1b[1;31mb\x1b[0mc", "abc"),
+        ("t\x1b]0;title\x07x", "tx"),  # OSC string removed with its payload
+        ("n\x9b2Jm\x85e\x00", "nme"),  # 8-bit CSI, C1 NEL, NUL
+        ("model.layers.0.q_proj.weight", "model.layers.0.q_proj.weight"),
+    ],
+)
+def test_csv_cells_are_inert(raw: str, want: str) -> None:
+    from spectra.analysis.csvsafe import inert_cell
+
+    assert inert_cell(raw) == want
+    assert inert_cell(-1.5) == -1.5 and inert_cell(-3) == -3 and inert_cell(None) == ""
+
+
+def test_analysis_csv_keeps_negative_numbers_and_neutralises_names(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    name = "-\x1b[31mq_proj.weight"
+    path = write_safetensors(
+        tmp_path / "model.safetensors", {name: torch.randn(24, 24, generator=g)}
+    )
+    an = analyze(path, cache=None, device="cpu", outliers=False)
+    text = an.to_csv()
+    line = text.splitlines()[1]
+    assert line.startswith("'-q_proj.weight,'-q_proj.weight,") and "\x1b" not in text
+    assert f",{an.layers[0].log_spectral_norm!r}," in line  # numbers written as numbers

@@ -267,3 +267,23 @@ def test_forensics_rules_on_constructed_pairs() -> None:
     g = summarize(low, (0.5,))
     assert g.update_kind == "low-rank" and g.apparent_rank == 4 and g.unchanged == ("z",)
     assert summarize([pair("z", [0.0], 0)], (0.5,)).update_kind == "none"
+
+
+def test_compare_csv_is_inert(tmp_path: Path) -> None:
+    """Hostile names (escape sequences, a formula) reach compare.csv inert; numbers stay numbers."""
+    import csv
+    import io
+
+    base, ft, _ = base_and_ft()
+    evil = {Q0: '=HYPERLINK("http://evil").q_proj.weight', V0: "+\x1b]0;pwned\x07v\x1b[31m.weight"}
+    b = save(tmp_path / "b", {evil.get(k, k): v for k, v in base.items() if k in (Q0, V0)})
+    f = save(tmp_path / "f", {evil.get(k, k): v for k, v in ft.items() if k in (Q0, V0)})
+    text = compare(b, f, k=10, epsilons=(0.5,), device="cpu").to_csv()
+    assert "\x1b" not in text and "\x07" not in text and "pwned" not in text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sorted(r["key"] for r in rows) == ["'+v.weight", "'" + evil[Q0]]
+    for r in rows:
+        assert not any(c.startswith(("=", "+", "-", "@")) for c in (r["key"], r["ft_key"]))
+        float(r["rel_change"])  # a number, written unquoted and unprefixed
+    q = next(r for r in rows if "HYPERLINK" in r["key"])
+    assert int(q["intruders@0.5"]) == 1

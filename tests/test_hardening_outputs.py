@@ -444,11 +444,6 @@ def test_report_terminal_output_has_no_raw_escape(hostile_report: tuple[str, Pat
     assert "\x1b" not in output, repr(output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect in spectra/analysis/results.py to_csv (not owned here): names are written raw, "
-    "with control characters and a leading '=' that spreadsheets execute as a formula",
-)
 def test_report_csv_is_inert(hostile_report: tuple[str, Path]) -> None:
     _, out = hostile_report
     text = (out / "metrics.csv").read_text()

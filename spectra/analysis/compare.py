@@ -13,8 +13,6 @@ dW = s B A is decomposed from its factors (QR + r x r SVD), never formed.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.analysis.csvsafe import write_csv
 from spectra.analysis.drift import dense_svd
 from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, summarize
 from spectra.analysis.intruders import DEFAULT_EPSILONS, DEFAULT_K, validate_epsilons
@@ -152,15 +151,11 @@ class Comparison:
         return [_json_safe(p.row()) for p in self.pairs]
 
     def to_csv(self) -> str:
-        """CSV text, one row per pair (columns of `rows()`), empty cells for None."""
+        """CSV text, one row per pair (columns of `rows()`), empty cells for None. Names are
+        written inert (`csvsafe`: no control characters, no cell a spreadsheet runs as a
+        formula); numbers stay numbers."""
         rows = self.rows()
-        buf = io.StringIO()
-        if rows:
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        return buf.getvalue()
+        return write_csv(rows, list(rows[0])) if rows else ""
 
     def to_pandas(self) -> Any:
         """A pandas DataFrame of `rows()` (needs pandas)."""

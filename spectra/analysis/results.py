@@ -9,8 +9,6 @@ Field definitions: ../shared/docs/methods.md section 2 (WeightWatcher 0.7.x conv
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra.analysis.csvsafe import write_csv
 from spectra.errors import OutputError, ValidationError
 
 FIT_STATUSES = ("ok", "failed", "skipped")
@@ -258,13 +257,10 @@ class Analysis:
         return out
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        """CSV text, one row per matrix, columns CSV_COLUMNS; empty cells for None."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows():
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS})
-        text = buf.getvalue()
+        """CSV text, one row per matrix, columns CSV_COLUMNS; empty cells for None. Names are
+        written inert (`csvsafe`: no control characters, no cell a spreadsheet runs as a
+        formula); numbers stay numbers."""
+        text = write_csv(self.rows(), CSV_COLUMNS)
         if path is not None:
             _write_text(path, text)
         return text
