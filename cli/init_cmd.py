@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import replace
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from spectra.cli._common import DeviceOpt, ForceOpt, console, handle_errors, is_interactive
+from spectra.cli._common import (
+    DeviceOpt,
+    ForceOpt,
+    console,
+    err_console,
+    handle_errors,
+    is_interactive,
+)
 
 
 class _Bar:
-    """Progress over matrices on stderr; silent when stderr is not a terminal."""
+    """Progress on stderr, one bar per phase (calibration batches, then matrices); silent when
+    stderr is not a terminal."""
 
     def __init__(self, enabled: bool) -> None:
         self.bar = (
             Progress(
-                TextColumn("init"),
+                TextColumn("{task.fields[phase]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.description}"),
+                console=err_console,
                 transient=True,
             )
             if enabled
             else None
         )
-        self.task = None
+        self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Bar:
         if self.bar is not None:
@@ -37,23 +47,46 @@ class _Bar:
         if self.bar is not None:
             self.bar.stop()
 
-    def __call__(self, done: int, total: int, key: str) -> None:
+    def _update(self, phase: str, done: int, total: int, text: str) -> None:
         if self.bar is None:
             return
-        if self.task is None:
-            self.task = self.bar.add_task("", total=total)
-        self.bar.update(self.task, completed=done, description=key)
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task("", total=total, phase=phase)
+        self.bar.update(self.tasks[phase], completed=done, total=total, description=text)
+
+    def __call__(self, done: int, total: int, key: str) -> None:
+        from spectra.reports.terminal import safe
+
+        self._update("init", done, total, safe(key))
+
+    def calibration(self, done: int, total: int) -> None:
+        self._update("calibration", done, total, "forward batches")
+
+
+METHOD_HELP = (
+    "Initializer. SVD of the weights: pissa (top r), milora (bottom r), olora (QR); "
+    "lamda++: LaMDA++ (energy reading of arXiv 2406.12832, not the paper's formula): ranks "
+    "proportional to weight-spectrum energy beyond a base rank, top-r SVD factors. "
+    "From calibration data (--calib): corda-ipm / corda-kpm (largest / smallest components of "
+    "W C, C = input covariance; arXiv 2406.05223), eva (A = top principal directions of the "
+    "layer inputs, B = 0, ranks redistributed by explained variance; arXiv 2410.07170)."
+)
+CALIB_PANEL = "Calibration (corda-ipm, corda-kpm, eva)"
 
 
 @handle_errors
 def init(
     source: Annotated[str, typer.Argument(help="Checkpoint: .safetensors file, folder, Hub id.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
-    method: Annotated[
-        str, typer.Option("--method", help="Initializer: pissa, milora, olora, ...")
-    ] = "pissa",
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "pissa",
     rank: Annotated[
-        int, typer.Option("--rank", "-r", help="Rank per module (mean rank with --allocate).")
+        int,
+        typer.Option(
+            "--rank",
+            "-r",
+            help="Rank per module (mean rank with --allocate; eva: the mean before "
+            "redistribution).",
+        ),
     ] = 16,
     targets: Annotated[
         str,
@@ -66,7 +99,9 @@ def init(
     allocate: Annotated[
         str | None,
         typer.Option(
-            "--allocate", help="Rank allocator: uniform, energy, alpha-power, alpha-linear."
+            "--allocate",
+            help="Rank allocator: uniform, energy, alpha-power, alpha-linear, lamda++ "
+            "(default for --method lamda++).",
         ),
     ] = None,
     budget: Annotated[
@@ -90,14 +125,132 @@ def init(
         str, typer.Option("--dtype", help="Adapter storage dtype: float32, bfloat16, float16.")
     ] = "float32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of randomized SVDs.")] = 0,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            "--calib",
+            help="Calibration text: a text file (one sample per line) or JSONL (.jsonl/.ndjson). "
+            "Omitted: a small built-in English corpus (fine for a demo; use data from your task).",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = None,
+    text_field: Annotated[
+        str,
+        typer.Option(
+            "--text-field", help="JSONL field holding the text.", rich_help_panel=CALIB_PANEL
+        ),
+    ] = "text",
+    samples: Annotated[
+        int,
+        typer.Option("--samples", help="Use the first N samples.", rich_help_panel=CALIB_PANEL),
+    ] = 128,
+    max_length: Annotated[
+        int,
+        typer.Option(
+            "--max-length",
+            help="Tokens per sample (longer ones are cut).",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = 128,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            help="Samples per forward pass (any size: padding never enters the statistics).",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = 8,
+    max_batches: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batches",
+            help="Cap on forward batches (eva stops earlier once every layer converged).",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = None,
+    tau: Annotated[
+        float,
+        typer.Option(
+            "--tau",
+            help="eva: a component has converged when |cos| to its previous estimate >= tau.",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = 0.99,
+    rho: Annotated[
+        float,
+        typer.Option(
+            "--rho",
+            help="eva: compute rho * r components per layer and keep the globally best; a layer "
+            "can end with rank 0 (no adapter). 1 = no redistribution.",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = 2.0,
+    adjust_scaling: Annotated[
+        bool,
+        typer.Option(
+            "--adjust-scaling/--no-adjust-scaling",
+            help="eva: alpha_l = alpha * r_l / r, so each layer keeps its LoRA scale after "
+            "redistribution.",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = True,
+    stats_out: Annotated[
+        str | None,
+        typer.Option(
+            "--stats-out",
+            help="Save the calibration statistics (safetensors) to reuse with --stats.",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = None,
+    stats: Annotated[
+        str | None,
+        typer.Option(
+            "--stats",
+            help="Reuse statistics saved with --stats-out (no forward passes; same method family "
+            "and targets).",
+            rich_help_panel=CALIB_PANEL,
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write SVD-initialized LoRA adapters PEFT loads as they are, with the residual base."""
-    from spectra.adapt.init import init_adapter
+    """Write SVD- or data-initialized LoRA adapters PEFT loads as they are, with the residual
+    base where the method changes it, and a spectra.json manifest.
 
+    Under torchrun, rank 0 does the work and the other ranks exit at once.
+    """
+    from spectra.adapt.calib_step import CalibrationRequest
+    from spectra.adapt.registry import get_initializer
+    from spectra.distributed import run_init
+
+    init_method = get_initializer(method)
+    calibration = None
+    if init_method.needs_calibration:
+        calibration = CalibrationRequest(
+            calib=calib,
+            text_field=text_field,
+            samples=samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            tau=tau,
+            rho=rho,
+            adjust_scaling=adjust_scaling,
+            stats=stats,
+            stats_out=stats_out,
+        )
+    elif calib is not None or stats is not None:
+        err_console.print(
+            f"note: {init_method.name} reads only the weights; --calib/--stats are ignored",
+            highlight=False,
+            markup=False,
+        )
     with _Bar(is_interactive()) as bar:
-        res = init_adapter(
+        if calibration is not None:
+            calibration = replace(calibration, progress=bar.calibration)
+        result = run_init(
             source,
+            device=device,
+            threads=None,
             method=method,
             rank=rank,
             targets=targets,
@@ -110,22 +263,41 @@ def init(
             alpha=alpha,
             rslora=rslora,
             exact=exact,
-            device=device,
             dtype=dtype,
             seed=seed,
+            calibration=calibration,
             force=force,
             progress=bar,
         )
+    if result is None:  # a non-zero rank under torchrun: rank 0 writes everything
+        return
+    _print_result(result)
+
+
+def _print_result(res: Any) -> None:
     ranks = list(res.plan.ranks.values())
     console.print(
         f"{res.plan.method}: {len(ranks)} modules, ranks {min(ranks)}-{max(ranks)} "
         f"(total {sum(ranks)}), max reconstruction error {res.max_error:.2e}, "
         f"{res.seconds:.1f} s",
         highlight=False,
+        markup=False,
     )
-    console.print(f"adapter: {res.adapter_dir}", highlight=False, soft_wrap=True)
+    calib = res.calibration
+    if calib is not None:
+        skipped = calib.get("skipped") or {}
+        console.print(
+            f"calibration: {calib.get('samples')} samples, {calib.get('tokens')} tokens, "
+            f"{calib.get('batches')} batches (stopped: {calib.get('stop')}), "
+            f"{len(skipped)} target(s) skipped (see spectra.json)",
+            highlight=False,
+            markup=False,
+        )
+    console.print(f"adapter: {res.adapter_dir}", highlight=False, soft_wrap=True, markup=False)
     if res.residual_dir is not None:
-        console.print(f"residual base: {res.residual_dir}", highlight=False, soft_wrap=True)
+        console.print(
+            f"residual base: {res.residual_dir}", highlight=False, soft_wrap=True, markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

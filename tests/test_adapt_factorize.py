@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.adapt.factorize import factorize, lora_scale, reconstruction_error, residual
 from spectra.adapt.registry import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _adapt_fixtures import one_thread  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.adapt.calib_data import default_corpus, load_texts
 from spectra.adapt.calibrate import (

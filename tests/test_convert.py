@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.errors import ValidationError
 from spectra.export.convert import convert_adapters, doubled_alpha, stack_factors

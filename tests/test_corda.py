@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.adapt.corda import corda_decompose, corda_factors, damped_inverse
 from spectra.adapt.registry import InitContext, get_initializer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.adapt.eva import (
     adjusted_alphas,

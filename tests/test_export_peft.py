@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file

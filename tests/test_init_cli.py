@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -121,3 +122,166 @@ def test_convert_cli(minilm_path: Path, tmp_path: Path) -> None:
         str(tmp_path / "l2"),
     )
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+# ------------------------------------------------------------ data-driven methods (issue 7)
+
+LAYER0 = (
+    r"re:^encoder\.layer\.0\.(attention\.self\.(query|value)|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)$"
+)
+CALIB_ARGS = ("--samples", "8", "--max-length", "32", "--batch-size", "4", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(minilm_path: Path):  # noqa: ANN201
+    """(tokenized batch, last_hidden_state of the original MiniLM) on three short texts."""
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a short test sentence", "the weights stay where they are", "spectra"]
+    enc = AutoTokenizer.from_pretrained(minilm_path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(minilm_path).eval()(**enc).last_hidden_state
+    return enc, ref
+
+
+def _peft_output(base: Path, adapter: Path, enc) -> torch.Tensor:  # noqa: ANN001
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return model(**enc).last_hidden_state
+
+
+def _init_json(out: Path) -> tuple[dict, dict]:
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    return cfg, json.loads((out / "spectra.json").read_text())
+
+
+def test_cli_corda_ipm_then_kpm_from_saved_stats(
+    minilm_path: Path, tmp_path: Path, minilm_reference
+) -> None:
+    enc, ref = minilm_reference
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"sample number {i} about weights and data" for i in range(8)))
+    stats = tmp_path / "stats.safetensors"
+    targets = LAYER0 + r"|^pooler\.dense$"
+    common = ("--rank", "4", "--alpha", "8", "--targets", targets, *CALIB_ARGS)
+    ipm = _run(
+        "init", str(minilm_path), "--method", "corda-ipm", "--calib", str(calib),
+        "--stats-out", str(stats), "--out", str(tmp_path / "ipm"), *common,
+    )  # fmt: skip
+    assert ipm.exit_code == 0, ipm.output
+    said = " ".join(ipm.output.split())
+    assert "calibration: 8 samples" in said and "1 target(s) skipped" in said
+    cfg, manifest = _init_json(tmp_path / "ipm")
+    record = manifest["calibration"]
+    assert record["data"] == str(calib) and record["samples"] == 8 and record["tokens"] > 8
+    assert "not (batch, tokens, features)" in record["skipped"]["pooler.dense"]
+    assert record["ranks_after"]["pooler.dense.weight"] == 0  # skipped: no adapter there
+    assert "pooler.dense" not in cfg["target_modules"] and len(cfg["target_modules"]) == 5
+    got = _peft_output(tmp_path / "ipm" / "residual_base", tmp_path / "ipm" / "adapter", enc)
+    assert float((got - ref).abs().max()) <= 1e-4
+    # KPM from the saved statistics: no forward pass, other components, same guarantee.
+    kpm = _run(
+        "init", str(minilm_path), "--method", "corda-kpm", "--stats", str(stats),
+        "--out", str(tmp_path / "kpm"), *common,
+    )  # fmt: skip
+    assert kpm.exit_code == 0, kpm.output
+    _, manifest_k = _init_json(tmp_path / "kpm")
+    assert manifest_k["calibration"]["stats_file"] == str(stats)
+    assert manifest_k["calibration"]["data"] == str(calib)  # carried by the statistics file
+    got = _peft_output(tmp_path / "kpm" / "residual_base", tmp_path / "kpm" / "adapter", enc)
+    assert float((got - ref).abs().max()) <= 1e-4
+    key = f"base_model.model.{Q0}.lora_B.weight"
+    with (
+        safe_open(str(tmp_path / "ipm" / "adapter" / "adapter_model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "kpm" / "adapter" / "adapter_model.safetensors"), "pt") as b,
+    ):
+        # IPM keeps the largest components of W C, KPM the smallest: B's norms differ a lot.
+        assert a.get_tensor(key).norm() > 3 * b.get_tensor(key).norm()
+
+
+def test_cli_eva_redistributes_ranks_and_alphas(
+    minilm_path: Path, tmp_path: Path, minilm_reference
+) -> None:
+    enc, ref = minilm_reference
+    out = tmp_path / "eva"
+    r = _run(
+        "init", str(minilm_path), "--method", "eva", "--rank", "4", "--alpha", "8",
+        "--targets", LAYER0, "--max-batches", "2", "--rho", "2", "--out", str(out), *CALIB_ARGS,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "residual base" not in r.output  # EVA leaves the base unchanged
+    cfg, manifest = _init_json(out)
+    record = manifest["calibration"]
+    after = {k.removesuffix(".weight"): v for k, v in record["ranks_after"].items()}
+    assert sum(after.values()) == 5 * 4 and len(set(after.values())) > 1  # moved, on budget
+    kept = {m: r for m, r in after.items() if r > 0}
+    ranks = {m: cfg["rank_pattern"].get(m, cfg["r"]) for m in cfg["target_modules"]}
+    alphas = {m: cfg["alpha_pattern"].get(m, cfg["lora_alpha"]) for m in cfg["target_modules"]}
+    assert ranks == kept
+    assert alphas == pytest.approx({m: 8 * r / 4 for m, r in kept.items()})  # adjust_scaling
+    assert set(record["convergence"]) == set(kept) and record["batches"] == 2
+    assert record["stop"] in ("cap", "converged") and record["rho"] == 2.0
+    got = _peft_output(minilm_path, out / "adapter", enc)
+    assert float((got - ref).abs().max()) <= 1e-6  # B = 0: the output is unchanged at init
+    # --no-adjust-scaling keeps one alpha for every module.
+    r2 = _run(
+        "init", str(minilm_path), "--method", "eva", "--rank", "4", "--alpha", "8",
+        "--targets", LAYER0, "--max-batches", "2", "--no-adjust-scaling",
+        "--out", str(tmp_path / "eva2"), *CALIB_ARGS,
+    )  # fmt: skip
+    assert r2.exit_code == 0, r2.output
+    cfg2, _ = _init_json(tmp_path / "eva2")
+    assert cfg2["lora_alpha"] == 8 and set(cfg2["alpha_pattern"].values()) <= {8}
+
+
+def test_cli_lamda_allocates_by_tail_energy(
+    minilm_path: Path, tmp_path: Path, minilm_reference
+) -> None:
+    enc, ref = minilm_reference
+    out = tmp_path / "lamda"
+    r = _run(
+        "init", str(minilm_path), "--method", "lamda++", "--rank", "4", "--targets", LAYER0,
+        "--calib", str(tmp_path / "ignored.txt"), "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "reads only the weights" in " ".join(r.output.split())
+    cfg, manifest = _init_json(out)
+    allocation = manifest["allocation"]
+    assert allocation["allocator"] == "lamda++" and "energy reading" in allocation["formula"]
+    assert sum(allocation["ranks"].values()) == 5 * 4
+    assert manifest["calibration"] is None
+    got = _peft_output(out / "residual_base", out / "adapter", enc)
+    assert float((got - ref).abs().max()) <= 1e-4
+
+
+def test_init_help_teaches_the_methods() -> None:
+    r = _run("init", "--help")
+    text = " ".join(r.output.replace("│", " ").split())
+    assert "LaMDA++ (energy reading of arXiv 2406.12832, not the paper's formula): ranks " in text
+    assert "proportional to weight-spectrum energy beyond a base rank" in text
+    for flag in ("--calib", "--stats-out", "--rho", "--tau", "--no-adjust-scaling"):
+        assert flag in text
+
+
+def test_calibration_errors_are_one_line(
+    minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ("init", str(minilm_path), "--method", "eva", "--targets", Q0, "--device", "cpu")
+    cases = [
+        (("--calib", str(tmp_path / "none.txt")), "does not exist"),
+        (("--stats", str(tmp_path / "none.safetensors")), "does not exist"),
+        (("--rho", "0.5"), "rho must be >= 1"),
+        (("--batch-size", "0"), "batch_size must be >= 1, got 0"),
+    ]
+    for extra, message in cases:
+        r = _run(*base, "--out", str(tmp_path / "x"), *extra)
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert r.output.count("\n") == 1 and not (tmp_path / "x").exists()
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    r = _run(*base, "--out", str(tmp_path / "x"), "--samples", "2")
+    assert r.exit_code == 2 and "pip install 'spectra[calib]'" in r.output, r.output
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output

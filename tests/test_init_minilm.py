@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")

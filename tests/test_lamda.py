@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.adapt.allocate import Budget, ModuleStats, allocate
 from spectra.adapt.lamda import ALLOCATOR_NAME, PEFT_LIMITS, READING, tail_energy

@@ -34,7 +34,7 @@ from torch import nn
 
 from spectra.adapt.stats import CalibrationStats, CovarianceAccumulator, IncrementalSVD
 from spectra.device import resolve_device
-from spectra.errors import SpectraError, ValidationError
+from spectra.errors import SourceError, SpectraError, ValidationError
 
 # Maps module -> explained-variance ratios (descending; members of a shared group get their
 # leader's) to module -> number of leading components that must have converged (EVA's current
@@ -94,20 +94,49 @@ class CalibrationOptions:
 
 
 def load_model(source: str | Path, device: str | torch.device = "auto") -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a local folder or a cached Hub id, eval mode, on `device`."""
+    """``(model, tokenizer)`` from a local folder or a cached Hub id, eval mode, on `device`.
+
+    Weights are read from safetensors only (``use_safetensors=True``): a ``pytorch_model.bin`` is
+    a pickle, and unpickling a file from a stranger can run code. A folder with only ``.bin``
+    weights is refused with a SourceError that says how to convert it.
+    """
     transformers = require_transformers()
+    _refuse_pickle_only(source)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     kwargs = {"trust_remote_code": False, "local_files_only": offline}
+    # transformers' own "Loading weights" bar would break spectra's progress display; it is
+    # switched off for this call only and put back as it was.
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModel.from_pretrained(str(source), **kwargs)
+        model = transformers.AutoModel.from_pretrained(str(source), use_safetensors=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as exc:
-        raise ValidationError(
+        raise SourceError(
             f"cannot load {source} with transformers for calibration: {exc}".splitlines()[0]
         ) from exc
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickle_only(source: str | Path) -> None:
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise SourceError(
+            f"{folder} has only pickled weights ({', '.join(pickles[:3])}), which spectra never "
+            "unpickles: convert them to safetensors first, e.g. in a trusted environment "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+        )
 
 
 def resolve_modules(model: nn.Module, weight_names: Sequence[str]) -> dict[str, str]:
@@ -424,14 +453,16 @@ def calibrate(
 class MethodCalibration:
     """What `init_adapter` needs from calibration for one method.
 
-    stats: module -> statistics object for ``InitContext.stats`` (the whole CalibrationStats
-    under every target module, so a skipped module gets an error naming why); ranks: EVA's
-    redistributed ranks by weight key (0 = no adapter there), None for CorDA; calibration: the
-    statistics themselves (to save with ``save_stats`` / for the manifest).
+    Everything is keyed by the checkpoint's module paths (weight name without ``.weight``, the
+    paths PEFT and ``InitContext.module`` use), whatever the transformers model calls them.
+    stats: module path -> the whole CalibrationStats (so a skipped module gets an error naming
+    why); ranks: weight name -> rank after calibration: EVA's redistributed ranks, for CorDA the
+    given ranks; 0 where calibration has no statistics for the module (no adapter there);
+    calibration: the statistics themselves (to save with ``save_stats`` / for the manifest).
     """
 
     stats: dict[str, Any]
-    ranks: dict[str, int] | None
+    ranks: dict[str, int]
     calibration: CalibrationStats
 
 
@@ -446,43 +477,109 @@ def calibration_for_method(
     options: CalibrationOptions | None = None,
     rho: float = 2.0,
     device: str | torch.device = "auto",
+    max_ranks: Mapping[str, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MethodCalibration:
     """Collect (or reuse `saved`) the statistics `method` needs and, for EVA, redistribute ranks.
 
     method: ``corda-ipm``/``corda-kpm`` (covariance) or ``eva`` (activation SVD); ranks: weight
-    key -> initial rank; options: samples/max_length/batch_size/tau/max_batches (what to collect
-    is set here from the method).
+    name -> initial rank; options: samples/max_length/batch_size/tau/max_batches (what to collect
+    is set here from the method); max_ranks: weight name -> cap of a redistributed rank
+    (``min(out, in)``); progress: ``(batches_done, batches_total)`` after every forward batch.
+    Saved statistics are matched to the weight names by module path, or by dotted suffix when
+    they were keyed by the transformers model's names (``layers.0...`` for ``model.layers.0...``).
     """
-    from dataclasses import replace
-
-    from spectra.adapt.eva import components_per_layer, convergence_ranks, eva_ranks
+    from spectra.adapt.eva import eva_ranks
 
     is_eva = method == "eva"
     if not is_eva and not method.startswith("corda"):
         raise ValidationError(f"method {method!r} does not use calibration statistics")
-    base = options or CalibrationOptions(covariance=True)
+    paths = {w: w.removesuffix(".weight") for w in weight_names}
     if saved is None:
-        if texts is None:
-            raise ValidationError("calibration needs texts (or saved statistics via --stats)")
-        model, tokenizer = load_model(source, device)
-        mapping = resolve_modules(model, weight_names)
-        by_module = {mapping[w]: r for w, r in ranks.items() if w in mapping}
-        opts = replace(
-            base,
-            covariance=not is_eva,
-            svd_components=components_per_layer(by_module, rho) if is_eva else None,
+        stats = _fresh_statistics(
+            source, is_eva, paths, ranks, texts, options, rho, device, progress
         )
-        rule = convergence_ranks(by_module, None, rho) if is_eva else None
-        stats = run_calibration(
-            model, tokenizer, texts, list(by_module), opts, convergence_ranks=rule
-        )
-        del model
     else:
-        stats, mapping = saved, {w: w.removesuffix(".weight") for w in weight_names}
-    module_of = {w: mapping.get(w, w.removesuffix(".weight")) for w in weight_names}
-    new_ranks = None
+        stats = _align(saved, list(paths.values()))
+    by_path = {paths[w]: int(r) for w, r in ranks.items()}
     if is_eva:
-        by_module = {module_of[w]: r for w, r in ranks.items()}
-        moved = eva_ranks(stats, by_module, rho)
-        new_ranks = {w: moved[module_of[w]] for w in ranks}
-    return MethodCalibration(dict.fromkeys(module_of.values(), stats), new_ranks, stats)
+        caps = None if max_ranks is None else {paths[w]: int(c) for w, c in max_ranks.items()}
+        moved = eva_ranks(stats, by_path, rho, max_ranks=caps)
+    else:
+        moved = {p: (r if stats.leader(p) in stats.covariances else 0) for p, r in by_path.items()}
+    new_ranks = {w: moved[paths[w]] for w in ranks}
+    return MethodCalibration(dict.fromkeys(paths.values(), stats), new_ranks, stats)
+
+
+def _fresh_statistics(
+    source: str | Path,
+    is_eva: bool,
+    paths: Mapping[str, str],
+    ranks: Mapping[str, int],
+    texts: Sequence[str] | None,
+    options: CalibrationOptions | None,
+    rho: float,
+    device: str | torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> CalibrationStats:
+    """Forward passes for one method; the result is keyed by the checkpoint's module paths."""
+    from dataclasses import replace
+
+    from spectra.adapt.eva import components_per_layer, convergence_ranks
+
+    if texts is None:
+        raise ValidationError("calibration needs texts (or saved statistics via --stats)")
+    base = options or CalibrationOptions(covariance=True)
+    model, tokenizer = load_model(source, device)
+    mapping = resolve_modules(model, list(paths))
+    by_module = {mapping[w]: int(r) for w, r in ranks.items() if w in mapping}
+    opts = replace(
+        base,
+        covariance=not is_eva,
+        svd_components=components_per_layer(by_module, rho) if is_eva else None,
+    )
+    rule = convergence_ranks(by_module, None, rho) if is_eva else None
+    stats = run_calibration(
+        model, tokenizer, texts, list(by_module), opts, convergence_ranks=rule, progress=progress
+    )
+    del model
+    missing = {
+        paths[w]: "no module of that name in the transformers model"
+        for w in paths
+        if w not in mapping
+    }
+    return rekey(stats, {mapping[w]: paths[w] for w in mapping}, extra_skipped=missing)
+
+
+def rekey(
+    stats: CalibrationStats,
+    names: Mapping[str, str],
+    *,
+    extra_skipped: Mapping[str, str] | None = None,
+) -> CalibrationStats:
+    """The same statistics with module names renamed by `names` (old -> new; others kept)."""
+
+    def ren(name: str) -> str:
+        return names.get(name, name)
+
+    return CalibrationStats(
+        covariances={ren(k): v for k, v in stats.covariances.items()},
+        counts={ren(k): v for k, v in stats.counts.items()},
+        svd={ren(k): v for k, v in stats.svd.items()},
+        shared={ren(k): ren(v) for k, v in stats.shared.items()},
+        skipped={**{ren(k): v for k, v in stats.skipped.items()}, **(extra_skipped or {})},
+        info=dict(stats.info),
+    )
+
+
+def _align(saved: CalibrationStats, paths: Sequence[str]) -> CalibrationStats:
+    """Rename saved statistics keyed by transformers names to the checkpoint's module paths."""
+    known = set(saved.modules()) | set(saved.skipped)
+    names: dict[str, str] = {}
+    for path in paths:
+        if path in known:
+            continue
+        hits = [k for k in known if path.endswith("." + k) or k.endswith("." + path)]
+        if len(hits) == 1:
+            names[hits[0]] = path
+    return rekey(saved, names) if names else saved

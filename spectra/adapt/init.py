@@ -18,10 +18,10 @@ one place in ``adapt`` that imports ``export`` (lazily, inside the functions).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from spectra.adapt.plan import AdapterPlan, build_plan, select_targets
 from spectra.adapt.registry import InitContext, Initializer, check_factors, get_initializer
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
+
+if TYPE_CHECKING:
+    from spectra.adapt.calib_step import CalibrationRequest
 
 Progress = Callable[[int, int, str], None]
 ADAPTER_DIR = "adapter"
@@ -53,6 +56,7 @@ class InitResult:
     errors: dict[str, float]
     seconds: float
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     @property
     def max_error(self) -> float:
@@ -67,6 +71,7 @@ class InitResult:
             "plan": self.plan.to_dict(),
             "errors": dict(self.errors),
             "seconds": self.seconds,
+            "calibration": self.calibration,
         }
 
 
@@ -182,6 +187,87 @@ def _ranks(
     return alloc.ranks, alloc
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """Ranks (weight key -> rank, None: uniform), the allocation behind them, calibration
+    statistics, alphas from calibration (EVA) and the manifest's calibration record."""
+
+    ranks: dict[str, int] | None
+    allocation: Allocation | None
+    stats: dict[str, Any] | None
+    alphas: dict[str, float] | None = None
+    calibration: dict[str, Any] | None = None
+
+
+def _explicit(
+    selected: Sequence[Any], values: Mapping[str, Any] | None, what: str
+) -> dict[str, Any] | None:
+    """Per-target values keyed by weight name or module path -> keyed by weight name."""
+    if values is None:
+        return None
+    by_path = {m.key.removesuffix(".weight"): m.key for m in selected}
+    keys = set(by_path.values())
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = name if name in keys else by_path.get(name)
+        if key is None:
+            raise ValidationError(
+                f"{what} names {name!r}, which is not one of the selected targets "
+                f"(e.g. {', '.join(sorted(by_path)[:3])})"
+            )
+        out[key] = value
+    return out
+
+
+def _choose_ranks(
+    ckpt: Any,
+    selected: list,
+    init: Initializer,
+    *,
+    source: str | Path,
+    rank: int,
+    ranks: Mapping[str, int] | None,
+    allocation_options: dict[str, Any],
+    stats: dict[str, Any] | None,
+    alpha: float | None,
+    calibration: CalibrationRequest | None,
+    device: torch.device,
+) -> _Choice:
+    """Explicit ranks, or an allocator's (the method's default allocator when none is named),
+    or uniform; then, for a method that needs calibration and got no statistics, the calibration
+    step (which may move ranks and set alphas: EVA)."""
+    allocator = allocation_options["allocator"]
+    if ranks is not None:
+        if allocator is not None:
+            raise ValidationError("give explicit ranks or an allocator (--allocate), not both")
+        choice = _Choice(_explicit(selected, ranks, "ranks"), None, stats)
+    else:
+        if allocator is None:
+            allocator = getattr(init, "default_allocator", None)
+        chosen, allocation = _ranks(
+            ckpt,
+            selected,
+            rank=rank,
+            device=device,
+            **{**allocation_options, "allocator": allocator},
+        )
+        choice = _Choice(chosen, allocation, stats)
+    if not init.needs_calibration or stats:
+        return choice
+    from spectra.adapt.calib_step import CalibrationRequest, run_calibration_step
+
+    outcome = run_calibration_step(
+        source,
+        init.name,
+        selected,
+        choice.ranks or {m.key: rank for m in selected},
+        calibration or CalibrationRequest(),
+        alpha=alpha,
+        device=device,
+    )
+    return _Choice(outcome.ranks, choice.allocation, outcome.stats, outcome.alphas, outcome.summary)
+
+
 def init_adapter(
     source: str | Path,
     *,
@@ -202,6 +288,9 @@ def init_adapter(
     dtype: str = "float32",
     seed: int = 0,
     stats: dict[str, Any] | None = None,
+    ranks: Mapping[str, int] | None = None,
+    alphas: Mapping[str, float] | None = None,
+    calibration: CalibrationRequest | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> InitResult:
@@ -212,7 +301,13 @@ def init_adapter(
     min_rank/max_rank: see spectra.adapt.allocate; alpha: LoRA alpha for every module (None:
     alpha = r per module); rslora: scale alpha/sqrt(r); exact: force the exact SVD (same as
     svd="exact"); dtype: storage dtype of the adapter; stats: per-module calibration statistics
-    for methods that need them. Returns an InitResult.
+    (module path -> statistics) for methods that need them, used as given; ranks: explicit rank
+    per target (weight name or module path; 0 = no adapter there), instead of rank/allocator;
+    alphas: explicit alpha per target (same keys), over ``alpha``; calibration: how to compute
+    statistics for a method that needs them when ``stats`` is not given (None: the built-in
+    corpus with default options; see spectra.adapt.calib_step) -- EVA's redistributed ranks and
+    adjusted alphas then reach the plan. A method with a ``default_allocator`` (lamda++) uses it
+    when neither ``allocator`` nor ``ranks`` is given. Returns an InitResult.
     """
     from spectra.export.outdir import atomic_output_dir
     from spectra.sources import Checkpoint
@@ -222,21 +317,27 @@ def init_adapter(
     adapter_dtype = storage_dtype_of(dtype)
     if rank < 1:
         raise ValidationError(f"rank must be >= 1, got {rank}")
-    if init.needs_calibration and not stats:
-        raise ValidationError(f"method {init.name!r} needs calibration statistics (stats=...)")
     dev = resolve_device(device)
     svd_mode = "exact" if exact else svd
     with Checkpoint.open(source) as ckpt:
         selected = select_targets(ckpt.matrices(), targets)
-        ranks, allocation = _ranks(
+        choice = _choose_ranks(
             ckpt,
             selected,
+            init,
+            source=source,
             rank=rank,
-            allocator=allocator,
-            budget=budget,
-            budget_unit=budget_unit,
-            min_rank=min_rank,
-            max_rank=max_rank,
+            ranks=ranks,
+            allocation_options={
+                "allocator": allocator,
+                "budget": budget,
+                "budget_unit": budget_unit,
+                "min_rank": min_rank,
+                "max_rank": max_rank,
+            },
+            stats=stats,
+            alpha=alpha,
+            calibration=calibration,
             device=dev,
         )
         plan = build_plan(
@@ -244,20 +345,21 @@ def init_adapter(
             method=init.name,
             targets=targets,
             rank=rank,
-            ranks=ranks,
+            ranks=choice.ranks,
             alpha=alpha,
+            alphas=_explicit(selected, alphas if alphas is not None else choice.alphas, "alphas"),
             rslora=rslora,
-            allocation=allocation,
+            allocation=choice.allocation,
         )
         ctx = {
             "svd": svd_mode,
             "seed": seed,
             "device": dev,
-            "stats": stats or {},
+            "stats": choice.stats or {},
             "matrices": selected,
         }
         runner = _Runner(ckpt, plan, init, ctx, progress)
-        options = {
+        options: dict[str, Any] = {
             "rank": rank,
             "alpha": alpha,
             "rslora": rslora,
@@ -269,7 +371,9 @@ def init_adapter(
         }
         final = Path(out).expanduser().absolute()
         with atomic_output_dir(final, force=force) as tmp:
-            _write_outputs(tmp, final, ckpt, runner, plan, adapter_dtype, str(source), options)
+            _write_outputs(
+                tmp, final, ckpt, runner, plan, adapter_dtype, str(source), options, choice
+            )
     return InitResult(
         out=final,
         adapter_dir=final / ADAPTER_DIR,
@@ -279,6 +383,7 @@ def init_adapter(
         errors=dict(runner.errors),
         seconds=time.perf_counter() - started,
         info=dict(runner.info),
+        calibration=choice.calibration,
     )
 
 
@@ -291,6 +396,7 @@ def _write_outputs(
     adapter_dtype: torch.dtype,
     source: str,
     options: dict[str, Any],
+    choice: _Choice,
 ) -> None:
     from spectra.export.manifest import build_manifest, write_manifest
     from spectra.export.peft import write_peft_adapter
@@ -327,6 +433,7 @@ def _write_outputs(
             "allocation": None if plan.allocation is None else plan.allocation.to_dict(),
             "ranks": plan.ranks,
             "max_reconstruction_error": max(runner.errors.values()),
+            "calibration": choice.calibration,
         },
     )
     write_manifest(tmp, manifest)

@@ -99,6 +99,8 @@ class LaMDAPlusPlus:
     name: ClassVar[str] = ALLOCATOR_NAME
     mutates_base: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    # init_adapter uses this allocator when the user names none: LaMDA++ is its rank rule.
+    default_allocator: ClassVar[str] = ALLOCATOR_NAME
     description: ClassVar[str] = (
         "LaMDA++ (energy reading of arXiv 2406.12832): ranks from the normalized weight "
         "spectrum, top-r SVD factors; PEFT cannot hold LaMDA's frozen-A / trainable-S structure"

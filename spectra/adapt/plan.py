@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -170,8 +170,9 @@ def build_plan(
     method: str,
     targets: str | Sequence[str],
     rank: int | None = None,
-    ranks: dict[str, int] | None = None,
+    ranks: Mapping[str, int] | None = None,
     alpha: float | None = None,
+    alphas: Mapping[str, float] | None = None,
     rslora: bool = False,
     allocation: Allocation | None = None,
 ) -> AdapterPlan:
@@ -179,7 +180,8 @@ def build_plan(
 
     Ranks come from ``ranks`` (per matrix key; 0 = no adapter) or a uniform ``rank``. ``alpha``
     None gives each module ``alpha = r`` (scale 1, or sqrt(r) with rsLoRA), PiSSA's convention;
-    a number is used for every module (PEFT's ``lora_alpha``).
+    a number is used for every module (PEFT's ``lora_alpha``). ``alphas`` (per matrix key) takes
+    precedence for the modules it names (EVA's adjusted scaling factors).
     """
     if ranks is None:
         if rank is None:
@@ -187,6 +189,10 @@ def build_plan(
         ranks = {m.key: rank for m in matrices}
     if alpha is not None and not alpha > 0:
         raise ValidationError(f"alpha must be positive, got {alpha}")
+    alphas = dict(alphas or {})
+    for key, value in alphas.items():
+        if not value > 0:
+            raise ValidationError(f"alpha for {module_path(key)!r} must be positive, got {value}")
     mods = []
     for mat in matrices:
         r = int(ranks.get(mat.key, 0))
@@ -197,7 +203,7 @@ def build_plan(
             )
         if r == 0:
             continue
-        a = float(r) if alpha is None else float(alpha)
+        a = float(alphas.get(mat.key, r if alpha is None else alpha))
         mods.append(
             ModulePlan(
                 key=mat.key,
