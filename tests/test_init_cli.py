@@ -285,3 +285,31 @@ def test_calibration_errors_are_one_line(
     r = _run(*base, "--out", str(tmp_path / "x"), "--samples", "2")
     assert r.exit_code == 2 and "pip install 'spectra[calib]'" in r.output, r.output
     assert r.output.count("\n") == 1 and "Traceback" not in r.output
+
+
+def test_torchrun_ranks_other_than_zero_do_nothing(
+    minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = ("init", str(minilm_path), "--targets", Q0, "--rank", "2", "--device", "cpu")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        # eva with a missing --calib file: an error if the rank calibrated at all.
+        r = _run(
+            *args,
+            "--method",
+            "eva",
+            "--calib",
+            str(tmp_path / "no.txt"),
+            "--out",
+            str(tmp_path / f"e{rank}"),
+        )
+        if rank == "1":
+            assert (r.exit_code, r.output) == (0, "")
+        else:
+            assert r.exit_code == 2 and "does not exist" in r.output
+        assert not (tmp_path / f"e{rank}").exists()
+    r = _run(*args, "--out", str(tmp_path / "p0"))  # rank 0 does the whole job
+    assert r.exit_code == 0 and (tmp_path / "p0" / "adapter" / "adapter_config.json").is_file()
