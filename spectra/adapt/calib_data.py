@@ -79,10 +79,7 @@ def _parse_jsonl(lines: list[str], path: Path, text_field: str) -> list[str]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        record = _json_line(line, path, number)
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValidationError(
@@ -97,3 +94,18 @@ def _parse_jsonl(lines: list[str], path: Path, text_field: str) -> list[str]:
         if value.strip():
             texts.append(value.strip())
     return texts
+
+
+def _json_line(line: str, path: Path, number: int) -> object:
+    """One JSONL record; every way a hostile line can fail is one line naming file and line:
+    malformed JSON, nesting deeper than the parser's recursion limit (RecursionError), an
+    integer over Python's digit limit (ValueError)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise ValidationError(f"{path}:{number}: JSON nested too deeply to read") from exc
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValidationError(f"{path}:{number}: JSON value not readable ({reason})") from exc
