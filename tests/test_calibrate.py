@@ -252,3 +252,41 @@ def test_calibration_for_method_redistributes_eva_ranks(minilm_path):
     assert again.ranks == got.ranks
     with pytest.raises(ValidationError, match="does not use calibration statistics"):
         calibration_for_method(minilm_path, "pissa", weights, ranks, saved=got.calibration)
+
+
+class _Tripwire:
+    """Unpickling this creates the file `flag` (a stand-in for code run by a hostile pickle)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.flag, "w"))
+
+
+def test_calibration_loads_safetensors_only_and_never_unpickles(minilm_path, tmp_path, monkeypatch):
+    import pickle
+
+    from spectra.errors import SourceError
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (folder / name).symlink_to(minilm_path / name)
+    flag = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(str(flag))))
+    with pytest.raises(SourceError, match=r"only pickled weights \(pytorch_model.bin\).*convert"):
+        load_model(folder, "cpu")
+    # Past that check (a Hub id is not a folder), use_safetensors=True still refuses the pickle.
+    monkeypatch.setattr("spectra.adapt.calibrate._refuse_pickle_only", lambda source: None)
+    with pytest.raises(SourceError, match="cannot load"):
+        load_model(folder, "cpu")
+    assert not flag.exists()
+    # With safetensors next to the pickle, the safetensors are what gets loaded.
+    (folder / "model.safetensors").symlink_to(minilm_path / "model.safetensors")
+    model, _ = load_model(folder, "cpu")
+    assert not flag.exists()
+    assert isinstance(model.encoder.layer[0].attention.self.query, torch.nn.Linear)
+    # A Hub-style id that resolves to nothing is a one-line SourceError, not a traceback.
+    with pytest.raises(SourceError, match="cannot load"):
+        load_model(tmp_path / "missing", "cpu")
