@@ -177,3 +177,55 @@ def test_manifest_hashes_and_round_trip(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == m
     with pytest.raises(SourceError, match="spectra init output"):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_side_files_copy_only_what_resolves_inside_the_checkpoint(tmp_path: Path) -> None:
+    from spectra.export.residual import SkippedSideFileWarning, copy_side_files
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "key").write_text("private key")
+    src, dst = tmp_path / "ckpt", tmp_path / "out"
+    (src / "real").mkdir(parents=True)
+    (src / "1_Pooling").mkdir()
+    dst.mkdir()
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "real" / "tok.json").write_text("tokens")
+    (src / "tokenizer.json").symlink_to(src / "real" / "tok.json")  # inside: copied
+    (src / "notes.txt").symlink_to(secret)  # outside: skipped
+    (src / "vocab.txt").symlink_to(Path("..") / "secret.txt")  # relative, outside: skipped
+    (src / "dangling.txt").symlink_to(src / "nope")
+    (src / "linked_dir").symlink_to(tmp_path / "secret_dir")  # symlinked folder: skipped
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    (src / "1_Pooling" / "leak.txt").symlink_to(secret)  # nested, outside: skipped
+    with pytest.warns(SkippedSideFileWarning) as caught:
+        copied = copy_side_files(src, dst, [])
+    assert copied == ["1_Pooling", "config.json", "real", "tokenizer.json"]
+    assert (dst / "tokenizer.json").read_text() == "tokens"
+    assert not (dst / "tokenizer.json").is_symlink()  # the content, never a link
+    assert sorted(p.name for p in (dst / "1_Pooling").iterdir()) == ["config.json"]
+    files = [p for p in dst.rglob("*") if p.is_file()]
+    assert "private key" not in [p.read_text() for p in files]
+    said = " ".join(str(w.message) for w in caught)
+    for name in ("notes.txt", "vocab.txt", "dangling.txt", "linked_dir", "leak.txt"):
+        assert name in said
+
+
+def test_side_files_of_a_hub_snapshot_resolve_into_its_blobs(tmp_path: Path) -> None:
+    from spectra.export.residual import copy_side_files, side_file_root
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "e3b0").write_text('{"model_type": "bert"}')
+    (snap / "config.json").symlink_to(Path("..") / ".." / "blobs" / "e3b0")
+    (tmp_path / "hub" / "other.txt").write_text("not this repo")
+    (snap / "extra.txt").symlink_to(Path("..") / ".." / ".." / "other.txt")
+    assert side_file_root(snap) == repo.resolve()
+    dst = tmp_path / "out"
+    dst.mkdir()
+    with pytest.warns(UserWarning, match="extra.txt"):
+        assert copy_side_files(snap, dst, []) == ["config.json"]
+    assert json.loads((dst / "config.json").read_text()) == {"model_type": "bert"}

@@ -363,11 +363,6 @@ def test_error_line_with_hostile_file_name_is_inert(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1 and "model-" in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect in spectra/export/residual.py copy_side_files (not owned here): symlinks in the "
-    "source folder are followed, so a file outside the checkpoint is copied into the output",
-)
 def test_side_files_never_copy_from_outside_the_checkpoint(tmp_path: Path) -> None:
     from spectra.export.residual import copy_side_files
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,26 +147,91 @@ def write_shard(src: Path, dst: Path, replace: Replace) -> list[str]:
     return replaced
 
 
+class SkippedSideFileWarning(UserWarning):
+    """A side file of the source was not copied into the residual base (see copy_side_files)."""
+
+
+def side_file_root(src_dir: Path) -> Path:
+    """The folder every side file must resolve into: the checkpoint folder, or for a Hub cache
+    snapshot (``models--org--name/snapshots/<rev>``, whose files are symlinks into
+    ``../../blobs``) the repo folder ``models--org--name``."""
+    folder = src_dir.resolve()
+    snapshots = src_dir.absolute().parent
+    if snapshots.name == "snapshots" and "--" in snapshots.parent.name:
+        return snapshots.parent.resolve()
+    return folder
+
+
 def copy_side_files(src_dir: Path, dst_dir: Path, shards: list[Path]) -> list[str]:
     """Copy config, tokenizer and other non-weight files (and sub-folders such as
     sentence-transformers' ``1_Pooling``) from ``src_dir``; hidden files and weights other
-    than the index are skipped. Returns the copied top-level names."""
+    than the index are skipped. Returns the copied top-level names.
+
+    Symlinks: a symlinked file is copied (its content, not the link) only when it resolves into
+    `side_file_root` (the checkpoint folder, or its Hub repo folder with the blobs); one that
+    points anywhere else, a dangling one, and every symlinked folder are skipped with a
+    `SkippedSideFileWarning` naming it. A stranger's checkpoint folder must never make spectra
+    copy ``~/.ssh/id_rsa`` next to the weights the user then uploads. Skipping (not failing)
+    keeps the weights, which were read and checked, usable; copy a skipped file by hand if you
+    trust it.
+    """
+    root = side_file_root(src_dir)
     copied = []
     for item in sorted(src_dir.iterdir()):
         if item.name.startswith(".") or item in shards:
             continue
+        if not (
+            item.is_dir() or item.name == INDEX_NAME or not item.name.endswith(_WEIGHT_SUFFIXES)
+        ):
+            continue
+        if _outside(item, root):
+            continue
         if item.is_dir():
-            shutil.copytree(item, dst_dir / item.name, ignore=_ignore_weights)
-        elif item.name == INDEX_NAME or not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, dst_dir / item.name)
+            _copy_folder(item, dst_dir / item.name, root)
+        elif item.is_file():  # not a FIFO, socket or device
+            shutil.copyfile(item, dst_dir / item.name)
         else:
             continue
         copied.append(item.name)
     return copied
 
 
-def _ignore_weights(folder: str, names: list[str]) -> set[str]:
-    return {n for n in names if n.startswith(".") or n.endswith(_WEIGHT_SUFFIXES)}
+def _outside(item: Path, root: Path) -> bool:
+    """True (with a warning) when `item` must not be copied: a symlinked folder, or a symlink
+    that does not resolve to an existing file under `root`."""
+    if not item.is_symlink():
+        return False
+    target = item.resolve()
+    if item.is_dir():
+        why = "is a symlinked folder"
+    elif not target.is_file():
+        why = "is a dangling symlink"
+    elif not target.is_relative_to(root):
+        why = f"is a symlink to {str(target)!r}, outside {str(root)!r}"
+    else:
+        return False
+    warnings.warn(
+        f"not copied into the residual base: {str(item)!r} {why}",
+        SkippedSideFileWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def _copy_folder(src: Path, dst: Path, root: Path) -> None:
+    """Copy a side folder (``1_Pooling``), recursing by hand so every entry passes `_outside`."""
+    dst.mkdir(exist_ok=True)
+    for item in sorted(src.iterdir()):
+        if (
+            item.name.startswith(".")
+            or item.name.endswith(_WEIGHT_SUFFIXES)
+            or _outside(item, root)
+        ):
+            continue
+        if item.is_dir():
+            _copy_folder(item, dst / item.name, root)
+        elif item.is_file():
+            shutil.copyfile(item, dst / item.name)
 
 
 def write_residual_checkpoint(
