@@ -229,3 +229,63 @@ def test_side_files_of_a_hub_snapshot_resolve_into_its_blobs(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match="extra.txt"):
         assert copy_side_files(snap, dst, []) == ["config.json"]
     assert json.loads((dst / "config.json").read_text()) == {"model_type": "bert"}
+
+
+_RSS_CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from spectra.export.residual import write_residual_checkpoint
+
+def hwm_kib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+shards = [Path(p) for p in json.loads(sys.argv[1])]
+out = Path(sys.argv[2])
+torch.full((8, 8), 1.0) + 1  # warm up torch's allocator before the baseline
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+except OSError:
+    pass
+before = hwm_kib()
+replace = lambda name: torch.full((1024, 1024), 0.5) if name.endswith("q.weight") else None
+replaced = write_residual_checkpoint(shards, out, replace)
+print(json.dumps({"growth_kib": hwm_kib() - before, "replaced": len(replaced)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc VmHWM")
+def test_residual_export_memory_is_bounded_by_a_tensor_not_the_model(tmp_path: Path) -> None:
+    """Two 64 MiB shards of 4 MiB tensors, half of them replaced: the writer's peak RSS growth
+    (VmHWM, fresh process) stays under 40 MiB -- one replaced tensor and its bytes (8 MiB), the
+    16 MiB copy chunk and slack -- while the checkpoint is 128 MiB."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    shards, weight_map = [], {}
+    for s in range(2):
+        names = [f"l.{s}.{i}.{'q' if i % 2 else 'k'}.weight" for i in range(16)]
+        path = src / f"model-{s + 1:05d}-of-00002.safetensors"
+        save_file({n: torch.randn(1024, 1024, generator=g) for n in names}, str(path))
+        shards.append(path)
+        weight_map.update(dict.fromkeys(names, path.name))
+    (src / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, json.dumps([str(p) for p in shards]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert facts["replaced"] == 16
+    assert facts["growth_kib"] < 40 * 1024, facts
+    with safe_open(str(out / shards[1].name), "pt") as fh:
+        assert float(fh.get_tensor("l.1.1.q.weight")[0, 0]) == 0.5
+    assert (out / shards[0].name).stat().st_size == shards[0].stat().st_size
