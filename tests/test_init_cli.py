@@ -194,6 +194,12 @@ def test_cli_corda_ipm_then_kpm_from_saved_stats(
     assert manifest_k["calibration"]["data"] == str(calib)  # carried by the statistics file
     got = _peft_output(tmp_path / "kpm" / "residual_base", tmp_path / "kpm" / "adapter", enc)
     assert float((got - ref).abs().max()) <= 1e-4
+    # Statistics saved for CorDA hold no activation SVD: EVA says so instead of planning nothing.
+    wrong = _run(
+        "init", str(minilm_path), "--method", "eva", "--stats", str(stats),
+        "--out", str(tmp_path / "eva"), *common,
+    )  # fmt: skip
+    assert wrong.exit_code == 2 and "hold no activation SVD (eva)" in wrong.output, wrong.output
     key = f"base_model.model.{Q0}.lora_B.weight"
     with (
         safe_open(str(tmp_path / "ipm" / "adapter" / "adapter_model.safetensors"), "pt") as a,

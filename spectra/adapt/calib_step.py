@@ -9,7 +9,8 @@ the choice of the initial ranks and the plan:
 2. ranks: EVA redistributes the initial ranks (rho; arXiv 2410.07170), CorDA keeps them; either
    way a module calibration has no statistics for (skipped: its input is not
    ``(batch, tokens, features)``, or the transformers model has no such module) gets rank 0, so
-   no adapter, and is named in the manifest;
+   no adapter, and is named in the manifest (EVA's budget is then the sum of the initial ranks
+   of the modules that have statistics); no statistics for any target is an error;
 3. alphas: with ``adjust_scaling`` (EVA's ``adjust_scaling_factors``, on by default as in PEFT)
    ``alpha_l = alpha * r_l_new / r_l_old`` so every module keeps the LoRA scale it had before
    redistribution; ``alpha`` None means ``alpha = r_l_old`` (the tool's default ``alpha = r``).

@@ -507,8 +507,21 @@ def calibration_for_method(
         moved = eva_ranks(stats, by_path, rho, max_ranks=caps)
     else:
         moved = {p: (r if stats.leader(p) in stats.covariances else 0) for p, r in by_path.items()}
+    if ranks and not any(moved.values()):
+        raise ValidationError(_nothing_usable(stats, is_eva, saved is not None))
     new_ranks = {w: moved[paths[w]] for w in ranks}
     return MethodCalibration(dict.fromkeys(paths.values(), stats), new_ranks, stats)
+
+
+def _nothing_usable(stats: CalibrationStats, is_eva: bool, reused: bool) -> str:
+    what = "activation SVD (eva)" if is_eva else "input covariance (corda)"
+    if reused:
+        return (
+            f"the saved statistics hold no {what} for these targets: they were computed for "
+            "another method or other targets; drop --stats to recompute them"
+        )
+    reasons = sorted(set(stats.skipped.values()))
+    return f"calibration produced no {what} for any target: {reasons[0] if reasons else 'none'}"
 
 
 def _fresh_statistics(
