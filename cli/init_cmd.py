@@ -76,8 +76,15 @@ CALIB_PANEL = "Calibration (corda-ipm, corda-kpm, eva)"
 
 @handle_errors
 def init(
-    source: Annotated[str, typer.Argument(help="Checkpoint: .safetensors file, folder, Hub id.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Checkpoint: .safetensors file, folder, Hub id "
+            "(default: the bundled all-MiniLM-L6-v2).",
+            show_default=False,
+        ),
+    ] = None,
     method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "pissa",
     rank: Annotated[
         int,
@@ -221,7 +228,10 @@ def init(
     from spectra.adapt.calib_step import CalibrationRequest
     from spectra.adapt.registry import get_initializer
     from spectra.distributed import run_init
+    from spectra.sources import bundled_model_path
 
+    if source is None:
+        source = str(bundled_model_path())
     init_method = get_initializer(method)
     calibration = None
     if init_method.needs_calibration:

@@ -319,3 +319,20 @@ def test_torchrun_ranks_other_than_zero_do_nothing(
         assert not (tmp_path / f"e{rank}").exists()
     r = _run(*args, "--out", str(tmp_path / "p0"))  # rank 0 does the whole job
     assert r.exit_code == 0 and (tmp_path / "p0" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_init_without_source_uses_the_bundled_model(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+    from spectra.sources import bundled_model_path
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        app, ["init", "--method", "olora", "--rank", "2", "--targets", "q", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "spectra.json").read_text())
+    assert str(bundled_model_path()) in json.dumps(manifest["source"])
