@@ -139,3 +139,36 @@ def test_siblings_of_a_live_process_are_left_alone(tmp_path: Path) -> None:
     (tmp_path / f".rep.spectra-tmp-{live}-xyz").mkdir()
     assert recover_interrupted(tmp_path / "rep") == []
     assert len(list(tmp_path.iterdir())) == 2 and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent-of-cwd", "git-repo", "home"])
+def test_force_never_replaces_protected_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "thesis.tex").write_text("precious")
+    target = work
+    if where == "cwd":
+        monkeypatch.chdir(work)
+    elif where == "parent-of-cwd":
+        monkeypatch.chdir(work / "sub")
+    elif where == "git-repo":
+        (work / ".git").mkdir()
+    else:
+        monkeypatch.setenv("HOME", str(work))
+    with (
+        pytest.raises(OutputError, match="even with --force"),
+        atomic_output_dir(target, force=True),
+    ):
+        pass
+    assert (work / "sub" / "thesis.tex").read_text() == "precious"
+
+
+def test_force_still_replaces_an_ordinary_user_folder(tmp_path: Path) -> None:
+    out = tmp_path / "old-results"
+    out.mkdir()
+    (out / "x.txt").write_text("x")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "y.txt").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "y.txt"]

@@ -2,7 +2,9 @@
 
 Rules every writer (report, compare, init, convert) follows:
 - an existing, non-empty folder that spectra did not create is never touched without `force`;
-- a folder spectra created (it holds the marker file) may be replaced with `force`;
+- a folder spectra created (it holds the marker file) may be replaced with `force`; so may
+  another non-empty folder, except a filesystem root, the home folder, the current folder or one
+  of its parents, and a folder holding a `.git` repository (refused even with `force`);
 - output appears under its final name only when complete; a crash leaves at most a
   `.<name>.spectra-tmp-<pid>-*` sibling, never a half-written folder under the final name;
 - the finished folder gets the mode a plain `mkdir` would give (0o777 minus the umask), not
@@ -45,13 +47,41 @@ def check_output_dir(path: Path, *, force: bool) -> None:
     recover_interrupted(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"output path {str(path)!r} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        made_by_us = (path / MARKER).exists()
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    made_by_us = (path / MARKER).exists()
+    if not force:
         hint = "it holds an earlier spectra output" if made_by_us else "it is not empty"
         raise OutputError(
             f"output folder {str(path)!r} already exists and {hint}: "
             "pass --force to replace it, or choose another --out"
         )
+    if not made_by_us:
+        reason = _protected_reason(path)
+        if reason:
+            raise OutputError(
+                f"refusing to replace {str(path)!r} even with --force: {reason}; "
+                "choose a new or spectra-made --out folder"
+            )
+
+
+def _protected_reason(path: Path) -> str | None:
+    """Why a non-spectra folder must never be replaced wholesale, or None.
+
+    `--force` replaces the whole folder, so a typo such as `--out .` or `--out ~` must not wipe a
+    working directory, a home, a repository or the filesystem root.
+    """
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    if real == Path(real.anchor):
+        return "it is a filesystem root"
+    if real == Path.home().resolve():
+        return "it is your home folder"
+    if real == cwd or real in cwd.parents:
+        return "it is the current folder or one of its parents"
+    if (real / ".git").exists():
+        return "it holds a git repository"
+    return None
 
 
 def _oserror_message(exc: OSError, path: Path) -> str:
