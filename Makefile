@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spectra-installed
 DEMO_OUT ?= demo-report
+# CPU torch first. Here pip finds the local CPU wheel of 2.13.0; elsewhere pass
+# TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' to get a CPU build.
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup demo test lint unit browser-deps bench clean
 
@@ -13,7 +16,7 @@ $(BIN)/python:
 # CPU torch first: a bare torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -15,6 +15,7 @@ it as a failed request in `result.requests` (anything but file: and data: URLs).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +49,24 @@ class BrowserResult:
     script_elements: int = 0
 
 
-def browser_unavailable() -> str | None:
-    """None when Playwright and Chromium are installed, else the reason (for pytest.skip)."""
+def _missing_browser() -> str | None:
     if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed (pip install playwright; it is in the dev extra)"
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         return f"chromium not found at {CHROMIUM} (make browser-deps installs the Debian package)"
     return None
+
+
+def browser_unavailable() -> str | None:
+    """None when Playwright and Chromium are installed, else the reason (for pytest.skip).
+
+    With SPECTRA_REQUIRE_BROWSER=1 (set by .ci/run) a missing browser is an error, not a skip,
+    so CI can never go green without having looked at the pages.
+    """
+    reason = _missing_browser()
+    if reason and os.environ.get("SPECTRA_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"SPECTRA_REQUIRE_BROWSER=1 but {reason}")
+    return reason
 
 
 def render_in_chromium(html_path: str | Path, *, timeout_ms: int = 30_000) -> BrowserResult:
