@@ -105,6 +105,11 @@ def module_stats(
     return out
 
 
+def as_stored(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` rounded to the storage ``dtype`` and back to its own dtype (exact for float32)."""
+    return t.to(dtype).to(t.dtype) if dtype != t.dtype else t
+
+
 class _Runner:
     """Initializes one matrix at a time and keeps the (small) factors and facts."""
 
@@ -140,14 +145,18 @@ class _Runner:
         )
         f = self.init.init(W, mp.rank, mp.scale, ctx)
         check_factors(f, mp.shape, mp.rank, self.init.name)
+        # The adapter is stored in the adapter dtype: round A and B to it first, so the residual
+        # absorbs that rounding (W_res + s B A == W up to the residual's own storage rounding)
+        # and the reported error is the error of what is written.
+        A, B = as_stored(f.A, self.ctx["adapter_dtype"]), as_stored(f.B, self.ctx["adapter_dtype"])
         W_res = None
         if self.init.mutates_base:
             from spectra.export.residual import storage_dtype
 
-            W_res = residual(W, f.A, f.B, mp.scale, dtype=storage_dtype(ref.tensor.dtype))
-        self.errors[key] = reconstruction_error(W, W_res, f.A, f.B, mp.scale)
+            W_res = residual(W, A, B, mp.scale, dtype=storage_dtype(ref.tensor.dtype))
+        self.errors[key] = reconstruction_error(W, W_res, A, B, mp.scale)
         self.info[key] = dict(f.info, rank=mp.rank, error=self.errors[key])
-        self.factors[mp.module] = (f.A.cpu(), f.B.cpu())
+        self.factors[mp.module] = (A.cpu(), B.cpu())
         if self.progress is not None:
             self.progress(len(self.factors), len(self.todo), key)
         return None if W_res is None else W_res.cpu()
@@ -300,14 +309,16 @@ def init_adapter(
     mean rank when ``allocator`` is given without ``budget``; allocator/budget/budget_unit/
     min_rank/max_rank: see spectra.adapt.allocate; alpha: LoRA alpha for every module (None:
     alpha = r per module); rslora: scale alpha/sqrt(r); exact: force the exact SVD (same as
-    svd="exact"); dtype: storage dtype of the adapter; stats: per-module calibration statistics
-    (module path -> statistics) for methods that need them, used as given; ranks: explicit rank
-    per target (weight name or module path; 0 = no adapter there), instead of rank/allocator;
-    alphas: explicit alpha per target (same keys), over ``alpha``; calibration: how to compute
-    statistics for a method that needs them when ``stats`` is not given (None: the built-in
-    corpus with default options; see spectra.adapt.calib_step) -- EVA's redistributed ranks and
-    adjusted alphas then reach the plan. A method with a ``default_allocator`` (lamda++) uses it
-    when neither ``allocator`` nor ``ranks`` is given. Returns an InitResult.
+    svd="exact"); dtype: storage dtype of the adapter (the factors are rounded to it before the
+    residual is computed, so the residual absorbs that rounding); stats: per-module calibration
+    statistics (module path -> statistics) for methods that need them, used as given; ranks:
+    explicit rank per target (weight name or module path; 0 = no adapter there), instead of
+    rank/allocator; alphas: explicit alpha per target (same keys), over ``alpha``; calibration:
+    how to compute statistics for a method that needs them when ``stats`` is not given (None:
+    the built-in corpus with default options; see spectra.adapt.calib_step) -- EVA's
+    redistributed ranks and adjusted alphas then reach the plan. A method with a
+    ``default_allocator`` (lamda++) uses it when neither ``allocator`` nor ``ranks`` is given.
+    Returns an InitResult.
     """
     from spectra.export.outdir import atomic_output_dir
     from spectra.sources import Checkpoint
@@ -357,6 +368,7 @@ def init_adapter(
             "device": dev,
             "stats": choice.stats or {},
             "matrices": selected,
+            "adapter_dtype": adapter_dtype,
         }
         runner = _Runner(ckpt, plan, init, ctx, progress)
         options: dict[str, Any] = {
