@@ -227,3 +227,30 @@ def test_low_precision_adapter_still_reproduces_the_base(
     assert res.errors[f"{Q0}.weight"] == pytest.approx(actual, rel=1e-6, abs=1e-12)
     out = _peft_output(res.residual_dir, res.adapter_dir, inputs)
     assert float((out - reference).abs().max()) <= 1e-4
+
+
+def test_a_refused_out_fails_before_any_work(
+    minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-empty --out without --force is refused before the checkpoint is opened or any
+    calibration runs (a refusal after minutes of SVD/calibration work wastes them)."""
+    import spectra.adapt.calib_step as calib_step
+    from spectra.errors import OutputError
+    from spectra.sources import Checkpoint
+
+    calls: list[str] = []
+
+    def spy(*args: object, **kwargs: object) -> None:
+        calls.append("work")
+        raise AssertionError("work started before the output folder was checked")
+
+    monkeypatch.setattr(calib_step, "run_calibration_step", spy)
+    monkeypatch.setattr(Checkpoint, "open", spy)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    for method in ("eva", "pissa"):
+        with pytest.raises(OutputError, match="already exists.*--force"):
+            init_adapter(minilm_path, method=method, rank=4, targets=[Q0], out=taken)
+    assert calls == []
+    assert (taken / "notes.txt").read_text() == "keep me"

@@ -320,7 +320,7 @@ def init_adapter(
     ``default_allocator`` (lamda++) uses it when neither ``allocator`` nor ``ranks`` is given.
     Returns an InitResult.
     """
-    from spectra.export.outdir import atomic_output_dir
+    from spectra.export.outdir import atomic_output_dir, check_output_dir
     from spectra.sources import Checkpoint
 
     started = time.perf_counter()
@@ -328,6 +328,8 @@ def init_adapter(
     adapter_dtype = storage_dtype_of(dtype)
     if rank < 1:
         raise ValidationError(f"rank must be >= 1, got {rank}")
+    final = Path(out).expanduser().absolute()
+    check_output_dir(final, force=force)  # refuse before any reading, SVD or calibration
     dev = resolve_device(device)
     svd_mode = "exact" if exact else svd
     with Checkpoint.open(source) as ckpt:
@@ -381,7 +383,6 @@ def init_adapter(
             "seed": seed,
             "targets": list(plan.targets),
         }
-        final = Path(out).expanduser().absolute()
         with atomic_output_dir(final, force=force) as tmp:
             _write_outputs(
                 tmp, final, ckpt, runner, plan, adapter_dtype, str(source), options, choice
