@@ -18,12 +18,19 @@ def convert(
         str, typer.Option("--trained", help="The adapter folder saved after training.")
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Output adapter folder.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="The original base model (default: the source in the init's spectra.json).",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Turn a trained PiSSA/MiLoRA/OLoRA adapter into a plain rank-2r LoRA on the original base."""
     from spectra.export.convert import convert_to_lora
 
-    path = convert_to_lora(init_dir, trained, out, force=force)
+    path = convert_to_lora(init_dir, trained, out, base=base, force=force)
     console.print(f"plain LoRA for the original base: {path}", highlight=False, soft_wrap=True)
 
 

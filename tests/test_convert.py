@@ -107,3 +107,64 @@ def test_converted_adapter_on_the_original_base_reproduces_training(
     with torch.no_grad():
         off = wrong.eval()(input_ids=x).last_hidden_state
     assert float((off - trained).abs().max()) > 1e-2
+
+
+def _synthetic_init(folder: Path, source: str | None) -> tuple[Path, Path]:
+    """A `spectra init`-shaped folder (adapter/ and, when ``source`` is given, spectra.json) and
+    an adapter "trained" from it on the residual base, as PEFT saves it."""
+    from spectra.export.manifest import build_manifest, write_manifest
+
+    g = torch.Generator().manual_seed(3)
+    f0 = {"m": (torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g))}
+    residual = str(folder / "residual_base")
+    write_peft_adapter(folder / "adapter", f0, {"m": 2.0}, base_model_name_or_path=residual)
+    if source is not None:
+        manifest = build_manifest(
+            kind="init",
+            method="pissa",
+            source=source,
+            source_files=[],
+            options={},
+            plan={},
+            matrices={},
+        )
+        write_manifest(folder, manifest)
+    f1 = {"m": (f0["m"][0] + 0.1, f0["m"][1] - 0.1)}
+    head = {"base_model.model.classifier.weight": torch.randn(3, 4, generator=g)}
+    write_peft_adapter(
+        folder.parent / "trained",
+        f1,
+        {"m": 2.0},
+        base_model_name_or_path=residual,
+        other=head,
+        config_extra={"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
+    )
+    return folder / "adapter", folder.parent / "trained"
+
+
+def test_convert_from_the_adapter_subfolder_finds_the_original_base(tmp_path: Path) -> None:
+    """`--init DIR/adapter` reads DIR/spectra.json: the plain LoRA names the original base, never
+    the residual base the trained adapter was saved against."""
+    from spectra.export.convert import convert_to_lora
+
+    adapter, trained = _synthetic_init(tmp_path / "init", "/models/original")
+    for init in (adapter, adapter.parent):
+        out = convert_to_lora(init, trained, tmp_path / f"lora-{init.name}")
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == "/models/original", init
+        assert json.loads((out / "spectra.json").read_text())["source"] == "/models/original"
+    out = convert_to_lora(adapter, trained, tmp_path / "lora-b", base="/models/explicit")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "/models/explicit"
+
+
+def test_convert_refuses_when_the_original_base_is_unknown(tmp_path: Path) -> None:
+    from spectra.export.convert import convert_to_lora
+
+    adapter, trained = _synthetic_init(tmp_path / "init", None)
+    with pytest.raises(ValidationError, match="original base.*--base"):
+        convert_to_lora(adapter, trained, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    out = convert_to_lora(adapter, trained, tmp_path / "lora", base="/models/original")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "/models/original"

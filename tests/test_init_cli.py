@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,16 @@ def test_convert_cli(minilm_path: Path, tmp_path: Path) -> None:
         str(tmp_path / "l2"),
     )
     assert bad.exit_code == 2 and "does not exist" in bad.output
+    # An adapter folder with no spectra.json near it: the original base must be given.
+    lonely = shutil.copytree(init / "adapter", tmp_path / "elsewhere" / "adapter")
+    args = ("convert", "--init", str(lonely), "--trained", str(lonely), "--out")
+    unknown = _run(*args, str(tmp_path / "l3"))
+    assert unknown.exit_code == 2 and "--base" in unknown.output, unknown.output
+    assert len(unknown.output.strip().splitlines()) == 1
+    given = _run(*args, str(tmp_path / "l4"), "--base", str(minilm_path))
+    assert given.exit_code == 0, given.output
+    cfg = json.loads((tmp_path / "l4" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(minilm_path)
 
 
 # ------------------------------------------------------------ data-driven methods (issue 7)

@@ -80,22 +80,38 @@ def _adapter_dir(path: Path) -> Path:
     return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
 
 
-def _original_base(init_dir: Path) -> str | None:
+def _original_base(init_path: Path) -> str | None:
+    """The source of the ``spectra init`` run that wrote ``init_path`` (its folder, or its
+    ``adapter/`` whose parent holds ``spectra.json``); None when no init manifest names it."""
     from spectra.export.manifest import MANIFEST_NAME, read_manifest
 
-    if (init_dir / MANIFEST_NAME).is_file():
-        return str(read_manifest(init_dir).get("source"))
+    folders = [init_path]
+    if (init_path / "adapter_config.json").is_file():
+        folders.append(init_path.parent)
+    for folder in folders:
+        if (folder / MANIFEST_NAME).is_file():
+            manifest = read_manifest(folder)
+            source = manifest.get("source")
+            if manifest.get("kind", "init") == "init" and isinstance(source, str) and source:
+                return source
     return None
 
 
 def convert_to_lora(
-    init_dir: str | Path, trained_dir: str | Path, out: str | Path, *, force: bool = False
+    init_dir: str | Path,
+    trained_dir: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write the plain rank-2r LoRA (a PEFT adapter folder, plus ``spectra.json``) to ``out``.
 
     init_dir: a ``spectra init`` output folder (or its ``adapter/``); trained_dir: the adapter
-    saved after training (``PeftModel.save_pretrained``). The result loads with
-    ``PeftModel.from_pretrained(original_base, out)``.
+    saved after training (``PeftModel.save_pretrained``); base: the original base model, written
+    as ``base_model_name_or_path`` (None: the ``source`` in the init's ``spectra.json``; without
+    one this is a ValidationError, because the trained adapter only names the residual base).
+    The result loads with ``PeftModel.from_pretrained(original_base, out)``.
     """
     from spectra.export.manifest import build_manifest, write_manifest
     from spectra.export.outdir import atomic_output_dir
@@ -107,7 +123,13 @@ def convert_to_lora(
     init = read_peft_adapter(_adapter_dir(init_path))
     trained = read_peft_adapter(_adapter_dir(trained_path))
     conv = convert_adapters(init, trained)
-    base = _original_base(init_path) or trained.config.get("base_model_name_or_path")
+    base = base or _original_base(init_path)
+    if base is None:
+        raise ValidationError(
+            f"cannot tell the original base of --init {str(init_path)!r}: no spectra.json of a "
+            "spectra init run in it or its parent (the trained adapter names only the residual "
+            "base); pass --base with the model spectra init was run on"
+        )
     with atomic_output_dir(out, force=force) as tmp:
         write_peft_adapter(
             tmp,
