@@ -168,3 +168,20 @@ def test_convert_refuses_when_the_original_base_is_unknown(tmp_path: Path) -> No
     out = convert_to_lora(adapter, trained, tmp_path / "lora", base="/models/original")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "/models/original"
+
+
+def test_convert_keeps_modules_to_save_and_task_type(tmp_path: Path) -> None:
+    """A trained head (modules_to_save) and the task type survive the conversion: without them
+    in the config PEFT would silently ignore the copied head tensor."""
+    from safetensors.torch import load_file
+
+    from spectra.export.convert import convert_to_lora
+
+    adapter, trained = _synthetic_init(tmp_path / "init", "/models/original")
+    out = convert_to_lora(adapter.parent, trained, tmp_path / "lora")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"] and cfg["task_type"] == "SEQ_CLS"
+    head = load_file(str(trained / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    name = "base_model.model.classifier.weight"
+    assert torch.equal(got[name], head[name])

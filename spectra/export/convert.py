@@ -139,6 +139,7 @@ def convert_to_lora(
             base_model_name_or_path=base,
             dtype=_dtype_of(trained),
             other=trained.other,
+            config_extra=carried_config(trained),
         )
         manifest = build_manifest(
             kind="convert",
@@ -155,6 +156,17 @@ def convert_to_lora(
         )
         write_manifest(tmp, manifest)
     return Path(out).expanduser().absolute()
+
+
+# Trained-adapter settings that stay true for the converted one: the extra trained modules
+# (a classifier head; its tensors are copied as they are, and PEFT ignores them unless listed)
+# and the task type (which PeftModel class wraps the base).
+CARRIED_KEYS = ("modules_to_save", "task_type")
+
+
+def carried_config(trained: PeftAdapter) -> dict[str, object]:
+    """The ``CARRIED_KEYS`` of the trained adapter's config that it sets."""
+    return {k: trained.config[k] for k in CARRIED_KEYS if trained.config.get(k) is not None}
 
 
 def _dtype_of(adapter: PeftAdapter) -> torch.dtype:
