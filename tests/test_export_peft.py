@@ -193,22 +193,22 @@ def test_side_files_copy_only_what_resolves_inside_the_checkpoint(tmp_path: Path
     (src / "config.json").write_text('{"a": 1}')
     (src / "real" / "tok.json").write_text("tokens")
     (src / "tokenizer.json").symlink_to(src / "real" / "tok.json")  # inside: copied
-    (src / "notes.txt").symlink_to(secret)  # outside: skipped
+    (src / "special_tokens_map.json").symlink_to(secret)  # outside: skipped
     (src / "vocab.txt").symlink_to(Path("..") / "secret.txt")  # relative, outside: skipped
-    (src / "dangling.txt").symlink_to(src / "nope")
-    (src / "linked_dir").symlink_to(tmp_path / "secret_dir")  # symlinked folder: skipped
+    (src / "merges.txt").symlink_to(src / "nope")  # dangling: skipped
+    (src / "2_Dense").symlink_to(tmp_path / "secret_dir")  # symlinked folder: skipped
     (src / "1_Pooling" / "config.json").write_text("{}")
-    (src / "1_Pooling" / "leak.txt").symlink_to(secret)  # nested, outside: skipped
+    (src / "1_Pooling" / "leak.json").symlink_to(secret)  # nested, outside: skipped
     with pytest.warns(SkippedSideFileWarning) as caught:
         copied = copy_side_files(src, dst, [])
-    assert copied == ["1_Pooling", "config.json", "real", "tokenizer.json"]
+    assert copied == ["1_Pooling", "config.json", "tokenizer.json"]
     assert (dst / "tokenizer.json").read_text() == "tokens"
     assert not (dst / "tokenizer.json").is_symlink()  # the content, never a link
     assert sorted(p.name for p in (dst / "1_Pooling").iterdir()) == ["config.json"]
     files = [p for p in dst.rglob("*") if p.is_file()]
     assert "private key" not in [p.read_text() for p in files]
     said = " ".join(str(w.message) for w in caught)
-    for name in ("notes.txt", "vocab.txt", "dangling.txt", "linked_dir", "leak.txt"):
+    for name in ("special_tokens_map.json", "vocab.txt", "merges.txt", "2_Dense", "leak.json"):
         assert name in said
 
 
@@ -222,11 +222,11 @@ def test_side_files_of_a_hub_snapshot_resolve_into_its_blobs(tmp_path: Path) -> 
     (repo / "blobs" / "e3b0").write_text('{"model_type": "bert"}')
     (snap / "config.json").symlink_to(Path("..") / ".." / "blobs" / "e3b0")
     (tmp_path / "hub" / "other.txt").write_text("not this repo")
-    (snap / "extra.txt").symlink_to(Path("..") / ".." / ".." / "other.txt")
+    (snap / "vocab.txt").symlink_to(Path("..") / ".." / ".." / "other.txt")
     assert side_file_root(snap) == repo.resolve()
     dst = tmp_path / "out"
     dst.mkdir()
-    with pytest.warns(UserWarning, match="extra.txt"):
+    with pytest.warns(UserWarning, match="vocab.txt"):
         assert copy_side_files(snap, dst, []) == ["config.json"]
     assert json.loads((dst / "config.json").read_text()) == {"model_type": "bert"}
 
@@ -289,3 +289,71 @@ def test_residual_export_memory_is_bounded_by_a_tensor_not_the_model(tmp_path: P
     with safe_open(str(out / shards[1].name), "pt") as fh:
         assert float(fh.get_tensor("l.1.1.q.weight")[0, 0]) == 0.5
     assert (out / shards[0].name).stat().st_size == shards[0].stat().st_size
+
+
+def test_side_files_are_a_whitelist_of_config_and_tokenizer_files(tmp_path: Path) -> None:
+    """Only what a model folder needs to load (config, tokenizer, sentence-transformers module
+    files) is copied; anything else a user keeps next to the weights stays where it is."""
+    from spectra.export.residual import copy_side_files
+
+    src, dst = tmp_path / "ckpt", tmp_path / "out"
+    src.mkdir()
+    dst.mkdir()
+    wanted = [
+        INDEX_NAME,
+        "README.md",
+        "added_tokens.json",
+        "config.json",
+        "config_sentence_transformers.json",
+        "generation_config.json",
+        "merges.txt",
+        "modules.json",
+        "sentence_bert_config.json",
+        "special_tokens_map.json",
+        "spiece.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
+    unwanted = ["notes.txt", "train.csv", "id_rsa", "optimizer.pt", "run.sh", "secrets.json"]
+    for name in wanted + unwanted:
+        (src / name).write_text(name)
+    (src / ".env").write_text("TOKEN=x")
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    (src / "1_Pooling" / "notes.txt").write_text("not json")
+    (src / "1_Pooling" / "deeper").mkdir()
+    (src / "1_Pooling" / "deeper" / "x.json").write_text("{}")
+    (src / "2_Dense").mkdir()
+    (src / "2_Dense" / "pytorch_model.bin").write_bytes(b"weights")
+    (src / "data").mkdir()
+    (src / "data" / "config.json").write_text("{}")
+    copied = copy_side_files(src, dst, [])
+    assert copied == sorted([*wanted, "1_Pooling", "2_Dense"])
+    assert sorted(p.name for p in dst.iterdir()) == copied
+    assert [p.name for p in (dst / "1_Pooling").iterdir()] == ["config.json"]
+    assert list((dst / "2_Dense").iterdir()) == []
+    assert (dst / "config.json").read_text() == "config.json"
+
+
+def test_a_single_file_source_gets_no_side_files(tmp_path: Path) -> None:
+    """`spectra init ~/Downloads/model.safetensors`: the residual base is the weights file
+    alone, never the rest of the Downloads folder."""
+    from spectra.adapt.init import init_adapter
+
+    name = "encoder.layer.0.attention.self.query"
+    g = torch.Generator().manual_seed(0)
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    save_file({f"{name}.weight": torch.randn(8, 8, generator=g)}, str(downloads / "m.safetensors"))
+    (downloads / "config.json").write_text("{}")
+    (downloads / "tokenizer.json").write_text("{}")
+    (downloads / "tax_return.pdf").write_text("private")
+    res = init_adapter(downloads / "m.safetensors", rank=2, targets=[name], out=tmp_path / "o")
+    assert res.residual_dir is not None
+    assert [p.name for p in res.residual_dir.iterdir()] == ["m.safetensors"]
+    # The same weights as a folder source bring their config and tokenizer along.
+    folder = init_adapter(downloads, rank=2, targets=[name], out=tmp_path / "f")
+    assert folder.residual_dir is not None
+    got = sorted(p.name for p in folder.residual_dir.iterdir())
+    assert got == ["config.json", "m.safetensors", "tokenizer.json"]

@@ -416,7 +416,11 @@ def _write_outputs(
     from spectra.export.residual import write_residual_checkpoint
 
     if runner.init.mutates_base:
-        write_residual_checkpoint(list(ckpt.files), tmp / RESIDUAL_DIR, runner.replace)
+        # A single-file source's folder is not a checkpoint: take no side files from it.
+        folder_source = not Path(source).expanduser().is_file()
+        write_residual_checkpoint(
+            list(ckpt.files), tmp / RESIDUAL_DIR, runner.replace, copy_files=folder_source
+        )
         base_name = str(final / RESIDUAL_DIR)
     else:
         for mp in plan.modules:

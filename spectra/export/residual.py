@@ -14,7 +14,9 @@ never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import shutil
 import struct
 import warnings
@@ -30,8 +32,29 @@ from spectra.errors import SourceError, ValidationError
 
 INDEX_NAME = "model.safetensors.index.json"
 _CHUNK = 16 << 20
-# Files next to the weights that are not weights: copied as they are (config, tokenizer, ...).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+# Side files copied next to the residual weights: what loading the model and its tokenizer
+# needs (transformers, sentence-transformers), and nothing else the source folder may hold.
+# Beyond the configs and tokenizer files: added_tokens.json (slow tokenizers) and
+# chat_template.* (transformers saves a chat template there); *.model is a sentencepiece model.
+SIDE_FILE_PATTERNS = (
+    INDEX_NAME,
+    "config*.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "README.md",
+)
+# sentence-transformers module folders (1_Pooling, 2_Normalize, ...): their JSON files only.
+SIDE_FOLDER = re.compile(r"^[0-9]+_[A-Za-z]+$")
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -162,10 +185,17 @@ def side_file_root(src_dir: Path) -> Path:
     return folder
 
 
+def is_side_file(name: str) -> bool:
+    """True when a top-level file of the source folder is one of ``SIDE_FILE_PATTERNS``."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILE_PATTERNS)
+
+
 def copy_side_files(src_dir: Path, dst_dir: Path, shards: list[Path]) -> list[str]:
-    """Copy config, tokenizer and other non-weight files (and sub-folders such as
-    sentence-transformers' ``1_Pooling``) from ``src_dir``; hidden files and weights other
-    than the index are skipped. Returns the copied top-level names.
+    """Copy the whitelisted side files of ``src_dir`` (``SIDE_FILE_PATTERNS``: config,
+    tokenizer, index, sentence-transformers files) and the JSON files of its
+    sentence-transformers module folders (``1_Pooling``: ``SIDE_FOLDER``, not recursed).
+    Everything else (notes, data, other weights, hidden files) stays behind. Returns the copied
+    top-level names.
 
     Symlinks: a symlinked file is copied (its content, not the link) only when it resolves into
     `side_file_root` (the checkpoint folder, or its Hub repo folder with the blobs); one that
@@ -178,17 +208,14 @@ def copy_side_files(src_dir: Path, dst_dir: Path, shards: list[Path]) -> list[st
     root = side_file_root(src_dir)
     copied = []
     for item in sorted(src_dir.iterdir()):
-        if item.name.startswith(".") or item in shards:
+        if item in shards:
             continue
-        if not (
-            item.is_dir() or item.name == INDEX_NAME or not item.name.endswith(_WEIGHT_SUFFIXES)
-        ):
+        folder = SIDE_FOLDER.match(item.name) is not None
+        if not (folder or is_side_file(item.name)) or _outside(item, root):
             continue
-        if _outside(item, root):
-            continue
-        if item.is_dir():
-            _copy_folder(item, dst_dir / item.name, root)
-        elif item.is_file():  # not a FIFO, socket or device
+        if folder and item.is_dir():
+            _copy_json_files(item, dst_dir / item.name, root)
+        elif not folder and item.is_file():  # not a FIFO, socket, device or folder
             shutil.copyfile(item, dst_dir / item.name)
         else:
             continue
@@ -218,19 +245,11 @@ def _outside(item: Path, root: Path) -> bool:
     return True
 
 
-def _copy_folder(src: Path, dst: Path, root: Path) -> None:
-    """Copy a side folder (``1_Pooling``), recursing by hand so every entry passes `_outside`."""
+def _copy_json_files(src: Path, dst: Path, root: Path) -> None:
+    """Copy the ``*.json`` files (not sub-folders) of a sentence-transformers module folder."""
     dst.mkdir(exist_ok=True)
     for item in sorted(src.iterdir()):
-        if (
-            item.name.startswith(".")
-            or item.name.endswith(_WEIGHT_SUFFIXES)
-            or _outside(item, root)
-        ):
-            continue
-        if item.is_dir():
-            _copy_folder(item, dst / item.name, root)
-        elif item.is_file():
+        if item.name.endswith(".json") and not _outside(item, root) and item.is_file():
             shutil.copyfile(item, dst / item.name)
 
 
@@ -244,7 +263,10 @@ def write_residual_checkpoint(
 ) -> list[str]:
     """Write the checkpoint made of ``shards`` into ``out_dir`` (created), replacing the
     tensors for which ``replace(name)`` returns a tensor. Shards are processed in order, one
-    tensor in memory at a time. Returns every replaced tensor name."""
+    tensor in memory at a time. Returns every replaced tensor name.
+
+    copy_files: also copy the side files of the shards' folder (`copy_side_files`); pass False
+    when the source was a single file, whose folder is not a checkpoint (``~/Downloads``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in shards]
