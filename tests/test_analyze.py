@@ -155,3 +155,61 @@ def test_analysis_csv_keeps_negative_numbers_and_neutralises_names(tmp_path: Pat
     line = text.splitlines()[1]
     assert line.startswith("'-q_proj.weight,'-q_proj.weight,") and "\x1b" not in text
     assert f",{an.layers[0].log_spectral_norm!r}," in line  # numbers written as numbers
+
+
+# -- the outlier ratio rides on the spectrum pass's reads -----------------------------------------
+def _counting(ck: Checkpoint) -> list[str]:
+    """Record every matrix `ck.read_many` yields (the engine's reads and any other pass)."""
+    reads: list[str] = []
+    inner = ck.read_many
+
+    def read_many(refs, **kw):  # noqa: ANN001, ANN202
+        for ref, W in inner(refs, **kw):
+            reads.append(ref.key)
+            yield ref, W
+
+    ck.read_many = read_many  # type: ignore[method-assign]
+    return reads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_outlier_ratio_in_one_read_is_bit_identical_to_a_separate_pass(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """One read per matrix; outlier ratios equal the former second pass (matrices read as
+    stored) exactly, and every other metric equals a run without outliers exactly."""
+    t = llama_tensors(layers=1, hidden=40, intermediate=72, vocab=60, dtype=dtype, seed=2)
+    t["model.layers.0.mlp.up_proj.weight"][::7, ::5] *= 40  # planted outliers
+    path = write_safetensors(tmp_path / "model.safetensors", t)
+    with Checkpoint.open(str(path)) as ck:
+        reads = _counting(ck)
+        an = analyze(ck, cache=None, device="cpu")
+        assert sorted(reads) == sorted(r.key for r in ck.matrices())  # each matrix read once
+        separate = {ref.key: outlier_ratio(W) for ref, W in ck.read_many(ck.matrices(), dtype=None)}
+    plain = analyze(path, cache=None, device="cpu", outliers=False)
+    assert {lm.key: lm.outlier_ratio for lm in an.layers} == separate
+    assert an.layer("model.layers.0.mlp.up_proj.weight").outlier_ratio > 0.01
+    for a, b in zip(an.layers, plain.layers, strict=True):
+        assert {**a.to_dict(), "outlier_ratio": None} == b.to_dict()
+
+
+def test_cached_run_reads_no_weights_and_a_new_multiplier_reads_once(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    cache = SpectrumCache(tmp_path / "cache")
+    cold = analyze(llama_dir, cache=cache, device="cpu")
+    with Checkpoint.open(str(llama_dir)) as ck:
+        reads = _counting(ck)
+        warm = analyze(ck, cache=cache, device="cpu")
+        assert reads == []  # spectra and outlier ratios both from the cache
+        assert [lm.to_dict() for lm in warm.layers] == [lm.to_dict() for lm in cold.layers]
+        five = analyze(ck, cache=cache, device="cpu", outlier_multiplier=5.0)
+        assert sorted(reads) == sorted(r.key for r in ck.matrices())  # once each, no SVD
+        five_again = analyze(ck, cache=cache, device="cpu", outlier_multiplier=5.0)
+        assert len(reads) == len(ck.matrices())
+        by_key = {r.key: W for r, W in ck.read_many(ck.matrices())}
+    for lm, again in zip(five.layers, five_again.layers, strict=True):
+        assert (
+            lm.outlier_ratio == again.outlier_ratio == outlier_ratio(by_key[lm.key], multiplier=5.0)
+        )
+        assert lm.alpha == cold.layer(lm.key).alpha

@@ -197,3 +197,110 @@ def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- memory: budget estimate, the prefetch gate, bf16 read as stored ----------------------------
+def test_values_estimate_counts_input_one_slice_and_the_gram_workspace() -> None:
+    from spectra.linalg.decompose import GRAM_BYTES_PER_ENTRY, SpectrumOptions
+    from spectra.linalg.exact import GRAM_SLICE_BYTES
+
+    opts = SpectrumOptions(mode="values")
+    m, n = 32000, 4096  # a Llama embedding: no float64 copy of W, one 64 MiB slice
+    assert opts.bytes_per_matrix((m, n)) == 4 * m * n + GRAM_SLICE_BYTES + 17 * n * n
+    assert GRAM_BYTES_PER_ENTRY == 17  # G and eigvalsh's copy: 2.07 x 8 bytes measured
+    assert opts.bytes_per_matrix((40, 30)) == 12 * 40 * 30 + 17 * 30 * 30  # small: whole copy
+    svdvals = SpectrumOptions(mode="values", route="svdvals")
+    assert svdvals.bytes_per_matrix((m, n)) == 12 * m * n + 16 * n * n
+
+
+def test_memory_gate_holds_a_read_until_the_batch_in_flight_is_released() -> None:
+    import threading
+
+    from spectra.linalg.batching import MemoryGate
+
+    gate = MemoryGate(100)
+    gate.acquire(70)  # an oversize batch computing
+    admitted = threading.Event()
+
+    def reader() -> None:
+        gate.acquire(40)
+        admitted.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert not admitted.wait(0.2)  # 70 + 40 > 100: the next read waits
+    gate.release(70)
+    assert admitted.wait(5) and gate.used == 40
+    gate.acquire(60)  # fits beside it
+    t.join()
+    gate.release(100)
+    gate.acquire(500)  # over capacity but alone: admitted (an oversize batch never deadlocks)
+    assert gate.used == 500
+    closing = MemoryGate(1)
+    closing.acquire(1)
+    waiter = threading.Thread(target=closing.acquire, args=(1,))
+    waiter.start()
+    closing.close()
+    waiter.join(5)
+    assert not waiter.is_alive()
+
+
+def test_bf16_is_read_as_stored_and_gives_the_float32_route_bit_for_bit(tmp_path) -> None:
+    from _source_fixtures import write_llama_like
+
+    from spectra.linalg.engine import MatrixExtras
+    from spectra.linalg.exact import gram_svdvals
+    from spectra.sources import Checkpoint
+
+    path = write_llama_like(tmp_path / "ck", layers=1, hidden=32, intermediate=48, vocab=50)
+    seen: list[torch.dtype] = []
+
+    def note(ref, W) -> dict[str, float]:  # noqa: ANN001
+        seen.append(W.dtype)
+        return {"sum": float(W.double().sum())}
+
+    extras = MatrixExtras(("sum",), note)
+    with Checkpoint.open(str(path)) as ck:
+        refs = ck.matrices()
+        got = list(compute_spectra(ck, refs, device="cpu", extras=extras))
+        for ref, spec in zip(refs, got, strict=True):
+            W32 = ck.read(ref)  # float32
+            assert torch.equal(spec.values, gram_svdvals(W32[None])[0])
+            assert spec.extras == {"sum": float(W32.double().sum())}
+    assert set(seen) == {torch.bfloat16} and len(seen) == len(refs)
+
+
+def test_extras_ride_on_the_read_and_are_cached(tmp_path) -> None:
+    from spectra.linalg.engine import MatrixExtras
+
+    ck = _fake()
+    calls: list[str] = []
+
+    def norm(ref, W) -> dict[str, float]:  # noqa: ANN001
+        calls.append(ref.key)
+        return {"fro": float(torch.linalg.norm(W.double()))}
+
+    cache = SpectrumCache(tmp_path)
+    first = list(
+        compute_spectra(ck, device="cpu", cache=cache, extras=MatrixExtras(("fro",), norm))
+    )
+    assert sorted(calls) == sorted(ck.tensors) and sorted(ck.reads) == sorted(ck.tensors)
+    for spec in first:
+        assert spec.extras == {"fro": float(torch.linalg.norm(ck.tensors[spec.key].double()))}
+    # cached: neither decomposed nor read again, extras served from the entry
+    again = list(
+        compute_spectra(ck, device="cpu", cache=cache, extras=MatrixExtras(("fro",), norm))
+    )
+    assert len(ck.reads) == len(ck.tensors) and len(calls) == len(ck.tensors)
+    assert [s.extras for s in again] == [s.extras for s in first] and all(
+        s.from_cache for s in again
+    )
+    # a new extra: one read per matrix (no decomposition), then stored beside the old one
+    twice = MatrixExtras(("fro", "max"), lambda ref, W: {**norm(ref, W), "max": float(W.max())})
+    third = list(compute_spectra(ck, device="cpu", cache=cache, extras=twice))
+    assert len(ck.reads) == 2 * len(ck.tensors)
+    assert all(set(s.extras) == {"fro", "max"} for s in third)
+    list(compute_spectra(ck, device="cpu", cache=cache, extras=twice))
+    assert len(ck.reads) == 2 * len(ck.tensors)
+    for a, b in zip(first, third, strict=True):
+        assert torch.equal(a.values, b.values)

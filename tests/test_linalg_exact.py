@@ -87,3 +87,41 @@ def test_route_and_input_errors() -> None:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the gram64 route never makes a full float64 copy of a large W ------------------------------
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((3, 300, 40), torch.float32), ((2, 40, 300), torch.float32), ((1, 257, 64), torch.bfloat16)],
+)
+def test_sliced_gram_equals_the_one_product_route_to_1e12(
+    shape: tuple[int, int, int], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slices of the long side (forced small here) give the one-product route's values to
+    1e-12 relative, every singular value, for float32 and bf16 inputs (upcast exactly)."""
+    from spectra.linalg import exact
+
+    W = _heavy_tailed(shape[1], shape[2], seed=3).expand(shape).contiguous()
+    W = (W + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(4))).to(dtype)
+    one_product = exact.gram_svdvals(W)  # 8 * b * m * n bytes < 64 MiB: one product
+    assert exact.gram_block(tuple(W.shape)) is None
+    slice_bytes = 8 * shape[0] * min(shape[1:]) * 7  # 7 rows/columns per slice
+    monkeypatch.setattr(exact, "GRAM_SLICE_BYTES", slice_bytes)
+    assert exact.gram_block(tuple(W.shape)) == 7
+    sliced = exact.gram_svdvals(W)
+    assert sliced.dtype == torch.float64 and sliced.shape == one_product.shape
+    torch.testing.assert_close(sliced, one_product, rtol=1e-12, atol=0)
+    reference = torch.linalg.svdvals(W.double())
+    torch.testing.assert_close(sliced, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_gram_slices_stay_under_64_mib_for_large_matrices() -> None:
+    from spectra.linalg.exact import GRAM_SLICE_BYTES, gram_block
+
+    assert GRAM_SLICE_BYTES == 64 << 20
+    for shape, rows in (((1, 32000, 4096), 2048), ((1, 4096, 11008), 2048), ((4, 4096, 4096), 512)):
+        assert gram_block(shape) == rows
+        assert 8 * shape[0] * rows * min(shape[1:]) <= GRAM_SLICE_BYTES
+    assert gram_block((1, 2048, 2048)) is None  # 32 MiB of float64: one product
+    assert gram_block((1, 4096, 2049)) == 4094  # just over 64 MiB: two slices
+    assert gram_block((30, 384, 384)) is None and gram_block((1, 10**7, 1)) == 8 << 20

@@ -20,7 +20,12 @@ import torch
 from _source_fixtures import write_safetensors
 
 from spectra.linalg import MemoryBudgetWarning, compute_spectra
-from spectra.linalg.decompose import MIN_GRAM_BLOCK, SpectrumOptions, oversize_plan
+from spectra.linalg.decompose import (
+    GRAM_BYTES_PER_ENTRY,
+    MIN_GRAM_BLOCK,
+    SpectrumOptions,
+    oversize_plan,
+)
 from spectra.linalg.exact import gram_svdvals
 
 P = "model.layers.{}.{}.weight"
@@ -185,8 +190,8 @@ def test_oversize_plan_decisions() -> None:
     assert oversize_plan(values, (64, 64), 1 << 30, cpu) is None
     plan = oversize_plan(values, (4096, 256), 4 << 20, gpu)  # Gram 1.5 MiB fits, W does not
     assert plan is not None and plan.device == gpu
-    assert plan.gram_block == ((4 << 20) - 24 * 256 * 256) // (8 * 256)
-    assert plan.need == values.bytes_per_matrix((4096, 256)) > 4 << 20
+    assert plan.gram_block == ((4 << 20) - GRAM_BYTES_PER_ENTRY * 256 * 256) // (8 * 256)
+    assert plan.need == values.bytes_per_matrix((4096, 256), gpu) > 4 << 20
     plan = oversize_plan(values, (4096, 4096), 1 << 20, gpu)  # not even the Gram matrix fits
     assert plan is not None and plan.device == cpu and plan.gram_block == MIN_GRAM_BLOCK
     plan = oversize_plan(topk, (4096, 4096), 1 << 20, gpu)

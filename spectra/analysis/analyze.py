@@ -1,17 +1,17 @@
 """`analyze()`: HT-SR metrics of every weight matrix of a checkpoint, as an `Analysis`.
 
-Two passes over the checkpoint, both memory-bounded:
+One streaming pass over the checkpoint, memory-bounded, plus one more only for the randomized
+control:
 1. spectra: `compute_spectra(mode="values")` (the engine batches equal shapes, uses the
    spectrum cache; default exact route: float64 Gram eigenvalues, which reproduces
-   WeightWatcher's alphas, methods.md section 1), then the pure per-matrix metrics, and the MP
-   edge when asked (no extra decomposition);
-2. only when a metric needs the weights themselves (outlier ratio, on by default; randomized
-   control, off by default): each matrix is read once more and the metric is computed while it
-   is in memory. With `randomize` the engine decomposes the entry-shuffled matrices
-   (`ShuffledView`: same batching and memory budget, no cache) and the outlier ratio rides on
-   those reads; otherwise `Checkpoint.read_many` streams the matrices in shard order. This pass
-   never uses the spectrum cache, so outlier ratios are always fresh. Cost: one read of the
-   weights, plus with `randomize` one extra exact spectrum per matrix.
+   WeightWatcher's alphas, methods.md section 2), then the pure per-matrix metrics, and the MP
+   edge when asked (no extra decomposition). The outlier ratio (on by default) is an engine
+   `MatrixExtras`: computed from each matrix while the engine holds it, and cached with its
+   spectrum under a key naming the multiplier (a pure function of the same bytes), so neither
+   a cold nor a cached run reads the weights twice for it.
+2. only with `randomize`: the engine decomposes the entry-shuffled matrices (`ShuffledView`:
+   same batching and memory budget, no cache): one extra read and one extra exact spectrum
+   per matrix.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class AnalyzeOptions:
 
     mp_fit: MP bulk edge and spike count (cheap: no extra decomposition).
     randomize: shuffled-entries control (one extra exact spectrum per matrix).
-    outliers: weight-magnitude outlier ratio (one extra read of the weights).
+    outliers: weight-magnitude outlier ratio (computed on the spectrum pass's reads, cached).
     """
 
     include: tuple[str, ...] = ()
@@ -85,6 +85,7 @@ def analyze(
     mp_fit: bool = False,
     randomize: bool = False,
     outliers: bool = True,
+    outlier_multiplier: float = DEFAULT_MULTIPLIER,
     cache: Any = True,
     progress: Progress | None = None,
     seed: int = DEFAULT_SEED,
@@ -97,6 +98,7 @@ def analyze(
     include/exclude: name globs; roles: e.g. ("q", "k", "v", "o", "up", "down").
     device: "auto" | "cpu" | "cuda[:N]" | "mps" for the decompositions.
     mp_fit, randomize, outliers: optional metrics (see AnalyzeOptions for their cost).
+    outlier_multiplier: M of the outlier ratio (share of |W_ij| > M * mean |W|; OwLore's 13).
     cache: True (default spectrum cache), False/None (no cache), or a SpectrumCache.
     progress: passed to the engine: progress(done, total, bytes_read) per matrix.
     seed: seed of the randomized control's shuffles.
@@ -115,6 +117,7 @@ def analyze(
         mp_fit=mp_fit,
         randomize=randomize,
         outliers=outliers,
+        outlier_multiplier=outlier_multiplier,
         seed=seed,
     )
     run = {"cache": cache, "progress": progress, "max_memory": max_memory}
@@ -147,6 +150,7 @@ def _analyze_checkpoint(
         )
     dev = resolve_device(options.device)
     by_key = {ref.key: ref for ref in matrices}
+    ratio_key = outlier_key(options.outlier_multiplier)
     base: dict[str, LayerMetrics] = {}
     esds: dict[str, np.ndarray] = {}
     # metrics as spectra arrive: the fits overlap the engine's background reads, and only the
@@ -159,13 +163,17 @@ def _analyze_checkpoint(
         cache=_resolve_cache(cache),
         progress=progress,
         max_memory=max_memory,
+        extras=_outlier_extras(options) if options.outliers else None,
     ):
-        base[spec.key] = _layer(by_key[spec.key], spec, options)
+        layer = _layer(by_key[spec.key], spec, options)
+        if options.outliers:
+            layer = replace(layer, outlier_ratio=spec.extras.get(ratio_key))
+        base[spec.key] = layer
         if spec.ok:
             esds[spec.key] = spec.values.double().square().cpu().numpy()
-    extras = _weight_extras(ckpt, matrices, esds, options, dev, max_memory)
+    rand = _randomized(ckpt, matrices, esds, options, dev, max_memory)
     layers = [
-        replace(base[ref.key], **extras[ref.key]) if ref.key in base else _layer(ref, None, options)
+        replace(base[ref.key], rand_distance=rand[ref.key]) if ref.key in rand else base[ref.key]
         for ref in matrices
     ]
     return Analysis(
@@ -203,41 +211,47 @@ def _layer(ref: Any, spec: Any, options: AnalyzeOptions) -> LayerMetrics:
     )
 
 
-def _weight_extras(
+def outlier_key(multiplier: float) -> str:
+    """The `Spectrum.extras` (and cache metadata) key of the outlier ratio at `multiplier`."""
+    return f"outlier_ratio@{float(multiplier)!r}"
+
+
+def _outlier_extras(options: AnalyzeOptions) -> Any:
+    """The engine hook that computes the outlier ratio of each matrix as it is read."""
+    from spectra.linalg.engine import MatrixExtras
+
+    key, multiplier = outlier_key(options.outlier_multiplier), options.outlier_multiplier
+
+    def compute(ref: Any, W: torch.Tensor) -> dict[str, float | None]:
+        return {key: outlier_ratio(W, multiplier=multiplier)}
+
+    return MatrixExtras((key,), compute)
+
+
+def _randomized(
     ckpt: Any,
     matrices: list[Any],
     esds: dict[str, np.ndarray],
     options: AnalyzeOptions,
     device: torch.device,
     max_memory: int | None,
-) -> dict[str, dict[str, Any]]:
-    """Second pass: metrics that need W itself (outlier ratio, randomized control).
-
-    With `randomize`, the engine decomposes a ShuffledView of the checkpoint (same batching and
-    memory budget as the real spectra, no cache) and the outlier ratio taps the same reads;
-    matrices left over (failed spectra, or no randomize) get a plain streaming read.
-    """
+) -> dict[str, float | None]:
+    """`rand_distance` per matrix with a spectrum (empty unless `options.randomize`): the
+    engine decomposes a ShuffledView of the checkpoint (same batching and memory budget as the
+    real spectra, no cache)."""
     from spectra.linalg.engine import compute_spectra
 
-    out: dict[str, dict[str, Any]] = {ref.key: {} for ref in matrices}
-
-    def tap(ref: Any, W: torch.Tensor) -> None:
-        out[ref.key]["outlier_ratio"] = outlier_ratio(W, multiplier=options.outlier_multiplier)
-
-    if options.randomize:
-        view = ShuffledView(ckpt, seed=options.seed, tap=tap if options.outliers else None)
-        targets = [ref for ref in matrices if ref.key in esds]
-        for spec in compute_spectra(
-            view, targets, mode="values", device=device, cache=None, max_memory=max_memory
-        ):
-            if spec.ok:
-                rand = spec.values.double().square().cpu().numpy()
-                out[spec.key]["rand_distance"] = esd_distance(esds[spec.key], rand)
-    if options.outliers:
-        left = [ref for ref in matrices if "outlier_ratio" not in out[ref.key]]
-        for ref, W in ckpt.read_many(left, dtype=None, device=str(device)):  # as stored
-            tap(ref, W)
-            del W
+    if not options.randomize:
+        return {}
+    out: dict[str, float | None] = {}
+    view = ShuffledView(ckpt, seed=options.seed)
+    targets = [ref for ref in matrices if ref.key in esds]
+    for spec in compute_spectra(
+        view, targets, mode="values", device=device, cache=None, max_memory=max_memory
+    ):
+        if spec.ok:
+            shuffled = spec.values.double().square().cpu().numpy()
+            out[spec.key] = esd_distance(esds[spec.key], shuffled)
     return out
 
 

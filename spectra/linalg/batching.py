@@ -1,4 +1,5 @@
-"""Batch planning (equal shapes under a memory budget) and a one-deep background prefetch.
+"""Batch planning (equal shapes under a memory budget), a one-deep background prefetch, and the
+gate that keeps the prefetched batch and the one computing under the budget together.
 
 Pure helpers for the engine: no torch compute, no checkpoint knowledge.
 """
@@ -69,6 +70,41 @@ def memory_budget(device: torch.device, max_memory: int | float | None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * GPU_FREE_FRACTION)
     return CPU_BUDGET
+
+
+class MemoryGate:
+    """Bytes in flight between a reader thread and the consumer, bounded by `capacity`.
+
+    `acquire(n)` waits while other bytes are in flight and `n` more would exceed the capacity
+    (an item alone is always admitted, so nothing deadlocks on an item larger than the
+    capacity); `release(n)` returns them; `close()` wakes and admits every waiter (used when
+    the consumer stops early).
+
+    >>> gate = MemoryGate(10)
+    >>> gate.acquire(8); gate.acquire(0); gate.release(8); gate.acquire(9)
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.used = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self.used > 0 and self.used + nbytes > self.capacity and not self._closed:
+                self._cond.wait()
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used = max(0, self.used - nbytes)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 _DONE = object()

@@ -16,6 +16,10 @@ payload, payload or metadata checksum mismatch) is reported (`warnings.warn` wit
 `CacheCorruptionWarning`, or the `on_corrupt` callback), removed, and treated as a miss, so the
 caller recomputes it. Nothing is pickled.
 
+Per-matrix extras (`Spectrum.extras`, e.g. the outlier ratio: pure functions of the same bytes)
+are kept in the metadata under "extras" (covered by `meta_sha256`); entries without the field
+load with no extras.
+
 Checksums (format 2): `sha256` covers the payload bytes; `meta_sha256` covers the metadata, as
 the sha256 of its canonical JSON (sorted keys, no spaces, ASCII) without the `meta_sha256`
 field itself. Since the metadata holds the payload's digest, one check on each file covers every
@@ -157,6 +161,7 @@ class SpectrumCache:
             "sha256": digest,
             "shape": list(spectrum.shape),
             **{f: getattr(spectrum, f) for f in _SPECTRUM_FIELDS},
+            "extras": dict(spectrum.extras),
         }
         # the digest is taken over what a reader will parse (default=str turns exotic values
         # into strings), so writer and reader hash the same canonical text
@@ -239,12 +244,16 @@ def _spectrum_from(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
     kwargs = {f: meta[f] for f in _SPECTRUM_FIELDS}
+    extras = meta.get("extras", {})  # absent in entries written before extras existed
+    if not isinstance(extras, dict):
+        raise ValueError(f"extras is a JSON {type(extras).__name__}, not an object")
     return Spectrum(
         values=tensors["values"],
         U=tensors.get("U"),
         Vh=tensors.get("Vh"),
         shape=(int(meta["shape"][0]), int(meta["shape"][1])),
         from_cache=True,
+        extras=extras,
         **kwargs,
     )
 

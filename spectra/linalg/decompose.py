@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from spectra.errors import ValidationError
-from spectra.linalg.exact import ROUTES, exact_svd, exact_svdvals, gram_svdvals, resolve_route
+from spectra.linalg.exact import (
+    GRAM_SLICE_BYTES,
+    ROUTES,
+    exact_svd,
+    exact_svdvals,
+    gram_svdvals,
+    resolve_route,
+)
 from spectra.linalg.rsvd import DEFAULT_TOL, RSVD_METHODS, randomized_svd_info
 from spectra.linalg.spectrum import Spectrum
 
@@ -27,6 +34,9 @@ EXACT_SHARE = 6
 # Fewest rows/columns per slice of a chunked Gram matrix: below it the loop overhead dominates,
 # and one slice of 64 x M float64 is still 1/M of the Gram matrix's own size.
 MIN_GRAM_BLOCK = 64
+# Bytes per Gram entry on the gram64 route: the float64 Gram matrix and the copy eigvalsh
+# factorizes (measured on a 4096 x 4096 Gram matrix: +2.07 x 8 bytes per entry in total).
+GRAM_BYTES_PER_ENTRY = 17
 
 
 @dataclass(frozen=True)
@@ -98,12 +108,22 @@ class SpectrumOptions:
                 )
         return out
 
-    def bytes_per_matrix(self, shape: tuple[int, int]) -> int:
-        """Estimated peak working memory (bytes) for one matrix of `shape`, input included."""
+    def bytes_per_matrix(self, shape: tuple[int, int], device: torch.device | None = None) -> int:
+        """Estimated peak working memory (bytes) for one matrix of `shape` on `device` (default
+        the CPU), input included (counted as float32; bf16/fp16 inputs need less).
+
+        "values" on the gram64 route: the input, one float64 slice of it (at most
+        GRAM_SLICE_BYTES, exact.py), the float64 Gram matrix and the copy `eigvalsh` works on
+        (measured: `eigvalsh` of an M x M float64 matrix adds 1.0-1.1 x its size; accumulating
+        with `baddbmm_` adds nothing). "values" on the svdvals route: input, a working copy
+        and LAPACK's workspace.
+        """
         m, n = shape
         M = min(m, n)
         item = 8 if self.work_dtype() == torch.float64 else 4
         if self.mode == "values":
+            if resolve_route(self.route, device or torch.device("cpu")) == "gram64":
+                return 4 * m * n + min(8 * m * n, GRAM_SLICE_BYTES) + GRAM_BYTES_PER_ENTRY * M * M
             return 12 * m * n + 16 * M * M
         if self.mode == "full":
             return 4 * m * n + 3 * item * m * n + 2 * item * M * (m + n)
@@ -146,18 +166,19 @@ def oversize_plan(
     falls back to the CPU for this matrix; on the CPU the matrix is computed alone (a larger
     `max_memory` then says what it really needs).
     """
-    need = opts.bytes_per_matrix(shape)
+    need = opts.bytes_per_matrix(shape, device)
     if need <= budget:
         return None
     cpu = torch.device("cpu")
     M, L = min(shape), max(shape)
     if opts.mode == "values" and resolve_route(opts.route, device) == "gram64":
-        gram = 24 * M * M  # G, one product temporary, eigvalsh workspace (float64)
+        gram = GRAM_BYTES_PER_ENTRY * M * M  # G and the copy eigvalsh works on (float64)
         room = budget - gram
         if room <= 0 and device.type != "cpu":
             device = cpu  # not even the Gram matrix fits on the device
-        # at least MIN_GRAM_BLOCK slices' worth: one slice costs 8 * M bytes, far less than G
-        block = max(room // (8 * M), MIN_GRAM_BLOCK)
+        # at least MIN_GRAM_BLOCK slices' worth: one slice costs 8 * M bytes, far less than G;
+        # at most GRAM_SLICE_BYTES, as in the unbudgeted route
+        block = min(max(room // (8 * M), MIN_GRAM_BLOCK), max(1, GRAM_SLICE_BYTES // (8 * M)))
         return Oversize(device, int(min(block, L)), need)
     return Oversize(cpu if device.type != "cpu" else device, None, need)
 

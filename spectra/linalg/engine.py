@@ -9,9 +9,13 @@
    key string has the same form as `Checkpoint.content_key`.
 2. The rest is grouped by shape and cut into batches under a memory budget (`max_memory`
    bytes, default half the free GPU memory, or 1 GiB on CPU; halved again when prefetching,
-   since two batches are alive then).
+   since two batches are alive then). On the gram64 route bf16/fp16 matrices are read as
+   stored (half a float32 copy) and a batch of one matrix is not copied again.
 3. A background thread reads the next batch (one-deep queue) while the current one computes;
-   a reading error is re-raised in the caller.
+   a reading error is re-raised in the caller. A `MemoryGate` holds the read back while the
+   batch in flight and the next one together exceed the whole budget (only possible with a
+   matrix over the halved budget), so the prefetch never doubles an oversize matrix's memory.
+   With `extras`, `extras.compute(ref, W)` runs on each matrix read (no second read).
 4. A matrix with NaN/Inf entries yields a failed Spectrum (`status="failed"`, message with
    the NaN and Inf counts), and the run continues. Results are buffered only until every
    earlier matrix has been yielded.
@@ -27,21 +31,44 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from spectra.device import resolve_device
-from spectra.linalg.batching import Batch, memory_budget, plan_batches, prefetch
+from spectra.linalg.batching import Batch, MemoryGate, memory_budget, plan_batches, prefetch
 from spectra.linalg.cache import SpectrumCache
 from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
+from spectra.linalg.exact import resolve_route
 from spectra.linalg.rsvd import DEFAULT_TOL
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources import shard_digest
 
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read_from_checkpoint)"""
+
+# Stored dtypes the gram64 route reads as they are (upcast to float64 slice by slice, exactly):
+# half the input memory of a float32 copy, and bit-identical results.
+_NARROW_READS = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MatrixExtras:
+    """Per-matrix values computed from `W` while the engine holds it, so a metric that needs
+    the weights (e.g. the outlier ratio) costs no second read of the checkpoint.
+
+    names: the keys `compute` returns; a cached spectrum whose entry lacks one of them gets its
+        matrix read (alone, no decomposition) and the entry updated.
+    compute: `compute(ref, W) -> {name: JSON-safe value}`, called once per matrix with `W (m, n)`
+        as the engine read it (float32, or bf16/fp16 as stored on the gram64 route; a float64
+        checkpoint is seen rounded to float32, like its spectrum), on the compute device or
+        the CPU. Must be a pure function of W: its results are cached with the spectrum.
+    """
+
+    names: tuple[str, ...]
+    compute: Callable[[Any, torch.Tensor], Mapping[str, Any]]
 
 
 class MemoryBudgetWarning(UserWarning):
@@ -80,6 +107,7 @@ def compute_spectra(
     power_iters: int | None = None,
     tol: float = DEFAULT_TOL,
     max_iters: int | None = None,
+    extras: MatrixExtras | None = None,
 ) -> Iterator[Spectrum]:
     """Spectra of `matrices` (MatrixRefs of `ckpt`; default all of `ckpt.matrices()`).
 
@@ -93,6 +121,8 @@ def compute_spectra(
     progress: called as progress(done, total, bytes_read) after each yielded Spectrum.
     prefetch: read the next batch on a background thread.
     seed, oversample, power_iters, tol, max_iters: randomized SVD knobs (rsvd.py).
+    extras: per-matrix values computed while W is in memory, returned in `Spectrum.extras`
+        and cached with the spectrum (see MatrixExtras).
 
     Arguments are validated when called; the work happens as the iterator is consumed.
 
@@ -115,7 +145,7 @@ def compute_spectra(
     refs = list(ckpt.matrices() if matrices is None else matrices)
     dev = resolve_device(device)
     budget = memory_budget(dev, max_memory)
-    run = _Run(ckpt, refs, opts, dev, budget // 2 if prefetch else budget, cache, progress)
+    run = _Run(ckpt, refs, opts, dev, budget, cache, progress, extras, halve=prefetch)
     return run.stream(prefetch)
 
 
@@ -145,13 +175,18 @@ class _Run:
         budget: int,
         cache: SpectrumCache | None,
         progress: ProgressFn | None,
+        extras: MatrixExtras | None = None,
+        *,
+        halve: bool = True,
     ) -> None:
         self.ckpt, self.refs, self.opts, self.device = ckpt, refs, opts, device
-        self.cache, self.progress = cache, progress
+        self.cache, self.progress, self.extras = cache, progress, extras
         self.read_dtype = opts.work_dtype()
+        self.narrow = opts.mode == "values" and resolve_route(opts.route, device) == "gram64"
         self.keys: list[str | None] = [None] * len(refs)
         self.cached: set[int] = set()
-        self.budget = budget
+        self.budget = budget // 2 if halve else budget  # per batch
+        self.gate = MemoryGate(budget)  # the batch computing + the batch being read
         self.ready: dict[int, Spectrum] = {}
         self.next = 0
         self.bytes_read = 0
@@ -160,15 +195,27 @@ class _Run:
     def stream(self, background: bool) -> Iterator[Spectrum]:
         self._lookup_cache()
         shapes = [tuple(r.shape) for r in self.refs]
-        batches = plan_batches(shapes, self.opts.bytes_per_matrix, self.budget, skip=self.cached)
+        batches = plan_batches(shapes, self._estimate, self.budget, skip=self.cached)
         self._warn_oversize([i for b in batches for i in b.indices])
-        loaded = prefetch((self._read(b) for b in batches), enabled=background)
-        yield from self._drain()
-        for batch, W in loaded:
-            self._compute(batch, W)
-            del W
+        loaded = prefetch((self._read(b, gated=background) for b in batches), enabled=background)
+        try:
             yield from self._drain()
-        yield from self._drain()
+            for batch, W in loaded:
+                self._compute(batch, W)
+                del W
+                if background:
+                    self.gate.release(self._batch_bytes(batch))
+                yield from self._drain()
+            yield from self._drain()
+        finally:
+            self.gate.close()  # a reader waiting on the gate returns, so the prefetch can stop
+            loaded.close()
+
+    def _estimate(self, shape: tuple[int, int]) -> int:
+        return self.opts.bytes_per_matrix(shape, self.device)
+
+    def _batch_bytes(self, batch: Batch) -> int:
+        return self._estimate(batch.shape) * len(batch.indices)
 
     def _lookup_cache(self) -> None:
         if self.cache is None:
@@ -180,16 +227,33 @@ class _Run:
             if self.cache.contains(key):
                 self.cached.add(i)
 
-    def _read(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
+    def _batch_dtype(self, batch: Batch) -> torch.dtype:
+        """bf16/fp16 as stored on the gram64 route (exact upcast later), else float32/64."""
+        if self.narrow:
+            stored = {
+                getattr(getattr(self.refs[i], "tensor", None), "dtype", None) for i in batch.indices
+            }
+            if len(stored) == 1 and (narrow := _NARROW_READS.get(str(stored.pop()))) is not None:
+                return narrow
+        return self.read_dtype
+
+    def _read(self, batch: Batch, *, gated: bool = False) -> tuple[Batch, torch.Tensor]:
         """Read `batch` into one `(b, m, n)` CPU tensor (pinned when computing on CUDA)."""
+        if gated:
+            self.gate.acquire(self._batch_bytes(batch))
         m, n = batch.shape
+        dtype = self._batch_dtype(batch)
+        wanted = [self.refs[i] for i in batch.indices]
         pin = self.device.type == "cuda"
-        W = torch.empty((len(batch.indices), m, n), dtype=self.read_dtype, pin_memory=pin)
+        if len(wanted) == 1 and not pin:
+            ((_, t),) = list(self.ckpt.read_many(wanted, dtype=dtype, device="cpu"))
+            # no second copy of a lone matrix
+            return batch, t.to(dtype).reshape(1, m, n).contiguous()
+        W = torch.empty((len(batch.indices), m, n), dtype=dtype, pin_memory=pin)
         slots: dict[str, list[int]] = {}
         for j, i in enumerate(batch.indices):
             slots.setdefault(self.refs[i].key, []).append(j)
-        wanted = [self.refs[i] for i in batch.indices]
-        for ref, t in self.ckpt.read_many(wanted, dtype=self.read_dtype, device="cpu"):
+        for ref, t in self.ckpt.read_many(wanted, dtype=dtype, device="cpu"):
             W[slots[ref.key].pop(0)].copy_(t)
         return batch, W
 
@@ -222,22 +286,46 @@ class _Run:
         plan = self._plan(batch.shape) if len(batch.indices) == 1 else None
         if plan is not None and plan.gram_block is not None:
             # W stays on the CPU; slices go to plan.device one at a time
+            extra = self._extras(batch, W)
             specs = decompose_batch(
                 W, self.opts, names=names, gram_block=plan.gram_block, device=plan.device
             )
         else:
             Wd = W.to(self.device if plan is None else plan.device, non_blocking=True)
+            extra = self._extras(batch, Wd)
             specs = decompose_batch(Wd, self.opts, names=names)
-        for i, spec in zip(batch.indices, specs, strict=True):
+            del Wd
+        for i, spec, more in zip(batch.indices, specs, extra, strict=True):
+            if more:
+                spec = replace(spec, extras={**spec.extras, **more})
             if self.cache is not None and self.keys[i] is not None:
                 self.cache.put(self.keys[i], spec)
             self.ready[i] = spec
+
+    def _extras(self, batch: Batch, W: torch.Tensor) -> list[dict[str, Any]]:
+        """`extras.compute` on each matrix of the batch `W (b, m, n)` ({} without extras)."""
+        if self.extras is None:
+            return [{} for _ in batch.indices]
+        return [dict(self.extras.compute(self.refs[i], W[j])) for j, i in enumerate(batch.indices)]
 
     def _recompute(self, i: int) -> Spectrum:
         """One matrix, synchronously (its cache entry turned out corrupted)."""
         batch = Batch((i,), tuple(self.refs[i].shape))
         self._compute(*self._read(batch))
         return self.ready.pop(i)
+
+    def _complete(self, i: int, spec: Spectrum) -> Spectrum:
+        """A cached `spec` with every requested extra: the missing ones are computed from one
+        read of the matrix (no decomposition) and stored in its cache entry."""
+        if self.extras is None or all(n in spec.extras for n in self.extras.names):
+            return spec
+        batch, W = self._read(Batch((i,), tuple(self.refs[i].shape)))
+        self.bytes_read += int(self.refs[i].nbytes)
+        spec = replace(spec, extras={**spec.extras, **self._extras(batch, W)[0]})
+        del W
+        if self.cache is not None and self.keys[i] is not None:
+            self.cache.put(self.keys[i], spec)
+        return spec
 
     def _drain(self) -> Iterator[Spectrum]:
         """Yield every result that is next in input order."""
@@ -247,8 +335,7 @@ class _Run:
                 spec = self.ready.pop(i)
             elif i in self.cached:
                 spec = self.cache.get(self.keys[i]) if self.cache else None
-                if spec is None:
-                    spec = self._recompute(i)
+                spec = self._recompute(i) if spec is None else self._complete(i, spec)
             else:
                 return
             ref = self.refs[i]

@@ -7,7 +7,8 @@ Routes (../shared/docs/methods.md section 1):
   clamped at 0, square-rooted, descending. Squaring doubles the exponent range but float64 keeps
   the absolute eigenvalue error near `eps64 * S_1^2`, so every eigenvalue `S_i^2` above the 1e-5
   cut used by the power-law fits is exact to ~1e-9 relative for `S_1` of order 10. On a 2-core CPU
-  it is about 2x faster than float32 `svdvals`.
+  it is about 2x faster than float32 `svdvals`. The Gram matrix is summed over slices of at most
+  GRAM_SLICE_BYTES (float64) of the long side, so a full float64 copy of a large W is never made.
 - "auto": gram64, except on devices without float64 (MPS), where it is svdvals.
 """
 
@@ -21,6 +22,10 @@ from spectra.errors import ValidationError
 from spectra.linalg.checks import as_batch, check_finite, check_names, work_dtype
 
 ROUTES = ("auto", "svdvals", "gram64")
+# Largest float64 slice of W the gram64 route materializes at once: the float64 copy of a
+# 32000 x 4096 embedding would be 1 GiB on top of the input; slices of <= 64 MiB cost the same
+# flops (one GEMM per slice) and bound the extra memory by the Gram matrix itself.
+GRAM_SLICE_BYTES = 64 << 20
 
 
 def resolve_route(route: str, device: torch.device) -> str:
@@ -65,14 +70,19 @@ def gram_svdvals(
     W: torch.Tensor, *, block: int | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
     """`(b, min(m, n))` float64 singular values from the eigenvalues of the smaller Gram matrix
-    of `W (b, m, n)` (no validation: callers check).
+    of `W (b, m, n)` (no validation: callers check). W may be in any floating dtype (bf16, fp16,
+    float32, float64); each entry is upcast to float64 exactly.
 
     block: accumulate the Gram matrix over slices of `block` rows (tall W: `G = sum W_i^T W_i`)
         or columns (wide W: `G = sum W_j W_j^T`) of the long side, so only one float64 slice
         `(b, block, M)` exists at a time instead of a float64 copy of all of W. Same result up
-        to the summation order (float64: ~1e-15 relative to S_1^2).
+        to the summation order (float64: ~1e-15 relative to S_1^2). None: `gram_block(W.shape)`,
+        i.e. slices of at most GRAM_SLICE_BYTES, and no slicing for batches below that size.
     device: where the Gram matrix is formed and diagonalized (default W's); with `block`, W may
         stay on the CPU and only one slice at a time is moved there.
+
+    Memory beyond W: the Gram matrix, the copy `eigvalsh` works on (`2 * 8 * b * M^2` bytes
+    together) and one float64 slice.
 
     >>> W = torch.randn(2, 50, 3, dtype=torch.float64)
     >>> torch.allclose(gram_svdvals(W, block=7), torch.linalg.svdvals(W))
@@ -81,12 +91,32 @@ def gram_svdvals(
     dev = W.device if device is None else device
     m, n = W.shape[-2:]
     if block is None:
+        block = gram_block(tuple(W.shape))
+    if block is None:
         W64 = W.to(dev, torch.float64)
         G = W64.mT @ W64 if m >= n else W64 @ W64.mT  # (b, M, M)
+        del W64
     else:
         G = _chunked_gram(W, block, dev)
     ev = torch.linalg.eigvalsh(G)  # ascending
     return ev.clamp_min(0).sqrt().flip(-1)
+
+
+def gram_block(shape: tuple[int, ...], *, slice_bytes: int | None = None) -> int | None:
+    """Slice length (rows or columns of the long side) that keeps one float64 slice of a
+    `(b, m, n)` batch within `slice_bytes` (default GRAM_SLICE_BYTES), or None when the whole
+    batch in float64 fits it (then the Gram matrix is one product).
+
+    >>> gram_block((1, 32000, 4096))  # the float64 copy would be 1 GiB
+    2048
+    >>> gram_block((30, 384, 384)) is None
+    True
+    """
+    limit = GRAM_SLICE_BYTES if slice_bytes is None else int(slice_bytes)
+    b, m, n = shape if len(shape) == 3 else (1, *shape)
+    if 8 * b * m * n <= limit:
+        return None
+    return max(1, limit // (8 * b * min(m, n)))
 
 
 def _chunked_gram(W: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:

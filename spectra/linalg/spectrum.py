@@ -33,6 +33,8 @@ class Spectrum:
     iterations: power / Krylov iterations used (None for exact methods).
     status: "ok" or "failed" (e.g. NaN/Inf entries); `message` says why.
     from_cache: True when the result was loaded from the spectrum cache.
+    extras: JSON-safe values computed from W while the engine held it (`compute_spectra`'s
+        `extras`, e.g. `{"outlier_ratio@13.0": 0.0012}`); cached alongside the spectrum.
     """
 
     values: torch.Tensor
@@ -50,6 +52,7 @@ class Spectrum:
     status: str = "ok"
     message: str = ""
     from_cache: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +115,7 @@ class Spectrum:
             "message": self.message,
             "k": self.k,
             "has_vectors": self.U is not None,
+            "extras": dict(self.extras),
         }
         if values:
             out["values"] = [_finite_or_none(v) for v in self.values.tolist()]
