@@ -37,22 +37,48 @@ def test_wide_matrix_reconstructs_too():
     torch.testing.assert_close(dec.U @ torch.diag(dec.S) @ dec.Vp.T, W, rtol=0, atol=1e-10)
 
 
-def test_damping_doubles_on_a_singular_covariance():
+def _needs_one_doubling(offset: float) -> torch.Tensor:
+    """A symmetric 6 x 6 ``C`` with eigenvalues 1 (x5) and lam < 0 chosen so that the first
+    damped matrix ``C + 0.01 mean(diag C) I`` is singular (offset 0) or nearly so; at d = 0.02
+    its eigenvalues are >= |lam| > 0. (A PSD C never needs doubling: damping bounds its
+    condition number by 1 + 100 n, harmless in float64. Slightly indefinite sums are what
+    makes real statistics need it.)"""
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(3, 16, generator=g, dtype=torch.float64) * 1e6  # rank 3 of 16
-    C = X.T @ X / 3
-    C[0, 0] += 1e-3  # keep mean(diag) positive but the matrix nearly singular
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    lam = -0.05 / 6.01 * (1 + offset)  # lam + 0.01 * (5 + lam) / 6 = 0 at offset 0
+    C = Q @ torch.diag(torch.tensor([1.0] * 5 + [lam], dtype=torch.float64)) @ Q.T
+    return (C + C.T) / 2
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-13])
+def test_damping_doubles_on_a_singular_covariance(offset: float) -> None:
+    C = _needs_one_doubling(offset)
+    eye = torch.eye(6, dtype=torch.float64)
+    first = C + 0.01 * C.diagonal().mean() * eye
+    inv, info = torch.linalg.inv_ex(first)  # the first damping does not make C invertible
+    assert int(info) > 0 or float(torch.linalg.matrix_norm(first @ inv - eye)) >= 0.05
     C_d, inv, damp, err = damped_inverse(C)
+    assert damp == 0.02  # one doubling, no more
     assert err < 0.05
-    eye = torch.eye(16, dtype=torch.float64)
     assert float(torch.linalg.matrix_norm(C_d @ inv - eye)) == pytest.approx(err)
     torch.testing.assert_close(C_d, C + damp * C.diagonal().mean() * eye)
-    assert damp in {0.01 * 2**j for j in range(60)}
+
+
+def test_damping_gives_up_after_max_doublings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spectra.adapt.corda as corda
+
+    monkeypatch.setattr(corda, "MAX_DOUBLINGS", 1)  # the covariance needs two tries
+    with pytest.raises(NumericalError, match=r"after 1 doublings.*d = 0.01.*recompute"):
+        damped_inverse(_needs_one_doubling(1e-13))
+    monkeypatch.setattr(corda, "MAX_DOUBLINGS", 2)
+    assert damped_inverse(_needs_one_doubling(1e-13))[2] == 0.02
 
 
 def test_damping_refuses_degenerate_covariances():
     with pytest.raises(NumericalError, match="zero inputs"):
         damped_inverse(torch.zeros(4, 4))
+    with pytest.raises(NumericalError, match="mean diagonal of -0.5 <= 0, so it is no covariance"):
+        damped_inverse(torch.diag(torch.tensor([1.0, -2.0])))
     bad = torch.eye(3)
     bad[0, 1] = float("nan")
     with pytest.raises(NumericalError, match="NaN/Inf"):

@@ -19,6 +19,7 @@ input by its own max |x| and averages over forward calls, which needs batch size
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -65,16 +66,27 @@ def damped_inverse(C: Tensor) -> tuple[Tensor, Tensor, float, float]:
     eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
     level = float(C.diagonal().mean())
     if level <= 0:
-        raise NumericalError("the input covariance is zero: the layer saw only zero inputs")
-    damp = DAMP_START
+        if not bool(C.any()):
+            raise NumericalError("the input covariance is zero: the layer saw only zero inputs")
+        raise NumericalError(
+            f"the input covariance has a mean diagonal of {level:.3g} <= 0, so it is no "
+            "covariance (X^T X has a non-negative diagonal): recompute the calibration statistics"
+        )
+    damp, err = DAMP_START, math.inf
     for _ in range(MAX_DOUBLINGS):
         C_d = C + damp * level * eye
-        inv = torch.linalg.inv(C_d)
-        err = float(torch.linalg.matrix_norm(C_d @ inv - eye))
-        if err < INVERSE_TOLERANCE:
-            return C_d, inv, damp, err
+        inv, info = torch.linalg.inv_ex(C_d)  # info > 0: exactly singular, so damp more
+        if int(info) == 0:
+            err = float(torch.linalg.matrix_norm(C_d @ inv - eye))
+            if err < INVERSE_TOLERANCE:
+                return C_d, inv, damp, err
         damp *= 2
-    raise NumericalError(f"could not invert the damped covariance (last error {err:.3g})")
+    raise NumericalError(
+        f"could not invert the damped input covariance ({C.shape[0]} x {C.shape[0]}) after "
+        f"{MAX_DOUBLINGS} doublings of the damping (last d = {damp / 2:.3g}, "
+        f"||C_d C_d^-1 - I|| = {err:.3g}, needs < {INVERSE_TOLERANCE}): the calibration "
+        "statistics are not a valid covariance; recompute them"
+    )
 
 
 def corda_decompose(
