@@ -164,3 +164,54 @@ def test_peft_loads_eva_adapter_on_the_unchanged_base(minilm_path, tmp_path):
     some = next(iter(modules))
     lora_a = loaded[f"base_model.model.{some}"].lora_A["default"].weight
     torch.testing.assert_close(lora_a, factors[some][0])
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adjusted_alphas_keep_the_lora_scale(rslora: bool) -> None:
+    """adjust_scaling_factors keeps each module's scale: alpha / r, or alpha / sqrt(r) under
+    rsLoRA (where alpha * r_new / r_old would move the scale by sqrt(r_new / r_old))."""
+    from spectra.adapt.factorize import lora_scale
+
+    old = {"a": 4, "b": 4, "c": 4, "d": 4}
+    new = {"a": 7, "b": 1, "c": 8, "d": 0}
+    alphas = adjusted_alphas(16.0, old, new, rslora=rslora)
+    assert set(alphas) == {"a", "b", "c"}
+    want = lora_scale(16.0, 4, rslora=rslora)
+    for name, a in alphas.items():
+        assert lora_scale(a, new[name], rslora=rslora) == pytest.approx(want, rel=1e-12), name
+    per_module = adjusted_alphas({"a": 4.0, "b": 2.0}, {"a": 4, "b": 2}, {"a": 1, "b": 8})
+    assert per_module == pytest.approx({"a": 1.0, "b": 8.0})
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_calibration_step_adjusts_alphas_for_the_scale_in_use(
+    monkeypatch: pytest.MonkeyPatch, rslora: bool
+) -> None:
+    """run_calibration_step hands EVA's moved ranks to adjusted_alphas with the rsLoRA flag."""
+    from types import SimpleNamespace
+
+    import spectra.adapt.calib_data as calib_data
+    import spectra.adapt.calib_step as calib_step
+    from spectra.adapt.factorize import lora_scale
+
+    moved = {"q.weight": 6, "v.weight": 2, "o.weight": 0}
+    stats = CalibrationStats()
+    fake = SimpleNamespace(stats={}, ranks=moved, calibration=stats)
+    monkeypatch.setattr(calib_step, "calibration_for_method", lambda *a, **k: fake)
+    monkeypatch.setattr(calib_data, "load_texts", lambda *a, **k: ["x"])
+    monkeypatch.setattr(calib_step, "calibration_summary", lambda *a, **k: {})
+    mats = [SimpleNamespace(key=k, shape=(8, 8)) for k in moved]
+    outcome = calib_step.run_calibration_step(
+        "unused",
+        "eva",
+        mats,
+        dict.fromkeys(moved, 4),
+        calib_step.CalibrationRequest(),
+        alpha=8.0,
+        device="cpu",
+        rslora=rslora,
+    )
+    assert outcome.alphas is not None and set(outcome.alphas) == {"q.weight", "v.weight"}
+    for key, a in outcome.alphas.items():
+        got = lora_scale(a, moved[key], rslora=rslora)
+        assert got == pytest.approx(lora_scale(8.0, 4, rslora=rslora), rel=1e-12)

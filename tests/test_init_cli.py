@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def test_cli_eva_redistributes_ranks_and_alphas(
     r = _run(
         "init", str(minilm_path), "--method", "eva", "--rank", "4", "--alpha", "8",
         "--targets", LAYER0, "--max-batches", "2", "--rho", "2", "--out", str(out), *CALIB_ARGS,
+        "--rslora",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "residual base" not in r.output  # EVA leaves the base unchanged
@@ -239,7 +241,9 @@ def test_cli_eva_redistributes_ranks_and_alphas(
     ranks = {m: cfg["rank_pattern"].get(m, cfg["r"]) for m in cfg["target_modules"]}
     alphas = {m: cfg["alpha_pattern"].get(m, cfg["lora_alpha"]) for m in cfg["target_modules"]}
     assert ranks == kept
-    assert alphas == pytest.approx({m: 8 * r / 4 for m, r in kept.items()})  # adjust_scaling
+    # adjust_scaling under rsLoRA keeps alpha / sqrt(r): alpha_l = 8 sqrt(r_l / 4)
+    assert alphas == pytest.approx({m: 8 * math.sqrt(r / 4) for m, r in kept.items()})
+    assert cfg["use_rslora"] is True
     assert set(record["convergence"]) == set(kept) and record["batches"] == 2
     assert record["stop"] in ("cap", "converged") and record["rho"] == 2.0
     got = _peft_output(minilm_path, out / "adapter", enc)

@@ -12,8 +12,9 @@ the choice of the initial ranks and the plan:
    no adapter, and is named in the manifest (EVA's budget is then the sum of the initial ranks
    of the modules that have statistics); no statistics for any target is an error;
 3. alphas: with ``adjust_scaling`` (EVA's ``adjust_scaling_factors``, on by default as in PEFT)
-   ``alpha_l = alpha * r_l_new / r_l_old`` so every module keeps the LoRA scale it had before
-   redistribution; ``alpha`` None means ``alpha = r_l_old`` (the tool's default ``alpha = r``).
+   ``alpha_l = alpha * r_l_new / r_l_old`` (rsLoRA: ``alpha * sqrt(r_l_new / r_l_old)``) so
+   every module keeps the LoRA scale it had before redistribution; ``alpha`` None means
+   ``alpha = r_l_old`` (the tool's default ``alpha = r``).
    Without it every module keeps ``alpha`` (or its old rank).
 
 Nothing here reads weights: `init_adapter` hands over the selected matrices and initial ranks.
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from spectra.adapt.calibrate import CalibrationOptions, calibration_for_method
-from spectra.adapt.eva import DEFAULT_RHO, DEFAULT_TAU
+from spectra.adapt.eva import DEFAULT_RHO, DEFAULT_TAU, adjusted_alphas
 from spectra.adapt.stats import CalibrationStats, load_stats, save_stats
 from spectra.errors import ValidationError
 
@@ -103,9 +104,11 @@ def run_calibration_step(
     *,
     alpha: float | None,
     device: str | torch.device,
+    rslora: bool = False,
 ) -> CalibrationOutcome:
     """Statistics, ranks and alphas for `method` on `matrices` (MatrixRef-like: key, shape) with
-    initial `ranks` (weight key -> rank). See the module docstring."""
+    initial `ranks` (weight key -> rank); `rslora`: the scale is alpha / sqrt(r) (EVA's
+    adjusted alphas keep that scale). See the module docstring."""
     from spectra.adapt.calib_data import load_texts
 
     keys = [m.key for m in matrices]
@@ -134,11 +137,9 @@ def run_calibration_step(
         save_stats(request.stats_out, calibration)
     alphas = None
     if method == "eva" and request.adjust_scaling:
-        alphas = {
-            k: (float(ranks[k]) if alpha is None else float(alpha)) * new / int(ranks[k])
-            for k, new in result.ranks.items()
-            if new > 0
-        }
+        base = {k: float(ranks[k]) if alpha is None else float(alpha) for k in result.ranks}
+        old = {k: int(ranks[k]) for k in result.ranks}
+        alphas = adjusted_alphas(base, old, result.ranks, rslora=rslora)
     elif method == "eva" and alpha is None:
         alphas = {k: float(ranks[k]) for k, new in result.ranks.items() if new > 0}
     summary = calibration_summary(calibration, request, dict(ranks), result.ranks, method)

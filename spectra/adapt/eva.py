@@ -21,6 +21,7 @@ sign-invariant convergence (|cos|; an SVD may flip a vector's sign between batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -89,11 +90,32 @@ def redistribute_ranks(
 
 
 def adjusted_alphas(
-    alpha: float, old: Mapping[str, int], new: Mapping[str, int]
+    alpha: float | Mapping[str, float],
+    old: Mapping[str, int],
+    new: Mapping[str, int],
+    *,
+    rslora: bool = False,
 ) -> dict[str, float]:
-    """``adjust_scaling_factors``: ``alpha_l = alpha * r_l_new / r_l_old`` (rank-0 modules omitted),
-    so the LoRA scale ``alpha_l / r_l_new`` stays what it was before redistribution."""
-    return {n: alpha * new[n] / old[n] for n in new if new[n] > 0}
+    """``adjust_scaling_factors``: the alpha per module that keeps its LoRA scale through the
+    redistribution from ``old`` to ``new`` ranks (rank-0 modules omitted).
+
+    LoRA (scale ``alpha / r``): ``alpha_l = alpha * r_l_new / r_l_old``; rsLoRA (scale
+    ``alpha / sqrt(r)``): ``alpha_l = alpha * sqrt(r_l_new / r_l_old)``. ``alpha`` is one value
+    for every module or one per module (keys of ``old``).
+
+    >>> adjusted_alphas(8.0, {"a": 4}, {"a": 1})
+    {'a': 2.0}
+    >>> adjusted_alphas(8.0, {"a": 4}, {"a": 1}, rslora=True)
+    {'a': 4.0}
+    """
+    out = {}
+    for name, r_new in new.items():
+        if r_new <= 0:
+            continue
+        base = float(alpha[name] if isinstance(alpha, Mapping) else alpha)
+        ratio = r_new / old[name]
+        out[name] = base * (math.sqrt(ratio) if rslora else ratio)
+    return out
 
 
 def convergence_ranks(

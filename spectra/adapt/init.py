@@ -239,6 +239,7 @@ def _choose_ranks(
     allocation_options: dict[str, Any],
     stats: dict[str, Any] | None,
     alpha: float | None,
+    rslora: bool,
     calibration: CalibrationRequest | None,
     device: torch.device,
 ) -> _Choice:
@@ -273,6 +274,7 @@ def _choose_ranks(
         calibration or CalibrationRequest(),
         alpha=alpha,
         device=device,
+        rslora=rslora,
     )
     return _Choice(outcome.ranks, choice.allocation, outcome.stats, outcome.alphas, outcome.summary)
 
@@ -350,6 +352,7 @@ def init_adapter(
             },
             stats=stats,
             alpha=alpha,
+            rslora=rslora,
             calibration=calibration,
             device=dev,
         )
