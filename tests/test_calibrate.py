@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,41 @@ def test_calibration_loads_safetensors_only_and_never_unpickles(minilm_path, tmp
     # A Hub-style id that resolves to nothing is a one-line SourceError, not a traceback.
     with pytest.raises(SourceError, match="cannot load"):
         load_model(tmp_path / "missing", "cpu")
+
+
+@pytest.mark.parametrize(
+    "stats_meta",
+    [
+        None,  # no "stats" entry at all
+        "{not json",
+        "[]",
+        '{"counts": {}, "svd": {}, "shared": {}, "skipped": {}}',  # no "info"
+        '{"counts": {"a": "many"}, "svd": {}, "shared": {}, "skipped": {}, "info": {}}',
+        '{"counts": {}, "svd": {"a": {"total_ss": 1}}, "shared": {}, "skipped": {}, "info": {}}',
+        '{"counts": {}, "svd": [], "shared": {}, "skipped": {}, "info": {}}',
+        '{"counts": {}, "svd": {}, "shared": {"b": 3}, "skipped": {}, "info": {}}',
+    ],
+)
+def test_damaged_stats_metadata_is_a_validation_error_naming_the_file(
+    tmp_path: Path, stats_meta: str | None
+) -> None:
+    """Right format tag, broken bookkeeping: a one-line ValidationError naming the file (was a
+    KeyError/TypeError, i.e. an internal error)."""
+    from safetensors.torch import save_file
+
+    from spectra.adapt.stats import STATS_FORMAT
+
+    path = tmp_path / "damaged.safetensors"
+    meta = {"format": STATS_FORMAT}
+    if stats_meta is not None:
+        meta["stats"] = stats_meta
+    save_file({"cov::a": torch.eye(2, dtype=torch.float64)}, str(path), metadata=meta)
+    with pytest.raises(ValidationError, match=r"damaged\.safetensors.*--stats-out"):
+        load_stats(path)
+
+
+def test_truncated_stats_file_is_a_validation_error(tmp_path: Path) -> None:
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValidationError, match=r"cut\.safetensors"):
+        load_stats(path)

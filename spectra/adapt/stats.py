@@ -25,9 +25,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from spectra.errors import ValidationError
@@ -256,7 +257,8 @@ def save_stats(path: str | Path, stats: CalibrationStats) -> Path:
 
 
 def load_stats(path: str | Path) -> CalibrationStats:
-    """Read a file written by `save_stats`."""
+    """Read a file written by `save_stats`; anything unreadable, damaged or inconsistent in it
+    is a ValidationError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"statistics file {path} does not exist (write one with --stats-out)")
@@ -269,9 +271,33 @@ def load_stats(path: str | Path) -> CalibrationStats:
                     f"(format {metadata.get('format')!r}, expected {STATS_FORMAT!r})"
                 )
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise ValidationError(f"cannot read statistics file {path}: {exc}") from exc
+    try:
+        return _stats_from(metadata, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValidationError(
+            f"statistics file {path} is damaged ({type(exc).__name__}: {exc}): "
+            "recompute it with --stats-out"
+        ) from exc
+
+
+def _section(meta: dict[str, Any], name: str, value_type: type | tuple[type, ...]) -> dict:
+    """``meta[name]``: a dict of str -> ``value_type`` (TypeError/KeyError otherwise)."""
+    part = meta[name]
+    if not isinstance(part, dict) or not all(
+        isinstance(k, str) and isinstance(v, value_type) for k, v in part.items()
+    ):
+        raise TypeError(f"metadata {name!r} is not a mapping of names to {value_type}")
+    return part
+
+
+def _stats_from(metadata: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> CalibrationStats:
+    """The CalibrationStats in a statistics file's metadata and tensors (raises KeyError,
+    TypeError or ValueError on anything missing or of the wrong kind)."""
     meta = json.loads(metadata["stats"])
+    if not isinstance(meta, dict):
+        raise TypeError("metadata 'stats' is not a JSON object")
     covariances = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("cov::")}
     svd = {
         name: SVDState(
@@ -283,13 +309,13 @@ def load_stats(path: str | Path) -> CalibrationStats:
             converged=tensors[f"svd::{name}::converged"].bool(),
             batches=int(extra["batches"]),
         )
-        for name, extra in meta["svd"].items()
+        for name, extra in _section(meta, "svd", dict).items()
     }
     return CalibrationStats(
         covariances=covariances,
-        counts={k: int(v) for k, v in meta["counts"].items()},
+        counts={k: int(v) for k, v in _section(meta, "counts", (int, float, str)).items()},
         svd=svd,
-        shared=meta["shared"],
-        skipped=meta["skipped"],
-        info=meta["info"],
+        shared=_section(meta, "shared", str),
+        skipped=_section(meta, "skipped", str),
+        info=_section(meta, "info", object),
     )
