@@ -1,6 +1,6 @@
 """SVD slices -> LoRA factors, and the residual base: the one place every initializer goes through.
 
-Conventions (../shared/docs/methods.md section 4): W is stored (out, in) = (m, n); a LoRA adapter
+Conventions (docs/methods.md section 4): W is stored (out, in) = (m, n); a LoRA adapter
 adds ``scale * B @ A`` with ``A (r, n)``, ``B (m, r)`` and ``scale = alpha / r`` (LoRA) or
 ``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732). The residual is always
 computed by subtraction, ``W_res = W - scale * B @ A``, so the adapted model reproduces W up to

@@ -1,7 +1,7 @@
 """Turn a trained adapter whose initialization changed the base (PiSSA, MiLoRA, OLoRA, CorDA)
 into a plain LoRA on the original, unmodified base.
 
-../shared/docs/methods.md section 4: with the initial factors ``A0, B0`` and the trained ``A, B``
+docs/methods.md section 4: with the initial factors ``A0, B0`` and the trained ``A, B``
 (same scale ``s``), the original base is ``W = W_res + s B0 A0``, so the trained model
 ``W_res + s B A = W + s (B A - B0 A0)``. A rank-2r LoRA with ``A' = [A; A0]`` ``(2r, in)``,
 ``B' = [B, -B0]`` ``(out, 2r)`` gives exactly that delta if its scale is still ``s``: alpha doubles

@@ -1,6 +1,6 @@
 """PEFT LoRA adapter folders: written so ``PeftModel.from_pretrained`` loads them as they are.
 
-Format (../shared/docs/methods.md section 6): ``adapter_config.json`` (``peft_type`` LORA, ``r``,
+Format (docs/methods.md section 6): ``adapter_config.json`` (``peft_type`` LORA, ``r``,
 ``lora_alpha``, ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
 ``init_lora_weights: true``, ``base_model_name_or_path``, ``bias: "none"``) and
 ``adapter_model.safetensors`` with ``<prefix><module>.lora_A.weight (r, in)`` and
