@@ -351,3 +351,19 @@ def test_init_without_source_uses_the_bundled_model(tmp_path) -> None:  # noqa: 
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "spectra.json").read_text())
     assert str(bundled_model_path()) in json.dumps(manifest["source"])
+
+
+def test_relative_source_is_recorded_absolute(tmp_path, monkeypatch, minilm_path) -> None:  # noqa: ANN001
+    import json
+    import shutil
+
+    from spectra.adapt.init import init_adapter
+
+    src = tmp_path / "m"
+    src.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(minilm_path / name, src / name)
+    monkeypatch.chdir(tmp_path)
+    init_adapter("m", method="olora", rank=2, targets=["q"], out="o")
+    manifest = json.loads((tmp_path / "o" / "spectra.json").read_text())
+    assert json.dumps(manifest["source"]).find(str(src.resolve())) >= 0

@@ -326,6 +326,10 @@ def init_adapter(
     from spectra.sources import Checkpoint
 
     started = time.perf_counter()
+    # A local path is recorded absolute (manifest, base_model_name_or_path), so the outputs
+    # still point at the right base when used from another folder (e.g. by `spectra convert`).
+    if isinstance(source, (str, Path)) and Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
     init = get_initializer(method)
     adapter_dtype = storage_dtype_of(dtype)
     if rank < 1:
