@@ -113,6 +113,14 @@ def test_sliced_gram_equals_the_one_product_route_to_1e12(
     torch.testing.assert_close(sliced, one_product, rtol=1e-12, atol=0)
     reference = torch.linalg.svdvals(W.double())
     torch.testing.assert_close(sliced, reference, rtol=1e-9, atol=1e-12)
+    # lower triangle only, in column panels (uneven: 40 = 16 + 16 + 8), sliced and whole
+    monkeypatch.setattr(exact, "GRAM_PANEL", 16)
+    torch.testing.assert_close(exact.gram_svdvals(W), one_product, rtol=1e-12, atol=0)
+    monkeypatch.setattr(exact, "GRAM_SLICE_BYTES", 64 << 20)
+    torch.testing.assert_close(exact.gram_svdvals(W), one_product, rtol=1e-12, atol=0)
+    G = exact._chunked_gram(W, max(shape[1:]), W.device)
+    full = W.double().mT @ W.double() if shape[1] >= shape[2] else W.double() @ W.double().mT
+    torch.testing.assert_close(G.tril(), full.tril(), rtol=1e-12, atol=1e-12)
 
 
 def test_gram_slices_stay_under_64_mib_for_large_matrices() -> None:

@@ -26,6 +26,9 @@ ROUTES = ("auto", "svdvals", "gram64")
 # 32000 x 4096 embedding would be 1 GiB on top of the input; slices of <= 64 MiB cost the same
 # flops (one GEMM per slice) and bound the extra memory by the Gram matrix itself.
 GRAM_SLICE_BYTES = 64 << 20
+# Column panel of the lower-triangle Gram accumulation (M > GRAM_PANEL only; smaller Gram
+# matrices are one product): 512 and 1024 measured equally fast on one CPU thread for M = 4096.
+GRAM_PANEL = 512
 
 
 def resolve_route(route: str, device: torch.device) -> str:
@@ -92,6 +95,8 @@ def gram_svdvals(
     m, n = W.shape[-2:]
     if block is None:
         block = gram_block(tuple(W.shape))
+    if block is None and min(m, n) > GRAM_PANEL:
+        block = max(m, n)  # one slice, lower triangle only
     if block is None:
         W64 = W.to(dev, torch.float64)
         G = W64.mT @ W64 if m >= n else W64 @ W64.mT  # (b, M, M)
@@ -120,7 +125,13 @@ def gram_block(shape: tuple[int, ...], *, slice_bytes: int | None = None) -> int
 
 
 def _chunked_gram(W: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:
-    """`(b, M, M)` float64 Gram matrix of the smaller side, summed over slices of the long side."""
+    """`(b, M, M)` float64 Gram matrix of the smaller side, summed over slices of the long side.
+
+    Only the lower triangle is formed when M > GRAM_PANEL (what `eigvalsh` reads, its default
+    `UPLO="L"`): column panels of GRAM_PANEL, each the product of the columns from the panel on
+    with the panel, about 0.56-0.67x the flops and time of the full product (measured 3.2 s vs
+    4.8 s for 8192 x 4096 on one thread). The upper triangle outside the diagonal panels is 0.
+    """
     b, m, n = W.shape
     tall = m >= n
     M, L = (n, m) if tall else (m, n)
@@ -129,11 +140,10 @@ def _chunked_gram(W: torch.Tensor, block: int, device: torch.device) -> torch.Te
     for start in range(0, L, step):
         part = W[:, start : start + step, :] if tall else W[:, :, start : start + step]
         part = part.to(device, torch.float64)  # (b, step, M) tall, (b, M, step) wide
-        if tall:
-            G.baddbmm_(part.mT, part)
-        else:
-            G.baddbmm_(part, part.mT)
-        del part
+        P = part if tall else part.mT  # (b, step, M): G += P^T P
+        for j in range(0, M, GRAM_PANEL):
+            G[:, j:, j : j + GRAM_PANEL].baddbmm_(P[:, :, j:].mT, P[:, :, j : j + GRAM_PANEL])
+        del part, P
     return G
 
 
