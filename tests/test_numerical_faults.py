@@ -254,3 +254,18 @@ def test_engine_over_budget_matches_and_warns_once(mode: str) -> None:
             exact = torch.linalg.svdvals(W)[: a.k]
             assert np.allclose(b.values.numpy(), exact.numpy(), rtol=1e-5, atol=1e-6)
     assert not tiny[1].ok and "1 NaN and 0 Inf entries of 96000" in tiny[1].message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_finite_scan_finds_every_nan_and_inf_across_blocks(dtype: torch.dtype) -> None:
+    from spectra.linalg.decompose import finite_matrices
+
+    W = torch.randn(5, 37, 11, generator=torch.Generator().manual_seed(0)).to(dtype)
+    W[1, 36, 10] = float("nan")  # last entry of the last block
+    W[2, 0, 0] = float("inf")
+    W[3, 20, 5] = float("-inf")
+    W[4, 7, 3] = torch.finfo(dtype).max  # huge but finite
+    want = torch.isfinite(W).flatten(1).all(dim=1)
+    assert want.tolist() == [True, False, False, False, True]
+    for block in (1, 11 * 5, 11 * 5 * 4, 1 << 24):  # one row, one row of the batch, ..., whole
+        assert torch.equal(finite_matrices(W, block_elements=block), want)

