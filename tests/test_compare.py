@@ -108,6 +108,12 @@ def test_result_is_strict_json_and_rows_are_flat(result) -> None:  # noqa: ANN00
     assert all(not isinstance(v, (list, dict)) for v in row.values())
 
 
+def test_to_json_writes_the_same_text_it_returns(result, tmp_path: Path) -> None:  # noqa: ANN001
+    text = result.to_json(tmp_path / "c.json")
+    assert (tmp_path / "c.json").read_text() == text
+    assert json.loads(text) == json.loads(json.dumps(result.to_dict(), allow_nan=False))
+
+
 def test_lora_adapter_and_its_merged_checkpoint_agree(tmp_path: Path) -> None:
     base, adapter, merged = lora_and_merged(tmp_path)
     a = compare(base, adapter, epsilons=(0.5, 0.7), device="cpu")
@@ -159,6 +165,11 @@ def test_pairing_is_pure_and_refuses_collisions() -> None:
         parse_map(["abc"])
     with pytest.raises(ValidationError, match="not a valid regex"):
         parse_map(["(=>x"])
+    # replacements are checked up front, not when the first key happens to match
+    for bad in (r"a=>\3", r"a=>\g<zz>", r"a=>\q"):
+        with pytest.raises(ValidationError, match="replacement .* is not valid"):
+            parse_map([bad])
+    assert parse_map([r"(?P<n>a)b=>\g<n>"]) == ((r"(?P<n>a)b", r"\g<n>"),)
 
 
 def test_options_are_validated() -> None:

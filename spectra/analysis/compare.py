@@ -142,9 +142,13 @@ class Comparison:
             }
         )
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """Strict JSON text (no NaN tokens) of `to_dict()`."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """Strict JSON text (no NaN tokens) of `to_dict()`; also written to `path` if given
+        (same signature as `Analysis.to_json`)."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per pair (the CSV rows)."""

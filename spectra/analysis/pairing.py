@@ -28,9 +28,15 @@ def parse_map(rules: Iterable[str | tuple[str, str]]) -> tuple[tuple[str, str], 
         else:
             pattern, repl = rule
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)
         except re.error as exc:
             raise ValidationError(f"--map pattern {pattern!r} is not a valid regex: {exc}") from exc
+        try:  # sub() parses the replacement template up front, even when nothing matches
+            compiled.sub(repl, "")
+        except (re.error, IndexError) as exc:
+            raise ValidationError(
+                f"--map replacement {repl!r} is not valid for {pattern!r}: {exc}"
+            ) from exc
         out.append((pattern, repl))
     return tuple(out)
 
