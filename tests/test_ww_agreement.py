@@ -20,7 +20,10 @@ from test_powerlaw import reference_fit
 from spectra.analysis.analyze import analyze
 from spectra.sources import Checkpoint
 
-REL_TOL = 1e-4
+# The issue asks for 1e-4. Alpha agrees to ~3e-14 with float64 Gram spectra, but WeightWatcher
+# hands some columns (xmin) back as float32, so 1e-6 is as tight as the comparison can be; it still
+# catches a regression to float32 spectra (which moves alpha by ~2e-5, methods.md section 2).
+REL_TOL = 1e-6
 COMPARED = ("alpha", "D", "xmin", "stable_rank", "log_norm")
 
 _WW_SCRIPT = """
