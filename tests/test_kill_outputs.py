@@ -115,7 +115,17 @@ def _writing(folder: Path, pid: int) -> bool:
 
 
 def _entries(cache: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in cache.glob(f"v{CACHE_FORMAT}/entries/*/*.json")}
+    """Committed cache entries (name -> mtime). Called while a run writes: skip its `.tmp-*`
+    files (pathlib's `*` matches dot-files) and entries that vanish between glob and stat."""
+    out: dict[str, int] = {}
+    for p in cache.glob(f"v{CACHE_FORMAT}/entries/*/*.json"):
+        if p.name.startswith("."):
+            continue
+        try:
+            out[p.name] = p.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+    return out
 
 
 @pytest.mark.timeout(150)
