@@ -298,3 +298,27 @@ def test_compare_csv_is_inert(tmp_path: Path) -> None:
         float(r["rel_change"])  # a number, written unquoted and unprefixed
     q = next(r for r in rows if "HYPERLINK" in r["key"])
     assert int(q["intruders@0.5"]) == 1
+
+
+def test_warns_when_the_adapter_was_trained_on_a_residual_base(
+    minilm_path: Path, tmp_path: Path
+) -> None:
+    from spectra.adapt.init import init_adapter
+    from spectra.analysis.compare import ResidualBaseWarning
+
+    init_adapter(minilm_path, method="olora", rank=2, targets=["q"], out=tmp_path / "o")
+    with pytest.warns(ResidualBaseWarning, match="olora.*spectra convert"):
+        compare(minilm_path, tmp_path / "o" / "adapter", roles=("q",), k=2)
+    # a plain LoRA (PEFT's default init, no residual base next to it) gets no warning
+    cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "adapter_config.json").write_text(json.dumps(cfg))
+    (plain / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "o" / "adapter" / "adapter_model.safetensors").read_bytes()
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResidualBaseWarning)
+        compare(minilm_path, plain, roles=("q",), k=2)

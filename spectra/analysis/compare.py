@@ -14,6 +14,7 @@ dW = s B A is decomposed from its factors (QR + r x r SVD), never formed.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,12 +250,57 @@ def _versions() -> dict[str, str]:
     return {"spectra": spectra.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
+class ResidualBaseWarning(UserWarning):
+    """The adapter was trained on a residual base (PiSSA-style init), not on BASE itself."""
+
+
+# PEFT initializations that subtract the adapter from the base weights before training
+_MUTATING_PEFT_INITS = ("pissa", "olora", "corda", "milora")
+
+
 def _open_adapter(source: str | Path) -> Any | None:
-    """A LoraAdapter when `source` is a PEFT adapter folder, else None."""
+    """A LoraAdapter when `source` is a PEFT adapter folder, else None.
+
+    Warns (ResidualBaseWarning) when the adapter comes from an initialization that changed the
+    base (PiSSA, MiLoRA, OLoRA, CorDA): then the fine-tuned model is W_res + s B A, and comparing
+    W_0 + s B A against W_0 counts the principal components twice. Convert such an adapter first
+    (`spectra convert`), or compare against its residual base.
+    """
     path = Path(source).expanduser()
     if not (path / "adapter_config.json").is_file():
         return None
-    return LoraAdapter.open(path)
+    adapter = LoraAdapter.open(path)
+    method = _mutating_init(path, adapter.config)
+    if method:
+        warnings.warn(
+            f"{path} was initialized with {method}, which changes the base: the fine-tuned model "
+            "is residual base + adapter, not BASE + adapter. Compare against the residual base, "
+            "or run `spectra convert` first to get a plain LoRA on the original base",
+            ResidualBaseWarning,
+            stacklevel=3,
+        )
+    return adapter
+
+
+def _mutating_init(path: Path, config: dict[str, Any]) -> str | None:
+    """Name of a base-changing init recorded by PEFT's config or by a spectra.json next to it."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_PEFT_INITS):
+        return init
+    manifest = path.parent / "spectra.json"
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    method = recorded.get("method")
+    # `spectra init` writes residual_base/ next to spectra.json exactly when the method changed
+    # the base (PiSSA, MiLoRA, OLoRA, CorDA, LaMDA++), so no knowledge of the methods is needed.
+    if recorded.get("kind") == "init" and (path.parent / "residual_base").is_dir():
+        return str(method)
+    return None
+    return None
 
 
 def _check_pairing(pairing: Pairing, opts: CompareOptions, base: str, ft: str) -> None:
