@@ -17,7 +17,7 @@ from rich.table import Table
 
 from spectra.analysis.compare import Comparison, PairResult
 from spectra.analysis.drift import ENERGY_LEVEL, RANK_RTOL_RULE
-from spectra.export.outdir import atomic_output_dir, check_output_dir
+from spectra.export.outdir import check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports.compare_plots import PLOTS, render_all
@@ -259,15 +259,7 @@ def write_compare(
     files["compare.md"] = render_markdown(cmp, plots)
     files["compare.json"] = cmp.to_json()
     files["compare.csv"] = cmp.to_csv()
-    with atomic_output_dir(final, force=force) as tmp:
-        for rel, content in files.items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content, encoding="utf-8")
-    return [final / rel for rel in sorted(files)]
+    return write_output_files(final, files, force=force)
 
 
 __all__: Sequence[str] = ("write_compare", "render_html", "render_markdown", "print_summary")

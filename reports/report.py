@@ -1,7 +1,7 @@
 """The `spectra report` output folder: report.html, report.md, metrics.json, metrics.csv, plots/.
 
 Everything is rendered from an `Analysis` only (every number drawn or printed is also in
-metrics.json). The folder is written through `atomic_output_dir`: into a temp sibling first,
+metrics.json). The folder is written by `write_output_files`: into a temp sibling first,
 renamed into place when complete, so a crash never leaves half a report, and an existing
 non-empty folder is replaced only with `force`.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
 from spectra.errors import ValidationError
-from spectra.export.outdir import atomic_output_dir, check_output_dir
+from spectra.export.outdir import check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports import plots as P
@@ -527,12 +527,4 @@ def write_report(
         files["metrics.json"] = analysis.to_json()
     if "csv" in wanted:
         files["metrics.csv"] = analysis.to_csv()
-    with atomic_output_dir(final, force=force) as tmp:
-        for rel, content in files.items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content, encoding="utf-8")
-    return [final / rel for rel in sorted(files)]
+    return write_output_files(final, files, force=force)

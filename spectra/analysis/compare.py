@@ -400,23 +400,35 @@ def _run_checkpoints(
     return pairing, results
 
 
+def pair_lora(
+    b_refs: dict[str, MatrixRef], adapter: LoraAdapter, rules: Sequence[tuple[str, str]], base: str
+) -> Pairing:
+    """Pair the adapter's modules with the selected base matrices (after `--map` renames).
+
+    Raises ValidationError when the adapter targets matrices the base lacks, or none of them.
+    Shared by compare() and its torchrun split, so both pair and fail identically.
+    """
+    modules = {map_key(m.base_key, rules): name for name, m in adapter.modules.items()}
+    missing = [k for k in modules if k not in b_refs]
+    if missing:
+        raise ValidationError(
+            f"the adapter targets {len(missing)} matrices the base {base} does not have "
+            f"(after --include/--exclude/--roles): {_clip(', '.join(missing))}; check the base "
+            "model, or rename with --map"
+        )
+    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
+    if not pairs:
+        raise ValidationError(f"the adapter adapts none of the selected matrices of {base}")
+    return Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules))
+
+
 def _run_lora(
     base: Checkpoint, adapter: LoraAdapter, run: _Run
 ) -> tuple[Pairing, list[PairResult]]:
     opts = run.opts
     b_refs = _select(base, opts)
-    modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
-    missing = [k for k in modules if k not in b_refs]
-    if missing:
-        raise ValidationError(
-            f"the adapter targets {len(missing)} matrices the base {base.source} does not have "
-            f"(after --include/--exclude/--roles): {_clip(', '.join(missing))}; check the base "
-            "model, or rename with --map"
-        )
-    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
-    pairing = Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules))
-    if not pairs:
-        raise ValidationError(f"the adapter adapts none of the selected matrices of {base.source}")
+    pairing = pair_lora(b_refs, adapter, opts.map, str(base.source))
+    pairs = pairing.pairs
     results = []
     for i, (b_key, module) in enumerate(pairs):
         ref = b_refs[b_key]

@@ -61,14 +61,7 @@ class _Job:
 
 def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, dict[str, Any]]:
     """(Pairing, base refs by key) exactly as compare() forms them (same checks, same errors)."""
-    from spectra.analysis.compare import (
-        Pairing,
-        _check_pairing,
-        _clip,
-        map_key,
-        pair_matrices,
-    )
-    from spectra.errors import ValidationError
+    from spectra.analysis.compare import _check_pairing, pair_lora, pair_matrices
 
     b_refs = _select(base_ckpt, opts)
     if ft_ckpt is not None:
@@ -80,20 +73,7 @@ def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, d
         )
         _check_pairing(pairing, opts, base_ckpt.source, ft_ckpt.source)
         return pairing, b_refs
-    modules = {map_key(m.base_key, opts.map): name for name, m in adapter.modules.items()}
-    missing = [k for k in modules if k not in b_refs]
-    if missing:
-        raise ValidationError(
-            f"the adapter targets {len(missing)} matrices the base {base_ckpt.source} does not "
-            f"have (after --include/--exclude/--roles): {_clip(', '.join(missing))}; check the "
-            "base model, or rename with --map"
-        )
-    pairs = tuple((k, modules[k]) for k in b_refs if k in modules)
-    if not pairs:
-        raise ValidationError(
-            f"the adapter adapts none of the selected matrices of {base_ckpt.source}"
-        )
-    return Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules)), b_refs
+    return pair_lora(b_refs, adapter, opts.map, str(base_ckpt.source)), b_refs
 
 
 def _select(ckpt: Any, opts: Any) -> dict[str, Any]:

@@ -218,3 +218,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_output_files(
+    path: str | os.PathLike[str], files: dict[str, bytes | str], *, force: bool = False
+) -> list[Path]:
+    """Write `files` (relative path -> bytes or UTF-8 text) as one atomic output folder.
+
+    Returns the final paths, sorted. The folder appears only when every file is written.
+    """
+    final = Path(path).expanduser().absolute()
+    with atomic_output_dir(final, force=force) as tmp:
+        for rel, content in files.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+    return [final / rel for rel in sorted(files)]
