@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _source_fixtures import write_llama_like, write_lora_adapter
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from spectra.distributed import (
@@ -43,9 +43,11 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @given(
-    costs=st.lists(st.floats(min_value=0, max_value=1e6), min_size=0, max_size=60),
+    costs=st.lists(st.floats(min_value=0, max_value=1e300), min_size=0, max_size=60),
     world=st.integers(min_value=1, max_value=9),
 )
+@example(costs=[5e-324], world=2)  # a subnormal total once underflowed the share to zero
+@example(costs=[1e300] * 60, world=3)  # a huge total must not overflow to inf
 @settings(max_examples=200, deadline=None)
 def test_partition_is_complete_contiguous_and_balanced(costs: list[float], world: int) -> None:
     parts = partition(costs, world)

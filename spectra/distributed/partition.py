@@ -95,9 +95,14 @@ def partition(costs: Sequence[float], world_size: int) -> list[list[int]]:
     if any(not (w >= 0) or w == float("inf") for w in weights):
         bad = next(w for w in weights if not (w >= 0) or w == float("inf"))
         raise ValidationError(f"costs must be finite and >= 0, got {bad!r}")
+    peak = max(weights, default=0.0)
+    if peak > 0:
+        # Relative costs: dividing by the largest keeps subnormal or huge costs from
+        # underflowing the per-rank share to zero or overflowing the total to inf.
+        weights = [w / peak for w in weights]
+    else:
+        weights = [1.0] * len(weights)
     total = sum(weights)
-    if total <= 0:
-        weights, total = [1.0] * len(weights), float(len(weights))
     share = total / world_size
     out: list[list[int]] = [[] for _ in range(world_size)]
     before = 0.0
