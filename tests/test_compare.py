@@ -195,14 +195,14 @@ def test_base_svd_is_cached_across_comparisons(
     import spectra.analysis.pair as pair_mod
 
     calls = []
-    real = cmp_mod.dense_svd
+    real = cmp_mod.left_singular
 
-    def counting(w: torch.Tensor):  # noqa: ANN202
+    def counting(w: torch.Tensor, **kw):  # noqa: ANN202, ANN003
         calls.append(tuple(w.shape))
-        return real(w)
+        return real(w, **kw)
 
-    monkeypatch.setattr(cmp_mod, "dense_svd", counting)  # the base, through the cache
-    monkeypatch.setattr(pair_mod, "dense_svd", counting)  # the fine-tune (and an uncached base)
+    monkeypatch.setattr(cmp_mod, "left_singular", counting)  # the base, through the cache
+    monkeypatch.setattr(pair_mod, "left_singular", counting)  # the fine-tune (and an uncached base)
     first = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
     n_first = len(calls)
     second = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")

@@ -11,8 +11,8 @@ import torch
 
 from spectra.analysis.drift import (
     EPS32,
-    dense_svd,
     energy_rank,
+    left_singular,
     lowrank_update_svd,
     numerical_rank,
     subspace_drift,
@@ -104,8 +104,8 @@ def test_principal_angles_match_scipy() -> None:
     assert same.min_cos == pytest.approx(1.0, abs=1e-12)
 
 
-def test_dense_svd_refuses_non_finite() -> None:
+def test_left_singular_refuses_non_finite() -> None:
     w = torch.ones(3, 3)
     w[1, 1] = float("nan")
     with pytest.raises(NumericalError, match=r"\(3, 3\)"):
-        dense_svd(w)
+        left_singular(w)

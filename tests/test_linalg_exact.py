@@ -11,7 +11,7 @@ from _linalg_fixtures import (
 )
 
 from spectra.errors import NumericalError, ValidationError
-from spectra.linalg.exact import exact_svd, exact_svdvals, resolve_route
+from spectra.linalg.exact import exact_svd, exact_svdvals, gram_left_svd, resolve_route
 
 
 def _heavy_tailed(m: int, n: int, seed: int) -> torch.Tensor:
@@ -133,3 +133,26 @@ def test_gram_slices_stay_under_64_mib_for_large_matrices() -> None:
     assert gram_block((1, 2048, 2048)) is None  # 32 MiB of float64: one product
     assert gram_block((1, 4096, 2049)) == 4094  # just over 64 MiB: two slices
     assert gram_block((30, 384, 384)) is None and gram_block((1, 10**7, 1)) == 8 << 20
+
+
+@pytest.mark.parametrize("shape", [(60, 60), (40, 90), (90, 40), (1, 30), (30, 1)])
+def test_gram_left_svd_matches_the_float64_svd(shape: tuple[int, int]) -> None:
+    """Values to 1e-12 relative to S_1; each left vector equals the SVD's up to sign (planted,
+    well-separated spectrum, so every vector is defined); U orthonormal even when tall."""
+    g = torch.Generator().manual_seed(7)
+    m, n = shape
+    k = min(m, n)
+    q_l = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+    q_r = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+    s_true = torch.linspace(10.0, 1.0, k, dtype=torch.float64)
+    w = ((q_l * s_true) @ q_r.mT).to(torch.float32).to(torch.float64)  # exact in float32
+    u_ref, s_ref, _ = torch.linalg.svd(w, full_matrices=False)
+    u, s = gram_left_svd(w.to(torch.float32))  # float32 input is upcast exactly
+    assert u.dtype == torch.float64 and u.shape == (m, k)
+    assert torch.allclose(s, s_ref, rtol=0, atol=1e-12 * float(s_ref[0]))
+    cos = (u_ref.mT @ gram_left_svd(w)[0]).diagonal().abs()
+    assert torch.allclose(cos, torch.ones_like(cos), rtol=0, atol=1e-10)
+    assert torch.allclose(u.mT @ u, torch.eye(k, dtype=torch.float64), atol=1e-6)
+    top = gram_left_svd(w, top=3)[0]
+    assert top.shape == (m, min(3, k))
+    assert torch.allclose(top, gram_left_svd(w)[0][:, : min(3, k)], rtol=0, atol=1e-14)

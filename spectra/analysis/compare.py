@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from spectra.analysis.csvsafe import write_csv
-from spectra.analysis.drift import dense_svd
+from spectra.analysis.drift import left_singular
 from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, summarize
 from spectra.analysis.intruders import DEFAULT_EPSILONS, DEFAULT_K, validate_epsilons
 from spectra.analysis.pair import LoraFactors, PairMeta, PairResult, compare_pair
@@ -352,7 +352,10 @@ def _resolve_cache(cache: SpectrumCache | str | Path | bool | None) -> SpectrumC
     return cache
 
 
-BASE_SVD_PARAMS = {"mode": "compare-base-svd", "dtype": "float64", "full_u": True}
+# U from the float64 Gram eigenvectors (drift.left_singular); entries stored by the earlier
+# full-SVD route (mode "compare-base-svd") are not reused, so cached and fresh runs agree bit
+# for bit.
+BASE_SVD_PARAMS = {"mode": "compare-base-gram", "dtype": "float64", "full_u": True}
 
 
 def base_svd(
@@ -366,12 +369,12 @@ def base_svd(
     hit = cache.get(key)
     if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
         return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)
-    u, s, _ = dense_svd(w0)
+    u, s = left_singular(w0)
     spec = Spectrum(
         values=s.cpu().to(torch.float64),
         U=u.cpu(),
         Vh=None,
-        method="svd",
+        method="gram64",
         params=dict(BASE_SVD_PARAMS),
         shape=(int(w0.shape[0]), int(w0.shape[1])),
     )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from spectra.errors import NumericalError, ValidationError
+from spectra.linalg.exact import gram_left_svd, gram_svdvals
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 RANK_RTOL_RULE = "S_i > S_1 * max(m, n) * eps32 (eps32 = 1.19e-7)"
@@ -170,12 +171,25 @@ def lowrank_update_svd(
     return q_b @ u_s, s, vh_s @ q_a.mT
 
 
-def dense_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin float64 SVD of one (m, n) matrix (float32 on MPS, which has no float64)."""
+def left_singular(
+    w: torch.Tensor, *, top: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (m, M or top), S (M,)) of one (m, n) matrix, M = min(m, n), in float64 (float32 on MPS).
+
+    The float64 Gram-eigenvector route (`spectra.linalg.exact.gram_left_svd`): the comparison
+    needs left vectors and all values, never the right vectors, so no full SVD is taken.
+    """
     if not bool(torch.isfinite(w).all()):
         raise NumericalError(f"a {tuple(w.shape)} matrix has NaN/Inf entries; cannot take its SVD")
-    dtype = torch.float32 if w.device.type == "mps" else torch.float64
-    return torch.linalg.svd(w.to(dtype), full_matrices=False)
+    return gram_left_svd(w, top=top)
+
+
+def update_svdvals(dw: torch.Tensor) -> torch.Tensor:
+    """All singular values of an update dW (m, n), descending: float64 Gram eigenvalues (exact
+    far below the numerical-rank tolerance S_1 max(m, n) eps32), `svdvals` on MPS (no float64)."""
+    if dw.device.type == "mps":
+        return torch.linalg.svdvals(dw)
+    return gram_svdvals(dw[None])[0]
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ import torch
 from spectra.analysis.drift import (
     SubspaceDrift,
     UpdateStats,
-    dense_svd,
+    left_singular,
     lowrank_update_svd,
     subspace_drift,
     update_stats,
+    update_svdvals,
 )
 from spectra.analysis.forensics import UNCHANGED_TOL, classify_update
 from spectra.analysis.intruders import (
@@ -142,12 +143,12 @@ def compare_pair(
         w1 = w_ft.to(device=w0.device, dtype=dtype)  # type: ignore[union-attr]
         if tuple(w1.shape) != shape:
             raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
-        s_dw = torch.linalg.svdvals(w1 - w0)
-    u0, s0 = base_svd if base_svd is not None else dense_svd(w0)[:2]
-    # One memory layout whether U came from LAPACK or from the cache: same bits either way.
-    u0 = u0.contiguous()
-    u1, s1, _ = dense_svd(w1)
+        s_dw = update_svdvals(w1 - w0)
     kk = min(k, min(shape))
+    u0, s0 = base_svd if base_svd is not None else left_singular(w0)
+    # One memory layout whether U was computed or read from the cache: same bits either way.
+    u0 = u0.contiguous()
+    u1, s1 = left_singular(w1, top=kk)
     update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
     intr = intruder_dimensions(u1[:, :kk], u0.to(u1), epsilons)
     return PairResult(
