@@ -279,7 +279,7 @@ def test_calibration_loads_safetensors_only_and_never_unpickles(minilm_path, tmp
     with pytest.raises(SourceError, match=r"only pickled weights \(pytorch_model.bin\).*convert"):
         load_model(folder, "cpu")
     # Past that check (a Hub id is not a folder), use_safetensors=True still refuses the pickle.
-    monkeypatch.setattr("spectra.adapt.calibrate._refuse_pickle_only", lambda source: None)
+    monkeypatch.setattr("spectra.adapt.calib_model._refuse_pickle_only", lambda source: None)
     with pytest.raises(SourceError, match="cannot load"):
         load_model(folder, "cpu")
     assert not flag.exists()

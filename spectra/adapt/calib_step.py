@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from spectra.adapt.calibrate import CalibrationOptions, calibration_for_method
+from spectra.adapt.calib_collect import CalibrationOptions
+from spectra.adapt.calibrate import calibration_for_method
 from spectra.adapt.eva import DEFAULT_RHO, DEFAULT_TAU, adjusted_alphas
 from spectra.adapt.stats import CalibrationStats, load_stats, save_stats
 from spectra.errors import ValidationError

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spectra.adapt.calibrate import ConvergenceRanks
+from spectra.adapt.calib_collect import ConvergenceRanks
 from spectra.adapt.registry import Factors, InitContext, register_initializer
 from spectra.adapt.stats import CalibrationStats, SVDState
 from spectra.errors import ValidationError
