@@ -61,6 +61,18 @@ def build(work: Path, hidden: int, inter: int, layers: int, rank: int) -> int:
     return sum(m * n for m, n in shp.values())
 
 
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM (Linux). ru_maxrss survives execve, so in a child it
+    would report the parent's RSS at fork time (here: the 2 x 2 GB of built checkpoints)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def phase(name: str, work: Path, threads: int) -> dict:
     """Run one phase in this process; return time and peak RSS."""
     torch.set_num_threads(threads)
@@ -85,7 +97,7 @@ def phase(name: str, work: Path, threads: int) -> dict:
             "intruders": f.intruders_total,
         }
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     return {"phase": name, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb), **extra}
 
 

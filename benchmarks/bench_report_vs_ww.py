@@ -34,7 +34,9 @@ an = analyze(sys.argv[1], cache=None, device="cpu", mp_fit={mp}, randomize={rand
 dt = time.perf_counter() - t
 alphas = {{lm.name.removesuffix(".weight"): lm.alpha for lm in an.layers}}
 ru = resource.getrusage(resource.RUSAGE_SELF)
-rss, cpu = ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime - cpu0
+hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else ru.ru_maxrss / 1024  # ru_maxrss survives exec
+cpu = ru.ru_utime + ru.ru_stime - cpu0
 print("BENCH" + json.dumps({{"time_s": dt, "cpu_s": cpu, "rss_mb": rss, "alphas": alphas}}))
 """
 
@@ -50,7 +52,9 @@ df = ww.WeightWatcher(model=sys.argv[1]).analyze(mp_fit={mp}, randomize={rand})
 dt = time.perf_counter() - t
 alphas = dict(zip(df["name"], df["alpha"]))
 ru = resource.getrusage(resource.RUSAGE_SELF)
-rss, cpu = ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime - cpu0
+hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else ru.ru_maxrss / 1024  # ru_maxrss survives exec
+cpu = ru.ru_utime + ru.ru_stime - cpu0
 print("BENCH" + json.dumps({{"time_s": dt, "cpu_s": cpu, "rss_mb": rss, "alphas": alphas}}))
 """
 

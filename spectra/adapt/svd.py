@@ -9,6 +9,7 @@ are flat at the top (S_8 / S_9 down to 1.0015), where few power iterations miss 
 
 from __future__ import annotations
 
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -52,11 +53,15 @@ def exact_slice(W: Tensor, rank: int, which: str = "top") -> tuple[Tensor, Tenso
     m, n = W64.shape
     wide = m < n
     G = W64 @ W64.T if wide else W64.T @ W64  # (M, M)
-    evals, evecs = torch.linalg.eigh(G)  # ascending
-    sl = slice(evals.numel() - rank, None) if which == "top" else slice(0, rank)
-    lam, vecs = evals[sl].flip(0), evecs[:, sl].flip(1)  # descending within the slice
-    S = lam.clamp_min(0).sqrt()
-    top = float(evals[-1].clamp_min(0).sqrt())
+    if which == "top":
+        lam, vecs = top_eigh(G, rank)  # ascending
+        top_sq = lam[-1] if lam.numel() else G.new_zeros(())
+    else:
+        evals, evecs = torch.linalg.eigh(G)  # ascending
+        lam, vecs, top_sq = evals[:rank], evecs[:, :rank], evals[-1]
+    S = lam.flip(0).clamp_min(0).sqrt()  # descending within the slice
+    vecs = vecs.flip(1)
+    top = float(top_sq.clamp_min(0).sqrt())
     if S.numel() == 0 or float(S[-1]) <= 1e-6 * top:
         U, S_all, Vh = full_svd(W64)
         pick = slice(0, rank) if which == "top" else slice(S_all.numel() - rank, None)
@@ -65,6 +70,29 @@ def exact_slice(W: Tensor, rank: int, which: str = "top") -> tuple[Tensor, Tenso
     if wide:
         return vecs, S, other, "gram64"  # U (m, r), Vh (r, n)
     return other, S, vecs.T, "gram64"
+
+
+def top_eigh(G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenpairs of the symmetric ``G (M, M)``, ascending: ``(rank,)``,
+    ``(M, rank)``.
+
+    On the CPU, LAPACK's subset driver (``dsyevr`` through scipy) computes only those eigenvectors
+    (a tridiagonal reduction, then ``rank`` vectors instead of ``M``): the same float64 values and
+    vectors as a full ``eigh`` (to ~1e-15), 1.6x faster over MiniLM's 36 targets at r = 16.
+    Elsewhere (CUDA, a full slice) ``torch.linalg.eigh``.
+    """
+    M = int(G.shape[0])
+    if G.device.type == "cpu" and 0 < rank < M:
+        evals, evecs = scipy.linalg.eigh(
+            G.numpy(),
+            subset_by_index=[M - rank, M - 1],
+            driver="evr",
+            check_finite=False,
+            overwrite_a=True,
+        )
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
+    evals, evecs = torch.linalg.eigh(G)
+    return evals[M - rank :], evecs[:, M - rank :]
 
 
 def top_svd(W: Tensor, rank: int, ctx: InitContext) -> tuple[Tensor, Tensor, Tensor, dict]:
