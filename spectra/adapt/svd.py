@@ -9,12 +9,12 @@ are flat at the top (S_8 / S_9 down to 1.0015), where few power iterations miss 
 
 from __future__ import annotations
 
-import scipy.linalg
 import torch
 from torch import Tensor
 
 from spectra.adapt.registry import InitContext
 from spectra.linalg import exact_svd, randomized_svd_info
+from spectra.linalg.exact import top_eigh
 
 # Up to this min(m, n) the exact SVD costs well under a second per matrix on one CPU core.
 EXACT_AUTO_MAX = 1024
@@ -70,29 +70,6 @@ def exact_slice(W: Tensor, rank: int, which: str = "top") -> tuple[Tensor, Tenso
     if wide:
         return vecs, S, other, "gram64"  # U (m, r), Vh (r, n)
     return other, S, vecs.T, "gram64"
-
-
-def top_eigh(G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The ``rank`` largest eigenpairs of the symmetric ``G (M, M)``, ascending: ``(rank,)``,
-    ``(M, rank)``.
-
-    On the CPU, LAPACK's subset driver (``dsyevr`` through scipy) computes only those eigenvectors
-    (a tridiagonal reduction, then ``rank`` vectors instead of ``M``): the same float64 values and
-    vectors as a full ``eigh`` (to ~1e-15), 1.6x faster over MiniLM's 36 targets at r = 16.
-    Elsewhere (CUDA, a full slice) ``torch.linalg.eigh``.
-    """
-    M = int(G.shape[0])
-    if G.device.type == "cpu" and 0 < rank < M:
-        evals, evecs = scipy.linalg.eigh(
-            G.numpy(),
-            subset_by_index=[M - rank, M - 1],
-            driver="evr",
-            check_finite=False,
-            overwrite_a=True,
-        )
-        return torch.from_numpy(evals), torch.from_numpy(evecs)
-    evals, evecs = torch.linalg.eigh(G)
-    return evals[M - rank :], evecs[:, M - rank :]
 
 
 def top_svd(W: Tensor, rank: int, ctx: InitContext) -> tuple[Tensor, Tensor, Tensor, dict]:
