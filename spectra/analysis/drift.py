@@ -171,9 +171,7 @@ def lowrank_update_svd(
     return q_b @ u_s, s, vh_s @ q_a.mT
 
 
-def left_singular(
-    w: torch.Tensor, *, top: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def left_singular(w: torch.Tensor, *, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U (m, M or top), S (M,)) of one (m, n) matrix, M = min(m, n), in float64 (float32 on MPS).
 
     The float64 Gram-eigenvector route (`spectra.linalg.exact.gram_left_svd`): the comparison
