@@ -7,7 +7,7 @@
 - ``select_targets`` / ``build_plan`` (plan.py): targets -> modules -> per-module rank and alpha.
 - ``init_adapter`` (init.py): the whole run, writing a PEFT adapter, residual base and manifest.
 - ``CalibrationRequest`` (calib_step.py): where CorDA/EVA calibration data comes from and how
-  its statistics, EVA's ranks and alphas reach ``init_adapter`` (forward passes: calibrate.py).
+  its statistics, EVA's ranks and alphas reach ``init_adapter`` (forward passes: calib_collect.py).
 """
 
 from __future__ import annotations
