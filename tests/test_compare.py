@@ -191,17 +191,17 @@ def test_compare_pair_needs_exactly_one_fine_tune() -> None:
 def test_base_svd_is_cached_across_comparisons(
     pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
-    import spectra.analysis.compare as cmp_mod
+    import spectra.analysis.compare_inputs as inputs_mod
     import spectra.analysis.pair as pair_mod
 
     calls = []
-    real = cmp_mod.left_singular
+    real = inputs_mod.left_singular
 
     def counting(w: torch.Tensor, **kw):  # noqa: ANN202, ANN003
         calls.append(tuple(w.shape))
         return real(w, **kw)
 
-    monkeypatch.setattr(cmp_mod, "left_singular", counting)  # the base, through the cache
+    monkeypatch.setattr(inputs_mod, "left_singular", counting)  # the base, through the cache
     monkeypatch.setattr(pair_mod, "left_singular", counting)  # the fine-tune (and an uncached base)
     first = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
     n_first = len(calls)

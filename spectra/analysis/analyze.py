@@ -16,10 +16,8 @@ control:
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +27,11 @@ from spectra.analysis.htsr import failed_layer, layer_metrics
 from spectra.analysis.mp import mp_fit as fit_mp
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
-from spectra.analysis.results import Analysis, LayerMetrics
+from spectra.analysis.results import Analysis, LayerMetrics, runtime_versions
 from spectra.analysis.summary import summarize
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
+from spectra.linalg.cache import resolve_cache
 
 Progress = Callable[..., Any]
 
@@ -160,7 +159,7 @@ def _analyze_checkpoint(
         matrices,
         mode="values",
         device=dev,
-        cache=_resolve_cache(cache),
+        cache=resolve_cache(cache),
         progress=progress,
         max_memory=max_memory,
         extras=_outlier_extras(options) if options.outliers else None,
@@ -182,7 +181,7 @@ def _analyze_checkpoint(
         summary=summarize(layers),
         options=options.to_dict(),
         esds=esds,
-        versions=_versions(),
+        versions=runtime_versions(),
     )
 
 
@@ -253,29 +252,3 @@ def _randomized(
             shuffled = spec.values.double().square().cpu().numpy()
             out[spec.key] = esd_distance(esds[spec.key], shuffled)
     return out
-
-
-def _resolve_cache(cache: Any) -> Any:
-    """True -> the default on-disk SpectrumCache; False/None -> None; a cache -> itself."""
-    if cache is None or cache is False:
-        return None
-    if cache is True:
-        from spectra.linalg.cache import SpectrumCache
-
-        return SpectrumCache()
-    if isinstance(cache, (str, Path)):
-        from spectra.linalg.cache import SpectrumCache
-
-        return SpectrumCache(Path(cache))
-    return cache
-
-
-def _versions() -> dict[str, str]:
-    import spectra
-
-    return {
-        "spectra": spectra.__version__,
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }

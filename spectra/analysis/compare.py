@@ -6,35 +6,33 @@ Layers: `pairing.pair_matrices` (pure name pairing with `--map` renames), `pair.
 adapter, streams one pair at a time so memory is bounded by the largest pair). Definitions:
 methods.md section 3, and the docstrings of spectra.analysis.intruders / drift / forensics.
 
-Per pair the base gets one float64 SVD (its full thin U is needed by the intruder test), the
-fine-tune one (its top-k U and its full spectrum for alpha), and dW one `svdvals`; a LoRA update
-dW = s B A is decomposed from its factors (QR + r x r SVD), never formed.
+Per pair the base gets one float64 Gram eigendecomposition (its full thin U is needed by the
+intruder test; cached by compare_inputs.base_svd), the fine-tune one (all values for alpha, top-k
+vectors only), and dW its Gram eigenvalues; a LoRA update dW = s B A is decomposed from its
+factors (QR + r x r SVD), never formed. Inputs (adapter detection, the base cache):
+compare_inputs.py.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from spectra.analysis.compare_inputs import ResidualBaseWarning, base_svd, open_adapter
 from spectra.analysis.csvsafe import write_csv
-from spectra.analysis.drift import left_singular
 from spectra.analysis.forensics import UNCHANGED_TOL, Forensics, summarize
 from spectra.analysis.intruders import DEFAULT_EPSILONS, DEFAULT_K, validate_epsilons
 from spectra.analysis.pair import LoraFactors, PairMeta, PairResult, compare_pair
 from spectra.analysis.pairing import Pairing, _clip, map_key, pair_matrices, parse_map
-from spectra.analysis.results import json_safe
+from spectra.analysis.results import json_safe, runtime_versions
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
-from spectra.linalg.cache import SpectrumCache
-from spectra.linalg.engine import matrix_content_key
-from spectra.linalg.spectrum import Spectrum
+from spectra.linalg.cache import SpectrumCache, resolve_cache
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
@@ -47,6 +45,7 @@ __all__ = [
     "PairMeta",
     "PairResult",
     "Pairing",
+    "ResidualBaseWarning",
     "base_svd",
     "compare",
     "compare_pair",
@@ -221,8 +220,8 @@ def compare(
         device=device,
     )
     dev = resolve_device(device)
-    run = _Run(opts, dev, _resolve_cache(cache), progress)
-    adapter = _open_adapter(finetuned)
+    run = _Run(opts, dev, resolve_cache(cache), progress)
+    adapter = open_adapter(finetuned)
     with Checkpoint.open(base) as base_ckpt:
         if adapter is not None:
             mode = "lora"
@@ -240,67 +239,8 @@ def compare(
         pairs=tuple(results),
         pairing=pairing,
         forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
-        versions=_versions(),
+        versions=runtime_versions(),
     )
-
-
-def _versions() -> dict[str, str]:
-    import spectra
-
-    return {"spectra": spectra.__version__, "torch": torch.__version__, "numpy": np.__version__}
-
-
-class ResidualBaseWarning(UserWarning):
-    """The adapter was trained on a residual base (PiSSA-style init), not on BASE itself."""
-
-
-# PEFT initializations that subtract the adapter from the base weights before training
-_MUTATING_PEFT_INITS = ("pissa", "olora", "corda", "milora")
-
-
-def _open_adapter(source: str | Path) -> Any | None:
-    """A LoraAdapter when `source` is a PEFT adapter folder, else None.
-
-    Warns (ResidualBaseWarning) when the adapter comes from an initialization that changed the
-    base (PiSSA, MiLoRA, OLoRA, CorDA): then the fine-tuned model is W_res + s B A, and comparing
-    W_0 + s B A against W_0 counts the principal components twice. Convert such an adapter first
-    (`spectra convert`), or compare against its residual base.
-    """
-    path = Path(source).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        return None
-    adapter = LoraAdapter.open(path)
-    method = _mutating_init(path, adapter.config)
-    if method:
-        warnings.warn(
-            f"{path} was initialized with {method}, which changes the base: the fine-tuned model "
-            "is residual base + adapter, not BASE + adapter. Compare against the residual base, "
-            "or run `spectra convert` first to get a plain LoRA on the original base",
-            ResidualBaseWarning,
-            stacklevel=3,
-        )
-    return adapter
-
-
-def _mutating_init(path: Path, config: dict[str, Any]) -> str | None:
-    """Name of a base-changing init recorded by PEFT's config or by a spectra.json next to it."""
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_MUTATING_PEFT_INITS):
-        return init
-    manifest = path.parent / "spectra.json"
-    try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(recorded, dict):
-        return None
-    method = recorded.get("method")
-    # `spectra init` writes residual_base/ next to spectra.json exactly when the method changed
-    # the base (PiSSA, MiLoRA, OLoRA, CorDA, LaMDA++), so no knowledge of the methods is needed.
-    if recorded.get("kind") == "init" and (path.parent / "residual_base").is_dir():
-        return str(method)
-    return None
-    return None
 
 
 def _check_pairing(pairing: Pairing, opts: CompareOptions, base: str, ft: str) -> None:
@@ -340,46 +280,6 @@ class _Run:
     def tick(self, done: int, total: int, key: str) -> None:
         if self.progress is not None:
             self.progress(done, total, key)
-
-
-def _resolve_cache(cache: SpectrumCache | str | Path | bool | None) -> SpectrumCache | None:
-    if cache is None or cache is False:
-        return None
-    if cache is True:
-        return SpectrumCache()
-    if isinstance(cache, (str, Path)):
-        return SpectrumCache(Path(cache))
-    return cache
-
-
-# U from the float64 Gram eigenvectors (drift.left_singular); entries stored by the earlier
-# full-SVD route (mode "compare-base-svd") are not reused, so cached and fresh runs agree bit
-# for bit.
-BASE_SVD_PARAMS = {"mode": "compare-base-gram", "dtype": "float64", "full_u": True}
-
-
-def base_svd(
-    ckpt: Checkpoint, ref: MatrixRef, w0: torch.Tensor, cache: SpectrumCache | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(U (m, M), S (M,)) of the base matrix from the cache, computing and storing it on a miss;
-    None without a cache (compare_pair then computes it). Keyed by the matrix's content."""
-    if cache is None:
-        return None
-    key = cache.entry_key(matrix_content_key(ckpt, ref, cache), BASE_SVD_PARAMS)
-    hit = cache.get(key)
-    if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
-        return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)
-    u, s = left_singular(w0)
-    spec = Spectrum(
-        values=s.cpu().to(torch.float64),
-        U=u.cpu(),
-        Vh=None,
-        method="gram64",
-        params=dict(BASE_SVD_PARAMS),
-        shape=(int(w0.shape[0]), int(w0.shape[1])),
-    )
-    cache.put(key, spec)
-    return u, s
 
 
 def _run_checkpoints(

@@ -282,3 +282,19 @@ def _write_text(path: str | Path, text: str) -> None:
         Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions recorded with every analysis and comparison (spectra, numpy, torch, python)."""
+    import platform
+
+    import torch
+
+    import spectra
+
+    return {
+        "spectra": spectra.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -33,13 +33,15 @@ def distributed_compare(
     options: dict[str, Any],
 ) -> Any:
     """The Comparison on rank 0, None elsewhere (see module docstring)."""
-    from spectra.analysis.compare import CompareOptions, _open_adapter, _resolve_cache
+    from spectra.analysis.compare import CompareOptions
+    from spectra.analysis.compare_inputs import open_adapter
+    from spectra.linalg.cache import resolve_cache
 
     options = dict(options)
-    cache = _resolve_cache(options.pop("cache", None))
+    cache = resolve_cache(options.pop("cache", None))
     opts = CompareOptions(device=str(device), **options)
     job = _Job(session, opts, cache, progress, (base, finetuned))
-    adapter = _open_adapter(finetuned)
+    adapter = open_adapter(finetuned)
     with open_checkpoint(session, base) as base_ckpt:
         if adapter is not None:
             with adapter:

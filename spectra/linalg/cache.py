@@ -233,6 +233,18 @@ class SpectrumCache:
         _atomic_write(path, json.dumps(memo, sort_keys=True).encode())
 
 
+def resolve_cache(cache: SpectrumCache | str | Path | bool | None) -> SpectrumCache | None:
+    """The cache a `cache=` argument means: True -> the default folder, a path -> that folder,
+    a SpectrumCache -> itself, None/False -> no cache."""
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return SpectrumCache()
+    if isinstance(cache, (str, Path)):
+        return SpectrumCache(Path(cache))
+    return cache
+
+
 def _meta_digest(meta: Mapping[str, Any]) -> str:
     """sha256 hex of the canonical JSON of `meta` without its `meta_sha256` field."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
