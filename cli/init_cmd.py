@@ -223,7 +223,8 @@ def init(
     """Write SVD- or data-initialized LoRA adapters PEFT loads as they are, with the residual
     base where the method changes it, and a spectra.json manifest.
 
-    Under torchrun, rank 0 does the work and the other ranks exit at once.
+    Under torchrun, weight-only methods split the factorizations over the ranks and rank 0
+    writes the outputs; calibration methods run on rank 0 alone (the other ranks exit at once).
     """
     from spectra.adapt.calib_step import CalibrationRequest
     from spectra.adapt.registry import get_initializer

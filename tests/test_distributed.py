@@ -385,8 +385,9 @@ def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    # a source that does not exist: a non-writer must not even open it
-    assert run_init("/nonexistent/model", out="/nonexistent/out", method="pissa") is None
+    # a source that does not exist: a non-writer must not even open it. A calibration method:
+    # those run on rank 0 alone (weight-only methods are split, see the init tests below)
+    assert run_init("/nonexistent/model", out="/nonexistent/out", method="eva") is None
 
 
 class _Opened:
@@ -445,3 +446,140 @@ def test_hub_download_error_stops_every_rank(
     with pytest.raises(DistributedError, match="rank 0: HubError: org/m: not in the local Hub"):
         open_checkpoint(other, "org/m")
     assert calls == []  # the non-leader never touched the Hub
+
+
+# ----------------------------------------------------------------- init split over 2 CPU ranks
+
+_INIT_WORKER = """
+import json, os, sys
+from spectra.adapt.registry import get_initializer
+from spectra.distributed import run_init
+from spectra.errors import SpectraError
+
+src, out, log = sys.argv[1:4]
+seen = []
+for name in ("pissa", "olora"):  # record which matrices this process factorizes
+    cls = type(get_initializer(name))
+    def spy(self, W, r, scale, ctx, _orig=cls.init):
+        seen.append(ctx.key)
+        return _orig(self, W, r, scale, ctx)
+    cls.init = spy
+record = {}
+for name, extra in _RUNS:
+    seen.clear()
+    res = run_init(src, out=f"{out}/{name}", method=name, device="cpu", threads=1, **extra)
+    record[name] = {"keys": list(seen), "returned": res is not None}
+try:  # the same output folder again: rank 0 refuses, every rank must stop
+    run_init(src, out=f"{out}/pissa", method="pissa", device="cpu", threads=1)
+    record["refused"] = None
+except SpectraError as exc:
+    record["refused"] = f"{type(exc).__name__}: {exc}"
+with open(f"{log}.{os.environ['RANK']}.json", "w") as fh:
+    json.dump(record, fh)
+"""
+# pissa through the randomized engine (seeded per matrix), olora with ranks from an allocator
+# that rank 0 computes and shares
+_INIT_RUNS: tuple[tuple[str, dict[str, object]], ...] = (
+    ("pissa", {"rank": 4, "svd": "randomized", "seed": 7, "targets": "q,v,up,down"}),
+    ("olora", {"rank": 4, "allocator": "energy", "targets": "q,k,o,gate"}),
+)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _assert_same_outputs(got: Path, want: Path) -> None:
+    """Adapter and residual tensors bit for bit (dtype included), the manifest exactly."""
+    for sub in ("adapter", "residual_base"):
+        a, b = _tensors(got / sub), _tensors(want / sub)
+        assert sorted(a) == sorted(b) and a
+        for name, t in a.items():
+            assert t.dtype == b[name].dtype and torch.equal(t, b[name]), name
+    assert json.loads((got / "spectra.json").read_text()) == json.loads(
+        (want / "spectra.json").read_text()
+    )  # no timing or output path in the manifest: every field must match
+
+
+@pytest.mark.timeout(300)
+def test_init_split_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    from spectra.adapt.init import init_adapter
+    from spectra.distributed.init import init_share
+
+    src = write_llama_like(tmp_path / "ck", layers=3, shards=3, seed=2)
+    worker = tmp_path / "init_worker.py"
+    worker.write_text(f"_RUNS = {_INIT_RUNS!r}\n" + _INIT_WORKER)
+    out, log = tmp_path / "dist", tmp_path / "log"
+    res = _torchrun(worker, [str(src), str(out), str(log)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = [json.loads(Path(f"{log}.{r}.json").read_text()) for r in range(2)]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count (reproducibility contract)
+    try:
+        for name, extra in _INIT_RUNS:
+            single = init_adapter(src, out=tmp_path / f"one-{name}", method=name, **extra)
+            _assert_same_outputs(out / name, tmp_path / f"one-{name}")
+            # each rank factorized exactly its share, and rank 0 only wrote the rest
+            planned = [m.key for m in single.plan.modules]
+            with Checkpoint.open(src) as ck:
+                refs = {m.key: m for m in ck.matrices()}
+            shares = [init_share(single.plan.modules, refs, r, 2) for r in range(2)]
+            for r in range(2):
+                assert logs[r][name]["keys"] == [planned[i] for i in shares[r]]
+                assert logs[r][name]["returned"] == (r == 0)
+            assert (
+                shares[0]
+                and shares[1]
+                and sorted(shares[0] + shares[1]) == list(range(len(planned)))
+            )
+    finally:
+        torch.set_num_threads(before)
+    for r in range(2):  # the refusal reached both ranks, before anything was read
+        assert "rank 0" in logs[r]["refused"] and "already exists" in logs[r]["refused"]
+        assert logs[r]["refused"].startswith("DistributedError")
+    assert len(list(out.iterdir())) == 2  # pissa, olora: the refused run left nothing
+
+
+def test_init_share_is_shard_affine_and_balanced(tmp_path: Path) -> None:
+    from spectra.adapt.plan import build_plan, select_targets
+    from spectra.distributed.init import init_share
+
+    src = write_llama_like(tmp_path / "ck", layers=4, shards=4)
+    with Checkpoint.open(src) as ck:
+        mats = ck.matrices()
+    selected = select_targets(mats, "q,k,v,o,up,gate,down")
+    plan = build_plan(selected, method="pissa", targets="all", rank=4)
+    refs = {m.key: m for m in mats}
+    shares = [init_share(plan.modules, refs, r, 3) for r in range(3)]
+    assert sorted(i for s in shares for i in s) == list(range(len(plan.modules)))
+    costs = [matrix_cost(refs[m.key]) for m in plan.modules]
+    loads_ = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads_) <= sum(costs) / 3 + max(costs)
+    files = [{refs[plan.modules[i].key].tensor.shard for i in s} for s in shares]
+    assert all(len(files[a] & files[b]) <= 1 for a in range(3) for b in range(a + 1, 3))
+
+
+@pytest.mark.timeout(300)
+def test_init_rank_failing_on_a_nan_matrix_fails_the_job_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    from _source_fixtures import llama_tensors, write_sharded
+
+    tensors = llama_tensors(layers=2, seed=4)
+    bad = "model.layers.1.mlp.down_proj.weight"  # the last target: rank 1's share
+    tensors[bad][3, 5] = float("nan")
+    src = write_sharded(tmp_path / "ck", tensors, shards=2, config={"model_type": "llama"})
+    out = tmp_path / "out"
+    cli = ["spectra", "init", str(src), "--out", str(out), "--targets", "q,down", "--rank", "2"]
+    res = _torchrun(Path("-m"), [*cli, "--device", "cpu"])  # torchrun -m spectra init ...
+    assert res.returncode != 0
+    text = res.stdout + res.stderr
+    assert "1 of 2 rank(s) failed: rank 1" in text
+    assert f"failed on matrix '{bad}'" in text
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

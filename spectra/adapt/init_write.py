@@ -1,7 +1,8 @@
 """Executing an adapter plan into the output folder of `init_adapter`.
 
-`_Runner` initializes one matrix at a time (read, factorize with the method, round the factors
-to the adapter dtype, residual and reconstruction error), keeping only the small factors.
+`_Runner` initializes one matrix at a time (read, factorize with the method through
+`factor_matrix` or take precomputed factors, round the factors to the adapter dtype, residual and
+reconstruction error), keeping only the small factors.
 `_write_outputs` drives it: for a method that changes the base the residual checkpoint is
 streamed tensor by tensor through ``_Runner.replace``; then the PEFT adapter and the manifest
 are written. The folder is a temporary sibling that `init_adapter` renames into place.
@@ -12,7 +13,7 @@ the functions).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from torch import Tensor
 
 from spectra.adapt.factorize import reconstruction_error, residual
 from spectra.adapt.init_ranks import _Choice
-from spectra.adapt.plan import AdapterPlan
-from spectra.adapt.registry import InitContext, Initializer, check_factors
+from spectra.adapt.plan import AdapterPlan, ModulePlan
+from spectra.adapt.registry import Factors, InitContext, Initializer, check_factors
 from spectra.errors import ValidationError
 
 Progress = Callable[[int, int, str], None]
@@ -35,8 +36,24 @@ def as_stored(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).to(t.dtype) if dtype != t.dtype else t
 
 
+def factor_matrix(
+    init: Initializer, W: Tensor, mp: ModulePlan, *, svd: str, seed: int, stats: Any = None
+) -> Factors:
+    """The method's checked factors ``A (r, n)``, ``B (m, r)`` for one planned matrix ``W (m, n)``
+    (on W's device). The one place a plan's matrix is factorized, whichever process does it."""
+    ctx = InitContext(
+        key=mp.key, module=mp.module, svd=svd, seed=seed, device=W.device, stats=stats
+    )
+    f = init.init(W, mp.rank, mp.scale, ctx)
+    check_factors(f, mp.shape, mp.rank, init.name)
+    return f
+
+
 class _Runner:
-    """Initializes one matrix at a time and keeps the (small) factors and facts."""
+    """Initializes one matrix at a time and keeps the (small) factors and facts.
+
+    ``factors`` (weight name -> Factors, any device): precomputed factors used instead of calling
+    the method; the weights are still read for the residual and the error."""
 
     def __init__(
         self,
@@ -45,14 +62,33 @@ class _Runner:
         init: Initializer,
         ctx: dict[str, Any],
         progress: Progress | None,
+        factors: Mapping[str, Factors] | None = None,
     ) -> None:
         self.ckpt, self.plan, self.init, self.ctx = ckpt, plan, init, ctx
         self.todo = plan.by_key()
         self.refs = {m.key: m for m in ctx.pop("matrices")}
+        self.given = dict(factors or {})
+        unknown = sorted(set(self.given) - set(self.todo))
+        if unknown:
+            raise ValidationError(
+                f"precomputed factors for {len(unknown)} matrix(es) outside the plan, e.g. "
+                f"{unknown[0]!r}: pass factors keyed by the planned weight names"
+            )
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.errors: dict[str, float] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.progress = progress
+
+    def _factors(self, key: str, W: Tensor) -> Factors:
+        mp = self.todo[key]
+        given = self.given.get(key)
+        if given is None:
+            stats = self.ctx["stats"].get(mp.module)
+            return factor_matrix(
+                self.init, W, mp, svd=self.ctx["svd"], seed=self.ctx["seed"], stats=stats
+            )
+        check_factors(given, mp.shape, mp.rank, self.init.name)
+        return Factors(given.A.to(W.device), given.B.to(W.device), given.info)
 
     def run(self, key: str) -> Tensor | None:
         """Factors for matrix ``key``; returns its residual in the storage dtype (or None when
@@ -60,16 +96,7 @@ class _Runner:
         mp = self.todo[key]
         ref = self.refs[key]
         W = self.ckpt.read(ref, dtype=torch.float32, device=str(self.ctx["device"]))
-        ctx = InitContext(
-            key=key,
-            module=mp.module,
-            svd=self.ctx["svd"],
-            seed=self.ctx["seed"],
-            device=self.ctx["device"],
-            stats=self.ctx["stats"].get(mp.module),
-        )
-        f = self.init.init(W, mp.rank, mp.scale, ctx)
-        check_factors(f, mp.shape, mp.rank, self.init.name)
+        f = self._factors(key, W)
         # The adapter is stored in the adapter dtype: round A and B to it first, so the residual
         # absorbs that rounding (W_res + s B A == W up to the residual's own storage rounding)
         # and the reported error is the error of what is written.
