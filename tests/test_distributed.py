@@ -583,3 +583,43 @@ def test_init_rank_failing_on_a_nan_matrix_fails_the_job_and_writes_nothing(
     assert "1 of 2 rank(s) failed: rank 1" in text
     assert f"failed on matrix '{bad}'" in text
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_init_adapter_writes_given_factors_and_checks_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from spectra.adapt.init import init_adapter
+    from spectra.adapt.registry import Factors
+
+    src = write_llama_like(tmp_path / "ck", layers=1, shards=1)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(2, 64, generator=g) * 0.1, torch.randn(64, 2, generator=g) * 0.1
+    given = {key: Factors(A, B, {"from": "elsewhere"})}
+    args = {"method": "pissa", "rank": 2, "targets": "q", "device": "cpu"}
+    res = init_adapter(src, out=tmp_path / "o", factors=given, **args)
+    tensors = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
+    (a_name,) = [k for k in tensors if k.endswith("q_proj.lora_A.weight")]
+    assert torch.equal(tensors[a_name], A)  # written as given (float32 storage: exact)
+    assert torch.equal(tensors[a_name.replace("lora_A", "lora_B")], B)
+    assert res.info[key]["from"] == "elsewhere" and "svd" not in res.info[key]
+    # the residual is computed from the weights: W_res + s B A gives W back
+    with Checkpoint.open(src) as ck:
+        W = ck.read(key, dtype=torch.float64)
+    (shard,) = (tmp_path / "o" / "residual_base").glob("*.safetensors")
+    W_res = load_file(str(shard))[key].double()
+    scale = res.plan.modules[0].scale
+    back = W_res + scale * B.double() @ A.double()
+    assert float(torch.linalg.norm(back - W) / torch.linalg.norm(W)) == pytest.approx(
+        res.errors[key], rel=1e-5
+    )
+    assert res.errors[key] < 1e-2  # bf16 rounding of the residual only
+    other = "model.layers.0.self_attn.k_proj.weight"
+    with pytest.raises(ValidationError, match=f"outside the plan, e.g. '{other}'"):
+        init_adapter(src, out=tmp_path / "x", factors={other: given[key]}, **args)
+    bad = {key: Factors(A.clone().fill_(float("nan")), B)}
+    with pytest.raises(ValidationError, match="'pissa' produced NaN/Inf factors"):
+        init_adapter(src, out=tmp_path / "y", factors=bad, **args)
+    with pytest.raises(ValidationError, match=r"returned A \(2, 64\), B \(64, 3\)"):
+        init_adapter(src, out=tmp_path / "z", factors={key: Factors(A, torch.zeros(64, 3))}, **args)
+    assert not any((tmp_path / n).exists() for n in "xyz")
