@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from spectra.distributed.failures import Tracker, guarded, settle
+from spectra.distributed.failures import RERUN, RESUME_FROM_CACHE, Tracker, guarded, settle
 from spectra.distributed.gather import gather_results
 from spectra.distributed.hub import open_checkpoint
 from spectra.distributed.partition import matrix_cost, shard_items
@@ -102,7 +101,7 @@ def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
         return out
 
     status, part = guarded(session, work)
-    settle(session, status)
+    settle(session, status, RERUN if job.cache is None else RESUME_FROM_CACHE)
     results = gather_results(session, part or [], len(pairing.pairs))
     if results is None:
         return None
@@ -139,9 +138,9 @@ def _pair(job: _Job, sides: tuple[Any, Any, Any], ref: Any, f_key: str) -> Any:
 def _assemble(
     names: tuple[Any, Any], mode: str, opts: Any, pairing: Any, results: list[Any]
 ) -> Any:
-    import spectra
     from spectra.analysis.compare import Comparison
     from spectra.analysis.forensics import summarize
+    from spectra.analysis.results import runtime_versions
 
     return Comparison(
         base=str(names[0]),
@@ -151,9 +150,5 @@ def _assemble(
         pairs=tuple(results),
         pairing=pairing,
         forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
-        versions={
-            "spectra": spectra.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        versions=runtime_versions(),
     )

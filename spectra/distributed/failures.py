@@ -155,23 +155,27 @@ def _one_line(text: str, limit: int = 500) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def check_statuses(statuses: list[RankStatus]) -> None:
-    """Raise DistributedError naming every failed rank (pure)."""
+RESUME_FROM_CACHE = (
+    "Finished spectra are in the spectrum cache: fix the cause and rerun the same command to resume"
+)
+RERUN = "Nothing was written: fix the cause and rerun the same command"
+
+
+def check_statuses(statuses: list[RankStatus], hint: str = RESUME_FROM_CACHE) -> None:
+    """Raise DistributedError naming every failed rank (pure). `hint`: what the user does next
+    (RESUME_FROM_CACHE where the work phase fills the spectrum cache, RERUN where it does not)."""
     failed = [s for s in statuses if s.failed]
     if failed:
         lines = "; ".join(s.describe() for s in failed)
-        raise DistributedError(
-            f"{len(failed)} of {len(statuses)} rank(s) failed: {lines}. Finished spectra are in "
-            "the spectrum cache: fix the cause and rerun the same command to resume"
-        )
+        raise DistributedError(f"{len(failed)} of {len(statuses)} rank(s) failed: {lines}. {hint}")
     aborted = [s for s in statuses if s.state == "aborted"]
     if aborted:  # a peer saw a failure flag that no status explains (should not happen)
         raise DistributedError(
             f"rank(s) {[s.rank for s in aborted]} stopped because a peer flagged a failure, "
-            "but no rank reported one; rerun the command to resume from the spectrum cache"
+            f"but no rank reported one. {hint}"
         )
 
 
-def settle(session: Session, status: RankStatus) -> None:
+def settle(session: Session, status: RankStatus, hint: str = RESUME_FROM_CACHE) -> None:
     """Exchange statuses after the work phase; raise on every rank if any rank failed."""
-    check_statuses(all_gather(session, status))
+    check_statuses(all_gather(session, status), hint)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from spectra.distributed.failures import Tracker, guarded, settle
+from spectra.distributed.failures import RERUN, Tracker, guarded, settle
 from spectra.distributed.gather import all_gather, gather_results
 from spectra.distributed.hub import open_checkpoint
 from spectra.distributed.partition import matrix_cost, matrix_shard, shard_items
@@ -66,7 +66,7 @@ def distributed_init(session: Session, job: Any, progress: Progress | None = Non
             check_output_dir(job.out, force=job.force)
 
     status, _ = guarded(session, refuse)
-    settle(session, status)
+    settle(session, status, RERUN)
     with open_checkpoint(session, job.source) as ckpt:
         planned = _plan_on_writer(session, ckpt, job)
         modules = all_gather(session, None if planned is None else planned.plan.modules)[0]
@@ -80,7 +80,7 @@ def distributed_init(session: Session, job: Any, progress: Progress | None = Non
             )
 
         status, part = guarded(session, work)
-        settle(session, status)
+        settle(session, status, RERUN)
         gathered = gather_results(session, part or [], len(modules))
         if gathered is None or planned is None:
             return None
@@ -98,7 +98,7 @@ def _plan_on_writer(session: Session, ckpt: Any, job: Any) -> Any:
         return plan_init(ckpt, job) if session.is_writer else None
 
     status, planned = guarded(session, plan)
-    settle(session, status)
+    settle(session, status, RERUN)
     return planned
 
 
