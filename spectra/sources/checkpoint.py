@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -19,7 +19,7 @@ import torch
 from spectra.device import resolve_device
 from spectra.errors import SourceError, ValidationError
 from spectra.sources.header import ShardHeader, TensorRef, read_header
-from spectra.sources.layout import local_shards
+from spectra.sources.layout import check_index, local_layout
 from spectra.sources.reader import convert, read_range, shard_digest
 from spectra.sources.roles import MatrixRef, classify
 from spectra.sources.select import select
@@ -67,6 +67,10 @@ class Checkpoint:
     `model.safetensors.index.json`), a PEFT adapter folder (its factors are listed as tensors; see
     `spectra.sources.adapters` for the adapter on top of its base), or a Hub repo id `org/name`
     (`org/name@revision`). Use as a context manager so streamed Hub shards are cleaned up.
+
+    When the shards were named by an index, its `weight_map` (tensor -> shard path) is checked
+    against the headers (`spectra.sources.layout.check_index`): a tensor the index lists that no
+    shard holds, or holds in another shard, is a `SourceError`; unlisted extras warn.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class Checkpoint:
         *,
         store: ShardStore | None = None,
         config: dict[str, Any] | None = None,
+        weight_map: Mapping[str, Path] | None = None,
     ) -> None:
         self.source = source
         self.files: list[Path] = [h.path for h in headers]
@@ -86,6 +91,7 @@ class Checkpoint:
         self._store: ShardStore = store or LocalStore()
         self._shard_rank = {path: i for i, path in enumerate(self.files)}
         self._tensors = _collect(source, headers)
+        check_index(source, weight_map, headers)  # after _collect: duplicates have their message
         self._by_name = {t.name: t for t in self._tensors}
         hidden = self.config.get("hidden_size")
         ok = isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0
@@ -119,15 +125,25 @@ class Checkpoint:
             raise ValidationError(
                 f"revision={revision!r} applies to Hub repos, but {source} is a local path"
             )
-        return cls.from_files(str(source), local_shards(path))
+        layout = local_layout(path)
+        return cls.from_files(str(source), layout.shards, weight_map=layout.weight_map)
 
     @classmethod
     def from_files(
-        cls, source: str, shards: Sequence[Path], *, store: ShardStore | None = None
+        cls,
+        source: str,
+        shards: Sequence[Path],
+        *,
+        store: ShardStore | None = None,
+        weight_map: Mapping[str, Path] | None = None,
     ) -> Checkpoint:
-        """A checkpoint over local shard files (headers parsed now, config.json read if beside)."""
+        """A checkpoint over local shard files (headers parsed now, config.json read if beside).
+
+        `weight_map` (tensor -> shard path, from an index) is checked against the headers.
+        """
         headers = [read_header(p) for p in shards]
-        return cls(source, headers, store=store, config=_read_config(shards))
+        config = _read_config(shards)
+        return cls(source, headers, store=store, config=config, weight_map=weight_map)
 
     # -- listing -----------------------------------------------------------------------------
     def tensors(self) -> list[TensorRef]:

@@ -28,13 +28,13 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from spectra.errors import HubError, SourceError, ValidationError
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, parse_header
+from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, clip, parse_header
 from spectra.sources.layout import (
     CONVERT_HINT,
     INDEX_NAME,
     PICKLE_SUFFIXES,
-    index_shard_names,
-    local_shards,
+    index_weight_map,
+    local_layout,
 )
 from spectra.sources.reader import shard_digest
 
@@ -128,10 +128,10 @@ def open_repo(
 def open_snapshot(source: str, snapshot: Path) -> Checkpoint:
     """A Checkpoint over a snapshot folder; the source keeps the repo id for messages."""
     try:
-        shards = local_shards(snapshot)
+        layout = local_layout(snapshot)
     except SourceError as exc:
         raise HubError(f"{source}: {exc}") from exc
-    return Checkpoint.from_files(source, shards)
+    return Checkpoint.from_files(source, layout.shards, weight_map=layout.weight_map)
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -164,28 +164,41 @@ def open_streaming(
     """A Checkpoint whose shards are fetched one at a time during reads (headers fetched now).
 
     Shards downloaded for a pass are deleted after it unless `keep`; shards already on disk stay.
+    A remote index's weight map is checked against the headers as for a local folder.
     """
     files = {f.name: f for f in remote.list_files()}
-    names = _shard_names(source, remote, files)
-    headers = [_remote_header(source, remote, files[n]) for n in names]
+    names, index_map = _remote_names(source, remote, files)
+    by_path = {remote.local_path(n): files[n] for n in names}
+    headers = [_remote_header(source, remote, info) for info in by_path.values()]
     config = _remote_json(remote, files.get("config.json"))
-    store = StreamingStore(
-        remote, {remote.local_path(n): files[n] for n in names}, budget=disk_budget, keep=keep
-    )
-    return Checkpoint(source, headers, store=store, config=config)
+    store = StreamingStore(remote, by_path, budget=disk_budget, keep=keep)
+    weight_map = None
+    if index_map is not None:  # paths as the headers carry them, so the check compares equal
+        weight_map = {tensor: remote.local_path(n) for tensor, n in index_map.items()}
+    return Checkpoint(source, headers, store=store, config=config, weight_map=weight_map)
 
 
 def _shard_names(source: str, remote: RemoteRepo, files: dict[str, RemoteFile]) -> list[str]:
+    return _remote_names(source, remote, files)[0]
+
+
+def _remote_names(
+    source: str, remote: RemoteRepo, files: dict[str, RemoteFile]
+) -> tuple[list[str], dict[str, str] | None]:
+    """Shard names in reading order, and the index's weight map (None without an index)."""
     if INDEX_NAME in files:
         obj = _remote_json(remote, files[INDEX_NAME])
-        names = index_shard_names(obj, f"{source}/{INDEX_NAME}")
+        weight_map = index_weight_map(obj, f"{source}/{INDEX_NAME}")
+        names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if n not in files]
         if missing:
-            raise HubError(f"{source}: the index names shard {missing[0]!r}, which the repo lacks")
-        return names
+            raise HubError(
+                f"{source}: the index names shard {clip(missing[0])}, which the repo lacks"
+            )
+        return names, weight_map
     names = sorted(n for n in files if n.endswith(".safetensors") and "/" not in n)
     if names:
-        return names
+        return names, None
     pickles = [n for n in files if n.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise HubError(

@@ -1,16 +1,21 @@
 """Which files make up a local checkpoint: one file, an indexed folder, or a folder of shards.
 
 Nothing here reads tensor data; the index JSON is the only file opened. Pickled checkpoints are
-refused by name, never opened.
+refused by name, never opened. `check_index` compares an index's `weight_map` with the shard
+headers once they are parsed (the headers are the truth; the index must agree with them).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from spectra.errors import SourceError
-from spectra.sources.header import MAX_HEADER_BYTES, clip
+from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, clip
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -22,6 +27,23 @@ CONVERT_HINT = (
 )
 
 
+_SHOWN = 3  # names quoted in an index-mismatch message
+
+
+class IndexMismatchWarning(UserWarning):
+    """The shards hold tensors that the index's `weight_map` does not list (they are still read)."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The shard files of a local checkpoint and, when an index named them, where it says each
+    tensor lives (`weight_map`: tensor name -> shard path, built as `index folder / entry`, so it
+    compares equal to the shard paths)."""
+
+    shards: tuple[Path, ...]
+    weight_map: Mapping[str, Path] | None = None
+
+
 def local_shards(path: Path) -> list[Path]:
     """The safetensors files of the local checkpoint at `path`, in reading order.
 
@@ -29,21 +51,26 @@ def local_shards(path: Path) -> list[Path]:
     `*.safetensors.index.json`) gives the shards the index names, in index order of first
     appearance; a folder without an index gives its `*.safetensors` files sorted by name.
     """
+    return list(local_layout(path).shards)
+
+
+def local_layout(path: Path) -> ShardLayout:
+    """`local_shards(path)` with the index's weight map when there is one (for `check_index`)."""
     if not path.exists():
         raise SourceError(
             f"{path}: no such file or folder (give a .safetensors file, a folder of shards, "
             "or a Hub repo id like org/name)"
         )
     if path.is_file():
-        return [_single_file(path)]
+        return ShardLayout((_single_file(path),))
     if not path.is_dir():
         raise SourceError(f"{path}: neither a file nor a folder")
     index = _find_index(path)
     if index is not None:
-        return shards_from_index(index)
+        return layout_from_index(index)
     shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if shards:
-        return shards
+        return ShardLayout(tuple(shards))
     raise SourceError(_no_safetensors_message(path))
 
 
@@ -84,6 +111,12 @@ def _no_safetensors_message(folder: Path) -> str:
 
 def shards_from_index(index: Path) -> list[Path]:
     """Shard paths named by a `*.safetensors.index.json`, each checked to stay inside its folder."""
+    return list(layout_from_index(index).shards)
+
+
+def layout_from_index(index: Path) -> ShardLayout:
+    """The shards a `*.safetensors.index.json` names (each checked to stay inside its folder and
+    to exist) and its weight map as paths."""
     try:
         size = index.stat().st_size
         if size > MAX_HEADER_BYTES:
@@ -95,19 +128,31 @@ def shards_from_index(index: Path) -> list[Path]:
         raise SourceError(f"{index}: cannot read the index ({exc})") from exc
     except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
         raise SourceError(f"{index}: invalid index JSON ({type(exc).__name__})") from exc
-    shards = [index.parent / name for name in index_shard_names(obj, str(index))]
-    for shard in shards:
+    weight_map = index_weight_map(obj, str(index))
+    shards = {name: index.parent / name for name in _first_appearance(weight_map)}
+    for shard in shards.values():
         if not shard.is_file():
             raise SourceError(
                 f"{index}: names shard {clip(shard.name)}, which is missing from {index.parent}: "
                 "download the missing shard or remove the index"
             )
-    return shards
+    located = {tensor: shards[rel] for tensor, rel in weight_map.items()}
+    return ShardLayout(tuple(shards.values()), located)
 
 
 def index_shard_names(obj: object, label: str) -> list[str]:
     """Shard file names of a parsed index, in order of first appearance, refused before any
     file is opened when one would leave the checkpoint folder."""
+    return _first_appearance(index_weight_map(obj, label))
+
+
+def _first_appearance(weight_map: Mapping[str, str]) -> list[str]:
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def index_weight_map(obj: object, label: str) -> dict[str, str]:
+    """The `weight_map` of a parsed index (tensor name -> shard file name), every entry checked
+    to be a `.safetensors` file inside the checkpoint folder before any file is opened."""
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict):
         raise SourceError(f"{label}: index has no 'weight_map' object")
@@ -122,7 +167,7 @@ def index_shard_names(obj: object, label: str) -> list[str]:
             names[rel] = None
     if not names:
         raise SourceError(f"{label}: the index lists no tensors (empty checkpoint)")
-    return list(names)
+    return dict(weight_map)
 
 
 def _check_child(rel: str, label: str, tensor: str) -> None:
@@ -144,3 +189,64 @@ def _check_child(rel: str, label: str, tensor: str) -> None:
         raise SourceError(
             f"{label}: tensor {clip(tensor)} points to {clip(rel)}, not a .safetensors file"
         )
+
+
+def check_index(
+    label: str, weight_map: Mapping[str, Path] | None, headers: Sequence[ShardHeader]
+) -> None:
+    """Check an index's `weight_map` (tensor -> shard path) against the parsed shard headers.
+
+    The headers are what gets read, so the index must agree with them:
+
+    - a tensor the index lists that no shard holds: `SourceError` (an incomplete download, or an
+      index of other shards; the checkpoint would silently lack that tensor).
+    - a tensor held by another shard than the index names: `SourceError` too. Reading would still
+      work (tensors are located from the headers), but `save_pretrained` writes index and shards
+      together, so a disagreement means files of different revisions or exports were mixed, and
+      an analysis would then report weights other than the ones the user meant, with no sign of
+      it. Readers that trust the index (transformers' lazy loaders, mergekit) would also fetch the
+      tensor from the wrong file. Re-downloading is cheap next to a wrong forensic verdict.
+    - tensors in the shards that the index does not list: `IndexMismatchWarning` only; they are
+      still listed (some exports leave extras such as buffers out of the index).
+
+    `weight_map=None` (no index) checks nothing. Messages quote at most 3 names, clipped.
+    """
+    if weight_map is None:
+        return
+    found: dict[str, Path] = {}
+    for header in headers:
+        found.update(dict.fromkeys((ref.name for ref in header.tensors), header.path))
+    missing = [(name, shard) for name, shard in weight_map.items() if name not in found]
+    if missing:
+        raise SourceError(
+            f"{label}: the index lists {_count(missing, 'tensor')} that no shard contains "
+            f"({_quote(f'{clip(n)} in {clip(s.name)}' for n, s in missing)}): the download is "
+            "incomplete or the index belongs to other shards; re-download the checkpoint"
+        )
+    moved = [(n, s, found[n]) for n, s in weight_map.items() if found[n] != s]
+    if moved:
+        raise SourceError(
+            f"{label}: the index and the shards disagree on where {_count(moved, 'tensor')} "
+            f"{'is' if len(moved) == 1 else 'are'} ("
+            + _quote(f"{clip(n)} in {clip(f.name)} (index: {clip(s.name)})" for n, s, f in moved)
+            + "): the files come from different revisions or exports; re-download the checkpoint"
+        )
+    extra = [name for name in found if name not in weight_map]
+    if extra:
+        warnings.warn(
+            f"{label}: the shards hold {_count(extra, 'tensor')} that the index does not list "
+            f"({_quote(clip(n) for n in extra)}); listing them anyway",
+            IndexMismatchWarning,
+            stacklevel=5,  # check_index < Checkpoint.__init__ < from_files < open < the caller
+        )
+
+
+def _count(items: Sequence[object], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _quote(texts: Iterable[str]) -> str:
+    """The first `_SHOWN` texts joined, with `...` when there were more."""
+    shown = list(itertools.islice(texts, _SHOWN + 1))
+    more = len(shown) > _SHOWN
+    return ", ".join(shown[:_SHOWN]) + (", ..." if more else "")
