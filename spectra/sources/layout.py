@@ -204,8 +204,8 @@ def check_index(
       work (tensors are located from the headers), but `save_pretrained` writes index and shards
       together, so a disagreement means files of different revisions or exports were mixed, and
       an analysis would then report weights other than the ones the user meant, with no sign of
-      it. Readers that trust the index (transformers' lazy loaders, mergekit) would also fetch the
-      tensor from the wrong file. Re-downloading is cheap next to a wrong forensic verdict.
+      it. Tools that locate tensors through the index (mergekit's `ShardedTensorIndex`) would
+      look in the wrong file. Re-downloading is cheap next to a wrong forensic verdict.
     - tensors in the shards that the index does not list: `IndexMismatchWarning` only; they are
       still listed (some exports leave extras such as buffers out of the index).
 
