@@ -177,7 +177,7 @@ def test_check_factors_rejects_nan() -> None:
         check_factors(f, (2, 2), 1, "x")
 
 
-@pytest.mark.parametrize("rank", [3, 12])  # 3: LAPACK's subset driver on CPU; 12 = M: full eigh
+@pytest.mark.parametrize("rank", [3, 12])  # a slice of the eigenpairs, and all of them (12 = M)
 @pytest.mark.parametrize("which", ["top", "bottom"])
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
 def test_exact_slice_gram_route_matches_float64_svd(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import scipy.linalg
 import torch
 
 from spectra.errors import ValidationError
@@ -150,24 +149,14 @@ def _chunked_gram(W: torch.Tensor, block: int, device: torch.device) -> torch.Te
 
 def top_eigh(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``rank`` largest eigenpairs of the symmetric ``G (M, M)``, ascending: ``(rank,)``,
-    ``(M, rank)``.
+    ``(M, rank)``, from one ``torch.linalg.eigh``.
 
-    On the CPU, LAPACK's subset driver (``dsyevr`` through scipy) computes only those eigenvectors
-    (a tridiagonal reduction, then ``rank`` vectors instead of ``M``): the same float64 values and
-    vectors as a full ``eigh`` (to ~1e-15), 1.6x faster over MiniLM's 36 targets at r = 16, and
-    ``eigvalsh`` plus this for 10 of 2048 is 1.7x faster than one full ``eigh`` (1 thread).
-    Elsewhere (CUDA, MPS, a full slice) ``torch.linalg.eigh``.
+    Measured and rejected: LAPACK's subset driver (``dsyevr`` through scipy) computes only the
+    ``rank`` vectors and was 1.1-1.6x faster at one thread, but scipy's OpenBLAS thread pool and
+    torch's OpenMP pool then spin against each other: at 2 threads a MiniLM comparison took 0.67 s
+    instead of 0.35 s (full fine-tune: 4.71 s vs 2.76 s). One thread pool it is.
     """
     M = int(G.shape[0])
-    if G.device.type == "cpu" and 0 < rank < M:
-        evals, evecs = scipy.linalg.eigh(
-            G.numpy(),
-            subset_by_index=[M - rank, M - 1],
-            driver="evr",
-            check_finite=False,
-            overwrite_a=False,
-        )
-        return torch.from_numpy(evals), torch.from_numpy(evecs)
     evals, evecs = torch.linalg.eigh(G)
     return evals[M - rank :], evecs[:, M - rank :]
 
@@ -207,12 +196,8 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     del W64
     M = int(G.shape[0])
     cols = M if top is None else max(0, min(int(top), M))
-    if cols < M and G.device.type == "cpu":  # all values, only the top vectors
-        ev = torch.linalg.eigvalsh(G)  # ascending
-        vec = top_eigh(G, cols)[1] if cols else G.new_zeros((M, 0))
-    else:
-        ev, vec = torch.linalg.eigh(G)  # ascending
-        vec = vec[:, M - cols :]
+    ev, vec = torch.linalg.eigh(G)  # ascending; see top_eigh for why not a subset driver
+    vec = vec[:, M - cols :]
     S = ev.clamp_min(0).sqrt().flip(-1)
     U = vec.flip(-1)
     if basis is not None:
