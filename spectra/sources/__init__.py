@@ -1,6 +1,7 @@
 """spectra.sources: what to read. Safetensors checkpoints listed from headers, read on demand.
 
-Public API: `Checkpoint`, `TensorRef`, `MatrixRef`, `ROLES`, `shard_digest`, `bundled_model_path`;
+Public API: `Checkpoint`, `TensorRef`, `MatrixRef`, `ROLES`, `shard_digest`, `bundled_model_path`,
+`IndexMismatchWarning` (shards hold tensors their index does not list);
 LoRA adapters in `spectra.sources.adapters`; Hub access in `spectra.sources.hub`.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.header import DTYPES, TensorRef
+from spectra.sources.layout import IndexMismatchWarning
 from spectra.sources.reader import shard_digest
 from spectra.sources.roles import ROLES, MatrixRef
 
@@ -16,6 +18,7 @@ __all__ = [
     "DTYPES",
     "ROLES",
     "Checkpoint",
+    "IndexMismatchWarning",
     "MatrixRef",
     "TensorRef",
     "bundled_model_path",
