@@ -69,7 +69,7 @@ def compare_cmd(
         typer.Option(
             "--cache-dir",
             help="Keep the base's float64 singular vectors here to reuse them when comparing other "
-            "fine-tunes of the same base: 2.3x faster from the second on (off by default: about "
+            "fine-tunes of the same base: 1.8x faster from the second on (off by default: about "
             "2x the base's float32 size on disk, e.g. 6.6 GB for a 1B model).",
         ),
     ] = None,

@@ -202,7 +202,7 @@ def compare(
     cache: reuse the base's float64 left singular vectors and values (full thin U and S) across
     comparisons: a SpectrumCache, a folder, True (the default cache folder) or None/False
     (default: no cache; an entry holds U in float64, about twice the base matrix's float32 size;
-    6.6 GB for a 1B base). A second adapter of a cached base compares 2.3x faster.
+    6.6 GB for a 1B base). A second adapter of a cached base compares 1.8x faster.
     progress: called as progress(done, total, key) after each pair.
 
     >>> cmp = compare("base/", "finetuned/", epsilons=(0.5, 0.9))     # doctest: +SKIP
