@@ -15,13 +15,14 @@ from _compare_fixtures import DOWN0, Q0, Q1, V0, V1, D, base_and_ft, lora_and_me
 
 from spectra.analysis.compare import (
     CompareOptions,
+    PairMeta,
     compare,
     compare_pair,
     pair_matrices,
     parse_map,
 )
 from spectra.analysis.drift import EPS32
-from spectra.errors import ValidationError
+from spectra.errors import NumericalError, ValidationError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -322,3 +323,21 @@ def test_warns_when_the_adapter_was_trained_on_a_residual_base(
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResidualBaseWarning)
         compare(minilm_path, plain, roles=("q",), k=2)
+
+
+@pytest.mark.parametrize("side", ["base", "fine-tuned", "lora"])
+def test_non_finite_weights_are_a_one_line_error_naming_the_matrix(side: str) -> None:
+    bad = torch.randn(6, 4)
+    bad[1, 2], bad[3, 3] = float("nan"), float("inf")
+    good = torch.randn(6, 4)
+    meta = PairMeta(key="enc.0.q.weight", ft_key="enc.0.q.weight")
+    if side == "lora":
+        factors = (torch.randn(2, 4), torch.full((6, 2), float("nan")), 1.0)
+        args: dict = {"w_base": good, "lora": factors}
+        match = r"the LoRA factor of enc\.0\.q\.weight has 12 NaN and 0 Inf entries of 12"
+    else:
+        w0, w1 = (bad, good) if side == "base" else (good, bad)
+        args = {"w_base": w0, "w_ft": w1}
+        match = rf"the {side} matrix enc\.0\.q\.weight has 1 NaN and 1 Inf entries of 24"
+    with pytest.raises(NumericalError, match=match + r".*--exclude 'enc\.0\.q\.weight'"):
+        compare_pair(**args, meta=meta)

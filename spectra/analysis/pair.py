@@ -29,7 +29,8 @@ from spectra.analysis.intruders import (
     intruder_dimensions,
 )
 from spectra.analysis.powerlaw import fit_powerlaw
-from spectra.errors import ValidationError
+from spectra.errors import NumericalError, ValidationError
+from spectra.linalg.decompose import nonfinite_counts
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
 
@@ -132,6 +133,10 @@ def compare_pair(
         raise ValidationError("compare_pair needs exactly one of w_ft or lora factors")
     meta = meta or PairMeta(key="W", ft_key="W")
     shape = (int(w_base.shape[0]), int(w_base.shape[1]))
+    sides = [("the base matrix", meta.key, w_base)]
+    sides += [("the fine-tuned matrix", meta.ft_key, w_ft)] if w_ft is not None else []
+    sides += [("the LoRA factor of", meta.ft_key, t) for t in lora[:2]] if lora is not None else []
+    _check_finite(sides)
     dtype = torch.float32 if w_base.device.type == "mps" else torch.float64
     w0 = w_base.to(dtype)
     if lora is not None:
@@ -164,6 +169,18 @@ def compare_pair(
         alpha_base=_alpha(s0),
         alpha_ft=_alpha(s1),
     )
+
+
+def _check_finite(sides: Sequence[tuple[str, str, torch.Tensor]]) -> None:
+    """One-line NumericalError for the first side with NaN/Inf entries: no decomposition of it
+    means anything, and the user can leave the matrix out."""
+    for what, key, t in sides:
+        if not bool(torch.isfinite(t).all()):
+            name = key if len(key) <= 200 else key[:197] + "..."
+            raise NumericalError(
+                f"{what} {name} has {nonfinite_counts(t)}: its spectrum is undefined; leave it "
+                f"out with --exclude '{name}' (or fix the checkpoint)"
+            )
 
 
 def _check_factors(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int], key: str) -> None:

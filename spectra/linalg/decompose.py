@@ -206,7 +206,7 @@ def decompose_batch(
     out: list[Spectrum | None] = [None] * b
     for i in (~finite).nonzero().flatten().tolist():
         name = names[i] if names else f"batch index {i}"
-        out[i] = Spectrum.failed((m, n), f"{name}: {_nonfinite_counts(W[i])}; not decomposed")
+        out[i] = Spectrum.failed((m, n), f"{name}: {nonfinite_counts(W[i])}; not decomposed")
     good = finite.nonzero().flatten()
     if good.numel():
         Wg = W if good.numel() == b else W[good.to(W.device)]
@@ -234,7 +234,7 @@ def finite_matrices(
     return torch.isfinite(peak)
 
 
-def _nonfinite_counts(W: torch.Tensor) -> str:
+def nonfinite_counts(W: torch.Tensor) -> str:
     """'3 NaN and 1 Inf entries of 4096' for one matrix."""
     nan = int(torch.isnan(W).sum())
     inf = int(torch.isinf(W).sum())
