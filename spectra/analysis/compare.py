@@ -227,11 +227,11 @@ def compare(
         if adapter is not None:
             mode = "lora"
             with adapter:
-                pairing, results = _run_lora(base_ckpt, adapter, run)
+                pairing, results = _run(base_ckpt, adapter, run)
         else:
             mode = "checkpoint"
             with Checkpoint.open(finetuned) as ft_ckpt:
-                pairing, results = _run_checkpoints(base_ckpt, ft_ckpt, run)
+                pairing, results = _run(base_ckpt, ft_ckpt, run)
     return Comparison(
         base=str(base),
         finetuned=str(finetuned),
@@ -274,32 +274,68 @@ class _Run:
     cache: SpectrumCache | None
     progress: Progress | None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return _compute_dtype(self.dev)
-
     def tick(self, done: int, total: int, key: str) -> None:
         if self.progress is not None:
             self.progress(done, total, key)
 
 
-def _run_checkpoints(
-    base: Checkpoint, ft: Checkpoint, run: _Run
-) -> tuple[Pairing, list[PairResult]]:
-    opts = run.opts
-    b_refs, f_refs = _select(base, opts), _select(ft, opts)
+def plan_pairs(
+    base: Checkpoint, finetuned: Checkpoint | LoraAdapter, opts: CompareOptions
+) -> tuple[Pairing, dict[str, MatrixRef]]:
+    """The pairs compare() computes and the selected base matrices by key, with its checks and
+    errors. Shared by compare() and its torchrun split, so both pair and fail identically."""
+    b_refs = _select(base, opts)
+    if isinstance(finetuned, LoraAdapter):
+        return pair_lora(b_refs, finetuned, opts.map, str(base.source)), b_refs
+    f_refs = _select(finetuned, opts)
     pairing = pair_matrices(
         {k: m.shape for k, m in b_refs.items()}, {k: m.shape for k, m in f_refs.items()}, opts.map
     )
-    _check_pairing(pairing, opts, base.source, ft.source)
+    _check_pairing(pairing, opts, base.source, finetuned.source)
+    return pairing, b_refs
+
+
+def compare_one(
+    base: Checkpoint,
+    ref: MatrixRef,
+    finetuned: Checkpoint | LoraAdapter,
+    ft_key: str,
+    opts: CompareOptions,
+    dev: torch.device,
+    cache: SpectrumCache | None,
+) -> PairResult:
+    """Read one pair (the fine-tuned matrix, or the adapter's factors for `ft_key`) and compare
+    it; the base's U comes from the cache when there is one. The one per-pair step of compare()
+    and its torchrun split, so both give the same bits."""
+    dtype = _compute_dtype(dev)
+    w0 = base.read(ref, dtype=dtype, device=str(dev))
+    w1, lora = None, None
+    if isinstance(finetuned, LoraAdapter):
+        a, b, scale = finetuned.read_factors(ft_key, dtype=dtype, device=str(dev))
+        lora = (a, b, float(scale))
+    else:
+        w1 = finetuned.read(ft_key, dtype=dtype, device=str(dev))
+    svd0 = base_svd(base, ref, w0, cache)
+    return compare_pair(
+        w0,
+        w1,
+        lora=lora,
+        meta=PairMeta(key=ref.key, ft_key=ft_key, role=ref.role, layer=ref.layer),
+        k=opts.k,
+        epsilons=opts.epsilons,
+        unchanged_tol=opts.unchanged_tol,
+        base_svd=svd0,
+    )
+
+
+def _run(
+    base: Checkpoint, finetuned: Checkpoint | LoraAdapter, run: _Run
+) -> tuple[Pairing, list[PairResult]]:
+    pairing, b_refs = plan_pairs(base, finetuned, run.opts)
     results = []
     for i, (b_key, f_key) in enumerate(pairing.pairs):
         ref = b_refs[b_key]
-        w0 = base.read(ref, dtype=run.dtype, device=str(run.dev))
-        w1 = ft.read(f_refs[f_key], dtype=run.dtype, device=str(run.dev))
-        svd0 = base_svd(base, ref, w0, run.cache)
-        results.append(_one(w0, w1, None, ref, f_key, opts, svd0))
-        del w0, w1, svd0
+        results.append(compare_one(base, ref, finetuned, f_key, run.opts, run.dev, run.cache))
         run.tick(i + 1, len(pairing.pairs), b_key)
     return pairing, results
 
@@ -324,43 +360,3 @@ def pair_lora(
     if not pairs:
         raise ValidationError(f"the adapter adapts none of the selected matrices of {base}")
     return Pairing(pairs=pairs, base_only=tuple(k for k in b_refs if k not in modules))
-
-
-def _run_lora(
-    base: Checkpoint, adapter: LoraAdapter, run: _Run
-) -> tuple[Pairing, list[PairResult]]:
-    opts = run.opts
-    b_refs = _select(base, opts)
-    pairing = pair_lora(b_refs, adapter, opts.map, str(base.source))
-    pairs = pairing.pairs
-    results = []
-    for i, (b_key, module) in enumerate(pairs):
-        ref = b_refs[b_key]
-        w0 = base.read(ref, dtype=run.dtype, device=str(run.dev))
-        a, b, scale = adapter.read_factors(module, dtype=run.dtype, device=str(run.dev))
-        svd0 = base_svd(base, ref, w0, run.cache)
-        results.append(_one(w0, None, (a, b, float(scale)), ref, module, opts, svd0))
-        run.tick(i + 1, len(pairs), b_key)
-    return pairing, results
-
-
-def _one(
-    w0: torch.Tensor,
-    w1: torch.Tensor | None,
-    lora: LoraFactors | None,
-    ref: MatrixRef,
-    ft_key: str,
-    opts: CompareOptions,
-    svd0: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> PairResult:
-    meta = PairMeta(key=ref.key, ft_key=ft_key, role=ref.role, layer=ref.layer)
-    return compare_pair(
-        w0,
-        w1,
-        lora=lora,
-        meta=meta,
-        k=opts.k,
-        epsilons=opts.epsilons,
-        unchanged_tol=opts.unchanged_tol,
-        base_svd=svd0,
-    )

@@ -1,9 +1,10 @@
 """`compare()` split over torchrun ranks: each rank compares its share of the matrix pairs.
 
-Pairing (names and shapes, from headers) is computed identically on every rank and checked with
-compare()'s own rules; the pairs are partitioned by estimated cost (two float64 SVDs of the pair's
-shape plus the bytes of both sides); each pair is computed by the same pure `compare_pair` a
-single process calls; rank 0 rebuilds the `Comparison` (forensics recomputed from all pairs).
+Pairing (names and shapes, from headers) is computed on every rank by compare()'s own
+`plan_pairs`; the pairs are partitioned by estimated cost (two float64 decompositions of the
+pair's shape plus the bytes of both sides); each pair is read and computed by the same
+`compare_one` a single process calls; rank 0 rebuilds the `Comparison` (forensics recomputed
+from all pairs).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from spectra.distributed.failures import RERUN, RESUME_FROM_CACHE, Tracker, guarded, settle
 from spectra.distributed.gather import gather_results
@@ -60,42 +59,24 @@ class _Job:
     names: tuple[Any, Any]
 
 
-def _plan(base_ckpt: Any, ft_ckpt: Any, adapter: Any, opts: Any) -> tuple[Any, dict[str, Any]]:
-    """(Pairing, base refs by key) exactly as compare() forms them (same checks, same errors)."""
-    from spectra.analysis.compare import _check_pairing, pair_lora, pair_matrices
-
-    b_refs = _select(base_ckpt, opts)
-    if ft_ckpt is not None:
-        f_refs = _select(ft_ckpt, opts)
-        pairing = pair_matrices(
-            {k: m.shape for k, m in b_refs.items()},
-            {k: m.shape for k, m in f_refs.items()},
-            opts.map,
-        )
-        _check_pairing(pairing, opts, base_ckpt.source, ft_ckpt.source)
-        return pairing, b_refs
-    return pair_lora(b_refs, adapter, opts.map, str(base_ckpt.source)), b_refs
-
-
-def _select(ckpt: Any, opts: Any) -> dict[str, Any]:
-    refs = ckpt.matrices(include=opts.include, exclude=opts.exclude, roles=opts.roles)
-    return {m.key: m for m in refs}
-
-
 def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
+    from spectra.analysis.compare import compare_one, plan_pairs
+
     session, opts = job.session, job.opts
-    pairing, b_refs = _plan(base_ckpt, ft_ckpt, adapter, opts)
+    finetuned = adapter if adapter is not None else ft_ckpt
+    dev = session.device
+    pairing, b_refs = plan_pairs(base_ckpt, finetuned, opts)
     refs = [b_refs[b] for b, _ in pairing.pairs]
     env = session.env
     mine = shard_items(refs, env.rank, env.world_size, cost=lambda r: 2 * matrix_cost(r))
-    sides = (base_ckpt, ft_ckpt, adapter)
 
     def work(tracker: Tracker) -> list[tuple[int, Any]]:
         out = []
         for done, i in enumerate(mine):
             b_key, f_key = pairing.pairs[i]
             tracker.step(b_key)
-            out.append((i, _pair(job, sides, b_refs[b_key], f_key)))
+            ref = b_refs[b_key]
+            out.append((i, compare_one(base_ckpt, ref, finetuned, f_key, opts, dev, job.cache)))
             if job.progress is not None:
                 job.progress(done + 1, len(mine), b_key)
         return out
@@ -107,32 +88,6 @@ def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
         return None
     mode = "lora" if adapter is not None else "checkpoint"
     return _assemble(job.names, mode, opts, pairing, results)
-
-
-def _pair(job: _Job, sides: tuple[Any, Any, Any], ref: Any, f_key: str) -> Any:
-    """One PairResult, computed as compare() computes it (base SVD from the cache if any)."""
-    from spectra.analysis.compare import PairMeta, base_svd, compare_pair
-
-    base_ckpt, ft_ckpt, adapter = sides
-    opts, dev = job.opts, job.session.device
-    dtype = torch.float32 if dev.type == "mps" else torch.float64
-    w0 = base_ckpt.read(ref, dtype=dtype, device=str(dev))
-    if adapter is not None:
-        a, b, scale = adapter.read_factors(f_key, dtype=dtype, device=str(dev))
-        w1, lora = None, (a, b, float(scale))
-    else:
-        w1, lora = ft_ckpt.read(f_key, dtype=dtype, device=str(dev)), None
-    meta = PairMeta(key=ref.key, ft_key=f_key, role=ref.role, layer=ref.layer)
-    return compare_pair(
-        w0,
-        w1,
-        lora=lora,
-        meta=meta,
-        k=opts.k,
-        epsilons=opts.epsilons,
-        unchanged_tol=opts.unchanged_tol,
-        base_svd=base_svd(base_ckpt, ref, w0, job.cache),
-    )
 
 
 def _assemble(
