@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from _adapt_fixtures import torch_threads
 
 
 def planted(m: int, n: int, S: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
@@ -44,9 +45,5 @@ def rel_err(S: torch.Tensor, S_ref: torch.Tensor) -> float:
 def one_thread() -> Iterator[None]:
     """Run a test with one torch thread, then restore. On a loaded 2-core machine LAPACK with
     2 OpenMP threads measured 10-40x slower than with 1 (threads spin against other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401 (module-wide, one torch thread)
 from _compare_fixtures import DOWN0, Q0, Q1, V0, V1, D, base_and_ft, lora_and_merged, save
 
 from spectra.analysis.compare import (
@@ -23,15 +23,6 @@ from spectra.analysis.compare import (
 )
 from spectra.analysis.drift import EPS32
 from spectra.errors import NumericalError, ValidationError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One BLAS thread: on a loaded 2-core box two threads made the float64 SVDs ~7x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

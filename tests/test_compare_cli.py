@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from _adapt_fixtures import one_thread  # noqa: F401 (module-wide, one torch thread)
 from _browser import browser_unavailable, render_in_chromium
 from _compare_fixtures import Q0, V1, D, base_and_ft, lora_and_merged, save
 from typer.testing import CliRunner
@@ -19,15 +19,6 @@ from spectra.analysis.compare import compare
 from spectra.cli.main import app
 
 EVIL = "evil.<img src=x onerror=alert(1)>$x$|[b]"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One BLAS thread: on a loaded 2-core box two threads made the float64 SVDs ~7x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
