@@ -232,6 +232,19 @@ def compare(
             mode = "checkpoint"
             with Checkpoint.open(finetuned) as ft_ckpt:
                 pairing, results = _run(base_ckpt, ft_ckpt, run)
+    return assemble(base, finetuned, mode, opts, pairing, results)
+
+
+def assemble(
+    base: str | Path,
+    finetuned: str | Path,
+    mode: str,
+    opts: CompareOptions,
+    pairing: Pairing,
+    results: Sequence[PairResult],
+) -> Comparison:
+    """The Comparison of `results` (in pairing order): forensics computed over all of them. Shared
+    by compare() and rank 0 of its torchrun split."""
     return Comparison(
         base=str(base),
         finetuned=str(finetuned),

@@ -60,7 +60,7 @@ class _Job:
 
 
 def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
-    from spectra.analysis.compare import compare_one, plan_pairs
+    from spectra.analysis.compare import assemble, compare_one, plan_pairs
 
     session, opts = job.session, job.opts
     finetuned = adapter if adapter is not None else ft_ckpt
@@ -87,23 +87,4 @@ def _run(job: _Job, base_ckpt: Any, ft_ckpt: Any, adapter: Any) -> Any:
     if results is None:
         return None
     mode = "lora" if adapter is not None else "checkpoint"
-    return _assemble(job.names, mode, opts, pairing, results)
-
-
-def _assemble(
-    names: tuple[Any, Any], mode: str, opts: Any, pairing: Any, results: list[Any]
-) -> Any:
-    from spectra.analysis.compare import Comparison
-    from spectra.analysis.forensics import summarize
-    from spectra.analysis.results import runtime_versions
-
-    return Comparison(
-        base=str(names[0]),
-        finetuned=str(names[1]),
-        mode=mode,
-        options=opts,
-        pairs=tuple(results),
-        pairing=pairing,
-        forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
-        versions=runtime_versions(),
-    )
+    return assemble(*job.names, mode, opts, pairing, results)
