@@ -227,6 +227,10 @@ class _Krylov:
         for _ in range(2):  # block Gram-Schmidt, twice for stability
             Y = Y - self.Q @ (self.Q.mT @ Y)
         Qn = _orth(Y)
+        # Once the basis spans W's range (a rank-deficient W), Y is rounding noise and its QR
+        # amplifies the components along Q that the projection left: project the orthonormal
+        # block once more, or Q loses orthogonality and the Ritz values exceed s_1.
+        Qn = _orth(Qn - self.Q @ (self.Q.mT @ Qn))
         Rn = self.W.mT @ Qn  # (a, n, l)
         Rn64 = Rn.double()
         cross = self.R64.mT @ Rn64  # (a, L, l)
