@@ -76,7 +76,7 @@ def compare_cmd(
     force: ForceOpt = False,
 ) -> None:
     from spectra.distributed import run_compare
-    from spectra.export.outdir import check_output_dir
+    from spectra.outdir import check_output_dir
     from spectra.reports.compare import print_summary, write_compare
 
     check_output_dir(Path(out).expanduser().absolute(), force=force)  # fail before the work

@@ -151,7 +151,7 @@ def report_cmd(
     ] = False,
 ) -> None:
     from spectra.distributed import run_analyze
-    from spectra.export.outdir import check_output_dir
+    from spectra.outdir import check_output_dir
     from spectra.reports.report import parse_formats, write_report
     from spectra.reports.terminal import print_summary
 

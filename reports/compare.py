@@ -17,7 +17,7 @@ from rich.table import Table
 
 from spectra.analysis.compare import Comparison, PairResult
 from spectra.analysis.drift import ENERGY_LEVEL, RANK_RTOL_RULE
-from spectra.export.outdir import check_output_dir, write_output_files
+from spectra.outdir import check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports.compare_plots import PLOTS, render_all

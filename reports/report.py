@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spectra.analysis.results import Analysis
 from spectra.errors import ValidationError
-from spectra.export.outdir import check_output_dir, write_output_files
+from spectra.outdir import check_output_dir, write_output_files
 from spectra.reports import plots as P
 from spectra.reports.report_html import (
     _BAD_WARNINGS,

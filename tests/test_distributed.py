@@ -30,7 +30,7 @@ from spectra.distributed import (
 )
 from spectra.distributed.failures import Aborted, FailureBoard, Fault, Tracker, check_statuses
 from spectra.distributed.gather import GatherError
-from spectra.distributed.hub import _snapshot_commit
+from spectra.distributed.hub import snapshot_commit
 from spectra.distributed.partition import loads, matrix_cost
 from spectra.distributed.runtime import backend_for, resolve_threads, resolve_timeout
 from spectra.errors import ValidationError
@@ -165,14 +165,9 @@ def test_threads_timeout_and_backend() -> None:
 
 def test_snapshot_commit_from_hub_cache_layout(tmp_path: Path) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
-
-    @dataclass
-    class _Ck:
-        files: list[Path]
-
     snap = tmp_path / "models--org--name" / "snapshots" / commit / "model.safetensors"
-    assert _snapshot_commit(_Ck([snap])) == commit
-    assert _snapshot_commit(_Ck([tmp_path / "local" / "model.safetensors"])) == ""
+    assert snapshot_commit([snap]) == commit
+    assert snapshot_commit([tmp_path / "local" / "model.safetensors"]) == ""
 
 
 # ------------------------------------------------------------------------------ gather, failures

@@ -23,7 +23,8 @@ from spectra.export.peft import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from spectra.export.residual import INDEX_NAME, write_residual_checkpoint
+from spectra.export.residual import write_residual_checkpoint
+from spectra.formats.safetensors import INDEX_NAME
 
 
 def _factors(modules: dict[str, tuple[int, int, int]]) -> dict[str, tuple[torch.Tensor, ...]]:

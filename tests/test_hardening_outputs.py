@@ -31,9 +31,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectra.errors import CacheError, OutputError
-from spectra.export.outdir import MARKER, atomic_output_dir, check_output_dir
 from spectra.linalg.cache import CACHE_FORMAT, CacheCorruptionWarning, SpectrumCache
 from spectra.linalg.spectrum import Spectrum
+from spectra.outdir import MARKER, atomic_output_dir, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FILES, CHUNK = 24, 1 << 20
@@ -47,7 +47,7 @@ _WRITER = textwrap.dedent(
     """
     import sys, time, hashlib
     from pathlib import Path
-    from spectra.export.outdir import atomic_output_dir
+    from spectra.outdir import atomic_output_dir
     out, files, chunk, force = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     print("ready", flush=True)
     with atomic_output_dir(out, force=force) as tmp:

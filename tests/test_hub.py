@@ -12,20 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 from _source_fixtures import llama_tensors, write_llama_like, write_safetensors
+from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 from spectra.errors import HubError, SourceError
 from spectra.sources import Checkpoint
 from spectra.sources.hub import (
     RemoteFile,
+    RemoteRepo,
     StreamingStore,
     cached_snapshot,
     looks_like_repo_id,
-    open_streaming,
     split_repo_id,
+    streaming_shards,
 )
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def stream_checkpoint(source: str, remote: RemoteRepo, *, disk_budget: int) -> Checkpoint:
+    """A Checkpoint over a remote repo streamed within `disk_budget` (no network: fake remotes)."""
+    return Checkpoint.from_shards(streaming_shards(source, remote, disk_budget=disk_budget))
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +59,17 @@ def build_fake_cache(cache: Path, repo_id: str, source: Path, *, commit: str = C
     return snap
 
 
+def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """Point huggingface_hub (so spectra) at `cache`: its constant was resolved at its import from
+    HF_HUB_CACHE (tests/test_hub_cache_location.py checks that from fresh processes)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+
+
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf-cache"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    use_hub_cache(monkeypatch, cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     return cache
@@ -96,7 +110,7 @@ def test_offline_not_cached_is_a_clear_error(offline_cache: Path) -> None:
 
 def test_local_only_without_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "c"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    use_hub_cache(monkeypatch, cache)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
     build_fake_cache(cache, "org/tiny", write_llama_like(tmp_path / "src"))
@@ -151,7 +165,7 @@ class FakeRemote:
 def test_streaming_downloads_one_shard_at_a_time_and_drops_it(tmp_path: Path) -> None:
     src = write_llama_like(tmp_path / "src", shards=3)
     remote = FakeRemote(src, tmp_path / "cache")
-    ckpt = open_streaming("org/stream", remote, disk_budget=10_000_000)
+    ckpt = stream_checkpoint("org/stream", remote, disk_budget=10_000_000)
     # Listing fetched headers only: every ranged read is inside a header.
     for name, start, length in remote.ranged:
         if name.endswith(".safetensors"):
@@ -174,7 +188,7 @@ def test_streaming_downloads_one_shard_at_a_time_and_drops_it(tmp_path: Path) ->
 
 def test_streaming_budget_too_small(tmp_path: Path) -> None:
     src = write_llama_like(tmp_path / "src", shards=2)
-    ckpt = open_streaming("org/stream", FakeRemote(src, tmp_path / "cache"), disk_budget=1000)
+    ckpt = stream_checkpoint("org/stream", FakeRemote(src, tmp_path / "cache"), disk_budget=1000)
     with pytest.raises(HubError, match=r"more than the disk budget of 1000 bytes"):
         next(ckpt.read_many(ckpt.matrices()))
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
@@ -187,12 +201,12 @@ def test_streaming_refuses_index_outside_and_pickles(tmp_path: Path) -> None:
     body["weight_map"]["model.norm.weight"] = "../../secret.safetensors"
     index.write_text(json.dumps(body))
     with pytest.raises(SourceError, match=r"outside the checkpoint folder; refusing"):
-        open_streaming("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
+        stream_checkpoint("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
     pk = tmp_path / "pk"
     pk.mkdir()
     (pk / "pytorch_model.bin").write_bytes(b"junk")
     with pytest.raises(HubError, match=r"only pickled weights"):
-        open_streaming("org/pk", FakeRemote(pk, tmp_path / "c2"), disk_budget=10**9)
+        stream_checkpoint("org/pk", FakeRemote(pk, tmp_path / "c2"), disk_budget=10**9)
 
 
 def test_streaming_keeps_shards_already_cached(tmp_path: Path) -> None:
@@ -200,7 +214,7 @@ def test_streaming_keeps_shards_already_cached(tmp_path: Path) -> None:
     write_safetensors(src / "model.safetensors", llama_tensors(layers=1))
     remote = FakeRemote(src, tmp_path / "cache")
     remote.download("model.safetensors")  # already in the cache before the pass
-    ckpt = open_streaming("org/stream", remote, disk_budget=10**9)
+    ckpt = stream_checkpoint("org/stream", remote, disk_budget=10**9)
     list(ckpt.read_many(ckpt.matrices()))
     assert ckpt._store.downloads == []  # type: ignore[attr-defined]
     assert remote.local_path("model.safetensors").is_file()
@@ -213,7 +227,7 @@ def test_streaming_hostile_index_json_is_a_hub_error(tmp_path: Path, text: str) 
     src = write_llama_like(tmp_path / "src", shards=2)
     (src / "model.safetensors.index.json").write_text(text)
     with pytest.raises(HubError, match=r"invalid JSON"):
-        open_streaming("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
+        stream_checkpoint("org/stream", FakeRemote(src, tmp_path / "c"), disk_budget=10**9)
 
 
 def test_absolute_revision_never_reads_outside_the_cache(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from spectra.errors import OutputError
-from spectra.export.outdir import MARKER, atomic_output_dir
+from spectra.outdir import MARKER, atomic_output_dir
 
 
 def test_writes_complete_folder(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def _earlier_output(folder: Path, text: str) -> None:
 
 def test_interrupted_replace_is_restored_by_the_next_run(tmp_path: Path) -> None:
     """Killed between the two renames: no final folder, the earlier one under `-old-<pid>`."""
-    from spectra.export.outdir import recover_interrupted
+    from spectra.outdir import recover_interrupted
 
     out = tmp_path / "rep"
     _earlier_output(tmp_path / f".rep.spectra-old-{_dead_pid()}", "earlier")
@@ -132,7 +132,7 @@ def test_siblings_of_a_live_process_are_left_alone(tmp_path: Path) -> None:
     """Another run in progress (its pid alive): its `-old-` and `-tmp-` folders stay."""
     import os
 
-    from spectra.export.outdir import recover_interrupted
+    from spectra.outdir import recover_interrupted
 
     live = os.getppid()
     _earlier_output(tmp_path / f".rep.spectra-old-{live}", "theirs")

@@ -14,7 +14,7 @@ from spectra.analysis.analyze import analyze
 from spectra.analysis.results import Analysis
 from spectra.cli.main import app
 from spectra.cli.report_cmd import ReportProgress
-from spectra.export.outdir import MARKER
+from spectra.outdir import MARKER
 
 
 def run(*args: str) -> object:

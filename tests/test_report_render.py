@@ -15,7 +15,7 @@ from rich.console import Console
 
 from spectra.analysis.results import Analysis
 from spectra.errors import OutputError, ValidationError
-from spectra.export.outdir import MARKER
+from spectra.outdir import MARKER
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports import plots as P

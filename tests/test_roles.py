@@ -14,8 +14,8 @@ from _source_fixtures import (
 )
 from safetensors.torch import load_file
 
+from spectra.formats.safetensors import TensorRef
 from spectra.sources import Checkpoint
-from spectra.sources.header import TensorRef
 from spectra.sources.roles import classify, layer_index, name_role
 
 

@@ -18,10 +18,11 @@ from _source_fixtures import write_llama_like, write_safetensors
 from safetensors.torch import load_file
 
 from spectra.errors import SourceError
+from spectra.formats.safetensors import MAX_HEADER_BYTES, ShardHeader
 from spectra.sources import Checkpoint
 from spectra.sources import checkpoint as checkpoint_module
-from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader
-from spectra.sources.hub import RemoteFile, open_snapshot, open_streaming
+from spectra.sources import hub as hub_module
+from spectra.sources.hub import RemoteFile, snapshot_shards, streaming_shards
 from spectra.sources.layout import IndexMismatchWarning
 
 
@@ -240,9 +241,9 @@ class _FolderRemote:
 def _open_three_ways(folder: Path, tmp_path: Path) -> Iterator[Callable[[], Checkpoint]]:
     """A local folder, a Hub snapshot folder, a streamed Hub repo: each checks the index."""
     yield lambda: Checkpoint.open(folder)
-    yield lambda: open_snapshot("org/repo", folder)
+    yield lambda: Checkpoint.from_shards(snapshot_shards("org/repo", folder))
     remote = _FolderRemote(folder, tmp_path / "cache")
-    yield lambda: open_streaming("org/repo", remote, disk_budget=10**9)
+    yield lambda: Checkpoint.from_shards(streaming_shards("org/repo", remote, disk_budget=10**9))
 
 
 def test_index_lists_tensors_no_shard_contains(tmp_path: Path) -> None:
@@ -347,6 +348,7 @@ def test_consistent_index_opens_silently_reading_each_header_once(
         return real(path)
 
     monkeypatch.setattr(checkpoint_module, "read_header", counting)
+    monkeypatch.setattr(hub_module, "read_header", counting)  # the snapshot's shards
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for opener in _open_three_ways(folder, tmp_path):

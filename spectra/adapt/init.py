@@ -44,6 +44,7 @@ from spectra.adapt.plan import AdapterPlan, build_plan, select_targets
 from spectra.adapt.registry import Factors, Initializer, get_initializer
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
+from spectra.formats.safetensors import torch_dtypes_by_name
 
 if TYPE_CHECKING:
     from spectra.adapt.calib_step import CalibrationRequest
@@ -71,7 +72,7 @@ __all__ = [
     "write_init",
 ]
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = torch_dtypes_by_name(("F32", "BF16", "F16"))
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def write_init(
 ) -> InitResult:
     """Factorize (or take from ``factors``, keyed by weight name), compute residuals and errors,
     and write the output folder atomically; the output folder must have been checked."""
-    from spectra.export.outdir import atomic_output_dir
+    from spectra.outdir import atomic_output_dir
 
     started = time.perf_counter() if started is None else started
     plan, choice = planned.plan, planned.choice
@@ -352,7 +353,7 @@ def init_adapter(
     computed here from the weights exactly as for computed factors.
     Returns an InitResult.
     """
-    from spectra.export.outdir import check_output_dir
+    from spectra.outdir import check_output_dir
     from spectra.sources import Checkpoint
 
     started = time.perf_counter()

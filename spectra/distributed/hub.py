@@ -12,47 +12,51 @@ contiguous run of shards), so there is nothing to share.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from spectra.distributed.failures import DistributedError
 from spectra.distributed.gather import all_gather
 from spectra.distributed.runtime import Session
 from spectra.errors import SpectraError
+from spectra.sources.bundled import bundled_model_path
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.hub import looks_like_repo_id
 
 
-def is_hub_source(source: Any) -> bool:
+def is_hub_source(source: str | Path) -> bool:
     """A Hub repo id that is not a local path."""
-    from spectra.sources.hub import looks_like_repo_id
-
     text = str(source)
     return not Path(text).expanduser().exists() and looks_like_repo_id(text)
 
 
 def open_checkpoint(
     session: Session,
-    source: Any,
+    source: str | Path | None,
     *,
     revision: str | None = None,
     local_only: bool | None = None,
     disk_budget: int | None = None,
-) -> Any:
-    """`Checkpoint.open(source, ...)` on every rank, downloading Hub shards once per node."""
-    from spectra.sources import Checkpoint
+) -> Checkpoint:
+    """`Checkpoint.open(source, ...)` on every rank, downloading Hub shards once per node.
 
+    `source=None` opens the bundled MiniLM."""
     if source is None:
-        from spectra.sources import bundled_model_path
-
         source = bundled_model_path()
-    kwargs = {"revision": revision, "local_only": local_only, "disk_budget": disk_budget}
+
+    def open_here() -> Checkpoint:
+        return Checkpoint.open(
+            source, revision=revision, local_only=local_only, disk_budget=disk_budget
+        )
+
     if not (session.env.is_distributed and disk_budget is None and is_hub_source(source)):
-        return Checkpoint.open(source, **kwargs)
+        return open_here()
     ckpt = None
     outcome: tuple[str, str] = ("", "")  # (commit, error line) of this rank's leader step
     if session.env.is_local_leader:
         try:
-            ckpt = Checkpoint.open(source, **kwargs)
-            outcome = (_snapshot_commit(ckpt), "")
+            ckpt = open_here()
+            outcome = (snapshot_commit(ckpt.files), "")
         except SpectraError as exc:
             outcome = ("", f"{type(exc).__name__}: {exc}")
     outcomes = all_gather(session, outcome)
@@ -69,12 +73,12 @@ def open_checkpoint(
     return Checkpoint.open(repo, revision=commit, local_only=True)
 
 
-def _snapshot_commit(ckpt: Any) -> str:
-    """The 40-hex commit folder (`.../snapshots/<commit>/...`) a checkpoint was opened from ('' when
-    it was not opened from a Hub snapshot)."""
-    if not ckpt.files:
+def snapshot_commit(files: Sequence[Path]) -> str:
+    """The 40-hex commit folder (`.../snapshots/<commit>/...`) a checkpoint's shard `files` were
+    opened from ('' when they were not opened from a Hub snapshot)."""
+    if not files:
         return ""
-    for folder in Path(ckpt.files[0]).parents:
+    for folder in Path(files[0]).parents:
         name = folder.name
         if folder.parent.name == "snapshots":
             ok = len(name) == 40 and all(c in "0123456789abcdef" for c in name)

@@ -57,7 +57,7 @@ def distributed_init(session: Session, job: Any, progress: Progress | None = Non
     job: this rank's `spectra.adapt.init.InitJob` (same arguments on every rank, this rank's
     device) with ``job.weights_only``.
     """
-    from spectra.export.outdir import check_output_dir
+    from spectra.outdir import check_output_dir
 
     started = time.perf_counter()
 

@@ -114,7 +114,7 @@ def convert_to_lora(
     The result loads with ``PeftModel.from_pretrained(original_base, out)``.
     """
     from spectra.export.manifest import build_manifest, write_manifest
-    from spectra.export.outdir import atomic_output_dir
+    from spectra.outdir import atomic_output_dir
 
     init_path, trained_path = Path(init_dir), Path(trained_dir)
     for p, what in ((init_path, "--init"), (trained_path, "--trained")):

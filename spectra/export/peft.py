@@ -151,7 +151,7 @@ def write_peft_adapter(
     """Write ``factors[module] = (A (r, in), B (out, r))`` as a PEFT adapter folder.
 
     The folder is created if needed (callers make it atomic with
-    ``spectra.export.outdir.atomic_output_dir``). Tensors are stored in ``dtype``.
+    ``spectra.outdir.atomic_output_dir``). Tensors are stored in ``dtype``.
     """
     out = Path(out_dir)
     if not factors:

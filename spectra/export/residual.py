@@ -8,20 +8,19 @@ source file, so they are unchanged by construction. Memory is bounded by the lar
 tensor (the one being replaced), never by a shard or the model: the safetensors header is written
 first (it only needs names, dtypes and shapes), then each tensor's bytes in order.
 
-Callers write into a temporary folder (``spectra.export.outdir.atomic_output_dir``) so a crash
-never leaves a half-written checkpoint under the final name.
+Callers write into a temporary folder (``spectra.outdir.atomic_output_dir``) so a crash
+never leaves a half-written checkpoint under the final name. Source headers go through the
+validating reader (``spectra.formats.safetensors.read_header``): a malformed shard is refused
+before anything is written.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import shutil
-import struct
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,8 +28,8 @@ import torch
 from torch import Tensor
 
 from spectra.errors import SourceError, ValidationError
+from spectra.formats.safetensors import DTYPES, INDEX_NAME, TensorRef, header_bytes, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
 _CHUNK = 16 << 20
 # Side files copied next to the residual weights: what loading the model and its tokenizer
 # needs (transformers, sentence-transformers), and nothing else the source folder may hold.
@@ -56,75 +55,17 @@ SIDE_FILE_PATTERNS = (
 # sentence-transformers module folders (1_Pooling, 2_Normalize, ...): their JSON files only.
 SIDE_FOLDER = re.compile(r"^[0-9]+_[A-Za-z]+$")
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute offset of the data in the source file
-    nbytes: int
+# Storage dtypes a replacement may have: those torch computes in (a residual is computed in the
+# stored dtype). Float8, complex and unsigned 16/32/64-bit tensors are copied, never replaced.
+RESIDUAL_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 def storage_dtype(dtype: str) -> torch.dtype:
     """torch dtype of a safetensors dtype string (``"BF16"`` -> ``torch.bfloat16``)."""
-    found = _DTYPES.get(dtype)
+    found = DTYPES[dtype].torch_dtype if dtype in RESIDUAL_DTYPES else None
     if found is None:
         raise ValidationError(f"cannot write a residual for storage dtype {dtype!r}")
     return found
-
-
-def _read_header(path: Path) -> tuple[list[_Entry], dict[str, str]]:
-    try:
-        with path.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read the safetensors header ({exc})") from exc
-    meta = header.pop("__metadata__", None) or {}
-    base = 8 + size
-    entries = [
-        _Entry(
-            name,
-            v["dtype"],
-            tuple(v["shape"]),
-            base + v["data_offsets"][0],
-            v["data_offsets"][1] - v["data_offsets"][0],
-        )
-        for name, v in header.items()
-    ]
-    entries.sort(key=lambda e: e.start)
-    return entries, meta
-
-
-def _header_bytes(entries: list[_Entry], meta: dict[str, str]) -> bytes:
-    header: dict[str, object] = {}
-    if meta:
-        header["__metadata__"] = meta
-    pos = 0
-    for e in entries:
-        header[e.name] = {
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "data_offsets": [pos, pos + e.nbytes],
-        }
-        pos += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(raw)) + raw
 
 
 def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
@@ -138,7 +79,7 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
         left -= len(chunk)
 
 
-def _tensor_bytes(entry: _Entry, value: Tensor) -> bytes:
+def _tensor_bytes(entry: TensorRef, value: Tensor) -> bytes:
     want = storage_dtype(entry.dtype)
     if value.dtype != want or tuple(value.shape) != entry.shape:
         raise ValidationError(
@@ -155,14 +96,15 @@ def write_shard(src: Path, dst: Path, replace: Replace) -> list[str]:
     """Write ``dst`` as a copy of safetensors file ``src`` where ``replace(name)`` returns a
     tensor (same dtype and shape as stored) for the tensors to change, None for the rest.
     Returns the names replaced."""
-    entries, meta = _read_header(src)
+    header = read_header(src)
+    entries = header.in_data_order()
     replaced = []
     with src.open("rb") as fin, dst.open("wb") as fout:
-        fout.write(_header_bytes(entries, meta))
+        fout.write(header_bytes(entries, header.metadata))
         for entry in entries:
             value = replace(entry.name)
             if value is None:
-                _copy_range(fin, fout, entry.start, entry.nbytes)
+                _copy_range(fin, fout, entry.offset, entry.nbytes)
             else:
                 fout.write(_tensor_bytes(entry, value))
                 replaced.append(entry.name)

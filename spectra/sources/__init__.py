@@ -7,9 +7,9 @@ LoRA adapters in `spectra.sources.adapters`; Hub access in `spectra.sources.hub`
 
 from __future__ import annotations
 
+from spectra.formats.safetensors import DTYPES, TensorRef
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.header import DTYPES, TensorRef
 from spectra.sources.layout import IndexMismatchWarning
 from spectra.sources.reader import shard_digest
 from spectra.sources.roles import ROLES, MatrixRef

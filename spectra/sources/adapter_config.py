@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spectra.errors import SourceError
-from spectra.sources.header import clip
+from spectra.formats.safetensors import clip
 
 try:  # Python >= 3.11
     from re import _parser as _sre_parse  # type: ignore[attr-defined]

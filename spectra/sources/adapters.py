@@ -23,9 +23,9 @@ import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError
+from spectra.formats.safetensors import TensorRef, clip
 from spectra.sources.adapter_config import validate_adapter_config
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.header import TensorRef, clip
 from spectra.sources.roles import MatrixRef
 
 _KEY = re.compile(

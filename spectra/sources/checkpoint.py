@@ -8,56 +8,22 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO
 
 import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError, ValidationError
-from spectra.sources.header import ShardHeader, TensorRef, read_header
-from spectra.sources.layout import check_index, local_layout
-from spectra.sources.reader import convert, read_range, shard_digest
+from spectra.formats.safetensors import ShardHeader, TensorRef, read_header
+from spectra.sources.hub import RepoShards, looks_like_repo_id, repo_shards
+from spectra.sources.layout import check_index, local_layout, read_config
+from spectra.sources.reader import LocalStore, ShardStore, convert, read_range
 from spectra.sources.roles import MatrixRef, classify
 from spectra.sources.select import select
 
 Ref = TensorRef | MatrixRef | str
-_MAX_CONFIG_BYTES = 10_000_000  # a real config.json is a few KB
-
-
-class ShardStore(Protocol):
-    """Gives access to shard files: local files as they are, or Hub shards fetched on demand."""
-
-    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
-        """Open `shard` for reading (fetching it first if needed; it may be dropped on exit)."""
-        ...
-
-    def digest(self, shard: Path) -> str:
-        """sha256 of the shard's bytes."""
-        ...
-
-    def close(self) -> None:
-        """Release whatever the store holds (temporary downloads)."""
-        ...
-
-
-class LocalStore:
-    """Shards that are files on this machine."""
-
-    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
-        try:
-            return shard.open("rb")
-        except OSError as exc:
-            raise SourceError(f"{shard}: cannot open shard ({exc.strerror or exc})") from exc
-
-    def digest(self, shard: Path) -> str:
-        return shard_digest(shard)
-
-    def close(self) -> None:
-        return None
 
 
 class Checkpoint:
@@ -79,7 +45,7 @@ class Checkpoint:
         headers: Sequence[ShardHeader],
         *,
         store: ShardStore | None = None,
-        config: dict[str, Any] | None = None,
+        config: dict[str, object] | None = None,
         weight_map: Mapping[str, Path] | None = None,
     ) -> None:
         self.source = source
@@ -87,7 +53,7 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         for header in headers:
             self.metadata.update(header.metadata)
-        self.config: dict[str, Any] = dict(config or {})
+        self.config: dict[str, object] = dict(config or {})
         self._store: ShardStore = store or LocalStore()
         self._shard_rank = {path: i for i, path in enumerate(self.files)}
         self._tensors = _collect(source, headers)
@@ -114,13 +80,12 @@ class Checkpoint:
         `revision`, `local_only` (default: the HF_HUB_OFFLINE setting) and `disk_budget` (bytes:
         stream shard by shard, dropping each downloaded shard after its pass) apply to Hub repos.
         """
-        from spectra.sources import hub  # local import: hub builds Checkpoints itself
-
         path = Path(source).expanduser()
-        if not path.exists() and hub.looks_like_repo_id(str(source)):
-            return hub.open_repo(
+        if not path.exists() and looks_like_repo_id(str(source)):
+            shards = repo_shards(
                 str(source), revision=revision, local_only=local_only, disk_budget=disk_budget
             )
+            return cls.from_shards(shards)
         if revision is not None:
             raise ValidationError(
                 f"revision={revision!r} applies to Hub repos, but {source} is a local path"
@@ -142,8 +107,19 @@ class Checkpoint:
         `weight_map` (tensor -> shard path, from an index) is checked against the headers.
         """
         headers = [read_header(p) for p in shards]
-        config = _read_config(shards)
+        config = read_config(shards)
         return cls(source, headers, store=store, config=config, weight_map=weight_map)
+
+    @classmethod
+    def from_shards(cls, shards: RepoShards) -> Checkpoint:
+        """A checkpoint over a Hub repo's shards (`spectra.sources.hub.repo_shards`)."""
+        return cls(
+            shards.source,
+            shards.headers,
+            store=shards.store,
+            config=shards.config,
+            weight_map=shards.weight_map,
+        )
 
     # -- listing -----------------------------------------------------------------------------
     def tensors(self) -> list[TensorRef]:
@@ -303,17 +279,3 @@ def _collect(source: str, headers: Sequence[ShardHeader]) -> list[TensorRef]:
         names = ", ".join(h.path.name for h in headers)
         raise SourceError(f"{source}: empty checkpoint, no tensors in {names}")
     return out
-
-
-def _read_config(shards: Sequence[Path]) -> dict[str, Any]:
-    """config.json beside the shards, if any (used for the model width); never an error."""
-    if not shards:
-        return {}
-    candidate = shards[0].parent / "config.json"
-    try:
-        if candidate.stat().st_size > _MAX_CONFIG_BYTES:
-            return {}
-        obj = json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}  # ValueError covers bad JSON and numbers too long to parse
-    return obj if isinstance(obj, dict) else {}

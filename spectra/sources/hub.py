@@ -5,7 +5,7 @@ Only `*.safetensors` and `*.json` files are ever fetched. Three ways in:
 
 - offline (`HF_HUB_OFFLINE=1` or `local_only=True`): the cached snapshot
   `<HF_HUB_CACHE>/models--org--name/snapshots/<commit>/`, resolved through `refs/<revision>`;
-  nothing touches the network.
+  nothing touches the network. The cache folder is huggingface_hub's own (`hub_cache_dir`).
 - online, no budget: `snapshot_download` of the safetensors and JSON files, then a local open.
 - online with `disk_budget` (bytes): headers come from ranged reads; during a read pass each shard
   is downloaded when its turn comes, its tensors handed on, and the file deleted after the pass
@@ -20,23 +20,31 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
+
+from huggingface_hub import constants as hf_constants
 
 from spectra.errors import HubError, SourceError, ValidationError
-from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, clip, parse_header
+from spectra.formats.safetensors import (
+    INDEX_NAME,
+    MAX_HEADER_BYTES,
+    ShardHeader,
+    clip,
+    parse_header,
+    read_header,
+)
 from spectra.sources.layout import (
     CONVERT_HINT,
-    INDEX_NAME,
     PICKLE_SUFFIXES,
     index_weight_map,
     local_layout,
+    read_config,
 )
-from spectra.sources.reader import shard_digest
+from spectra.sources.reader import ShardStore, shard_digest
 
 T = TypeVar("T")
 ALLOW_PATTERNS = ("*.safetensors", "*.json")
@@ -64,18 +72,21 @@ def is_offline(local_only: bool | None = None) -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hub cache folder, from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path("~/.cache/huggingface/hub").expanduser()
+    """The Hub cache folder, as huggingface_hub has it (`huggingface_hub.constants.HF_HUB_CACHE`).
+
+    huggingface_hub resolves it once, when it is first imported: HF_HUB_CACHE, else the legacy
+    HUGGINGFACE_HUB_CACHE, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
+    `~/.cache/huggingface/hub`. Reading its constant (at call time, so a patched constant is
+    followed too) keeps spectra's cache and every huggingface_hub download in one folder.
+    """
+    return Path(hf_constants.HF_HUB_CACHE)
 
 
 def repo_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
-    """`<cache>/models--org--name`."""
-    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    """`<cache>/models--org--name`, named by huggingface_hub."""
+    from huggingface_hub.file_download import repo_folder_name  # ~0.2 s of imports: Hub use only
+
+    return (cache_dir or hub_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def cached_snapshot(
@@ -94,14 +105,28 @@ def cached_snapshot(
     return snap if _COMMIT.fullmatch(commit) and snap.is_dir() else None
 
 
-def open_repo(
+@dataclass(frozen=True)
+class RepoShards:
+    """What a `Checkpoint` over a Hub repo is built from (`Checkpoint.from_shards`): the parsed
+    shard headers, the store that opens the shards (None: local files, a cached snapshot), the
+    repo's config.json and its index's weight map (None without an index)."""
+
+    source: str
+    headers: tuple[ShardHeader, ...]
+    config: dict[str, object]
+    weight_map: Mapping[str, Path] | None = None
+    store: ShardStore | None = None
+
+
+def repo_shards(
     text: str,
     *,
     revision: str | None = None,
     local_only: bool | None = None,
     disk_budget: int | None = None,
-) -> Checkpoint:
-    """Open the Hub repo `text` (`org/name[@rev]`) as a `Checkpoint` (see the module docstring)."""
+) -> RepoShards:
+    """The shards of Hub repo `text` (`org/name[@rev]`), headers parsed (see the module
+    docstring for the three ways in). `Checkpoint.open` builds its Checkpoint from them."""
     repo_id, rev_in_text = split_repo_id(text)
     if revision and rev_in_text and revision != rev_in_text:
         raise ValidationError(f"{text}: revision given twice ({rev_in_text!r} and {revision!r})")
@@ -118,20 +143,21 @@ def open_repo(
                 f"`hf download {repo_id} --include '*.safetensors' '*.json'`, or unset "
                 "HF_HUB_OFFLINE (no such local path either)"
             )
-        return open_snapshot(text, snap)
+        return snapshot_shards(text, snap)
     remote = HubRemote(repo_id, rev, cache)
     if disk_budget is None:
-        return open_snapshot(text, remote.download_all())
-    return open_streaming(text, remote, disk_budget=disk_budget)
+        return snapshot_shards(text, remote.download_all())
+    return streaming_shards(text, remote, disk_budget=disk_budget)
 
 
-def open_snapshot(source: str, snapshot: Path) -> Checkpoint:
-    """A Checkpoint over a snapshot folder; the source keeps the repo id for messages."""
+def snapshot_shards(source: str, snapshot: Path) -> RepoShards:
+    """The shards of a snapshot folder (local files); the source keeps the repo id for messages."""
     try:
         layout = local_layout(snapshot)
     except SourceError as exc:
         raise HubError(f"{source}: {exc}") from exc
-    return Checkpoint.from_files(source, layout.shards, weight_map=layout.weight_map)
+    headers = tuple(read_header(p) for p in layout.shards)
+    return RepoShards(source, headers, read_config(layout.shards), layout.weight_map)
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -158,10 +184,10 @@ class RemoteRepo(Protocol):
     def download(self, name: str) -> Path: ...
 
 
-def open_streaming(
+def streaming_shards(
     source: str, remote: RemoteRepo, *, disk_budget: int, keep: bool = False
-) -> Checkpoint:
-    """A Checkpoint whose shards are fetched one at a time during reads (headers fetched now).
+) -> RepoShards:
+    """Shards fetched one at a time during reads (headers fetched now, by ranged reads).
 
     Shards downloaded for a pass are deleted after it unless `keep`; shards already on disk stay.
     A remote index's weight map is checked against the headers as for a local folder.
@@ -170,16 +196,13 @@ def open_streaming(
     names, index_map = _remote_names(source, remote, files)
     by_path = {remote.local_path(n): files[n] for n in names}
     headers = [_remote_header(source, remote, info) for info in by_path.values()]
-    config = _remote_json(remote, files.get("config.json"))
+    config = _remote_json(remote, files.get("config.json"))  # used for the model width only
     store = StreamingStore(remote, by_path, budget=disk_budget, keep=keep)
     weight_map = None
     if index_map is not None:  # paths as the headers carry them, so the check compares equal
         weight_map = {tensor: remote.local_path(n) for tensor, n in index_map.items()}
-    return Checkpoint(source, headers, store=store, config=config, weight_map=weight_map)
-
-
-def _shard_names(source: str, remote: RemoteRepo, files: dict[str, RemoteFile]) -> list[str]:
-    return _remote_names(source, remote, files)[0]
+    config = config if isinstance(config, dict) else {}
+    return RepoShards(source, tuple(headers), config, weight_map, store)
 
 
 def _remote_names(
@@ -207,7 +230,7 @@ def _remote_names(
     raise HubError(f"{source}: the repo has no .safetensors files")
 
 
-def _remote_json(remote: RemoteRepo, info: RemoteFile | None) -> Any:
+def _remote_json(remote: RemoteRepo, info: RemoteFile | None) -> object:
     if info is None or info.size > 50_000_000:
         return {}
     try:
@@ -358,7 +381,7 @@ class HubRemote:
 
         names = [f.name for f in self._files]
         if not any(n.endswith(".safetensors") for n in names):
-            _shard_names(self.repo_id, self, {f.name: f for f in self._files})  # raises
+            _remote_names(self.repo_id, self, {f.name: f for f in self._files})  # raises
         return Path(
             self._call(
                 lambda: snapshot_download(

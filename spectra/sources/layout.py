@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from spectra.errors import SourceError
-from spectra.sources.header import MAX_HEADER_BYTES, ShardHeader, clip
+from spectra.formats.safetensors import INDEX_NAME, MAX_HEADER_BYTES, ShardHeader, clip
 
-INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONVERT_HINT = (
     "spectra never unpickles (a pickle can run arbitrary code): in an environment you trust, "
@@ -28,6 +27,7 @@ CONVERT_HINT = (
 
 
 _SHOWN = 3  # names quoted in an index-mismatch message
+_MAX_CONFIG_BYTES = 10_000_000  # a real config.json is a few KB
 
 
 class IndexMismatchWarning(UserWarning):
@@ -109,11 +109,6 @@ def _no_safetensors_message(folder: Path) -> str:
     return f"{folder}: no .safetensors files in this folder"
 
 
-def shards_from_index(index: Path) -> list[Path]:
-    """Shard paths named by a `*.safetensors.index.json`, each checked to stay inside its folder."""
-    return list(layout_from_index(index).shards)
-
-
 def layout_from_index(index: Path) -> ShardLayout:
     """The shards a `*.safetensors.index.json` names (each checked to stay inside its folder and
     to exist) and its weight map as paths."""
@@ -138,12 +133,6 @@ def layout_from_index(index: Path) -> ShardLayout:
             )
     located = {tensor: shards[rel] for tensor, rel in weight_map.items()}
     return ShardLayout(tuple(shards.values()), located)
-
-
-def index_shard_names(obj: object, label: str) -> list[str]:
-    """Shard file names of a parsed index, in order of first appearance, refused before any
-    file is opened when one would leave the checkpoint folder."""
-    return _first_appearance(index_weight_map(obj, label))
 
 
 def _first_appearance(weight_map: Mapping[str, str]) -> list[str]:
@@ -250,3 +239,17 @@ def _quote(texts: Iterable[str]) -> str:
     shown = list(itertools.islice(texts, _SHOWN + 1))
     more = len(shown) > _SHOWN
     return ", ".join(shown[:_SHOWN]) + (", ..." if more else "")
+
+
+def read_config(shards: Sequence[Path]) -> dict[str, object]:
+    """config.json beside the shards, if any (used for the model width); never an error."""
+    if not shards:
+        return {}
+    candidate = shards[0].parent / "config.json"
+    try:
+        if candidate.stat().st_size > _MAX_CONFIG_BYTES:
+            return {}
+        obj = json.loads(candidate.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}  # ValueError covers bad JSON and numbers too long to parse
+    return obj if isinstance(obj, dict) else {}

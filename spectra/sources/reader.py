@@ -1,5 +1,8 @@
 """Bytes to tensors: seek + readinto one tensor's range, view it as its stored dtype, convert.
 
+Shards are opened through a `ShardStore`: `LocalStore` for files on this machine, the Hub's
+`StreamingStore` (spectra.sources.hub) for shards fetched on demand.
+
 The only place that reads tensor data. A read holds the raw bytes of one tensor plus the converted
 result, never a whole file.
 """
@@ -11,13 +14,14 @@ import os
 import re
 import sys
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 
 from spectra.errors import SourceError
-from spectra.sources.header import DTYPES
+from spectra.formats.safetensors import DTYPES
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -109,3 +113,35 @@ def _hash_file(path: Path, chunk: int = 8 << 20) -> str:
     except OSError as exc:
         raise SourceError(f"{path}: cannot read shard to hash it ({exc.strerror or exc})") from exc
     return h.hexdigest()
+
+
+class ShardStore(Protocol):
+    """Gives access to shard files: local files as they are, or Hub shards fetched on demand."""
+
+    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
+        """Open `shard` for reading (fetching it first if needed; it may be dropped on exit)."""
+        ...
+
+    def digest(self, shard: Path) -> str:
+        """sha256 of the shard's bytes."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever the store holds (temporary downloads)."""
+        ...
+
+
+class LocalStore:
+    """Shards that are files on this machine."""
+
+    def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
+        try:
+            return shard.open("rb")
+        except OSError as exc:
+            raise SourceError(f"{shard}: cannot open shard ({exc.strerror or exc})") from exc
+
+    def digest(self, shard: Path) -> str:
+        return shard_digest(shard)
+
+    def close(self) -> None:
+        return None

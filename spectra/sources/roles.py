@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from spectra.errors import SourceError
-from spectra.sources.header import DTYPES, TensorRef, clip
+from spectra.formats.safetensors import DTYPES, TensorRef, clip
 
 #: Most experts one 3-D stack may hold (real MoE models have up to a few hundred). Each expert
 #: becomes a MatrixRef, so a tiny hostile stack of (10**8, 1, 1) would otherwise cost gigabytes.

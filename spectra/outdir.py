@@ -207,19 +207,6 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write one file via a temp file + rename (used for files outside an output folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_output_files(
     path: str | os.PathLike[str], files: dict[str, bytes | str], *, force: bool = False
 ) -> list[Path]:

@@ -1,9 +1,12 @@
-"""Safetensors headers, parsed and validated by hand, so listing never touches tensor data.
+"""The safetensors format: the one header reader, the one dtype table, the one header writer.
 
 A safetensors file is `u64 little-endian N | N bytes of UTF-8 JSON | data`. The JSON maps tensor
 names to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the data start)
-plus an optional `"__metadata__": {str: str}`. Every check below turns a malformed file into a
-`SourceError` that names the file and, where there is one, the tensor.
+plus an optional `"__metadata__": {str: str}`.
+
+Headers are parsed and validated by hand, so listing never touches tensor data: every check below
+turns a malformed file into a `SourceError` that names the file and, where there is one, the
+tensor. `header_bytes` writes a header back (the residual writer streams tensors after it).
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 
 from spectra.errors import SourceError
 
+#: The index of a sharded checkpoint (`weight_map`: tensor name -> shard file name).
+INDEX_NAME = "model.safetensors.index.json"
 #: Largest header we accept. The reference implementation refuses 100 MB as well; a real header of
 #: a 400B-parameter checkpoint is a few MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -68,6 +73,21 @@ DTYPES: dict[str, DType] = {
 }
 
 
+def torch_dtypes_by_name(names: Sequence[str]) -> dict[str, torch.dtype]:
+    """`{torch name: torch dtype}` for the safetensors dtypes `names`, in that order.
+
+    >>> list(torch_dtypes_by_name(["F32", "BF16"]))
+    ['float32', 'bfloat16']
+    """
+    out: dict[str, torch.dtype] = {}
+    for name in names:
+        found = DTYPES[name].torch_dtype
+        if found is None:
+            raise ValueError(f"safetensors dtype {name} has no torch dtype in this torch build")
+        out[str(found).removeprefix("torch.")] = found
+    return out
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """Where one tensor's bytes are: enough to read it later without parsing anything again.
@@ -97,6 +117,10 @@ class ShardHeader:
     data_start: int
     tensors: tuple[TensorRef, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def in_data_order(self) -> list[TensorRef]:
+        """The tensors sorted by where their bytes start (file order for ties)."""
+        return sorted(self.tensors, key=lambda ref: ref.offset)
 
 
 def read_header(path: Path) -> ShardHeader:
@@ -153,7 +177,7 @@ def _read_exact(fh: BinaryIO, n: int, where: str) -> bytes:
     return bytes(data)
 
 
-def _decode_json(raw: bytes, where: str) -> dict[str, Any]:
+def _decode_json(raw: bytes, where: str) -> dict[str, object]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -186,9 +210,9 @@ def _check_unicode(text: str, where: str) -> None:
         ) from None
 
 
-def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, object]]], dict[str, object]]:
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
         for key, value in pairs:
             if key in out:
                 raise SourceError(f"{where}: tensor {clip(key)} appears twice in the header")
@@ -198,7 +222,7 @@ def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str
     return hook
 
 
-def _metadata(raw: Any, where: str) -> dict[str, str]:
+def _metadata(raw: object, where: str) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict) or not all(
@@ -208,13 +232,13 @@ def _metadata(raw: Any, where: str) -> dict[str, str]:
     return dict(raw)
 
 
-def clip(value: Any, limit: int = 120) -> str:
+def clip(value: object, limit: int = 120) -> str:
     """`repr(value)`, cut to `limit` characters: hostile headers must not make huge messages."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} chars)"
 
 
-def _tensor_ref(name: str, info: Any, path: Path, data_start: int, where: str) -> TensorRef:
+def _tensor_ref(name: str, info: object, path: Path, data_start: int, where: str) -> TensorRef:
     def bad(why: str) -> SourceError:
         return SourceError(f"{where}: tensor {clip(name)}: {why}")
 
@@ -247,7 +271,7 @@ def _tensor_ref(name: str, info: Any, path: Path, data_start: int, where: str) -
     return TensorRef(name, tuple(shape), dtype, path, data_start + begin, end - begin)
 
 
-def _is_nonneg_int(value: Any) -> bool:
+def _is_nonneg_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -268,3 +292,26 @@ def _check_ranges(refs: list[TensorRef], data_start: int, size: int, where: str)
             )
         if ref.nbytes > 0:
             last_end, last_name = end, ref.name
+
+
+def header_bytes(tensors: Sequence[TensorRef], metadata: Mapping[str, str]) -> bytes:
+    """The header of a safetensors file holding `tensors` back to back, in the order given.
+
+    Each tensor keeps its name, dtype, shape and byte length; offsets are recomputed from 0. The
+    JSON is compact and padded with spaces so the data starts 8-byte aligned, as safetensors
+    writes it. Returns the length prefix and the JSON.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    for ref in tensors:
+        header[ref.name] = {
+            "dtype": ref.dtype,
+            "shape": list(ref.shape),
+            "data_offsets": [pos, pos + ref.nbytes],
+        }
+        pos += ref.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
