@@ -77,7 +77,7 @@ def phase(name: str, work: Path, threads: int) -> dict:
     """Run one phase in this process; return time and peak RSS."""
     torch.set_num_threads(threads)
     from spectra.analysis.compare import compare
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     t0 = time.perf_counter()
     extra: dict = {}

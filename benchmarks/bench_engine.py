@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from spectra.linalg import SpectrumCache, compute_spectra
-from spectra.sources import Checkpoint, bundled_model_path
+from spectra.sources.bundled import bundled_model_path
+from spectra.sources.checkpoint import Checkpoint
 
 HIDDEN, INTER, KV = 2048, 5632, 256
 

@@ -93,7 +93,7 @@ def bench_core(path: Path, targets: str, r: int) -> dict[str, Any]:
     from spectra.adapt.factorize import residual
     from spectra.adapt.plan import select_targets
     from spectra.adapt.registry import InitContext, get_initializer
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     init = get_initializer("pissa")
     with Checkpoint.open(path) as ckpt:

@@ -168,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     results: dict[str, Any] = {"threads": args.threads}
     if not args.skip_minilm:
-        from spectra.sources import bundled_model_path
+        from spectra.sources.bundled import bundled_model_path
 
         print("MiniLM", flush=True)
         results["minilm"] = bench_model(bundled_model_path(), args.threads, args.jobs.split(","))

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from spectra.distributed import CostModel
 from spectra.linalg import compute_spectra
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 # ASSUMPTIONS (not measured: no GPU on the machine that wrote docs/scaling.md). Effective "model
 # flops" per second (the CostModel's flop counts divided by wall time) of one H100 on this

@@ -59,7 +59,7 @@ def _vm(field: str) -> int:
 
 def stream(folder: str) -> dict[str, float]:
     """Runs in the child: open, read every matrix, report."""
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     base = _vm("VmRSS")
     t0 = time.perf_counter()

@@ -51,7 +51,8 @@ def inspect(
     ] = False,
 ) -> None:
     """List weight matrices (name, role, layer, shape, dtype, MB) and totals. Reads headers only."""
-    from spectra.sources import Checkpoint, bundled_model_path
+    from spectra.sources.bundled import bundled_model_path
+    from spectra.sources.checkpoint import Checkpoint
     from spectra.sources.inventory import inventory
 
     target = source if source is not None else str(bundled_model_path())

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily on first attribute access)
 _LAZY = {
-    "Checkpoint": "spectra.sources",
+    "Checkpoint": "spectra.sources.checkpoint",
     "analyze": "spectra.analysis.analyze",
     "Analysis": "spectra.analysis.results",
     "compare": "spectra.analysis.compare",

@@ -19,7 +19,7 @@ from spectra.analysis.results import Analysis
 from spectra.errors import ValidationError
 from spectra.linalg import exact_svdvals
 from spectra.linalg.cache import SpectrumCache
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 
 @pytest.fixture(scope="module")

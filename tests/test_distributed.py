@@ -34,7 +34,7 @@ from spectra.distributed.hub import snapshot_commit
 from spectra.distributed.partition import loads, matrix_cost
 from spectra.distributed.runtime import backend_for, resolve_threads, resolve_timeout
 from spectra.errors import ValidationError
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

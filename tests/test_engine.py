@@ -176,7 +176,7 @@ def test_option_errors() -> None:
 
 
 def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     with Checkpoint.open(minilm_path) as ck:
         refs = [r for r in ck.matrices() if r.layer == 0]
@@ -250,7 +250,7 @@ def test_bf16_is_read_as_stored_and_gives_the_float32_route_bit_for_bit(tmp_path
 
     from spectra.linalg.engine import MatrixExtras
     from spectra.linalg.exact import gram_svdvals
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     path = write_llama_like(tmp_path / "ck", layers=1, hidden=32, intermediate=48, vocab=50)
     seen: list[torch.dtype] = []

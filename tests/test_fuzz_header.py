@@ -33,8 +33,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectra.errors import SourceError, SpectraError
-from spectra.formats.safetensors import MAX_HEADER_BYTES
-from spectra.sources import DTYPES, Checkpoint
+from spectra.formats.safetensors import DTYPES, MAX_HEADER_BYTES
+from spectra.sources.checkpoint import Checkpoint
 
 DTYPE_NAMES = sorted(DTYPES)
 TiB = 1 << 40

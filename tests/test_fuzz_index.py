@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectra.errors import SourceError, SpectraError
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 INDEX = "model.safetensors.index.json"
 

@@ -16,7 +16,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 from spectra.errors import HubError, SourceError
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.hub import (
     RemoteFile,
     RemoteRepo,

@@ -340,7 +340,7 @@ def test_init_without_source_uses_the_bundled_model(tmp_path) -> None:  # noqa: 
     from typer.testing import CliRunner
 
     from spectra.cli.main import app
-    from spectra.sources import bundled_model_path
+    from spectra.sources.bundled import bundled_model_path
 
     out = tmp_path / "o"
     result = CliRunner().invoke(

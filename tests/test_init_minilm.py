@@ -236,7 +236,7 @@ def test_a_refused_out_fails_before_any_work(
     calibration runs (a refusal after minutes of SVD/calibration work wastes them)."""
     import spectra.adapt.calib_step as calib_step
     from spectra.errors import OutputError
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     calls: list[str] = []
 

@@ -32,7 +32,7 @@ from _source_fixtures import write_llama_like
 
 from spectra.linalg import CacheCorruptionWarning, SpectrumCache, compute_spectra
 from spectra.linalg.cache import CACHE_FORMAT
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 KILLS = 4

@@ -15,7 +15,7 @@ from _source_fixtures import (
 from safetensors.torch import load_file
 
 from spectra.formats.safetensors import TensorRef
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import classify, layer_index, name_role
 
 

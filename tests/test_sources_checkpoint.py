@@ -11,7 +11,8 @@ from _source_fixtures import write_llama_like, write_safetensors
 from safetensors.torch import load_file
 
 from spectra.errors import SourceError, ValidationError
-from spectra.sources import Checkpoint, shard_digest
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.reader import shard_digest
 
 
 def _reference(folder: Path) -> dict[str, torch.Tensor]:

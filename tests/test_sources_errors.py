@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from spectra.errors import SourceError
 from spectra.formats.safetensors import MAX_HEADER_BYTES, ShardHeader
-from spectra.sources import Checkpoint
 from spectra.sources import checkpoint as checkpoint_module
 from spectra.sources import hub as hub_module
+from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.hub import RemoteFile, snapshot_shards, streaming_shards
 from spectra.sources.layout import IndexMismatchWarning
 

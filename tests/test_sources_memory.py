@@ -22,7 +22,7 @@ def vm(field):
             return int(line.split()[1]) * 1024
 
 import torch
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 ckpt = Checkpoint.open(sys.argv[1])
 mats = ckpt.matrices()
 before = vm("VmRSS")

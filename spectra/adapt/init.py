@@ -354,7 +354,7 @@ def init_adapter(
     Returns an InitResult.
     """
     from spectra.outdir import check_output_dir
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     started = time.perf_counter()
     job = init_job(

@@ -106,7 +106,7 @@ def analyze(
     >>> an = analyze(roles=("q",))  # doctest: +SKIP
     >>> [round(lm.alpha, 2) for lm in an.layers][:2]  # doctest: +SKIP
     """
-    from spectra.sources import Checkpoint
+    from spectra.sources.checkpoint import Checkpoint
 
     options = AnalyzeOptions(
         include=include,
@@ -123,7 +123,7 @@ def analyze(
     if isinstance(source, Checkpoint):
         return _analyze_checkpoint(source, options, **run)
     if source is None:
-        from spectra.sources import bundled_model_path
+        from spectra.sources.bundled import bundled_model_path
 
         source = bundled_model_path()
     with Checkpoint.open(str(source)) as ckpt:

@@ -38,7 +38,7 @@ from spectra.distributed.runtime import (
     is_distributed,
     rank_device,
 )
-from spectra.sources import Checkpoint
+from spectra.sources.checkpoint import Checkpoint
 
 
 class _ShareView(Checkpoint):

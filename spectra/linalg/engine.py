@@ -44,7 +44,7 @@ from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch,
 from spectra.linalg.exact import resolve_route
 from spectra.linalg.rsvd import DEFAULT_TOL
 from spectra.linalg.spectrum import Spectrum
-from spectra.sources import shard_digest
+from spectra.sources.reader import shard_digest
 
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read_from_checkpoint)"""
@@ -77,7 +77,7 @@ class MemoryBudgetWarning(UserWarning):
 
 
 class CheckpointLike(Protocol):
-    """What the engine needs from `spectra.sources.Checkpoint`."""
+    """What the engine needs from `spectra.sources.checkpoint.Checkpoint`."""
 
     def matrices(self) -> list[Any]: ...
 
@@ -126,7 +126,8 @@ def compute_spectra(
 
     Arguments are validated when called; the work happens as the iterator is consumed.
 
-    >>> from spectra.sources import Checkpoint, bundled_model_path  # doctest: +SKIP
+    >>> from spectra.sources.checkpoint import Checkpoint  # doctest: +SKIP
+    >>> from spectra.sources.bundled import bundled_model_path  # doctest: +SKIP
     >>> with Checkpoint.open(bundled_model_path()) as ck:  # doctest: +SKIP
     ...     spectra = list(compute_spectra(ck, mode="values"))
     """

@@ -1,26 +1,16 @@
 """spectra.sources: what to read. Safetensors checkpoints listed from headers, read on demand.
 
-Public API: `Checkpoint`, `TensorRef`, `MatrixRef`, `ROLES`, `shard_digest`, `bundled_model_path`,
-`IndexMismatchWarning` (shards hold tensors their index does not list);
-LoRA adapters in `spectra.sources.adapters`; Hub access in `spectra.sources.hub`.
+- `checkpoint.py` — `Checkpoint`: a lazy catalog over a file, a sharded folder, a Hub repo id or
+  a PEFT adapter folder; lists `TensorRef`s from headers, reads one tensor or a batch on demand.
+- `layout.py` — which files make up a local checkpoint (index, shards, config.json), and the
+  index-versus-headers check (`IndexMismatchWarning`).
+- `reader.py` — bytes to tensors; `ShardStore`/`LocalStore`; `shard_digest`.
+- `hub.py` — Hub repo ids through huggingface_hub: its cache, offline mode, streaming shards.
+- `roles.py` — `MatrixRef`, `ROLES`: which tensors are weight matrices and what they are.
+- `select.py` — name-glob and role filters; `inventory.py` — what a checkpoint holds, as data.
+- `adapters.py`, `adapter_config.py` — PEFT LoRA adapters as low-rank factors.
+- `bundled.py` — `bundled_model_path()`, the packaged all-MiniLM-L6-v2.
+
+The safetensors header itself (`TensorRef`, `DTYPES`, `read_header`) lives in
+`spectra.formats.safetensors`. Import each name from the module that defines it.
 """
-
-from __future__ import annotations
-
-from spectra.formats.safetensors import DTYPES, TensorRef
-from spectra.sources.bundled import bundled_model_path
-from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.layout import IndexMismatchWarning
-from spectra.sources.reader import shard_digest
-from spectra.sources.roles import ROLES, MatrixRef
-
-__all__ = [
-    "DTYPES",
-    "ROLES",
-    "Checkpoint",
-    "IndexMismatchWarning",
-    "MatrixRef",
-    "TensorRef",
-    "bundled_model_path",
-    "shard_digest",
-]

@@ -1,6 +1,7 @@
 """`Checkpoint`: a lazy catalog of a safetensors checkpoint. Lists from headers, reads on demand.
 
->>> from spectra.sources import Checkpoint, bundled_model_path
+>>> from spectra.sources.checkpoint import Checkpoint
+>>> from spectra.sources.bundled import bundled_model_path
 >>> with Checkpoint.open(bundled_model_path()) as ckpt:          # doctest: +SKIP
 ...     q = ckpt.matrices(roles=["q"])[0]
 ...     W = ckpt.read(q)                                           # (384, 384) float32
