@@ -8,7 +8,7 @@ import pytest
 import torch
 from _adapt_fixtures import one_thread  # noqa: F401
 
-from spectra.adapt.factorize import factorize, lora_scale, reconstruction_error, residual
+from spectra.adapt.factorize import factorize, reconstruction_error, residual
 from spectra.adapt.registry import (
     INITIALIZERS,
     Factors,
@@ -19,6 +19,7 @@ from spectra.adapt.registry import (
 )
 from spectra.adapt.svd import exact_slice, use_exact
 from spectra.errors import ValidationError
+from spectra.formats.peft import lora_scale
 
 
 def _known_spectrum(m: int, n: int, S: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -40,8 +41,12 @@ def test_lora_scale(alpha: float, r: int, rs: bool, want: float) -> None:
 
 @pytest.mark.parametrize("bad", [(0, 4), (8, 0), (float("nan"), 4), (-1, 4)])
 def test_lora_scale_rejects(bad: tuple[float, int]) -> None:
+    """No initializer factors with alpha <= 0, a rank <= 0 or a NaN alpha. The scale rule itself
+    is PEFT's (alpha 0 reads as a zero update, see tests/test_formats_peft.py), so alpha <= 0 is
+    refused where factors are made."""
+    U, S, Vh = torch.linalg.svd(torch.randn(6, 5, dtype=torch.float64), full_matrices=False)
     with pytest.raises(ValidationError):
-        lora_scale(bad[0], bad[1])
+        factorize(U[:, :2], S[:2], Vh[:2], lora_scale(bad[0], bad[1]))
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])

@@ -13,7 +13,7 @@ from _adapt_fixtures import one_thread  # noqa: F401
 
 from spectra.errors import ValidationError
 from spectra.export.convert import convert_adapters, doubled_alpha, stack_factors
-from spectra.export.peft import read_peft_adapter, write_peft_adapter
+from spectra.formats.peft import AdapterContent, read_peft_adapter, write_peft_adapter
 
 
 def test_stacked_factors_give_the_difference_of_updates() -> None:
@@ -43,9 +43,9 @@ def test_alpha_keeps_the_scale(rslora: bool, factor: float) -> None:
 
 def test_convert_in_memory_checks_scales_and_modules(tmp_path: Path) -> None:
     f = {"m": (torch.ones(2, 3), torch.ones(4, 2))}
-    write_peft_adapter(tmp_path / "i", f, {"m": 2.0})
-    write_peft_adapter(tmp_path / "t", f, {"m": 4.0})
-    write_peft_adapter(tmp_path / "u", {"n": f["m"]}, {"n": 2.0})
+    write_peft_adapter(tmp_path / "i", AdapterContent(f, {"m": 2.0}))
+    write_peft_adapter(tmp_path / "t", AdapterContent(f, {"m": 4.0}))
+    write_peft_adapter(tmp_path / "u", AdapterContent({"n": f["m"]}, {"n": 2.0}))
     init = read_peft_adapter(tmp_path / "i")
     with pytest.raises(ValidationError, match="scale changed"):
         convert_adapters(init, read_peft_adapter(tmp_path / "t"))
@@ -117,7 +117,8 @@ def _synthetic_init(folder: Path, source: str | None) -> tuple[Path, Path]:
     g = torch.Generator().manual_seed(3)
     f0 = {"m": (torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g))}
     residual = str(folder / "residual_base")
-    write_peft_adapter(folder / "adapter", f0, {"m": 2.0}, base_model_name_or_path=residual)
+    init = AdapterContent(f0, {"m": 2.0}, base_model_name_or_path=residual)
+    write_peft_adapter(folder / "adapter", init)
     if source is not None:
         manifest = build_manifest(
             kind="init",
@@ -131,14 +132,14 @@ def _synthetic_init(folder: Path, source: str | None) -> tuple[Path, Path]:
         write_manifest(folder, manifest)
     f1 = {"m": (f0["m"][0] + 0.1, f0["m"][1] - 0.1)}
     head = {"base_model.model.classifier.weight": torch.randn(3, 4, generator=g)}
-    write_peft_adapter(
-        folder.parent / "trained",
+    trained = AdapterContent(
         f1,
         {"m": 2.0},
         base_model_name_or_path=residual,
         other=head,
         config_extra={"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
     )
+    write_peft_adapter(folder.parent / "trained", trained)
     return folder / "adapter", folder.parent / "trained"
 
 

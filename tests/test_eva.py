@@ -129,7 +129,7 @@ def test_peft_loads_eva_adapter_on_the_unchanged_base(minilm_path, tmp_path):
 
     from spectra.adapt.calib_data import load_texts
     from spectra.adapt.calibrate import CalibrationOptions, load_model, run_calibration
-    from spectra.export.peft import write_peft_adapter
+    from spectra.formats.peft import AdapterContent, write_peft_adapter
 
     model, tok = load_model(minilm_path, "cpu")
     names = [f"encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")]
@@ -149,9 +149,8 @@ def test_peft_loads_eva_adapter_on_the_unchanged_base(minilm_path, tmp_path):
         out_features = dict(model.named_modules())[name].weight.shape[0]
         factors[name] = eva_factors(stats.svd_state(name), r, out_features)
     alphas = adjusted_alphas(8.0, ranks, new)
-    write_peft_adapter(
-        tmp_path / "adapter", factors, alphas, base_model_name_or_path=str(minilm_path)
-    )
+    content = AdapterContent(factors, alphas, base_model_name_or_path=str(minilm_path))
+    write_peft_adapter(tmp_path / "adapter", content)
     enc = AutoTokenizer.from_pretrained(minilm_path)(texts[:3], padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = model(**enc).last_hidden_state
@@ -170,7 +169,7 @@ def test_peft_loads_eva_adapter_on_the_unchanged_base(minilm_path, tmp_path):
 def test_adjusted_alphas_keep_the_lora_scale(rslora: bool) -> None:
     """adjust_scaling_factors keeps each module's scale: alpha / r, or alpha / sqrt(r) under
     rsLoRA (where alpha * r_new / r_old would move the scale by sqrt(r_new / r_old))."""
-    from spectra.adapt.factorize import lora_scale
+    from spectra.formats.peft import lora_scale
 
     old = {"a": 4, "b": 4, "c": 4, "d": 4}
     new = {"a": 7, "b": 1, "c": 8, "d": 0}
@@ -192,7 +191,7 @@ def test_calibration_step_adjusts_alphas_for_the_scale_in_use(
 
     import spectra.adapt.calib_data as calib_data
     import spectra.adapt.calib_step as calib_step
-    from spectra.adapt.factorize import lora_scale
+    from spectra.formats.peft import lora_scale
 
     moved = {"q.weight": 6, "v.weight": 2, "o.weight": 0}
     stats = CalibrationStats()

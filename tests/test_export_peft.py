@@ -15,15 +15,16 @@ from safetensors.torch import save_file
 
 from spectra.errors import SourceError, ValidationError
 from spectra.export.manifest import build_manifest, file_sha256, read_manifest, write_manifest
-from spectra.export.peft import (
+from spectra.export.residual import write_residual_checkpoint
+from spectra.formats.peft import (
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    AdapterContent,
     pattern_keys,
     read_peft_adapter,
     write_peft_adapter,
 )
-from spectra.export.residual import write_residual_checkpoint
 from spectra.formats.safetensors import INDEX_NAME
 
 
@@ -39,9 +40,10 @@ def test_adapter_folder_has_peft_keys_and_full_path_patterns(tmp_path: Path) -> 
     mods = {"enc.layer.0.q": (8, 6, 2), "enc.layer.1.q": (8, 6, 4), "enc.layer.1.up": (12, 6, 4)}
     factors = _factors(mods)
     alphas = {"enc.layer.0.q": 2.0, "enc.layer.1.q": 4.0, "enc.layer.1.up": 8.5}
-    write_peft_adapter(
-        tmp_path, factors, alphas, rslora=True, base_model_name_or_path="/b", dtype=torch.bfloat16
+    content = AdapterContent(
+        factors, alphas, rslora=True, base_model_name_or_path="/b", dtype=torch.bfloat16
     )
+    write_peft_adapter(tmp_path, content)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["init_lora_weights"] is True
     assert cfg["use_rslora"] is True and cfg["bias"] == "none"
@@ -75,9 +77,9 @@ def test_pattern_keys_never_shadow_a_suffix_module() -> None:
 
 def test_write_rejects_bad_factors(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="do not form a LoRA"):
-        write_peft_adapter(tmp_path, {"m": (torch.zeros(2, 3), torch.zeros(4, 3))}, {"m": 1.0})
+        AdapterContent({"m": (torch.zeros(2, 3), torch.zeros(4, 3))}, {"m": 1.0})
     with pytest.raises(ValidationError, match="no adapter factors"):
-        write_peft_adapter(tmp_path, {}, {})
+        AdapterContent({}, {})
 
 
 def test_read_errors(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectra.errors import SourceError, SpectraError
-from spectra.sources.adapter_config import check_pattern
+from spectra.formats.peft import check_pattern
 from spectra.sources.adapters import LoraAdapter
 
 SHAPES = {"layers.0.q_proj.weight": (8, 6), "layers.0.v_proj.weight": (8, 6)}

@@ -11,7 +11,8 @@ from _source_fixtures import write_llama_like, write_lora_adapter
 from safetensors.torch import load_file
 
 from spectra.errors import SourceError
-from spectra.sources.adapters import LoraAdapter, MergedCheckpoint, pattern_value
+from spectra.formats.peft import pattern_value
+from spectra.sources.adapters import LoraAdapter, MergedCheckpoint
 from spectra.sources.checkpoint import Checkpoint
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"

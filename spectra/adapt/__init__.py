@@ -21,7 +21,7 @@ from spectra.adapt.allocate import (
     get_allocator,
     register_allocator,
 )
-from spectra.adapt.factorize import factorize, lora_scale, reconstruction_error, residual
+from spectra.adapt.factorize import factorize, reconstruction_error, residual
 from spectra.adapt.init import InitResult, init_adapter
 from spectra.adapt.plan import AdapterPlan, ModulePlan, build_plan, select_targets
 from spectra.adapt.registry import (
@@ -53,7 +53,6 @@ __all__ = [
     "get_allocator",
     "get_initializer",
     "init_adapter",
-    "lora_scale",
     "reconstruction_error",
     "register_allocator",
     "register_initializer",

@@ -1,10 +1,10 @@
 """SVD slices -> LoRA factors, and the residual base: the one place every initializer goes through.
 
 Conventions (docs/methods.md section 4): W is stored (out, in) = (m, n); a LoRA adapter
-adds ``scale * B @ A`` with ``A (r, n)``, ``B (m, r)`` and ``scale = alpha / r`` (LoRA) or
-``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732). The residual is always
-computed by subtraction, ``W_res = W - scale * B @ A``, so the adapted model reproduces W up to
-the rounding of the storage dtype even when the decomposition was approximate.
+adds ``scale * B @ A`` with ``A (r, n)``, ``B (m, r)`` and the scale of PEFT's rule
+(``spectra.formats.peft.lora_scale``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA). The
+residual is always computed by subtraction, ``W_res = W - scale * B @ A``, so the adapted model
+reproduces W up to the rounding of the storage dtype even when the decomposition was approximate.
 """
 
 from __future__ import annotations
@@ -15,19 +15,6 @@ import torch
 from torch import Tensor
 
 from spectra.errors import ValidationError
-
-
-def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
-    """The factor PEFT multiplies ``B @ A`` by: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA.
-
-    >>> lora_scale(16, 16), lora_scale(8, 4, rslora=True)
-    (1.0, 4.0)
-    """
-    if rank <= 0:
-        raise ValidationError(f"LoRA rank must be positive, got {rank}")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValidationError(f"LoRA alpha must be a positive number, got {alpha}")
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
 def factorize(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -129,8 +129,8 @@ def _write_outputs(
     choice: _Choice,
 ) -> None:
     from spectra.export.manifest import build_manifest, write_manifest
-    from spectra.export.peft import write_peft_adapter
     from spectra.export.residual import write_residual_checkpoint
+    from spectra.formats.peft import AdapterContent, write_peft_adapter
 
     if runner.init.mutates_base:
         # A single-file source's folder is not a checkpoint: take no side files from it.
@@ -147,14 +147,14 @@ def _write_outputs(
     if missing:
         raise ValidationError(f"targets not found in the shards: {sorted(missing)[:3]}")
     factors = {m.module: runner.factors[m.module] for m in plan.modules}
-    write_peft_adapter(
-        tmp / ADAPTER_DIR,
+    content = AdapterContent(
         factors,
         plan.alphas,
         rslora=plan.rslora,
         base_model_name_or_path=base_name,
         dtype=adapter_dtype,
     )
+    write_peft_adapter(tmp / ADAPTER_DIR, content)
     manifest = build_manifest(
         kind="init",
         method=plan.method,

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spectra.adapt.allocate import Allocation
-from spectra.adapt.factorize import lora_scale
 from spectra.errors import ValidationError
+from spectra.formats.peft import lora_scale
 
 TARGET_ROLES = ("q", "k", "v", "o", "qkv", "up", "gate", "down", "gate_up", "lm_head", "other")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -219,8 +218,3 @@ def build_plan(
     if not mods:
         raise ValidationError("every target got rank 0: raise the budget or --min-rank")
     return AdapterPlan(method, tuple(mods), rslora, parse_targets(targets), allocation)
-
-
-def most_common(values: Sequence[Any]) -> Any:
-    """The most frequent value (ties: the first seen), for PEFT's global ``r``/``lora_alpha``."""
-    return Counter(values).most_common(1)[0][0]

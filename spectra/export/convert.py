@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from spectra.errors import SourceError, ValidationError
-from spectra.export.peft import PeftAdapter, read_peft_adapter, write_peft_adapter
+from spectra.formats.peft import AdapterContent, PeftAdapter, read_peft_adapter, write_peft_adapter
 
 
 def stack_factors(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,8 +58,8 @@ def convert_adapters(init: PeftAdapter, trained: PeftAdapter) -> Converted:
             f"initial and trained adapters target different modules (e.g. {only}): "
             "pass the init that this adapter was trained from"
         )
-    rslora = bool(trained.config.get("use_rslora", False))
-    if rslora != bool(init.config.get("use_rslora", False)):
+    rslora = trained.settings.use_rslora
+    if rslora != init.settings.use_rslora:
         raise ValidationError("initial and trained adapters disagree on use_rslora")
     factors, alphas = {}, {}
     for module in sorted(trained.factors):
@@ -131,8 +131,7 @@ def convert_to_lora(
             "base); pass --base with the model spectra init was run on"
         )
     with atomic_output_dir(out, force=force) as tmp:
-        write_peft_adapter(
-            tmp,
+        content = AdapterContent(
             conv.factors,
             conv.alphas,
             rslora=conv.rslora,
@@ -141,6 +140,7 @@ def convert_to_lora(
             other=trained.other,
             config_extra=carried_config(trained),
         )
+        write_peft_adapter(tmp, content)
         manifest = build_manifest(
             kind="convert",
             method="lora",

@@ -1,9 +1,8 @@
 """PEFT LoRA adapters as low-rank factors: dW = scale * B @ A, never densified unless asked.
 
-Keys follow PEFT: `base_model.model.<module>.lora_A[.<adapter>].weight` with A (r, in) and
-B (out, r). The scale is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski
-2023, arXiv 2312.03732); `rank_pattern` / `alpha_pattern` override r and alpha per module, matched
-as PEFT does: the first pattern `p` for which `re.match(rf"(.*\\.)?({p})$", module)` succeeds.
+The folder is read and checked by `spectra.formats.peft` (PEFT's keys, defaults, rank/alpha
+patterns and scale rule); here its factors stay on disk behind a `Checkpoint` and are read one
+module at a time. A is (r, in), B is (out, r).
 
 An adapter "on top of its base" is a `MergedCheckpoint(base, adapter)`: it lists the base's matrices
 and reads an adapted one as `W + scale * B @ A` (in the (out, in) presentation of the base).
@@ -11,10 +10,7 @@ and reads an adapted one as `W + scale * B @ A` (in the (out, in) presentation o
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +19,16 @@ import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError
+from spectra.formats.peft import (
+    CONFIG_NAME,
+    LoraSettings,
+    adapter_files,
+    lora_modules,
+    read_adapter_config,
+)
 from spectra.formats.safetensors import TensorRef, clip
-from spectra.sources.adapter_config import validate_adapter_config
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
-
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
 
 
 @dataclass(frozen=True)
@@ -47,51 +45,21 @@ class LoraModule:
     use_rslora: bool
 
 
-def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override: the value of the first key matching the end of `module`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def lora_scale(alpha: float, rank: int, *, use_rslora: bool) -> float:
-    """alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
 class LoraAdapter:
     """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
 
     def __init__(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
         self.checkpoint = checkpoint
-        self.config = validate_adapter_config(config, f"{checkpoint.source}: adapter_config.json")
-        self.modules: dict[str, LoraModule] = _modules(checkpoint, config)
+        self.config = config
+        self.settings = LoraSettings.from_config(config, f"{checkpoint.source}: {CONFIG_NAME}")
+        self.modules: dict[str, LoraModule] = _modules(checkpoint, self.settings)
 
     @classmethod
     def open(cls, path: str | Path) -> LoraAdapter:
         """Open an adapter folder; the error says what is missing."""
-        folder = Path(path).expanduser()
-        cfg_path = folder / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise SourceError(f"{folder}: no adapter_config.json, not a PEFT adapter folder")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{cfg_path}: cannot read adapter config ({exc})") from exc
-        except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
-            raise SourceError(
-                f"{cfg_path}: invalid adapter config JSON ({type(exc).__name__})"
-            ) from exc
-        if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
-            raise SourceError(f"{cfg_path}: not a LoRA adapter (peft_type must be LORA)")
-        weights = folder / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise SourceError(
-                f"{folder}: no adapter_model.safetensors (a pickled adapter_model.bin is refused; "
-                "save the adapter with safe_serialization=True)"
-            )
-        return cls(Checkpoint.from_files(str(folder), [weights]), config)
+        config = read_adapter_config(path)
+        _, weights = adapter_files(path)
+        return cls(Checkpoint.from_files(str(weights.parent), [weights]), config)
 
     def read_factors(
         self,
@@ -134,47 +102,22 @@ class LoraAdapter:
         return found
 
 
-def _modules(ckpt: Checkpoint, config: dict[str, Any]) -> dict[str, LoraModule]:
-    pairs: dict[str, dict[str, TensorRef]] = {}
-    for ref in ckpt.tensors():
-        match = _KEY.match(ref.name)
-        if match is None:
-            continue
-        pairs.setdefault(match["module"], {})[match["ab"]] = ref
-    if not pairs:
-        raise SourceError(f"{ckpt.source}: no lora_A/lora_B tensors in adapter_model.safetensors")
-    rslora = bool(config.get("use_rslora", False))
-    out = {}
-    for module, ab in pairs.items():
-        out[module] = _module(ckpt.source, module, ab, config, rslora)
-    return out
-
-
-def _module(
-    source: str, module: str, ab: dict[str, TensorRef], config: dict[str, Any], rslora: bool
-) -> LoraModule:
-    if set(ab) != {"A", "B"}:
-        raise SourceError(f"{source}: module {clip(module)} has lora_{set(ab).pop()} but not both")
-    a, b = ab["A"], ab["B"]
-    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-        raise SourceError(
-            f"{source}: module {clip(module)}: A {clip(list(a.shape))} and B {clip(list(b.shape))} "
-            "are not "
-            "(r, in) and (out, r) (only linear LoRA is supported)"
+def _modules(ckpt: Checkpoint, settings: LoraSettings) -> dict[str, LoraModule]:
+    refs = {ref.name: ref for ref in ckpt.tensors()}
+    keys = lora_modules({name: ref.shape for name, ref in refs.items()}, settings, ckpt.source)
+    return {
+        module: LoraModule(
+            module=module,
+            base_key=f"{module}.weight",
+            a=refs[k.a],
+            b=refs[k.b],
+            rank=k.rank,
+            alpha=settings.alpha(module),
+            scale=settings.scale(module),
+            use_rslora=settings.use_rslora,
         )
-    rank = a.shape[0]
-    if rank < 1:
-        raise SourceError(f"{source}: module {clip(module)} has rank 0 (empty lora_A)")
-    expected = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank)))
-    if expected != rank:
-        raise SourceError(
-            f"{source}: module {clip(module)} has rank {rank} but the config says {expected}"
-        )
-    alpha = float(
-        pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-    )
-    scale = lora_scale(alpha, rank, use_rslora=rslora)
-    return LoraModule(module, f"{module}.weight", a, b, rank, alpha, scale, rslora)
+        for module, k in keys.items()
+    }
 
 
 class MergedCheckpoint:

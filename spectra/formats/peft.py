@@ -1,0 +1,474 @@
+"""PEFT LoRA adapter folders: the one reader and the one writer, with PEFT's own rules.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (docs/methods.md
+section 6) with ``base_model.model.<module>.lora_A[.<adapter>].weight`` A ``(r, in)`` and
+``...lora_B...`` B ``(out, r)``; the update is ``dW = scale * B @ A``.
+
+The rules are PEFT's (``peft.LoraConfig``, ``LoraModel._create_and_replace``,
+``peft.utils.other.get_pattern_key``), so spectra reads an adapter as PEFT loads it:
+
+- defaults for absent fields are ``LoraConfig``'s: ``r`` 8, ``lora_alpha`` 8, ``use_rslora``
+  false (``DEFAULT_R``, ``DEFAULT_LORA_ALPHA``);
+- a module's rank and alpha come from ``rank_pattern`` / ``alpha_pattern``: the first key ``k``
+  with ``re.match(rf"(.*\\.)?({k})$", module)``, else the module path itself as the key, else the
+  global ``r`` / ``lora_alpha`` (``pattern_key``, ``pattern_value``);
+- ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023,
+  arXiv 2312.03732) (``lora_scale``).
+
+Reading: adapter folders come from strangers, so every field used is type-checked (one
+``SourceError`` naming the field and the value, never a ``TypeError`` deep inside), pattern keys
+must compile and may not repeat a group that itself repeats or alternates (``(a+)+``, ``(a|a)*``:
+exponential backtracking on a crafted module name), and every module's A and B must form a LoRA
+of the rank the config gives it. ``lora_modules`` does that check on names and shapes alone, so the
+lazy factor view (``spectra.sources.adapters``) and the eager ``read_peft_adapter`` share it.
+
+Writing: ``init_lora_weights`` is always ``true`` ("pissa"/"olora"/"corda" would make PEFT redo its
+own decomposition on load and overwrite the stored factors). ``target_modules``, ``rank_pattern``
+and ``alpha_pattern`` list every adapted module by its full path; a key that would also match
+another module is anchored and escaped (``pattern_keys``), and the written config is read back
+with the rules above before anything is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from spectra.errors import SourceError, ValidationError
+from spectra.formats.safetensors import clip
+
+try:  # Python >= 3.11
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: PEFT's ``LoraConfig`` defaults for a config that leaves the field out.
+DEFAULT_R = 8
+DEFAULT_LORA_ALPHA = 8
+MAX_PATTERN_CHARS = 1000
+
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
+_REPEATS = {
+    getattr(_sre_parse, n)
+    for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+    if hasattr(_sre_parse, n)
+}
+_BRANCH = _sre_parse.BRANCH
+V = TypeVar("V")
+
+
+# --- PEFT's rules -------------------------------------------------------------------------------
+
+
+def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
+    """The factor PEFT multiplies ``B @ A`` by: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA.
+
+    Any finite alpha is PEFT's (alpha 0 is a zero update); initializers refuse a scale <= 0
+    themselves (``spectra.adapt.factorize.factorize``).
+
+    >>> lora_scale(16, 16), lora_scale(8, 4, rslora=True)
+    (1.0, 4.0)
+    """
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValidationError(f"LoRA rank must be a positive integer, got {clip(rank)}")
+    if not math.isfinite(alpha):
+        raise ValidationError(f"LoRA alpha must be a finite number, got {alpha}")
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def pattern_key(keys: Iterable[str], module: str) -> str:
+    """PEFT's ``get_pattern_key``: the first key ``k`` for which ``re.match(rf"(.*\\.)?({k})$",
+    module)`` succeeds (a regex matched against whole dotted components at the end of the path),
+    else ``module`` itself."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+def pattern_value(patterns: Mapping[str, V], module: str, default: V) -> V:
+    """The per-module override of ``rank_pattern`` / ``alpha_pattern`` as PEFT resolves it."""
+    return patterns.get(pattern_key(patterns, module), default)
+
+
+def pattern_keys(modules: Sequence[str]) -> dict[str, str]:
+    """Map each module path to a pattern key that resolves to it and to no other module in
+    ``modules`` under PEFT's rule: the plain path where that already holds, else ``^`` +
+    ``re.escape`` of it (``^`` inside PEFT's group only matches at the start, so no prefix can
+    sneak in)."""
+    out = {}
+    for module in modules:
+        key = module
+        if _clashes(key, module, modules):
+            key = "^" + re.escape(module)
+            if _clashes(key, module, modules):  # pragma: no cover - cannot happen for paths
+                raise ValidationError(f"module path {module!r} cannot be told apart from others")
+        out[module] = key
+    return out
+
+
+def _clashes(key: str, module: str, modules: Sequence[str]) -> bool:
+    return any(o != module and re.match(rf"(.*\.)?({key})$", o) for o in modules)
+
+
+def check_pattern(pattern: str, what: str) -> None:
+    """Refuse a pattern that does not compile, is absurdly long, or can backtrack exponentially."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise SourceError(f"{what}: pattern longer than {MAX_PATTERN_CHARS} characters")
+    try:
+        parsed = _sre_parse.parse(pattern)
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        raise SourceError(f"{what}: not a valid regular expression ({exc})") from exc
+    if _nested_repeat(parsed, inside_repeat=False):
+        raise SourceError(
+            f"{what}: a repeated group that itself repeats or alternates (like (a+)+ or (a|b)*) "
+            "can take exponential time; write the module path, or a single .* wildcard"
+        )
+
+
+def _nested_repeat(items: Any, *, inside_repeat: bool) -> bool:
+    for op, av in items:
+        if op in _REPEATS:
+            _, hi, sub = av
+            unbounded = hi > 1
+            if unbounded and inside_repeat:
+                return True
+            if _nested_repeat(sub, inside_repeat=inside_repeat or unbounded):
+                return True
+        elif op is _BRANCH:
+            if inside_repeat:
+                return True
+            if any(_nested_repeat(b, inside_repeat=False) for b in av[1]):
+                return True
+        else:
+            for part in av if isinstance(av, (tuple, list)) else ():
+                if isinstance(part, _sre_parse.SubPattern) and _nested_repeat(
+                    part, inside_repeat=inside_repeat
+                ):
+                    return True
+    return False
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA fields of an ``adapter_config.json``, PEFT's defaults filled in.
+
+    Build it with ``from_config``, which validates: ``r`` (int >= 1), ``lora_alpha`` (finite
+    number), ``use_rslora`` (bool), ``rank_pattern`` ({regex: int >= 1}), ``alpha_pattern``
+    ({regex: finite number}).
+    """
+
+    r: int = DEFAULT_R
+    lora_alpha: float = DEFAULT_LORA_ALPHA
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: object, where: str) -> LoraSettings:
+        """Validate the config object (absent fields get PEFT's defaults; present ones must have
+        the right type) and keep its LoRA settings."""
+        if not isinstance(config, dict):
+            raise SourceError(
+                f"{where}: adapter config must be a JSON object, got {type(config).__name__}"
+            )
+        if "r" in config:
+            _positive_int(config["r"], f"{where}: r")
+        if "lora_alpha" in config:
+            _finite_number(config["lora_alpha"], f"{where}: lora_alpha")
+        if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
+            raise SourceError(
+                f"{where}: use_rslora must be true or false, got {clip(config['use_rslora'])}"
+            )
+        patterns = {
+            name: _patterns(config.get(name), name, check, where)
+            for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _finite_number))
+        }
+        return cls(
+            r=config.get("r", DEFAULT_R),
+            lora_alpha=config.get("lora_alpha", DEFAULT_LORA_ALPHA),
+            use_rslora=config.get("use_rslora", False),
+            **patterns,
+        )
+
+    def rank(self, module: str) -> int:
+        """The module's r: its ``rank_pattern`` entry, else the global ``r``."""
+        return int(pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha(self, module: str) -> float:
+        """The module's lora_alpha: its ``alpha_pattern`` entry, else the global ``lora_alpha``."""
+        return float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scale(self, module: str) -> float:
+        """The factor PEFT multiplies the module's ``B @ A`` by."""
+        return lora_scale(self.alpha(module), self.rank(module), rslora=self.use_rslora)
+
+
+def _patterns(
+    value: object, name: str, check: Callable[[Any, str], None], where: str
+) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SourceError(f"{where}: {name} must map module patterns to values, got {clip(value)}")
+    for key, item in value.items():
+        check_pattern(key, f"{where}: {name} key {clip(key)}")
+        check(item, f"{where}: {name}[{clip(key)}]")
+    return dict(value)
+
+
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SourceError(f"{what} must be a positive integer, got {clip(value)}")
+
+
+def _finite_number(value: Any, what: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value):
+        raise SourceError(f"{what} must be a finite number, got {clip(value)}")
+
+
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """(config, weights) paths of an adapter folder; the error says what is missing."""
+    folder = Path(path).expanduser()
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config.is_file():
+        raise SourceError(f"{folder}: no {CONFIG_NAME}, not a PEFT adapter folder")
+    if not weights.is_file():
+        raise SourceError(
+            f"{folder}: no {WEIGHTS_NAME} (a pickled adapter_model.bin is refused; "
+            "save the adapter with safe_serialization=True), not a PEFT adapter folder"
+        )
+    return config, weights
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` object of a LoRA adapter folder (its LoRA fields are checked
+    by ``LoraSettings.from_config``)."""
+    cfg_path, _ = adapter_files(path)
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{cfg_path}: cannot read adapter config ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+        raise SourceError(
+            f"{cfg_path}: invalid adapter config JSON ({type(exc).__name__})"
+        ) from exc
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise SourceError(f"{cfg_path}: not a LoRA adapter (peft_type must be LORA)")
+    return config
+
+
+@dataclass(frozen=True)
+class LoraKeys:
+    """Where one module's factors are: tensor names of A ``(rank, in)`` and B ``(out, rank)``."""
+
+    module: str
+    a: str
+    b: str
+    rank: int
+
+
+def lora_modules(
+    shapes: Mapping[str, Sequence[int]], settings: LoraSettings, where: str
+) -> dict[str, LoraKeys]:
+    """The LoRA modules among tensors ``{name: shape}``, each checked: both factors present,
+    2-D, ``A (r, in)`` and ``B (out, r)``, and ``r`` the rank the config gives the module.
+    Other tensors (``modules_to_save``, biases) are not modules."""
+    pairs: dict[str, dict[str, str]] = {}
+    for name in shapes:
+        match = _LORA_KEY.match(name)
+        if match is None:
+            continue
+        half = pairs.setdefault(match["module"], {})
+        if match["ab"] in half:
+            raise SourceError(
+                f"{where}: module {clip(match['module'])} has two lora_{match['ab']} tensors "
+                f"({clip(half[match['ab']])} and {clip(name)})"
+            )
+        half[match["ab"]] = name
+    if not pairs:
+        raise SourceError(f"{where}: no lora_A/lora_B tensors in {WEIGHTS_NAME}")
+    return {module: _lora_keys(module, ab, shapes, settings, where) for module, ab in pairs.items()}
+
+
+def _lora_keys(
+    module: str,
+    ab: dict[str, str],
+    shapes: Mapping[str, Sequence[int]],
+    settings: LoraSettings,
+    where: str,
+) -> LoraKeys:
+    if set(ab) != {"A", "B"}:
+        raise SourceError(f"{where}: module {clip(module)} has lora_{set(ab).pop()} but not both")
+    a, b = list(shapes[ab["A"]]), list(shapes[ab["B"]])
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        raise SourceError(
+            f"{where}: module {clip(module)}: A {clip(a)} and B {clip(b)} are not "
+            "(r, in) and (out, r) (only linear LoRA is supported)"
+        )
+    rank = int(a[0])
+    if rank < 1:
+        raise SourceError(f"{where}: module {clip(module)} has rank 0 (empty lora_A)")
+    expected = settings.rank(module)
+    if expected != rank:
+        raise SourceError(
+            f"{where}: module {clip(module)} has rank {rank} but the config says {expected}"
+        )
+    return LoraKeys(module, ab["A"], ab["B"], rank)
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A LoRA adapter read into memory: ``factors[module] = (A (r, in), B (out, r))``;
+    ``config`` the ``adapter_config.json`` object, ``settings`` its validated LoRA fields;
+    ``other``: the file's further tensors, kept as they are (e.g. modules_to_save)."""
+
+    config: dict[str, Any]
+    settings: LoraSettings
+    factors: dict[str, tuple[Tensor, Tensor]]
+    other: dict[str, Tensor] = field(default_factory=dict)
+
+    def rank(self, module: str) -> int:
+        return self.settings.rank(module)
+
+    def alpha(self, module: str) -> float:
+        return self.settings.alpha(module)
+
+    def scale(self, module: str) -> float:
+        return self.settings.scale(module)
+
+
+def read_peft_adapter(path: str | Path) -> PeftAdapter:
+    """Read a PEFT LoRA adapter folder (ours or one PEFT saved after training), validated."""
+    config = read_adapter_config(path)
+    _, w_path = adapter_files(path)
+    settings = LoraSettings.from_config(config, f"{path}: {CONFIG_NAME}")
+    with safe_open(str(w_path), framework="pt") as fh:
+        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}  # noqa: SIM118
+        modules = lora_modules(shapes, settings, str(w_path))
+        factor_names = {n for k in modules.values() for n in (k.a, k.b)}
+        factors = {m: (fh.get_tensor(k.a), fh.get_tensor(k.b)) for m, k in modules.items()}
+        other = {n: fh.get_tensor(n) for n in shapes if n not in factor_names}
+    return PeftAdapter(config, settings, factors, other)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterContent:
+    """What ``write_peft_adapter`` writes: ``factors[module] = (A (r, in), B (out, r))``, their
+    ``alphas``, rsLoRA or not, the base model the adapter loads onto, the storage ``dtype`` of
+    the factors, ``other`` tensors stored as they are (a trained head) and ``config_extra`` keys
+    set in ``adapter_config.json`` over the written ones (``modules_to_save``, ``task_type``)."""
+
+    factors: Mapping[str, tuple[Tensor, Tensor]]
+    alphas: Mapping[str, float]
+    rslora: bool = False
+    base_model_name_or_path: str | None = None
+    dtype: torch.dtype = torch.float32
+    other: Mapping[str, Tensor] = field(default_factory=dict)
+    config_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.factors:
+            raise ValidationError("no adapter factors to write")
+        for module, (A, B) in self.factors.items():
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise ValidationError(
+                    f"factors of {module!r} do not form a LoRA: A {tuple(A.shape)}, "
+                    f"B {tuple(B.shape)}"
+                )
+        if set(self.alphas) != set(self.factors):
+            raise ValidationError("factors and alphas must name the same modules")
+
+    def config(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` object: every module listed by full path in both patterns;
+        the global ``r`` / ``lora_alpha`` are the most common values."""
+        modules = sorted(self.factors)
+        ranks = {m: int(self.factors[m][0].shape[0]) for m in modules}
+        keys = pattern_keys(modules)
+        config = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": int(_most_common([ranks[m] for m in modules])),
+            "lora_alpha": _num(_most_common([self.alphas[m] for m in modules])),
+            "target_modules": modules,
+            "rank_pattern": {keys[m]: ranks[m] for m in modules},
+            "alpha_pattern": {keys[m]: _num(self.alphas[m]) for m in modules},
+            "use_rslora": bool(self.rslora),
+            "init_lora_weights": True,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "inference_mode": True,
+            "use_dora": False,
+        }
+        config.update(self.config_extra)
+        return config
+
+
+def _most_common(values: Sequence[Any]) -> Any:
+    """The most frequent value (ties: the first seen), for PEFT's global ``r``/``lora_alpha``."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def write_peft_adapter(out_dir: str | Path, content: AdapterContent) -> Path:
+    """Write ``content`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as it
+    is; the config is first read back with PEFT's rules and must give every module its rank and
+    alpha.
+
+    The folder is created if needed (callers make it atomic with
+    ``spectra.outdir.atomic_output_dir``). Factors are stored in ``content.dtype``.
+    """
+    out = Path(out_dir)
+    config = content.config()
+    settings = LoraSettings.from_config(config, f"{out / CONFIG_NAME} (to write)")
+    tensors: dict[str, Tensor] = {}
+    for module, (A, B) in content.factors.items():
+        rank, alpha = settings.rank(module), settings.alpha(module)
+        if rank != A.shape[0] or alpha != float(content.alphas[module]):  # pragma: no cover
+            raise ValidationError(
+                f"{module!r}: the config to write resolves to rank {rank} and alpha {alpha}, "
+                f"not {A.shape[0]} and {content.alphas[module]}"
+            )
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = (
+            A.detach().to("cpu", content.dtype).contiguous()
+        )
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = (
+            B.detach().to("cpu", content.dtype).contiguous()
+        )
+    for name, t in content.other.items():
+        tensors[name] = t.detach().cpu().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
