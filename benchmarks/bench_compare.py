@@ -76,7 +76,8 @@ def _peak_rss_mb() -> float:
 def phase(name: str, work: Path, threads: int) -> dict:
     """Run one phase in this process; return time and peak RSS."""
     torch.set_num_threads(threads)
-    from spectra.analysis.compare import compare
+    from spectra.analysis.comparison import CompareOptions
+    from spectra.jobs.compare import compare
     from spectra.sources.checkpoint import Checkpoint
 
     t0 = time.perf_counter()
@@ -88,7 +89,9 @@ def phase(name: str, work: Path, threads: int) -> dict:
     else:
         ft = work / ("finetuned" if name == "full" else "adapter")
         cache = None if name == "full" else work / "cache"
-        cmp = compare(work / "base", ft, k=10, epsilons=(0.5, 0.9), device="cpu", cache=cache)
+        cmp = compare(
+            work / "base", ft, CompareOptions(k=10, epsilons=(0.5, 0.9), device="cpu"), cache=cache
+        )
         f = cmp.forensics
         extra = {
             "pairs": len(cmp.pairs),

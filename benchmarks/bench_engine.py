@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from spectra.linalg import SpectrumCache, compute_spectra
+from spectra.linalg.cache import SpectrumCache
+from spectra.linalg.decompose import SpectrumOptions
+from spectra.linalg.engine import EngineOptions, compute_spectra
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
 
@@ -95,9 +97,15 @@ def gram64(W: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G)
 
 
-def timed_engine(ck: Checkpoint, refs: list, **kw: object) -> tuple[float, list]:
+def timed_engine(
+    ck: Checkpoint,
+    refs: list,
+    options: SpectrumOptions,
+    device: str,
+    cache: SpectrumCache | None = None,
+) -> tuple[float, list]:
     t0 = time.perf_counter()
-    out = list(compute_spectra(ck, refs, **kw))
+    out = list(compute_spectra(ck, refs, options, engine=EngineOptions(device=device), cache=cache))
     return time.perf_counter() - t0, out
 
 
@@ -123,11 +131,11 @@ def bench_checkpoint(label: str, path: Path, device: str, rows: list[str]) -> No
         fastest = min(t_svdvals, t_gram)
         row("bare loop: read + svdvals f32", t_svdvals, fastest)
         row("bare loop: read + gram64 eigvalsh", t_gram, fastest)
-        t_vals, out = timed_engine(ck, refs, mode="values", device=device)
+        t_vals, out = timed_engine(ck, refs, SpectrumOptions(mode="values"), device)
         row("compute_spectra values (gram64)", t_vals, fastest, "ratio to fastest bare loop")
         t_low = bare_loop(ck, refs, lambda W: torch.svd_lowrank(W, q=min(64, *W.shape), niter=4))
         row("bare loop: read + svd_lowrank q=64 niter=4", t_low, t_low)
-        t_top, top = timed_engine(ck, refs, mode="topk", k=64, device=device)
+        t_top, top = timed_engine(ck, refs, SpectrumOptions(mode="topk", k=64), device)
         methods = sorted({s.method for s in top})
         its = [s.iterations for s in top if s.iterations is not None]
         note = f"ratio to svd_lowrank loop; methods {methods}"
@@ -136,7 +144,7 @@ def bench_checkpoint(label: str, path: Path, device: str, rows: list[str]) -> No
         row("compute_spectra topk k=64 (auto)", t_top, t_low, note)
         with tempfile.TemporaryDirectory() as tmp:
             cache = SpectrumCache(tmp)
-            t_fill, _ = timed_engine(ck, refs, mode="values", device=device, cache=cache)
+            t_fill, _ = timed_engine(ck, refs, SpectrumOptions(mode="values"), device, cache)
             t_hit, hit = timed_engine(
                 ck, refs, mode="values", device=device, cache=SpectrumCache(tmp)
             )

@@ -27,10 +27,10 @@ from typing import Any
 _OURS = """
 import json, resource, sys, time, torch
 torch.set_num_threads({threads})
-from spectra.analysis.analyze import analyze
+from spectra.jobs.report import AnalyzeOptions, analyze
 ru0 = resource.getrusage(resource.RUSAGE_SELF)
 cpu0, t = ru0.ru_utime + ru0.ru_stime, time.perf_counter()
-an = analyze(sys.argv[1], cache=None, device="cpu", mp_fit={mp}, randomize={rand})
+an = analyze(sys.argv[1], AnalyzeOptions(device="cpu", mp_fit={mp}, randomize={rand}), cache=None)
 dt = time.perf_counter() - t
 alphas = {{lm.name.removesuffix(".weight"): lm.alpha for lm in an.layers}}
 ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -3,8 +3,9 @@
 Measures, on this machine, with a fixed per-process thread count (torchrun's default is 1):
 - read: `Checkpoint.read_many` over every matrix of a synthetic Llama-shaped bf16 checkpoint
   (bf16 -> float32; warm page cache, so this is memory + conversion speed, not storage);
-- values: `compute_spectra(mode="values")` (float64 Gram eigenvalues, the report's default);
-- topk: `compute_spectra(mode="topk", k=64)` (block Krylov, converged).
+- values: `compute_spectra` with `SpectrumOptions(mode="values")` (float64 Gram eigenvalues,
+  the report's default);
+- topk: `SpectrumOptions(mode="topk", k=64)` (block Krylov, converged).
 Each as matrices/s, GB/s of checkpoint bytes, and the effective rate of the cost model's flops
 (`spectra.distributed.CostModel`: m*n*min(m,n) for a full spectrum, 2*m*n*(k+p)*(2q+2) for top-k).
 
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from spectra.distributed import CostModel
-from spectra.linalg import compute_spectra
+from spectra.distributed.partition import CostModel
+from spectra.linalg.decompose import SpectrumOptions
+from spectra.linalg.engine import EngineOptions, compute_spectra
 from spectra.sources.checkpoint import Checkpoint
 
 # ASSUMPTIONS (not measured: no GPU on the machine that wrote docs/scaling.md). Effective "model
@@ -131,8 +133,9 @@ def measure(folder: Path) -> dict[str, dict[str, float]]:
         out["read"] = _rates(time.perf_counter() - t0, len(refs), nbytes, 0.0)
         for mode, model in (("values", CostModel()), ("topk", CostModel(mode="topk", k=64))):
             t0 = time.perf_counter()
-            kwargs = {"k": 64} if mode == "topk" else {}
-            specs = list(compute_spectra(ck, refs, mode=mode, device="cpu", cache=None, **kwargs))
+            options = SpectrumOptions(mode=mode, k=64 if mode == "topk" else None)
+            cpu = EngineOptions(device="cpu")
+            specs = list(compute_spectra(ck, refs, options, engine=cpu, cache=None))
             seconds = time.perf_counter() - t0
             assert all(s.ok for s in specs)
             flops = sum(model.flops(s) for s in shapes)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from spectra.linalg import exact_svdvals, randomized_svd_info
+from spectra.linalg.exact import exact_svdvals
+from spectra.linalg.rsvd import RSVDOptions, randomized_svd_info
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096), (4096, 11008), (14336, 4096)]
 KS = (16, 64, 256)
@@ -68,7 +69,7 @@ def methods(W: torch.Tensor, k: int) -> dict[str, Callable[[], tuple]]:
 
     def ours(method: str) -> Callable[[], tuple]:
         def run() -> tuple:
-            r = randomized_svd_info(W, k, method=method)
+            r = randomized_svd_info(W, k, RSVDOptions(method=method))
             return r.S[0], r.U[0], int(r.iterations[0])
 
         return run

@@ -75,11 +75,23 @@ def compare_cmd(
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    from spectra.distributed import run_compare
+    from spectra.analysis.comparison import CompareOptions
+    from spectra.jobs.compare import compare
     from spectra.outdir import check_output_dir
     from spectra.reports.compare import print_summary, write_compare
 
     check_output_dir(Path(out).expanduser().absolute(), force=force)  # fail before the work
+    options = CompareOptions(
+        k=k,
+        epsilons=_epsilons(epsilon),
+        map=tuple(map_rules or ()),
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        roles=tuple(split_csv(roles)),
+        allow_missing=allow_missing,
+        device=device,
+    )
+    cache = Path(cache_dir).expanduser() if cache_dir else None
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 
@@ -87,20 +99,7 @@ def compare_cmd(
             bar.update(task, completed=done, total=total, description=_short(key))
 
         # Under torchrun each rank compares its share of pairs; rank 0 gets the whole result.
-        cmp = run_compare(
-            base,
-            finetuned,
-            k=k,
-            epsilons=_epsilons(epsilon),
-            map=tuple(map_rules or ()),
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
-            roles=tuple(split_csv(roles)),
-            allow_missing=allow_missing,
-            device=device,
-            cache=Path(cache_dir).expanduser() if cache_dir else None,
-            progress=tick,
-        )
+        cmp = compare(base, finetuned, options, cache=cache, progress=tick)
     if cmp is None:  # a non-writer rank under torchrun
         return
     paths = write_compare(cmp, out, force=force)

@@ -228,7 +228,7 @@ def init(
     """
     from spectra.adapt.calib_step import CalibrationRequest
     from spectra.adapt.registry import get_initializer
-    from spectra.distributed import run_init
+    from spectra.distributed.run import run_init
     from spectra.sources.bundled import bundled_model_path
 
     if source is None:

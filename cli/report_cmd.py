@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import (
@@ -72,7 +72,7 @@ class ReportProgress:
         self.bar.stop()
 
 
-def _cache_arg(no_cache: bool, cache_dir: str | None) -> Any:
+def _cache_arg(no_cache: bool, cache_dir: str | None) -> bool | Path:
     """--no-cache / --cache-dir -> analyze()'s `cache` (False, a folder, or True)."""
     if no_cache and cache_dir:
         raise ValidationError("--no-cache and --cache-dir contradict each other: pass one of them")
@@ -150,7 +150,7 @@ def report_cmd(
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
 ) -> None:
-    from spectra.distributed import run_analyze
+    from spectra.jobs.report import AnalyzeOptions, analyze
     from spectra.outdir import check_output_dir
     from spectra.reports.report import parse_formats, write_report
     from spectra.reports.terminal import print_summary
@@ -162,20 +162,17 @@ def report_cmd(
     final = Path(out).expanduser().absolute()
     check_output_dir(final, force=force)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
+    options = AnalyzeOptions(
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        roles=tuple(split_csv(roles)),
+        device=device,
+        mp_fit=mp_fit,
+        randomize=randomize,
+    )
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:
         # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
-        analysis = run_analyze(
-            source,
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
-            roles=tuple(split_csv(roles)),
-            device=device,
-            mp_fit=mp_fit,
-            randomize=randomize,
-            cache=cache,
-            progress=progress,
-            max_memory=budget,
-        )
+        analysis = analyze(source, options, cache=cache, progress=progress, max_memory=budget)
     if analysis is None:  # a non-writer rank under torchrun
         return
     paths = write_report(analysis, final, formats=wanted, force=force, max_esd_plots=max_esd_plots)

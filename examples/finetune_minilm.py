@@ -154,11 +154,12 @@ def finetune_full(base: Path, out: Path, steps: int, lr: float = 5e-5) -> Path:
 def report(base: Path, finetuned: Path, out: Path | None, epsilons: tuple[float, ...]) -> None:
     from rich.console import Console
 
-    from spectra.analysis.compare import compare
+    from spectra.analysis.comparison import CompareOptions
+    from spectra.jobs.compare import compare
     from spectra.reports.compare import print_summary, write_compare
 
     t0 = time.perf_counter()
-    cmp = compare(base, finetuned, epsilons=epsilons, device="cpu")
+    cmp = compare(base, finetuned, CompareOptions(epsilons=epsilons, device="cpu"))
     print(f"compare took {time.perf_counter() - t0:.1f} s ({len(cmp.pairs)} matrix pairs)")
     print_summary(cmp, Console(width=110))
     if out is not None:

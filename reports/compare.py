@@ -15,8 +15,9 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.table import Table
 
-from spectra.analysis.compare import Comparison, PairResult
+from spectra.analysis.comparison import Comparison
 from spectra.analysis.drift import ENERGY_LEVEL, RANK_RTOL_RULE
+from spectra.analysis.pair import PairResult
 from spectra.outdir import check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M

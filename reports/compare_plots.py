@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from spectra.analysis.compare import Comparison
+from spectra.analysis.comparison import Comparison
 from spectra.reports.plots import _png, ordered_roles, role_color
 
 FIGSIZE = (8.0, 4.2)

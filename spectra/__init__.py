@@ -4,6 +4,7 @@ The three entry points mirror the CLI:
 
 >>> import spectra
 >>> analysis = spectra.analyze()                      # doctest: +SKIP  (bundled MiniLM)
+>>> q_only = spectra.analyze("org/name", spectra.AnalyzeOptions(roles=("q",)))  # doctest: +SKIP
 >>> cmp = spectra.compare("base", "ft-or-adapter")    # doctest: +SKIP
 >>> res = spectra.init_adapter("base", method="pissa", rank=16, targets=["q", "v"], out="o")
 ...                                                   # doctest: +SKIP
@@ -24,13 +25,15 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported lazily on first attribute access)
 _LAZY = {
     "Checkpoint": "spectra.sources.checkpoint",
-    "analyze": "spectra.analysis.analyze",
+    "analyze": "spectra.jobs.report",
+    "AnalyzeOptions": "spectra.jobs.report",
     "Analysis": "spectra.analysis.results",
-    "compare": "spectra.analysis.compare",
-    "Comparison": "spectra.analysis.compare",
+    "compare": "spectra.jobs.compare",
+    "Comparison": "spectra.analysis.comparison",
+    "CompareOptions": "spectra.analysis.comparison",
     "init_adapter": "spectra.adapt.init",
-    "compute_spectra": "spectra.linalg",
-    "Spectrum": "spectra.linalg",
+    "compute_spectra": "spectra.linalg.engine",
+    "Spectrum": "spectra.linalg.spectrum",
 }
 
 __all__ = ["SpectraError", "__version__", *sorted(_LAZY)]

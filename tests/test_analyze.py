@@ -11,14 +11,14 @@ import pytest
 import torch
 from _source_fixtures import llama_tensors, write_llama_like, write_safetensors
 
-from spectra.analysis.analyze import AnalyzeOptions, analyze
-from spectra.analysis.htsr import layer_metrics
+from spectra.analysis.htsr import MatrixMeta, layer_metrics
 from spectra.analysis.outliers import outlier_ratio
 from spectra.analysis.randomized import randomized_control
 from spectra.analysis.results import Analysis
 from spectra.errors import ValidationError
-from spectra.linalg import exact_svdvals
+from spectra.jobs.report import AnalyzeOptions, analyze
 from spectra.linalg.cache import SpectrumCache
+from spectra.linalg.exact import exact_svdvals
 from spectra.sources.checkpoint import Checkpoint
 
 
@@ -28,13 +28,13 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_matrix_matches_float64_reference(llama_dir: Path) -> None:
-    an = analyze(llama_dir, cache=None, device="cpu")
+    an = analyze(llama_dir, AnalyzeOptions(device="cpu"), cache=None)
     with Checkpoint.open(str(llama_dir)) as ck:
         refs = ck.matrices()
         assert [lm.key for lm in an.layers] == [r.key for r in refs]
         for ref, W in ck.read_many(refs):
             S = np.linalg.svd(W.double().numpy(), compute_uv=False)
-            want = layer_metrics(S, ref.shape, key=ref.key)
+            want = layer_metrics(S, ref.shape, MatrixMeta(ref.key))
             got = an.layer(ref.key)
             assert got.role == ref.role and got.layer == ref.layer and got.dtype == "BF16"
             assert got.alpha == pytest.approx(want.alpha, rel=1e-9)
@@ -61,13 +61,15 @@ def test_every_matrix_matches_float64_reference(llama_dir: Path) -> None:
 def test_selection_and_optional_metrics(llama_dir: Path) -> None:
     an = analyze(
         llama_dir,
-        roles=("q", "down"),
-        exclude=("*layers.1.*",),
-        mp_fit=True,
-        randomize=True,
-        outliers=False,
+        AnalyzeOptions(
+            roles=("q", "down"),
+            exclude=("*layers.1.*",),
+            mp_fit=True,
+            randomize=True,
+            outliers=False,
+            device="cpu",
+        ),
         cache=None,
-        device="cpu",
     )
     assert sorted(lm.key for lm in an.layers) == [
         "model.layers.0.mlp.down_proj.weight",
@@ -79,7 +81,9 @@ def test_selection_and_optional_metrics(llama_dir: Path) -> None:
         assert lm.mp_num_spikes is not None
         assert lm.rand_distance is not None and 0 <= lm.rand_distance < math.sqrt(math.log(2))
     again = analyze(
-        llama_dir, roles=("q",), randomize=True, exclude=("*layers.1.*",), cache=None, device="cpu"
+        llama_dir,
+        AnalyzeOptions(roles=("q",), randomize=True, exclude=("*layers.1.*",), device="cpu"),
+        cache=None,
     )
     q = "model.layers.0.self_attn.q_proj.weight"
     assert again.layer(q).rand_distance == an.layer(q).rand_distance  # seeded
@@ -89,13 +93,13 @@ def test_selection_and_optional_metrics(llama_dir: Path) -> None:
     _, want = randomized_control(W, an.esds[q], lambda X: exact_svdvals(X).numpy(), seed=0)
     assert an.layer(q).rand_distance == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValidationError, match="no weight matrices .* include=\\['nothing\\*'\\]"):
-        analyze(llama_dir, include=("nothing*",), cache=None)
+        analyze(llama_dir, AnalyzeOptions(include=("nothing*",)), cache=None)
 
 
 def test_cached_run_still_has_outliers(llama_dir: Path, tmp_path: Path) -> None:
     cache = SpectrumCache(tmp_path / "cache")
-    cold = analyze(llama_dir, cache=cache, device="cpu", roles=("up",))
-    warm = analyze(llama_dir, cache=cache, device="cpu", roles=("up",))
+    cold = analyze(llama_dir, AnalyzeOptions(device="cpu", roles=("up",)), cache=cache)
+    warm = analyze(llama_dir, AnalyzeOptions(device="cpu", roles=("up",)), cache=cache)
     assert [lm.to_dict() for lm in warm.layers] == [lm.to_dict() for lm in cold.layers]
     assert all(lm.outlier_ratio is not None for lm in warm.layers)
 
@@ -104,7 +108,7 @@ def test_non_finite_matrix_is_reported_not_fatal(tmp_path: Path) -> None:
     t = llama_tensors(layers=1, hidden=32, intermediate=64, vocab=40, dtype=torch.float32)
     t["model.layers.0.self_attn.k_proj.weight"][3, 4] = float("nan")
     path = write_safetensors(tmp_path / "model.safetensors", t)
-    an = analyze(path, cache=None, device="cpu")
+    an = analyze(path, AnalyzeOptions(device="cpu"), cache=None)
     bad = an.layer("model.layers.0.self_attn.k_proj.weight")
     assert bad.fit_status == "failed" and "non-finite" in bad.warnings
     assert bad.alpha is None and bad.outlier_ratio is None
@@ -150,7 +154,7 @@ def test_analysis_csv_keeps_negative_numbers_and_neutralises_names(tmp_path: Pat
     path = write_safetensors(
         tmp_path / "model.safetensors", {name: torch.randn(24, 24, generator=g)}
     )
-    an = analyze(path, cache=None, device="cpu", outliers=False)
+    an = analyze(path, AnalyzeOptions(device="cpu", outliers=False), cache=None)
     text = an.to_csv()
     line = text.splitlines()[1]
     assert line.startswith("'-q_proj.weight,'-q_proj.weight,") and "\x1b" not in text
@@ -183,10 +187,10 @@ def test_outlier_ratio_in_one_read_is_bit_identical_to_a_separate_pass(
     path = write_safetensors(tmp_path / "model.safetensors", t)
     with Checkpoint.open(str(path)) as ck:
         reads = _counting(ck)
-        an = analyze(ck, cache=None, device="cpu")
+        an = analyze(ck, AnalyzeOptions(device="cpu"), cache=None)
         assert sorted(reads) == sorted(r.key for r in ck.matrices())  # each matrix read once
         separate = {ref.key: outlier_ratio(W) for ref, W in ck.read_many(ck.matrices(), dtype=None)}
-    plain = analyze(path, cache=None, device="cpu", outliers=False)
+    plain = analyze(path, AnalyzeOptions(device="cpu", outliers=False), cache=None)
     assert {lm.key: lm.outlier_ratio for lm in an.layers} == separate
     assert an.layer("model.layers.0.mlp.up_proj.weight").outlier_ratio > 0.01
     for a, b in zip(an.layers, plain.layers, strict=True):
@@ -197,15 +201,15 @@ def test_cached_run_reads_no_weights_and_a_new_multiplier_reads_once(
     llama_dir: Path, tmp_path: Path
 ) -> None:
     cache = SpectrumCache(tmp_path / "cache")
-    cold = analyze(llama_dir, cache=cache, device="cpu")
+    cold = analyze(llama_dir, AnalyzeOptions(device="cpu"), cache=cache)
     with Checkpoint.open(str(llama_dir)) as ck:
         reads = _counting(ck)
-        warm = analyze(ck, cache=cache, device="cpu")
+        warm = analyze(ck, AnalyzeOptions(device="cpu"), cache=cache)
         assert reads == []  # spectra and outlier ratios both from the cache
         assert [lm.to_dict() for lm in warm.layers] == [lm.to_dict() for lm in cold.layers]
-        five = analyze(ck, cache=cache, device="cpu", outlier_multiplier=5.0)
+        five = analyze(ck, AnalyzeOptions(device="cpu", outlier_multiplier=5.0), cache=cache)
         assert sorted(reads) == sorted(r.key for r in ck.matrices())  # once each, no SVD
-        five_again = analyze(ck, cache=cache, device="cpu", outlier_multiplier=5.0)
+        five_again = analyze(ck, AnalyzeOptions(device="cpu", outlier_multiplier=5.0), cache=cache)
         assert len(reads) == len(ck.matrices())
         by_key = {r.key: W for r, W in ck.read_many(ck.matrices())}
     for lm, again in zip(five.layers, five_again.layers, strict=True):

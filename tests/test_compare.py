@@ -13,16 +13,12 @@ import torch
 from _adapt_fixtures import one_thread  # noqa: F401 (module-wide, one torch thread)
 from _compare_fixtures import DOWN0, Q0, Q1, V0, V1, D, base_and_ft, lora_and_merged, save
 
-from spectra.analysis.compare import (
-    CompareOptions,
-    PairMeta,
-    compare,
-    compare_pair,
-    pair_matrices,
-    parse_map,
-)
+from spectra.analysis.comparison import CompareOptions
 from spectra.analysis.drift import EPS32
+from spectra.analysis.pair import PairMeta, compare_pair
+from spectra.analysis.pairing import pair_matrices, parse_map
 from spectra.errors import NumericalError, ValidationError
+from spectra.jobs.compare import compare
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def result(pair_dirs: tuple[Path, Path]):  # noqa: ANN201 - a Comparison
-    return compare(*pair_dirs, k=10, epsilons=(0.5, 0.9), device="cpu")
+    return compare(*pair_dirs, CompareOptions(k=10, epsilons=(0.5, 0.9), device="cpu"))
 
 
 def _stored(path: Path) -> dict[str, torch.Tensor]:
@@ -108,8 +104,8 @@ def test_to_json_writes_the_same_text_it_returns(result, tmp_path: Path) -> None
 
 def test_lora_adapter_and_its_merged_checkpoint_agree(tmp_path: Path) -> None:
     base, adapter, merged = lora_and_merged(tmp_path)
-    a = compare(base, adapter, epsilons=(0.5, 0.7), device="cpu")
-    m = compare(base, merged, epsilons=(0.5, 0.7), device="cpu")
+    a = compare(base, adapter, CompareOptions(epsilons=(0.5, 0.7), device="cpu"))
+    m = compare(base, merged, CompareOptions(epsilons=(0.5, 0.7), device="cpu"))
     assert a.mode == "lora" and {p.key for p in a.pairs} == {Q0, V1}
     assert set(a.pairing.base_only) == {V0, Q1, DOWN0}
     for pa in a.pairs:
@@ -132,18 +128,18 @@ def test_map_renames_and_pairing_errors(tmp_path: Path) -> None:
     b = save(tmp_path / "b", base)
     renamed = save(tmp_path / "r", {"net." + k.removeprefix("model."): v for k, v in ft.items()})
     with pytest.raises(ValidationError, match=r"5 only in base.*5 only in fine-tune.*--map"):
-        compare(b, renamed, device="cpu")
-    out = compare(b, renamed, map=[r"^net\.=>model."], device="cpu")
+        compare(b, renamed, CompareOptions(device="cpu"))
+    out = compare(b, renamed, CompareOptions(map=[r"^net\.=>model."], device="cpu"))
     assert out.pair(Q0).ft_key == "net.layers.0.self_attn.q_proj.weight"
     assert out.pair(Q0).intruders.counts == {0.5: 1}
     partial = save(tmp_path / "p", {k: v for k, v in ft.items() if k != DOWN0})
     with pytest.raises(ValidationError, match=r"1 only in base: " + DOWN0.replace(".", r"\.")):
-        compare(b, partial, device="cpu")
-    ok = compare(b, partial, allow_missing=True, device="cpu")
+        compare(b, partial, CompareOptions(device="cpu"))
+    ok = compare(b, partial, CompareOptions(allow_missing=True, device="cpu"))
     assert ok.pairing.base_only == (DOWN0,) and len(ok.pairs) == 4
     wrong = save(tmp_path / "w", {**ft, V1: torch.zeros(D, D + 1, dtype=torch.float64)})
     with pytest.raises(ValidationError, match=r"shape mismatch.*\(48, 48\) vs \(48, 49\)"):
-        compare(b, wrong, allow_missing=True, device="cpu")
+        compare(b, wrong, CompareOptions(allow_missing=True, device="cpu"))
 
 
 def test_pairing_is_pure_and_refuses_collisions() -> None:
@@ -183,25 +179,25 @@ def test_compare_pair_needs_exactly_one_fine_tune() -> None:
 def test_base_svd_is_cached_across_comparisons(
     pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
-    import spectra.analysis.compare_inputs as inputs_mod
     import spectra.analysis.pair as pair_mod
+    import spectra.jobs.compare as job_mod
 
     calls = []
-    real = inputs_mod.left_singular
+    real = job_mod.left_singular
 
     def counting(w: torch.Tensor, **kw):  # noqa: ANN202, ANN003
         calls.append(tuple(w.shape))
         return real(w, **kw)
 
-    monkeypatch.setattr(inputs_mod, "left_singular", counting)  # the base, through the cache
+    monkeypatch.setattr(job_mod, "left_singular", counting)  # the base, through the cache
     monkeypatch.setattr(pair_mod, "left_singular", counting)  # the fine-tune (and an uncached base)
-    first = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
+    first = compare(*pair_dirs, CompareOptions(device="cpu"), cache=tmp_path / "cache")
     n_first = len(calls)
-    second = compare(*pair_dirs, cache=tmp_path / "cache", device="cpu")
+    second = compare(*pair_dirs, CompareOptions(device="cpu"), cache=tmp_path / "cache")
     assert n_first == 2 * len(first.pairs)  # base (stored) + fine-tune
     assert len(calls) - n_first == len(second.pairs)  # fine-tune only: the base came from cache
     assert second.to_dict()["pairs"] == first.to_dict()["pairs"]
-    uncached = compare(*pair_dirs, device="cpu")
+    uncached = compare(*pair_dirs, CompareOptions(device="cpu"))
     assert uncached.to_dict()["pairs"] == first.to_dict()["pairs"]
 
 
@@ -220,8 +216,8 @@ def test_real_minilm_lora_adapter_equals_its_peft_merge(minilm_path: Path, tmp_p
     adapter = example.finetune_lora(
         minilm_path, tmp_path / "lora", steps=3, merged_out=tmp_path / "merged"
     )
-    a = compare(minilm_path, adapter, epsilons=(0.5, 0.9), device="cpu")
-    m = compare(minilm_path, tmp_path / "merged", epsilons=(0.5, 0.9), device="cpu")
+    a = compare(minilm_path, adapter, CompareOptions(epsilons=(0.5, 0.9), device="cpu"))
+    m = compare(minilm_path, tmp_path / "merged", CompareOptions(epsilons=(0.5, 0.9), device="cpu"))
     assert a.mode == "lora" and len(a.pairs) == 12  # query and value in 6 layers
     assert {p.role for p in a.pairs} == {"q", "v"}
     assert len(m.forensics.unchanged) == len(m.pairs) - 12  # only q/v moved in the merge
@@ -281,7 +277,7 @@ def test_compare_csv_is_inert(tmp_path: Path) -> None:
     evil = {Q0: '=HYPERLINK("http://evil").q_proj.weight', V0: "+\x1b]0;pwned\x07v\x1b[31m.weight"}
     b = save(tmp_path / "b", {evil.get(k, k): v for k, v in base.items() if k in (Q0, V0)})
     f = save(tmp_path / "f", {evil.get(k, k): v for k, v in ft.items() if k in (Q0, V0)})
-    text = compare(b, f, k=10, epsilons=(0.5,), device="cpu").to_csv()
+    text = compare(b, f, CompareOptions(k=10, epsilons=(0.5,), device="cpu")).to_csv()
     assert "\x1b" not in text and "\x07" not in text and "pwned" not in text
     rows = list(csv.DictReader(io.StringIO(text)))
     assert sorted(r["key"] for r in rows) == ["'+v.weight", "'" + evil[Q0]]
@@ -296,11 +292,11 @@ def test_warns_when_the_adapter_was_trained_on_a_residual_base(
     minilm_path: Path, tmp_path: Path
 ) -> None:
     from spectra.adapt.init import init_adapter
-    from spectra.analysis.compare import ResidualBaseWarning
+    from spectra.analysis.compare_inputs import ResidualBaseWarning
 
     init_adapter(minilm_path, method="olora", rank=2, targets=["q"], out=tmp_path / "o")
     with pytest.warns(ResidualBaseWarning, match="olora.*spectra convert"):
-        compare(minilm_path, tmp_path / "o" / "adapter", roles=("q",), k=2)
+        compare(minilm_path, tmp_path / "o" / "adapter", CompareOptions(roles=("q",), k=2))
     # a plain LoRA (PEFT's default init, no residual base next to it) gets no warning
     cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     plain = tmp_path / "plain"
@@ -313,7 +309,7 @@ def test_warns_when_the_adapter_was_trained_on_a_residual_base(
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResidualBaseWarning)
-        compare(minilm_path, plain, roles=("q",), k=2)
+        compare(minilm_path, plain, CompareOptions(roles=("q",), k=2))
 
 
 @pytest.mark.parametrize("side", ["base", "fine-tuned", "lora"])

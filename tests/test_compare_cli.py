@@ -15,8 +15,9 @@ from _browser import browser_unavailable, render_in_chromium
 from _compare_fixtures import Q0, V1, D, base_and_ft, lora_and_merged, save
 from typer.testing import CliRunner
 
-from spectra.analysis.compare import compare
+from spectra.analysis.comparison import CompareOptions
 from spectra.cli.main import app
+from spectra.jobs.compare import compare
 
 EVIL = "evil.<img src=x onerror=alert(1)>$x$|[b]"
 
@@ -51,7 +52,7 @@ def test_writes_every_file_with_the_library_numbers(out: Path, dirs: tuple[Path,
     pngs = {n for n in names if n.startswith("plots/") and n.endswith(".png")}
     assert len(pngs) == 4
     data = json.loads((out / "compare.json").read_text())
-    lib = compare(*dirs, epsilons=(0.5, 0.9), device="cpu").to_dict()
+    lib = compare(*dirs, CompareOptions(epsilons=(0.5, 0.9), device="cpu")).to_dict()
     assert data["pairs"] == lib["pairs"] and data["forensics"] == lib["forensics"]
     q0 = next(p for p in data["pairs"] if p["key"] == Q0)
     assert q0["intruders"]["counts"] == {"0.5": 1, "0.9": 1}

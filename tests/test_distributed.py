@@ -16,23 +16,27 @@ from _source_fixtures import write_llama_like, write_lora_adapter
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from spectra.distributed import (
-    CostModel,
-    DistEnv,
+from spectra.distributed.failures import (
+    Aborted,
     DistributedError,
+    FailureBoard,
+    Fault,
     RankStatus,
-    Session,
-    detect_env,
+    Tracker,
+    check_statuses,
     guarded,
-    merge_indexed,
-    partition,
-    shard_items,
 )
-from spectra.distributed.failures import Aborted, FailureBoard, Fault, Tracker, check_statuses
-from spectra.distributed.gather import GatherError
+from spectra.distributed.gather import GatherError, merge_indexed
 from spectra.distributed.hub import snapshot_commit
-from spectra.distributed.partition import loads, matrix_cost
-from spectra.distributed.runtime import backend_for, resolve_threads, resolve_timeout
+from spectra.distributed.partition import CostModel, loads, matrix_cost, partition, shard_items
+from spectra.distributed.runtime import (
+    DistEnv,
+    Session,
+    backend_for,
+    detect_env,
+    resolve_threads,
+    resolve_timeout,
+)
 from spectra.errors import ValidationError
 from spectra.sources.checkpoint import Checkpoint
 
@@ -263,15 +267,18 @@ class _FailedBoard(FailureBoard):
 
 _WORKER = """
 import json, sys
-from spectra.distributed import run_analyze, run_compare
+from spectra.analysis.comparison import CompareOptions
+from spectra.jobs.compare import compare
+from spectra.jobs.report import AnalyzeOptions, analyze
 from spectra.linalg.cache import SpectrumCache
 base, ft, lora, cache, out = sys.argv[1:6]
-an = run_analyze(base, device="cpu", threads=1, cache=SpectrumCache(cache), mp_fit=True,
-                 randomize=True)
+an = analyze(base, AnalyzeOptions(device="cpu", mp_fit=True, randomize=True), threads=1,
+             cache=SpectrumCache(cache))
 res = {"analysis": an.to_dict() if an else None}
 if ft != "-":
     for name, other, svds in (("compare", ft, cache + "-svd"), ("lora", lora, None)):
-        cmp = run_compare(base, other, device="cpu", threads=1, epsilons=(0.5, 0.9), cache=svds)
+        opts = CompareOptions(device="cpu", epsilons=(0.5, 0.9))
+        cmp = compare(base, other, opts, threads=1, cache=svds)
         res[name] = cmp.to_dict() if cmp else None
 if an is not None:
     with open(out, "w") as fh:
@@ -306,17 +313,20 @@ def _torchrun(
 
 def _single(base: Path, ft: Path, lora: Path, cache: Path) -> dict[str, object]:
     """The same work in this process, with the same thread count as each torchrun worker."""
-    from spectra.analysis import analyze
-    from spectra.analysis.compare import compare
+    from spectra.analysis.comparison import CompareOptions
+    from spectra.jobs.compare import compare
+    from spectra.jobs.report import AnalyzeOptions, analyze
     from spectra.linalg.cache import SpectrumCache
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        an = analyze(base, device="cpu", cache=SpectrumCache(cache), mp_fit=True, randomize=True)
+        report = AnalyzeOptions(device="cpu", mp_fit=True, randomize=True)
+        an = analyze(base, report, cache=SpectrumCache(cache))
         svds = SpectrumCache(f"{cache}-svd")
-        cmp = compare(base, ft, device="cpu", epsilons=(0.5, 0.9), cache=svds)
-        cmp_lora = compare(base, lora, device="cpu", epsilons=(0.5, 0.9))
+        opts = CompareOptions(device="cpu", epsilons=(0.5, 0.9))
+        cmp = compare(base, ft, opts, cache=svds)
+        cmp_lora = compare(base, lora, opts)
     finally:
         torch.set_num_threads(before)
     return {"analysis": an.to_dict(), "compare": cmp.to_dict(), "lora": cmp_lora.to_dict()}
@@ -374,7 +384,7 @@ def test_failing_rank_names_itself_and_its_matrix(
 
 
 def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spectra.distributed import run_init
+    from spectra.distributed.run import run_init
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -448,7 +458,7 @@ def test_hub_download_error_stops_every_rank(
 _INIT_WORKER = """
 import json, os, sys
 from spectra.adapt.registry import get_initializer
-from spectra.distributed import run_init
+from spectra.distributed.run import run_init
 from spectra.errors import SpectraError
 
 src, out, log = sys.argv[1:4]

@@ -16,7 +16,10 @@ from _linalg_fixtures import (
 from spectra.errors import SourceError, ValidationError
 from spectra.linalg.batching import plan_batches, prefetch
 from spectra.linalg.cache import CACHE_FORMAT, SpectrumCache
-from spectra.linalg.engine import compute_spectra
+from spectra.linalg.decompose import SpectrumOptions
+from spectra.linalg.engine import EngineOptions, compute_spectra
+
+CPU = EngineOptions(device="cpu")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,11 @@ def _fake(n_square: int = 5, n_tall: int = 3) -> FakeCheckpoint:
 def test_values_in_input_order_equal_direct_computation() -> None:
     ck = _fake()
     done: list[tuple[int, int, int]] = []
-    out = list(compute_spectra(ck, mode="values", device="cpu", progress=lambda *a: done.append(a)))
+    out = list(
+        compute_spectra(
+            ck, None, SpectrumOptions(mode="values"), engine=CPU, progress=lambda *a: done.append(a)
+        )
+    )
     assert [s.key for s in out] == [r.key for r in ck.refs]
     assert [s.layer for s in out] == list(range(len(ck.refs)))
     for s in out:
@@ -88,8 +95,17 @@ def test_values_in_input_order_equal_direct_computation() -> None:
 
 def test_batch_size_does_not_change_results() -> None:
     ck = _fake()
-    big = list(compute_spectra(ck, mode="topk", k=4, device="cpu", method="krylov"))
-    tiny = list(compute_spectra(ck, mode="topk", k=4, device="cpu", method="krylov", max_memory=1))
+    big = list(
+        compute_spectra(ck, None, SpectrumOptions(mode="topk", k=4, method="krylov"), engine=CPU)
+    )
+    tiny = list(
+        compute_spectra(
+            ck,
+            None,
+            SpectrumOptions(mode="topk", k=4, method="krylov"),
+            engine=EngineOptions(device="cpu", max_memory=1),
+        )
+    )
     for a, b in zip(big, tiny, strict=True):
         assert torch.equal(a.values, b.values) and torch.equal(a.U, b.U)
         assert a.method == "rsvd-krylov" and a.converged and a.residual is not None
@@ -105,7 +121,7 @@ def test_plan_groups_shapes_and_respects_budget() -> None:
 def test_non_finite_matrix_fails_alone_and_the_run_continues() -> None:
     ck = _fake()
     ck.tensors["m2"][3, 3] = float("nan")
-    out = list(compute_spectra(ck, mode="values", device="cpu"))
+    out = list(compute_spectra(ck, None, SpectrumOptions(mode="values"), engine=CPU))
     bad = out[2]
     assert not bad.ok and bad.status == "failed" and "m2: 1 NaN and 0 Inf entries of" in bad.message
     assert bad.values.numel() == 0 and bad.to_dict()["status"] == "failed"
@@ -116,7 +132,14 @@ def test_reader_errors_propagate_from_the_prefetch_thread() -> None:
     ck = _fake()
     ck.fail_on = "m3"
     with pytest.raises(SourceError, match="cannot read 'm3'"):
-        list(compute_spectra(ck, mode="values", device="cpu", max_memory=1))
+        list(
+            compute_spectra(
+                ck,
+                None,
+                SpectrumOptions(mode="values"),
+                engine=EngineOptions(device="cpu", max_memory=1),
+            )
+        )
 
 
 def test_prefetch_closes_cleanly_when_abandoned() -> None:
@@ -136,30 +159,36 @@ def test_prefetch_closes_cleanly_when_abandoned() -> None:
 def test_cache_second_run_reads_nothing_and_matches(tmp_path) -> None:
     ck = _fake()
     cache = SpectrumCache(tmp_path)
-    first = list(compute_spectra(ck, mode="topk", k=5, device="cpu", cache=cache))
+    first = list(
+        compute_spectra(ck, None, SpectrumOptions(mode="topk", k=5), engine=CPU, cache=cache)
+    )
     n_reads = len(ck.reads)
-    second = list(compute_spectra(ck, mode="topk", k=5, device="cpu", cache=cache))
+    second = list(
+        compute_spectra(ck, None, SpectrumOptions(mode="topk", k=5), engine=CPU, cache=cache)
+    )
     assert len(ck.reads) == n_reads  # nothing read again
     assert all(s.from_cache for s in second) and not any(s.from_cache for s in first)
     for a, b in zip(first, second, strict=True):
         assert a.key == b.key and torch.equal(a.values, b.values) and torch.equal(a.Vh, b.Vh)
         assert a.to_dict() == b.to_dict()
     # other parameters are other entries
-    list(compute_spectra(ck, mode="topk", k=6, device="cpu", cache=cache))
+    list(compute_spectra(ck, None, SpectrumOptions(mode="topk", k=6), engine=CPU, cache=cache))
     assert len(ck.reads) == 2 * n_reads
 
 
 def test_corrupted_entry_is_reported_and_recomputed(tmp_path) -> None:
     ck = _fake(2, 0)
     cache = SpectrumCache(tmp_path)
-    first = list(compute_spectra(ck, mode="values", device="cpu", cache=cache))
+    first = list(compute_spectra(ck, None, SpectrumOptions(mode="values"), engine=CPU, cache=cache))
     payloads = sorted(tmp_path.rglob("*.safetensors"))
     assert len(payloads) == 2
     data = bytearray(payloads[0].read_bytes())
     data[-3] ^= 0xFF
     payloads[0].write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="corrupted spectrum cache entry"):
-        again = list(compute_spectra(ck, mode="values", device="cpu", cache=cache))
+        again = list(
+            compute_spectra(ck, None, SpectrumOptions(mode="values"), engine=CPU, cache=cache)
+        )
     assert sorted(s.from_cache for s in again) == [False, True]
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a.values, b.values)
@@ -168,11 +197,11 @@ def test_corrupted_entry_is_reported_and_recomputed(tmp_path) -> None:
 def test_option_errors() -> None:
     ck = _fake()
     with pytest.raises(ValidationError, match="needs an integer k >= 1, got k=None"):
-        compute_spectra(ck, mode="topk")
+        compute_spectra(ck, None, SpectrumOptions(mode="topk"))
     with pytest.raises(ValidationError, match="got 'eig'"):
-        compute_spectra(ck, mode="eig")
+        compute_spectra(ck, None, SpectrumOptions(mode="eig"))
     with pytest.raises(ValidationError, match="max_memory must be > 0 bytes, got -5"):
-        compute_spectra(ck, max_memory=-5)
+        compute_spectra(ck, engine=EngineOptions(max_memory=-5))
 
 
 def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
@@ -182,8 +211,14 @@ def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
         refs = [r for r in ck.matrices() if r.layer == 0]
         assert len(refs) == 6
         cache = SpectrumCache(tmp_path)
-        vals = list(compute_spectra(ck, refs, mode="values", device="cpu", cache=cache))
-        top = list(compute_spectra(ck, refs, mode="topk", k=16, device="cpu", method="krylov"))
+        vals = list(
+            compute_spectra(ck, refs, SpectrumOptions(mode="values"), engine=CPU, cache=cache)
+        )
+        top = list(
+            compute_spectra(
+                ck, refs, SpectrumOptions(mode="topk", k=16, method="krylov"), engine=CPU
+            )
+        )
         for ref, v, t in zip(refs, vals, top, strict=True):
             W = ck.read(ref).double()
             U_ref, S_ref, _ = torch.linalg.svd(W, full_matrices=False)
@@ -191,7 +226,9 @@ def test_minilm_real_checkpoint_values_and_topk(minilm_path, tmp_path) -> None:
             assert torch.allclose(v.values, S_ref, rtol=1e-9)
             cos = torch.linalg.svdvals(t.U.double().T @ U_ref[:, :16]).min()
             assert float(cos) >= 0.99
-        again = list(compute_spectra(ck, refs, mode="values", device="cpu", cache=cache))
+        again = list(
+            compute_spectra(ck, refs, SpectrumOptions(mode="values"), engine=CPU, cache=cache)
+        )
         assert all(s.from_cache for s in again)
         assert (tmp_path / f"v{CACHE_FORMAT}" / "shards.json").is_file()
 
@@ -262,7 +299,7 @@ def test_bf16_is_read_as_stored_and_gives_the_float32_route_bit_for_bit(tmp_path
     extras = MatrixExtras(("sum",), note)
     with Checkpoint.open(str(path)) as ck:
         refs = ck.matrices()
-        got = list(compute_spectra(ck, refs, device="cpu", extras=extras))
+        got = list(compute_spectra(ck, refs, engine=CPU, extras=extras))
         for ref, spec in zip(refs, got, strict=True):
             W32 = ck.read(ref)  # float32
             assert torch.equal(spec.values, gram_svdvals(W32[None])[0])
@@ -281,26 +318,22 @@ def test_extras_ride_on_the_read_and_are_cached(tmp_path) -> None:
         return {"fro": float(torch.linalg.norm(W.double()))}
 
     cache = SpectrumCache(tmp_path)
-    first = list(
-        compute_spectra(ck, device="cpu", cache=cache, extras=MatrixExtras(("fro",), norm))
-    )
+    first = list(compute_spectra(ck, engine=CPU, cache=cache, extras=MatrixExtras(("fro",), norm)))
     assert sorted(calls) == sorted(ck.tensors) and sorted(ck.reads) == sorted(ck.tensors)
     for spec in first:
         assert spec.extras == {"fro": float(torch.linalg.norm(ck.tensors[spec.key].double()))}
     # cached: neither decomposed nor read again, extras served from the entry
-    again = list(
-        compute_spectra(ck, device="cpu", cache=cache, extras=MatrixExtras(("fro",), norm))
-    )
+    again = list(compute_spectra(ck, engine=CPU, cache=cache, extras=MatrixExtras(("fro",), norm)))
     assert len(ck.reads) == len(ck.tensors) and len(calls) == len(ck.tensors)
     assert [s.extras for s in again] == [s.extras for s in first] and all(
         s.from_cache for s in again
     )
     # a new extra: one read per matrix (no decomposition), then stored beside the old one
     twice = MatrixExtras(("fro", "max"), lambda ref, W: {**norm(ref, W), "max": float(W.max())})
-    third = list(compute_spectra(ck, device="cpu", cache=cache, extras=twice))
+    third = list(compute_spectra(ck, engine=CPU, cache=cache, extras=twice))
     assert len(ck.reads) == 2 * len(ck.tensors)
     assert all(set(s.extras) == {"fro", "max"} for s in third)
-    list(compute_spectra(ck, device="cpu", cache=cache, extras=twice))
+    list(compute_spectra(ck, engine=CPU, cache=cache, extras=twice))
     assert len(ck.reads) == 2 * len(ck.tensors)
     for a, b in zip(first, third, strict=True):
         assert torch.equal(a.values, b.values)

@@ -18,7 +18,7 @@ from _adapt_fixtures import one_thread  # noqa: F401
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
-from spectra import compare
+from spectra.analysis.comparison import CompareOptions
 from spectra.errors import SourceError, ValidationError
 from spectra.export.convert import convert_adapters
 from spectra.formats.peft import (
@@ -33,6 +33,7 @@ from spectra.formats.peft import (
     read_peft_adapter,
     write_peft_adapter,
 )
+from spectra.jobs.compare import compare
 from spectra.sources.adapters import LoraAdapter, MergedCheckpoint
 from spectra.sources.checkpoint import Checkpoint
 
@@ -112,7 +113,7 @@ def test_a_missing_lora_alpha_is_read_as_peft_reads_it(
             for m, dw in deltas.items():
                 w = getattr(base, m).weight.detach()
                 torch.testing.assert_close(merged.read(f"{m}.weight"), w + dw)
-    got = compare(base_dir, folder, k=2)
+    got = compare(base_dir, folder, CompareOptions(k=2))
     assert got.mode == "lora" and len(got.pairs) == 2
     for pair in got.pairs:
         dw = deltas[pair.key.removesuffix(".weight")].double()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra.analysis.htsr import layer_metrics, numerical_rank, spectral_entropy
+from spectra.analysis.htsr import MatrixMeta, layer_metrics, numerical_rank, spectral_entropy
 from spectra.analysis.mp import mp_fit, mp_quantiles
 from spectra.analysis.outliers import outlier_ratio
 from spectra.analysis.randomized import esd_distance, randomized_control, shuffle_entries
@@ -26,7 +26,7 @@ def test_layer_metrics_follow_the_definitions() -> None:
     rng = np.random.default_rng(0)
     W = rng.standard_t(3, size=(96, 64))
     S = _svals(W)
-    lm = layer_metrics(S, W.shape, key="blk.0.q", role="q", layer=0, dtype="F32")
+    lm = layer_metrics(S, W.shape, MatrixMeta("blk.0.q", role="q", layer=0, dtype="F32"))
     lam = S**2
     assert lm.num_evals == 64 and lm.shape == (96, 64)
     assert lm.log_norm == pytest.approx(math.log10(lam.sum()), rel=1e-12)
@@ -39,7 +39,9 @@ def test_layer_metrics_follow_the_definitions() -> None:
     assert lm.numerical_rank == 64
     assert lm.fit_status == "ok" and lm.xmax == pytest.approx(lam.max(), rel=1e-15)
     # order of S does not matter
-    assert layer_metrics(S[::-1], W.shape, key="blk.0.q", role="q", layer=0, dtype="F32") == lm
+    assert (
+        layer_metrics(S[::-1], W.shape, MatrixMeta("blk.0.q", role="q", layer=0, dtype="F32")) == lm
+    )
 
 
 def test_rank_entropy_and_rank_deficiency() -> None:
@@ -47,7 +49,7 @@ def test_rank_entropy_and_rank_deficiency() -> None:
     W = rng.standard_normal((80, 3)) @ rng.standard_normal((3, 40))  # rank 3
     S = _svals(W)
     assert numerical_rank(S, 80) == 3
-    lm = layer_metrics(S, (80, 40), key="lowrank")
+    lm = layer_metrics(S, (80, 40), MatrixMeta("lowrank"))
     assert lm.numerical_rank == 3
     assert "rank-deficient" in lm.warnings
     top = S[:3] ** 2
@@ -63,24 +65,24 @@ def test_warnings_from_alpha_band() -> None:
     rng = np.random.default_rng(2)
     heavy = np.sqrt(rng.pareto(0.6, 200) + 1.0)  # density exponent 1.6
     light = np.sqrt(rng.pareto(8.0, 200) + 1.0)  # density exponent 9
-    lm_h = layer_metrics(heavy, (400, 200), key="h")
-    lm_l = layer_metrics(light, (400, 200), key="l")
+    lm_h = layer_metrics(heavy, (400, 200), MatrixMeta("h"))
+    lm_l = layer_metrics(light, (400, 200), MatrixMeta("l"))
     assert lm_h.alpha < 2 and "over-trained" in lm_h.warnings
     assert lm_l.alpha > 6 and "under-trained" in lm_l.warnings
 
 
 def test_non_finite_and_wrong_length() -> None:
     S = np.array([3.0, np.inf] + [1.0] * 14)
-    lm = layer_metrics(S, (16, 20), key="bad")
+    lm = layer_metrics(S, (16, 20), MatrixMeta("bad"))
     assert lm.warnings == ("non-finite",) and lm.fit_status == "failed"
     assert lm.alpha is None and lm.log_norm is None
     assert json.loads(json.dumps(lm.to_dict(), allow_nan=False))["alpha"] is None
     with pytest.raises(ValidationError, match="all min\\(m, n\\) = 16 singular values"):
-        layer_metrics(np.ones(8), (16, 20), key="topk")
+        layer_metrics(np.ones(8), (16, 20), MatrixMeta("topk"))
 
 
 def test_small_matrix_is_skipped_not_failed() -> None:
-    lm = layer_metrics(np.arange(1.0, 6.0), (5, 7), key="tiny")
+    lm = layer_metrics(np.arange(1.0, 6.0), (5, 7), MatrixMeta("tiny"))
     assert lm.fit_status == "skipped" and lm.alpha is None
     assert lm.warnings == ()
     assert lm.log_norm == pytest.approx(math.log10(55.0))
@@ -163,7 +165,9 @@ def test_outlier_ratio() -> None:
 
 
 def _lm(key: str, role: str, layer: int, alpha: float | None, **kw: object) -> LayerMetrics:
-    base = layer_metrics(np.linspace(1.0, 2.0, 16), (16, 16), key=key, role=role, layer=layer)
+    base = layer_metrics(
+        np.linspace(1.0, 2.0, 16), (16, 16), MatrixMeta(key, role=role, layer=layer)
+    )
     warnings = ()
     if alpha is not None and alpha > 6:
         warnings = ("under-trained",)

@@ -30,8 +30,8 @@ import pytest
 import torch
 from _source_fixtures import write_llama_like
 
-from spectra.linalg import CacheCorruptionWarning, SpectrumCache, compute_spectra
-from spectra.linalg.cache import CACHE_FORMAT
+from spectra.linalg.cache import CACHE_FORMAT, CacheCorruptionWarning, SpectrumCache
+from spectra.linalg.engine import EngineOptions, compute_spectra
 from spectra.sources.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,8 +185,10 @@ def test_sigkilled_report_leaves_no_partial_output_and_no_bad_cache(tmp_path: Pa
     torch.set_num_threads(1)
     with Checkpoint.open(str(ckpt)) as ck, warnings.catch_warnings():
         warnings.simplefilter("error", CacheCorruptionWarning)
-        cached = list(compute_spectra(ck, device="cpu", cache=SpectrumCache(cache)))
-        fresh = list(compute_spectra(ck, device="cpu", cache=None))
+        cached = list(
+            compute_spectra(ck, engine=EngineOptions(device="cpu"), cache=SpectrumCache(cache))
+        )
+        fresh = list(compute_spectra(ck, engine=EngineOptions(device="cpu"), cache=None))
     assert all(s.from_cache for s in cached)
     for a, b in zip(cached, fresh, strict=True):
         assert a.key == b.key and torch.allclose(a.values, b.values, rtol=1e-9, atol=1e-12)

@@ -15,7 +15,7 @@ from _linalg_fixtures import (
 from safetensors import safe_open
 
 from spectra.errors import NumericalError, ValidationError
-from spectra.linalg.rsvd import gaussian_sketch, randomized_svd, randomized_svd_info
+from spectra.linalg.rsvd import RSVDOptions, gaussian_sketch, randomized_svd, randomized_svd_info
 
 
 @pytest.mark.parametrize("method", ["krylov", "subspace"])
@@ -23,7 +23,7 @@ from spectra.linalg.rsvd import gaussian_sketch, randomized_svd, randomized_svd_
 def test_decaying_topk_values_within_1e4(method: str, shape: tuple[int, int]) -> None:
     W64 = planted(*shape, decaying(200), seed=1)
     U_ref, S_ref, _ = torch.linalg.svd(W64, full_matrices=False)
-    res = randomized_svd_info(W64.float(), 16, method=method)
+    res = randomized_svd_info(W64.float(), 16, RSVDOptions(method=method))
     assert res.S.dtype == torch.float32 and res.U.shape == (1, shape[0], 16)
     assert rel_err(res.S[0], S_ref[:16]) < 1e-4
     assert worst_cosine(res.U[0], U_ref[:, :16]) > 0.999
@@ -33,7 +33,7 @@ def test_decaying_topk_values_within_1e4(method: str, shape: tuple[int, int]) ->
 
 def test_factors_are_orthonormal_and_reconstruct_top_k() -> None:
     W = planted(150, 120, decaying(120, power=1.0), seed=2)
-    U, S, Vh = randomized_svd(W, 10, dtype=torch.float64, tol=1e-10)
+    U, S, Vh = randomized_svd(W, 10, RSVDOptions(tol=1e-10), dtype=torch.float64)
     eye = torch.eye(10, dtype=torch.float64)
     assert torch.allclose(U.T @ U, eye, atol=1e-10) and torch.allclose(Vh @ Vh.T, eye, atol=1e-10)
     U_ref, S_ref, Vh_ref = torch.linalg.svd(W, full_matrices=False)
@@ -53,7 +53,7 @@ def test_flat_top_krylov_reaches_the_subspace_bound() -> None:
 def test_negative_control_no_power_iterations_on_flat_spectrum_misses() -> None:
     W64 = planted(256, 384, flat_top(256), seed=3)
     U_ref, S_ref, _ = torch.linalg.svd(W64, full_matrices=False)
-    res = randomized_svd_info(W64.float(), 16, power_iters=0, method="subspace")
+    res = randomized_svd_info(W64.float(), 16, RSVDOptions(power_iters=0, method="subspace"))
     assert rel_err(res.S[0], S_ref[:16]) > 1e-4
     assert worst_cosine(res.U[0], U_ref[:, :16]) < 0.99
     # and the accuracy estimate says so: far above a converged run's
@@ -63,27 +63,29 @@ def test_negative_control_no_power_iterations_on_flat_spectrum_misses() -> None:
 
 def test_deterministic_across_runs_and_batch_composition() -> None:
     mats = torch.stack([planted(120, 90, flat_top(90, seed=s), seed=s) for s in range(5)]).float()
-    full = randomized_svd_info(mats, 8, seed=7)
-    again = randomized_svd_info(mats, 8, seed=7)
+    full = randomized_svd_info(mats, 8, RSVDOptions(seed=7))
+    again = randomized_svd_info(mats, 8, RSVDOptions(seed=7))
     assert torch.equal(full.U, again.U) and torch.equal(full.S, again.S)
     for i in range(5):
-        alone = randomized_svd_info(mats[i], 8, seed=7)
+        alone = randomized_svd_info(mats[i], 8, RSVDOptions(seed=7))
         assert torch.equal(alone.S[0], full.S[i]) and torch.equal(alone.U[0], full.U[i])
         assert torch.equal(alone.Vh[0], full.Vh[i])
         assert int(alone.iterations[0]) == int(full.iterations[i])
-    pair = randomized_svd_info(mats[[3, 1]], 8, seed=7)
+    pair = randomized_svd_info(mats[[3, 1]], 8, RSVDOptions(seed=7))
     assert torch.equal(pair.S[0], full.S[3]) and torch.equal(pair.U[1], full.U[1])
-    other_seed = randomized_svd_info(mats[0], 8, seed=8)
+    other_seed = randomized_svd_info(mats[0], 8, RSVDOptions(seed=8))
     assert not torch.equal(other_seed.U[0], full.U[0])
 
 
 def test_fixed_power_iters_and_full_krylov_basis_is_exact() -> None:
     W = planted(50, 40, decaying(40), seed=4)
-    res = randomized_svd_info(W, 30, power_iters=3, dtype=torch.float64)
+    res = randomized_svd_info(W, 30, RSVDOptions(power_iters=3), dtype=torch.float64)
     # block 40 = min(m, n): the basis spans the range at once, so the result is exact
     assert torch.allclose(res.S[0], torch.linalg.svdvals(W)[:30], rtol=1e-10)
     assert int(res.iterations[0]) == 0 and bool(res.converged[0])
-    sub = randomized_svd_info(W, 5, power_iters=2, method="subspace", dtype=torch.float64)
+    sub = randomized_svd_info(
+        W, 5, RSVDOptions(power_iters=2, method="subspace"), dtype=torch.float64
+    )
     assert int(sub.iterations[0]) == 2
 
 
@@ -113,8 +115,9 @@ def test_zero_matrix_converges_to_zero() -> None:
 )
 def test_bad_arguments_echo_the_value(kwargs: dict, match: str) -> None:
     W = torch.randn(20, 30)
+    knobs = {n: kwargs.pop(n) for n in list(kwargs) if n in RSVDOptions.__dataclass_fields__}
     with pytest.raises(ValidationError, match=match):
-        randomized_svd(W, **kwargs)
+        randomized_svd(W, kwargs.pop("k"), RSVDOptions(**knobs), **kwargs)
 
 
 def test_bad_shapes_and_non_finite() -> None:

@@ -19,13 +19,13 @@ import pytest
 import torch
 from _source_fixtures import write_safetensors
 
-from spectra.linalg import MemoryBudgetWarning, compute_spectra
 from spectra.linalg.decompose import (
     GRAM_BYTES_PER_ENTRY,
     MIN_GRAM_BLOCK,
     SpectrumOptions,
     oversize_plan,
 )
+from spectra.linalg.engine import EngineOptions, MemoryBudgetWarning, compute_spectra
 from spectra.linalg.exact import gram_svdvals
 
 P = "model.layers.{}.{}.weight"
@@ -236,13 +236,13 @@ def test_engine_over_budget_matches_and_warns_once(mode: str) -> None:
     }
     tensors["b"][0, 0] = float("nan")
     ck = _Fake(tensors)
-    kw: dict[str, Any] = {"mode": mode, "device": "cpu", "prefetch": False}
-    if mode == "topk":
-        kw.update(k=4, method="exact")
+    topk = {"k": 4, "method": "exact"} if mode == "topk" else {}
+    opts = SpectrumOptions(mode=mode, **topk)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ref = list(compute_spectra(ck, **kw))
-        tiny = list(compute_spectra(ck, max_memory=64 << 10, **kw))
+        ref = list(compute_spectra(ck, None, opts, engine=EngineOptions("cpu", prefetch=False)))
+        tight = EngineOptions("cpu", max_memory=64 << 10, prefetch=False)
+        tiny = list(compute_spectra(ck, None, opts, engine=tight))
     budget = [w for w in caught if issubclass(w.category, MemoryBudgetWarning)]
     assert len(budget) == 1, [str(w.message) for w in caught]
     assert str(budget[0].message).startswith("3 of 4 matrices need more working memory")

@@ -23,7 +23,7 @@ def test_import_configures_nothing() -> None:
         # third-party imports first: torch/numpy/scipy install their own filters on import
         "import torch, numpy, scipy, scipy.linalg, scipy.stats, safetensors, huggingface_hub; "
         "import logging, warnings; before = (logging.getLogger().level, list(warnings.filters)); "
-        "import spectra, spectra.analysis, spectra.linalg, spectra.sources; "
+        "import spectra, spectra.jobs.report, spectra.jobs.compare, spectra.sources; "
         "after = (logging.getLogger().level, list(warnings.filters)); "
         "assert before == after, (before, after); "
         "import sys; assert 'matplotlib' not in sys.modules and 'typer' not in sys.modules"
@@ -32,6 +32,6 @@ def test_import_configures_nothing() -> None:
 
 
 def test_analyze_top_level_matches_subpackage(minilm_path) -> None:  # noqa: ANN001
-    from spectra.analysis.analyze import analyze
+    from spectra.jobs.report import analyze
 
     assert spectra.analyze is analyze

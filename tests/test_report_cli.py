@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from spectra.analysis.analyze import analyze
 from spectra.analysis.results import Analysis
 from spectra.cli.main import app
 from spectra.cli.report_cmd import ReportProgress
+from spectra.jobs.report import analyze
 from spectra.outdir import MARKER
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_powerlaw import reference_fit
 
-from spectra.analysis.analyze import analyze
+from spectra.jobs.report import AnalyzeOptions, analyze
 from spectra.sources.checkpoint import Checkpoint
 
 # The issue asks for 1e-4. Alpha agrees to ~3e-14 with float64 Gram spectra, but WeightWatcher
@@ -38,7 +38,7 @@ print("WWJSON" + df[cols].to_json(orient="records"))
 
 @pytest.fixture(scope="module")
 def minilm_analysis(minilm_path: Path):
-    return analyze(minilm_path, cache=None, device="cpu")
+    return analyze(minilm_path, AnalyzeOptions(device="cpu"), cache=None)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def module_stats(
     """ModuleStats for the allocators: exact spectra (float64) when needed, and HT-SR alphas
     (power-law fit of ``lambda = S^2``, spectra.analysis.powerlaw) for the alpha allocators."""
     from spectra.analysis.powerlaw import fit_powerlaw
-    from spectra.linalg import exact_svdvals
+    from spectra.linalg.exact import exact_svdvals
 
     out = []
     values: dict[str, np.ndarray] = {}

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from spectra.adapt.registry import InitContext
-from spectra.linalg import exact_svd, randomized_svd_info
-from spectra.linalg.exact import top_eigh
+from spectra.linalg.exact import exact_svd, top_eigh
+from spectra.linalg.rsvd import RSVDOptions, randomized_svd_info
 
 # Up to this min(m, n) the exact SVD costs well under a second per matrix on one CPU core.
 EXACT_AUTO_MAX = 1024
@@ -80,7 +80,9 @@ def top_svd(W: Tensor, rank: int, ctx: InitContext) -> tuple[Tensor, Tensor, Ten
     if use_exact(tuple(W.shape), rank, ctx.svd):
         U, S, Vh, route = exact_slice(W, rank, "top")
         return U, S, Vh, {"svd": f"exact-{route}", "residual": _residual(W, U, S, Vh)}
-    res = randomized_svd_info(W, rank, method="krylov", seed=ctx.seed, dtype=torch.float32)
+    res = randomized_svd_info(
+        W, rank, RSVDOptions(method="krylov", seed=ctx.seed), dtype=torch.float32
+    )
     info = {
         "svd": "randomized",
         "iterations": int(res.iterations[0]),

@@ -1,42 +1,16 @@
-"""spectra.analysis: what the spectra say (HT-SR metrics, power-law fits, model summary).
+"""spectra.analysis: what the spectra say. Pure functions and result dataclasses, no IO.
 
-Definitions: ../shared/docs/methods.md section 2. Results are frozen dataclasses in `results`;
-`analyze()` runs the whole pipeline on a checkpoint.
+Report (HT-SR, docs/methods.md section 2):
+- powerlaw.py: Clauset-Shalizi-Newman power-law fit of an ESD; mp.py: Marchenko-Pastur edge;
+- htsr.py: per-matrix metrics and warnings (`layer_metrics`); outliers.py: outlier ratio;
+- randomized.py: the shuffled-entries control; summary.py: the model summary;
+- results.py: `LayerMetrics`, `ModelSummary`, `Analysis` (what `spectra.analyze()` returns).
+Compare (fine-tune forensics, docs/methods.md section 3):
+- intruders.py: intruder dimensions; drift.py: the update dW and subspace drift;
+- pairing.py: name pairing with --map renames; pair.py: one matrix pair (`compare_pair`);
+- forensics.py: model-level verdicts; comparison.py: `Comparison`, `CompareOptions`;
+- compare_inputs.py: whether FINETUNED is a PEFT adapter folder.
+csvsafe.py: CSV text a spreadsheet opens as inert data.
+
+The jobs that run these on a checkpoint are in spectra.jobs (report.py, compare.py).
 """
-
-from __future__ import annotations
-
-from spectra.analysis.analyze import AnalyzeOptions, analyze
-from spectra.analysis.htsr import layer_metrics
-from spectra.analysis.mp import MPFit, mp_fit
-from spectra.analysis.outliers import outlier_ratio
-from spectra.analysis.powerlaw import fit_powerlaw
-from spectra.analysis.randomized import esd_distance, shuffle_entries
-from spectra.analysis.results import (
-    WARNING_CODES,
-    Analysis,
-    GroupSummary,
-    LayerMetrics,
-    ModelSummary,
-    PowerLawFit,
-)
-from spectra.analysis.summary import summarize
-
-__all__ = [
-    "WARNING_CODES",
-    "Analysis",
-    "AnalyzeOptions",
-    "GroupSummary",
-    "LayerMetrics",
-    "MPFit",
-    "ModelSummary",
-    "PowerLawFit",
-    "analyze",
-    "esd_distance",
-    "fit_powerlaw",
-    "layer_metrics",
-    "mp_fit",
-    "outlier_ratio",
-    "shuffle_entries",
-    "summarize",
-]

@@ -1,6 +1,6 @@
 """Per-matrix HT-SR metrics (Martin & Mahoney, JMLR 22 (2021); arXiv 1810.01075, 2002.06716).
 
-All definitions follow ../shared/docs/methods.md section 2 (WeightWatcher 0.7.x conventions):
+All definitions follow docs/methods.md section 2 (WeightWatcher 0.7.x conventions):
 ESD `lambda_i = S_i^2` of `W (m, n)`, not normalized; `N = max(m, n)`, `M = min(m, n)`.
 
 - alpha, xmin, xmax, D, sigma, num_pl_spikes: `fit_powerlaw` (powerlaw.py);
@@ -21,6 +21,7 @@ Warnings (WARNING_CODES): "under-trained" alpha > 6, "over-trained" alpha < 2, "
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -97,15 +98,33 @@ def layer_warnings(fit: PowerLawFit, rank: int | None, big_m: int) -> tuple[str,
     return tuple(codes)
 
 
+@dataclass(frozen=True)
+class MatrixMeta:
+    """Which matrix a LayerMetrics describes: its key, display name (default: the key), role,
+    layer index and stored dtype."""
+
+    key: str
+    name: str | None = None
+    role: str = "other"
+    layer: int | None = None
+    dtype: str = ""
+
+    def fields(self) -> dict[str, object]:
+        """The identifying LayerMetrics fields."""
+        return {
+            "key": self.key,
+            "name": self.name if self.name is not None else self.key,
+            "role": self.role,
+            "layer": self.layer,
+            "dtype": self.dtype,
+        }
+
+
 def layer_metrics(
     S: np.ndarray,
     shape: tuple[int, int],
+    meta: MatrixMeta,
     *,
-    key: str,
-    name: str | None = None,
-    role: str = "other",
-    layer: int | None = None,
-    dtype: str = "",
     spectrum_method: str = "",
     mp: MPFit | None = None,
     rand_distance: float | None = None,
@@ -119,7 +138,7 @@ def layer_metrics(
     distance, outlier ratio) are passed in and stored. Pure: no IO, no torch.
 
     >>> S = np.linspace(1.0, 3.0, 16)
-    >>> lm = layer_metrics(S, (32, 16), key="w")
+    >>> lm = layer_metrics(S, (32, 16), MatrixMeta("w"))
     >>> lm.num_evals, round(lm.stable_rank, 4), lm.numerical_rank
     (16, 7.7827, 16)
     """
@@ -128,16 +147,12 @@ def layer_metrics(
     big_m, big_n = min(m, n), max(m, n)
     if S.size != big_m:
         raise ValidationError(
-            f"layer_metrics needs all min(m, n) = {big_m} singular values of {key!r} "
+            f"layer_metrics needs all min(m, n) = {big_m} singular values of {meta.key!r} "
             f"(shape {m}x{n}), got {S.size}: compute the spectrum with mode='values'"
         )
     common = {
-        "key": key,
-        "name": name if name is not None else key,
-        "role": role,
-        "layer": layer,
+        **meta.fields(),
         "shape": (m, n),
-        "dtype": dtype,
         "num_evals": int(S.size),
         "spectrum_method": spectrum_method,
         "mp_bulk_max": None if mp is None else mp.bulk_max,
@@ -169,25 +184,17 @@ def layer_metrics(
 
 
 def failed_layer(
-    *,
-    key: str,
+    meta: MatrixMeta,
     shape: tuple[int, int],
     message: str,
-    name: str | None = None,
-    role: str = "other",
-    layer: int | None = None,
-    dtype: str = "",
+    *,
     spectrum_method: str = "",
     code: str = "non-finite",
 ) -> LayerMetrics:
     """The LayerMetrics of a matrix whose spectrum could not be computed (e.g. NaN entries)."""
     common = {
-        "key": key,
-        "name": name if name is not None else key,
-        "role": role,
-        "layer": layer,
+        **meta.fields(),
         "shape": (int(shape[0]), int(shape[1])),
-        "dtype": dtype,
         "num_evals": 0,
         "spectrum_method": spectrum_method,
     }

@@ -59,11 +59,11 @@ class Pairing:
         parts = []
         if self.mismatched:
             shown = ", ".join(f"{b} {tuple(sb)} vs {tuple(sf)}" for b, _, sb, sf in self.mismatched)
-            parts.append(f"{len(self.mismatched)} shape mismatch(es): {_clip(shown)}")
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): {clip(shown)}")
         if self.base_only:
-            parts.append(f"{len(self.base_only)} only in base: {_clip(', '.join(self.base_only))}")
+            parts.append(f"{len(self.base_only)} only in base: {clip(', '.join(self.base_only))}")
         if self.ft_only:
-            parts.append(f"{len(self.ft_only)} only in fine-tune: {_clip(', '.join(self.ft_only))}")
+            parts.append(f"{len(self.ft_only)} only in fine-tune: {clip(', '.join(self.ft_only))}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +78,8 @@ class Pairing:
         }
 
 
-def _clip(text: str, limit: int = 400) -> str:
+def clip(text: str, limit: int = 400) -> str:
+    """`text`, cut to `limit` characters with '...' (lists of keys in one-line errors)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -123,3 +124,30 @@ def pair_matrices(
         ft_only=tuple(f for t, f in mapped.items() if t not in base),
         mismatched=tuple(mismatched),
     )
+
+
+def pair_adapter(
+    base_keys: Sequence[str],
+    targets: Mapping[str, str],
+    rules: Sequence[tuple[str, str]],
+    base: str,
+) -> Pairing:
+    """Pair an adapter's modules with the selected base matrices (after `--map` renames).
+
+    base_keys: the selected base matrices, in base order; targets: {adapter module: the base key
+    it adapts}; base: the base's name, for errors. Raises ValidationError when the adapter
+    targets matrices the base lacks, or none of them.
+    """
+    modules = {map_key(key, rules): name for name, key in targets.items()}
+    selected = set(base_keys)
+    missing = [k for k in modules if k not in selected]
+    if missing:
+        raise ValidationError(
+            f"the adapter targets {len(missing)} matrices the base {base} does not have "
+            f"(after --include/--exclude/--roles): {clip(', '.join(missing))}; check the base "
+            "model, or rename with --map"
+        )
+    pairs = tuple((k, modules[k]) for k in base_keys if k in modules)
+    if not pairs:
+        raise ValidationError(f"the adapter adapts none of the selected matrices of {base}")
+    return Pairing(pairs=pairs, base_only=tuple(k for k in base_keys if k not in modules))

@@ -58,13 +58,20 @@ def plan_batches(
     return sorted(batches, key=lambda b: b.indices[0])
 
 
+def check_max_memory(max_memory: int | float | None) -> None:
+    """ValidationError unless `max_memory` is None or a positive number of bytes."""
+    if max_memory is None:
+        return
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
+        raise ValidationError(f"max_memory must be a number of bytes, got {max_memory!r}")
+    if max_memory <= 0:
+        raise ValidationError(f"max_memory must be > 0 bytes, got {max_memory}")
+
+
 def memory_budget(device: torch.device, max_memory: int | float | None) -> int:
     """Bytes a batch may use: `max_memory`, else a share of free GPU memory, else 1 GiB."""
     if max_memory is not None:
-        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
-            raise ValidationError(f"max_memory must be a number of bytes, got {max_memory!r}")
-        if max_memory <= 0:
-            raise ValidationError(f"max_memory must be > 0 bytes, got {max_memory}")
+        check_max_memory(max_memory)
         return int(max_memory)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -21,7 +21,7 @@ from spectra.linalg.exact import (
     gram_svdvals,
     resolve_route,
 )
-from spectra.linalg.rsvd import DEFAULT_TOL, RSVD_METHODS, randomized_svd_info
+from spectra.linalg.rsvd import DEFAULT_TOL, RSVD_METHODS, RSVDOptions, randomized_svd_info
 from spectra.linalg.spectrum import Spectrum
 
 MODES = ("values", "topk", "full")
@@ -82,6 +82,17 @@ class SpectrumOptions:
         if self.dtype is not None:
             return self.dtype
         return torch.float64 if self.mode == "full" else torch.float32
+
+    def rsvd(self, method: str) -> RSVDOptions:
+        """The randomized SVD knobs of these options, for the concrete top-k `method`."""
+        return RSVDOptions(
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            method=method,
+            seed=self.seed,
+            tol=self.tol,
+            max_iters=self.max_iters,
+        )
 
     def topk_method(self, shape: tuple[int, int]) -> str:
         """The concrete top-k method for a matrix of `shape`."""
@@ -273,17 +284,7 @@ def _decompose_finite(
             Spectrum(S[i].clone(), U[i].clone(), Vh[i].clone(), "svd", params, shape=shape)
             for i in range(len(S))
         ]
-    res = randomized_svd_info(
-        W,
-        params["k"],
-        oversample=opts.oversample,
-        power_iters=opts.power_iters,
-        method=params["method"],
-        seed=opts.seed,
-        tol=opts.tol,
-        max_iters=opts.max_iters,
-        dtype=opts.work_dtype(),
-    )
+    res = randomized_svd_info(W, params["k"], opts.rsvd(params["method"]), dtype=opts.work_dtype())
     U, S, Vh = res.U.cpu(), res.S.double().cpu(), res.Vh.cpu()
     return [
         Spectrum(

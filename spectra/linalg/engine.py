@@ -1,7 +1,7 @@
 """The spectral engine: stream matrices from a checkpoint, batch equal shapes, decompose, cache.
 
-`compute_spectra(ckpt, matrices, mode=...)` yields one `Spectrum` per matrix, in the order of
-`matrices`, with key/role/layer filled. Pipeline:
+`compute_spectra(ckpt, matrices, SpectrumOptions(...))` yields one `Spectrum` per matrix, in the
+order of `matrices`, with key/role/layer filled. Pipeline:
 
 1. With a cache: each matrix's entry key is `sha256(content key, parameters)`; entries present
    on disk are not read from the checkpoint at all. Content keys use the shard digest memo of the
@@ -38,13 +38,20 @@ from typing import Any, Protocol
 import torch
 
 from spectra.device import resolve_device
-from spectra.linalg.batching import Batch, MemoryGate, memory_budget, plan_batches, prefetch
+from spectra.linalg.batching import (
+    Batch,
+    MemoryGate,
+    check_max_memory,
+    memory_budget,
+    plan_batches,
+    prefetch,
+)
 from spectra.linalg.cache import SpectrumCache
 from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
 from spectra.linalg.exact import resolve_route
-from spectra.linalg.rsvd import DEFAULT_TOL
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.reader import shard_digest
+from spectra.sources.roles import MatrixRef
 
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read_from_checkpoint)"""
@@ -68,7 +75,7 @@ class MatrixExtras:
     """
 
     names: tuple[str, ...]
-    compute: Callable[[Any, torch.Tensor], Mapping[str, Any]]
+    compute: Callable[[MatrixRef, torch.Tensor], Mapping[str, Any]]
 
 
 class MemoryBudgetWarning(UserWarning):
@@ -79,78 +86,67 @@ class MemoryBudgetWarning(UserWarning):
 class CheckpointLike(Protocol):
     """What the engine needs from `spectra.sources.checkpoint.Checkpoint`."""
 
-    def matrices(self) -> list[Any]: ...
+    def matrices(self) -> list[MatrixRef]: ...
 
     def read_many(
-        self, refs: Sequence[Any], *, dtype: torch.dtype, device: str
-    ) -> Iterator[tuple[Any, torch.Tensor]]: ...
+        self, refs: Sequence[MatrixRef], *, dtype: torch.dtype, device: str
+    ) -> Iterator[tuple[MatrixRef, torch.Tensor]]: ...
 
-    def content_key(self, ref: Any) -> str: ...
+    def content_key(self, ref: MatrixRef) -> str: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs, not what it computes (never part of a cache key).
+
+    device: "auto" (cuda, then mps, then cpu), "cpu", "cuda[:N]", "mps".
+    max_memory: working-memory budget in bytes for one batch (None: half the free GPU memory,
+        or 1 GiB on the CPU).
+    prefetch: read the next batch on a background thread.
+    """
+
+    device: str | torch.device = "auto"
+    max_memory: int | float | None = None
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        check_max_memory(self.max_memory)
 
 
 def compute_spectra(
     ckpt: CheckpointLike,
-    matrices: Sequence[Any] | None = None,
+    matrices: Sequence[MatrixRef] | None = None,
+    options: SpectrumOptions | None = None,
     *,
-    mode: str = "values",
-    k: int | None = None,
-    device: str | torch.device = "auto",
-    max_memory: int | float | None = None,
-    dtype: torch.dtype | None = None,
+    engine: EngineOptions | None = None,
     cache: SpectrumCache | None = None,
     progress: ProgressFn | None = None,
-    prefetch: bool = True,
-    seed: int = 0,
-    route: str = "auto",
-    method: str = "auto",
-    oversample: int = 10,
-    power_iters: int | None = None,
-    tol: float = DEFAULT_TOL,
-    max_iters: int | None = None,
     extras: MatrixExtras | None = None,
 ) -> Iterator[Spectrum]:
     """Spectra of `matrices` (MatrixRefs of `ckpt`; default all of `ckpt.matrices()`).
 
-    mode: "values" (all singular values; `route` "auto" = float64 Gram eigenvalues),
-        "topk" (top-`k` values + vectors; `method` "auto" = block Krylov, or an exact SVD when
-        the sketch would be a large share of the matrix), "full" (full SVD, float64 default).
-    device: "auto" (cuda, then mps, then cpu), "cpu", "cuda[:N]", "mps".
-    max_memory: working-memory budget in bytes for one batch.
-    dtype: working precision (float32/float64); see SpectrumOptions.
+    options: what to compute (SpectrumOptions; default all singular values, mode "values").
+    engine: where and how (EngineOptions: device, memory budget, prefetch; default "auto").
     cache: a SpectrumCache to reuse and store results (None: no cache).
     progress: called as progress(done, total, bytes_read) after each yielded Spectrum.
-    prefetch: read the next batch on a background thread.
-    seed, oversample, power_iters, tol, max_iters: randomized SVD knobs (rsvd.py).
     extras: per-matrix values computed while W is in memory, returned in `Spectrum.extras`
         and cached with the spectrum (see MatrixExtras).
 
     Arguments are validated when called; the work happens as the iterator is consumed.
 
-    >>> from spectra.sources.checkpoint import Checkpoint  # doctest: +SKIP
     >>> from spectra.sources.bundled import bundled_model_path  # doctest: +SKIP
+    >>> from spectra.sources.checkpoint import Checkpoint  # doctest: +SKIP
     >>> with Checkpoint.open(bundled_model_path()) as ck:  # doctest: +SKIP
-    ...     spectra = list(compute_spectra(ck, mode="values"))
+    ...     tops = list(compute_spectra(ck, options=SpectrumOptions(mode="topk", k=8)))
     """
-    opts = SpectrumOptions(
-        mode=mode,
-        k=k,
-        route=route,
-        method=method,
-        oversample=oversample,
-        power_iters=power_iters,
-        tol=tol,
-        max_iters=max_iters,
-        seed=seed,
-        dtype=dtype,
-    )
+    opts = SpectrumOptions() if options is None else options
+    run = EngineOptions() if engine is None else engine
     refs = list(ckpt.matrices() if matrices is None else matrices)
-    dev = resolve_device(device)
-    budget = memory_budget(dev, max_memory)
-    run = _Run(ckpt, refs, opts, dev, budget, cache, progress, extras, halve=prefetch)
-    return run.stream(prefetch)
+    stream = _Run(ckpt, refs, opts, run, cache, progress, extras)
+    return stream.stream(run.prefetch)
 
 
-def matrix_content_key(ckpt: CheckpointLike, ref: Any, cache: SpectrumCache | None) -> str:
+def matrix_content_key(ckpt: CheckpointLike, ref: MatrixRef, cache: SpectrumCache | None) -> str:
     """Content key of `ref`'s bytes: `sha256(shard):offset:nbytes:dtype:MxN[:T]`, with the
     shard digest taken from the cache's persistent memo when the shard is a local file;
     otherwise `ckpt.content_key(ref)`."""
@@ -170,23 +166,23 @@ class _Run:
     def __init__(
         self,
         ckpt: CheckpointLike,
-        refs: list[Any],
+        refs: list[MatrixRef],
         opts: SpectrumOptions,
-        device: torch.device,
-        budget: int,
+        engine: EngineOptions,
         cache: SpectrumCache | None,
         progress: ProgressFn | None,
-        extras: MatrixExtras | None = None,
-        *,
-        halve: bool = True,
+        extras: MatrixExtras | None,
     ) -> None:
-        self.ckpt, self.refs, self.opts, self.device = ckpt, refs, opts, device
+        self.ckpt, self.refs, self.opts = ckpt, refs, opts
+        self.device = device = resolve_device(engine.device)
+        budget = memory_budget(device, engine.max_memory)
         self.cache, self.progress, self.extras = cache, progress, extras
         self.read_dtype = opts.work_dtype()
         self.narrow = opts.mode == "values" and resolve_route(opts.route, device) == "gram64"
         self.keys: list[str | None] = [None] * len(refs)
         self.cached: set[int] = set()
-        self.budget = budget // 2 if halve else budget  # per batch
+        # per batch: halved when prefetching, since two batches are alive then
+        self.budget = budget // 2 if engine.prefetch else budget
         self.gate = MemoryGate(budget)  # the batch computing + the batch being read
         self.ready: dict[int, Spectrum] = {}
         self.next = 0

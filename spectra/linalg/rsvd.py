@@ -58,26 +58,54 @@ class RSVDResult:
     residual: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RSVDOptions:
+    """Knobs of the randomized SVD, validated on construction.
+
+    oversample: extra sketch columns p (sketch width k + p, clamped to min(m, n)).
+    power_iters: iterations q; None = adaptive until the top-k values change by <= `tol`
+        relative (capped at `max_iters`, default 16 for krylov, 48 for subspace).
+    method: "krylov" (block Krylov, Musco & Musco 2015) or "subspace" (Halko et al. Alg. 4.4).
+    seed: seed of the Gaussian sketch (the same sketch for every matrix of a batch).
+    tol, max_iters: the adaptive stop (see the module docstring).
+    """
+
+    oversample: int = 10
+    power_iters: int | None = None
+    method: str = "krylov"
+    seed: int = 0
+    tol: float = DEFAULT_TOL
+    max_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int(self.oversample, "oversample", low=0)
+        if self.method not in RSVD_METHODS:
+            raise ValidationError(f"method must be one of {RSVD_METHODS}, got {self.method!r}")
+        if self.power_iters is not None:
+            check_int(self.power_iters, "power_iters", low=0)
+        check_int(self.cap, "max_iters", low=0)
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValidationError(f"tol must be a number in (0, 1), got {self.tol!r}")
+        check_int(self.seed, "seed", low=0)
+
+    @property
+    def cap(self) -> int:
+        """Most iterations in the adaptive mode."""
+        return DEFAULT_MAX_ITERS[self.method] if self.max_iters is None else self.max_iters
+
+
 def randomized_svd(
     W: torch.Tensor,
     k: int,
+    options: RSVDOptions | None = None,
     *,
-    oversample: int = 10,
-    power_iters: int | None = None,
-    method: str = "krylov",
-    seed: int = 0,
-    tol: float = DEFAULT_TOL,
-    max_iters: int | None = None,
     dtype: torch.dtype | None = None,
     names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k SVD of `W (m, n)` or a batch `W (b, m, n)`: returns `U (.., m, k)`, `S (.., k)`,
     `Vh (.., k, n)` with `S` descending, in float32 (or `dtype`) on W's device.
 
-    oversample: extra sketch columns p (sketch width k + p, clamped to min(m, n)).
-    power_iters: iterations q; None = adaptive until the top-k values change by <= `tol`
-        relative (capped at `max_iters`, default 16 for krylov, 48 for subspace).
-    method: "krylov" (block Krylov, Musco & Musco 2015) or "subspace" (Halko et al. Alg. 4.4).
+    options: the iteration knobs (RSVDOptions; default adaptive block Krylov, seed 0).
     names: optional names of the batch's matrices, used in error messages.
 
     >>> W = torch.randn(60, 40, dtype=torch.float64)
@@ -85,18 +113,7 @@ def randomized_svd(
     >>> torch.allclose(S, torch.linalg.svdvals(W)[:5])
     True
     """
-    res = randomized_svd_info(
-        W,
-        k,
-        oversample=oversample,
-        power_iters=power_iters,
-        method=method,
-        seed=seed,
-        tol=tol,
-        max_iters=max_iters,
-        dtype=dtype,
-        names=names,
-    )
+    res = randomized_svd_info(W, k, options, dtype=dtype, names=names)
     if W.ndim == 2:
         return res.U[0], res.S[0], res.Vh[0]
     return res.U, res.S, res.Vh
@@ -105,39 +122,25 @@ def randomized_svd(
 def randomized_svd_info(
     W: torch.Tensor,
     k: int,
+    options: RSVDOptions | None = None,
     *,
-    oversample: int = 10,
-    power_iters: int | None = None,
-    method: str = "krylov",
-    seed: int = 0,
-    tol: float = DEFAULT_TOL,
-    max_iters: int | None = None,
     dtype: torch.dtype | None = None,
     names: Sequence[str] | None = None,
 ) -> RSVDResult:
     """`randomized_svd` returning an `RSVDResult` (always batched) with iterations, convergence
     and residual per matrix. Arguments as in `randomized_svd`."""
+    opts = RSVDOptions() if options is None else options
     Wb, _ = as_batch(W)
     b, m, n = Wb.shape
     check_names(names, b)
     k = check_int(k, "k", low=1, high=min(m, n))
-    oversample = check_int(oversample, "oversample", low=0)
-    if method not in RSVD_METHODS:
-        raise ValidationError(f"method must be one of {RSVD_METHODS}, got {method!r}")
-    if power_iters is not None:
-        power_iters = check_int(power_iters, "power_iters", low=0)
-    cap = DEFAULT_MAX_ITERS[method] if max_iters is None else max_iters
-    cap = check_int(cap, "max_iters", low=0)
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValidationError(f"tol must be a number in (0, 1), got {tol!r}")
-    check_int(seed, "seed", low=0)
     wd = work_dtype(Wb, dtype)
     check_finite(Wb, names)
     Wb = Wb.to(wd)
-    width = min(k + oversample, m, n)
-    omega = gaussian_sketch(n, width, seed=seed, dtype=wd, device=Wb.device)
-    state_cls = _Krylov if method == "krylov" else _Subspace
-    return _run(state_cls(Wb, omega), k, power_iters, float(tol), cap)
+    width = min(k + opts.oversample, m, n)
+    omega = gaussian_sketch(n, width, seed=opts.seed, dtype=wd, device=Wb.device)
+    state_cls = _Krylov if opts.method == "krylov" else _Subspace
+    return _run(state_cls(Wb, omega), k, opts.power_iters, float(opts.tol), opts.cap)
 
 
 def gaussian_sketch(

@@ -1,0 +1,338 @@
+"""`analyze()`: the report job. HT-SR metrics of every weight matrix of a checkpoint, as an
+`Analysis`, in one process or split over torchrun ranks.
+
+One streaming pass over the checkpoint, memory-bounded, plus one more only for the randomized
+control:
+1. spectra: `compute_spectra` in mode "values" (the engine batches equal shapes, uses the
+   spectrum cache; default exact route: float64 Gram eigenvalues, which reproduces
+   WeightWatcher's alphas, docs/methods.md section 2), then the pure per-matrix metrics
+   (analysis.htsr), and the MP edge when asked (no extra decomposition). The outlier ratio (on
+   by default) is an engine `MatrixExtras`: computed from each matrix while the engine holds it,
+   and cached with its spectrum under a key naming the multiplier (a pure function of the same
+   bytes), so neither a cold nor a cached run reads the weights twice for it.
+2. only with `randomize`: the engine decomposes the entry-shuffled matrices (`ShuffledView`:
+   same batching and memory budget, no cache): one extra read and one extra exact spectrum
+   per matrix.
+
+Under torchrun with N processes (spectra.distributed is the runtime):
+1. every rank opens the checkpoint (Hub shards once per node) and lists the same matrices in
+   the same order (headers only);
+2. each rank takes its share (contiguous runs of shards, balanced by estimated seconds) and
+   runs the same per-matrix code a single process runs, on its own device, reading and writing
+   the shared spectrum cache;
+3. statuses are exchanged: if any rank failed, every rank raises one `DistributedError` naming
+   the rank, the matrix and the error;
+4. rank 0 gathers the per-matrix results in single-process order and builds the `Analysis` a
+   single process builds (the model summary is computed from the full list); the other ranks
+   return None.
+Per-matrix numbers are bit-for-bit those of a single process with the same per-process thread
+count (`threads=` or $SPECTRA_NUM_THREADS) and device type on the CPU; batches of equal shapes
+are formed per rank, which may move GPU results in the last bits (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.analysis.htsr import MatrixMeta, failed_layer, layer_metrics
+from spectra.analysis.mp import mp_fit as fit_mp
+from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
+from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
+from spectra.analysis.results import Analysis, LayerMetrics, runtime_versions
+from spectra.analysis.summary import summarize
+from spectra.device import resolve_device
+from spectra.distributed.failures import Tracker, guarded, settle
+from spectra.distributed.gather import gather_results
+from spectra.distributed.hub import open_checkpoint
+from spectra.distributed.partition import shard_items
+from spectra.distributed.runtime import (
+    Session,
+    apply_threads,
+    distributed_session,
+    is_distributed,
+)
+from spectra.errors import ValidationError
+from spectra.linalg.cache import SpectrumCache, resolve_cache
+from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
+from spectra.linalg.spectrum import Spectrum
+from spectra.sources.bundled import bundled_model_path
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.roles import MatrixRef
+
+Progress = Callable[[int, int, int], None]
+"""progress(done_matrices, total_matrices, bytes_read), called by the engine per matrix"""
+CacheSpec = SpectrumCache | str | Path | bool | None
+Source = str | Path | Checkpoint | None
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What `analyze()` computes; recorded in `Analysis.options`.
+
+    include/exclude: name globs; roles: e.g. ("q", "k", "v", "o", "up", "down").
+    device: "auto" | "cpu" | "cuda[:N]" | "mps" for the decompositions.
+    mp_fit: MP bulk edge and spike count (cheap: no extra decomposition).
+    randomize: shuffled-entries control (one extra exact spectrum per matrix).
+    outliers: weight-magnitude outlier ratio (computed on the spectrum pass's reads, cached).
+    outlier_multiplier: M of the outlier ratio (share of |W_ij| > M * mean |W|; OwLore's 13).
+    seed: seed of the randomized control's shuffles.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    device: str = "auto"
+    mp_fit: bool = False
+    randomize: bool = False
+    outliers: bool = True
+    outlier_multiplier: float = DEFAULT_MULTIPLIER
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "roles"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "device", str(self.device))
+        if not self.outlier_multiplier > 0:
+            raise ValidationError(
+                f"outlier_multiplier must be > 0, got {self.outlier_multiplier!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for name in ("include", "exclude", "roles"):
+            d[name] = list(d[name])
+        return d
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every matrix of one analyze() call shares besides its options."""
+
+    options: AnalyzeOptions
+    cache: CacheSpec
+    progress: Progress | None
+    max_memory: int | None
+
+
+def analyze(
+    source: Source = None,
+    options: AnalyzeOptions | None = None,
+    *,
+    cache: CacheSpec = True,
+    progress: Progress | None = None,
+    max_memory: int | None = None,
+    threads: int | None = None,
+    timeout_s: float | None = None,
+) -> Analysis | None:
+    """HT-SR analysis of the weight matrices of `source` (docs/methods.md section 2).
+
+    source: a `.safetensors` file, a sharded folder, a Hub repo id (`org/name[@revision]`), an
+        open `Checkpoint` (left open), or None for the bundled all-MiniLM-L6-v2.
+    options: what to compute (AnalyzeOptions; default every matrix, outlier ratio on).
+    cache: True (default spectrum cache), False/None (no cache), a folder or a SpectrumCache.
+    progress: passed to the engine: progress(done, total, bytes_read) per matrix.
+    max_memory: working-memory budget in bytes for one engine batch (None: engine default).
+    threads: per-process intra-op threads (or $SPECTRA_NUM_THREADS); the same count gives
+        bit-comparable runs (reproducibility contract, docs/architecture.md).
+    timeout_s: under torchrun, how long a rank waits for the others (default one hour).
+
+    Returns the Analysis; under torchrun on rank 0 only, None on the other ranks.
+
+    >>> an = analyze(options=AnalyzeOptions(roles=("q",)))  # doctest: +SKIP
+    >>> [round(lm.alpha, 2) for lm in an.layers][:2]  # doctest: +SKIP
+    """
+    run = _Run(AnalyzeOptions() if options is None else options, cache, progress, max_memory)
+    if not is_distributed():
+        apply_threads(threads)
+        with _open_here(source) as ckpt:
+            matrices = select_matrices(ckpt, run.options)
+            layers, esds = _analyze_matrices(
+                ckpt, matrices, resolve_device(run.options.device), run
+            )
+            return _analysis(ckpt, run.options, layers, esds)
+    with distributed_session(device=run.options.device, threads=threads, timeout_s=timeout_s) as s:
+        with _open_on_ranks(s, source) as ckpt:
+            return _analyze_split(s, ckpt, run)
+
+
+def select_matrices(ckpt: Checkpoint, options: AnalyzeOptions) -> list[MatrixRef]:
+    """The matrices `options` select, in checkpoint order (ValidationError when none)."""
+    matrices = ckpt.matrices(include=options.include, exclude=options.exclude, roles=options.roles)
+    if not matrices:
+        raise ValidationError(
+            f"no weight matrices in {ckpt.source} match include={list(options.include)} "
+            f"exclude={list(options.exclude)} roles={list(options.roles)}: "
+            "loosen the filters (spectra inspect lists the matrices)"
+        )
+    return matrices
+
+
+def _open_here(source: Source) -> AbstractContextManager[Checkpoint]:
+    if isinstance(source, Checkpoint):
+        return nullcontext(source)
+    return Checkpoint.open(str(bundled_model_path() if source is None else source))
+
+
+def _open_on_ranks(session: Session, source: Source) -> AbstractContextManager[Checkpoint]:
+    if isinstance(source, Checkpoint):
+        return nullcontext(source)
+    return open_checkpoint(session, source)
+
+
+def _analysis(
+    ckpt: Checkpoint,
+    options: AnalyzeOptions,
+    layers: list[LayerMetrics],
+    esds: dict[str, np.ndarray],
+) -> Analysis:
+    return Analysis(
+        source=str(ckpt.source),
+        layers=layers,
+        summary=summarize(layers),
+        options=options.to_dict(),
+        esds=esds,
+        versions=runtime_versions(),
+    )
+
+
+# ------------------------------------------------------------------ the per-matrix pipeline
+
+
+def _analyze_matrices(
+    ckpt: Checkpoint, matrices: Sequence[MatrixRef], device: torch.device, run: _Run
+) -> tuple[list[LayerMetrics], dict[str, np.ndarray]]:
+    """LayerMetrics of `matrices` (in their order) and the ESD of each with a spectrum."""
+    options = run.options
+    engine = EngineOptions(device=device, max_memory=run.max_memory)
+    by_key = {ref.key: ref for ref in matrices}
+    ratio_key = outlier_key(options.outlier_multiplier)
+    base: dict[str, LayerMetrics] = {}
+    esds: dict[str, np.ndarray] = {}
+    # metrics as spectra arrive: the fits overlap the engine's background reads, and only the
+    # eigenvalues (not the Spectrum objects) are kept
+    for spec in compute_spectra(
+        ckpt,
+        matrices,
+        engine=engine,
+        cache=resolve_cache(run.cache),
+        progress=run.progress,
+        extras=_outlier_extras(options) if options.outliers else None,
+    ):
+        layer = _layer(by_key[spec.key], spec, options)
+        if options.outliers:
+            layer = replace(layer, outlier_ratio=spec.extras.get(ratio_key))
+        base[spec.key] = layer
+        if spec.ok:
+            esds[spec.key] = spec.values.double().square().cpu().numpy()
+    rand = _randomized(ckpt, matrices, esds, options, engine)
+    layers = [
+        replace(base[ref.key], rand_distance=rand[ref.key]) if ref.key in rand else base[ref.key]
+        for ref in matrices
+    ]
+    return layers, esds
+
+
+def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> LayerMetrics:
+    """Metrics of one matrix from its Spectrum (weight-based extras are added later)."""
+    meta = MatrixMeta(
+        key=ref.key, name=ref.tensor.name, role=ref.role, layer=ref.layer, dtype=ref.tensor.dtype
+    )
+    shape = tuple(ref.shape)
+    if spec is None or not spec.ok:
+        message = "no spectrum returned" if spec is None else (spec.message or "spectrum failed")
+        method = "" if spec is None else spec.method
+        return failed_layer(meta, shape, message, spectrum_method=method)
+    S = spec.values.double().cpu().numpy()
+    mp = fit_mp(S**2, shape) if options.mp_fit else None
+    return layer_metrics(S, shape, meta, spectrum_method=spec.method, mp=mp)
+
+
+def outlier_key(multiplier: float) -> str:
+    """The `Spectrum.extras` (and cache metadata) key of the outlier ratio at `multiplier`."""
+    return f"outlier_ratio@{float(multiplier)!r}"
+
+
+def _outlier_extras(options: AnalyzeOptions) -> MatrixExtras:
+    """The engine hook that computes the outlier ratio of each matrix as it is read."""
+    key, multiplier = outlier_key(options.outlier_multiplier), options.outlier_multiplier
+
+    def compute(ref: MatrixRef, W: torch.Tensor) -> dict[str, float | None]:
+        return {key: outlier_ratio(W, multiplier=multiplier)}
+
+    return MatrixExtras((key,), compute)
+
+
+def _randomized(
+    ckpt: Checkpoint,
+    matrices: Sequence[MatrixRef],
+    esds: dict[str, np.ndarray],
+    options: AnalyzeOptions,
+    engine: EngineOptions,
+) -> dict[str, float | None]:
+    """`rand_distance` per matrix with a spectrum (empty unless `options.randomize`): the
+    engine decomposes a ShuffledView of the checkpoint (same batching and memory budget as the
+    real spectra, no cache)."""
+    if not options.randomize:
+        return {}
+    out: dict[str, float | None] = {}
+    view = ShuffledView(ckpt, seed=options.seed)
+    targets = [ref for ref in matrices if ref.key in esds]
+    for spec in compute_spectra(view, targets, engine=engine, cache=None):
+        if spec.ok:
+            shuffled = spec.values.double().square().cpu().numpy()
+            out[spec.key] = esd_distance(esds[spec.key], shuffled)
+    return out
+
+
+# ------------------------------------------------------------------ the torchrun split
+
+
+def _analyze_split(session: Session, ckpt: Checkpoint, run: _Run) -> Analysis | None:
+    """Each rank analyzes its share; rank 0 assembles the Analysis (see the module docstring)."""
+    matrices = select_matrices(ckpt, run.options)  # the same list, and errors, on every rank
+    env = session.env
+    mine = shard_items(matrices, env.rank, env.world_size)
+    share = [matrices[i] for i in mine]
+
+    def work(tracker: Tracker) -> list[tuple[int, tuple[LayerMetrics, np.ndarray | None]]]:
+        if not share:
+            return []
+        layers, esds = _analyze_matrices(
+            ckpt, share, session.device, replace(run, progress=_tracked(share, tracker, run))
+        )
+        return [(i, (lm, esds.get(lm.key))) for i, lm in zip(mine, layers, strict=True)]
+
+    status, part = guarded(session, work)
+    settle(session, status)
+    merged = gather_results(session, part or [], len(matrices))
+    if merged is None:
+        return None
+    layers = [lm for lm, _ in merged]
+    esds = {lm.key: esd for lm, esd in merged if esd is not None}
+    return _analysis(ckpt, run.options, layers, esds)
+
+
+def _tracked(share: Sequence[MatrixRef], tracker: Tracker, run: _Run) -> Progress:
+    """The engine's progress callback on a rank: names the next matrix to the failure tracker
+    (so a failure names its matrix, and a failed peer stops this rank), then reports on."""
+    keys = [ref.key for ref in share]
+    tracker.step(keys[0])
+
+    def tick(done: int, total: int, bytes_read: int) -> None:
+        if done < len(keys):
+            tracker.step(keys[done])
+        if run.progress is not None:
+            run.progress(done, total, bytes_read)
+
+    return tick
