@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from spectra.analysis.drift import UpdateStats
-from spectra.analysis.intruders import IntruderResult, _eps_key
+from spectra.analysis.intruders import IntruderResult, epsilon_key
 
 UNCHANGED_TOL = 1e-6
 LOW_RANK_FRACTION = 0.5
@@ -117,7 +117,7 @@ class Forensics:
 def _intruder_tables(
     pairs: Sequence[PairLike], epsilons: Sequence[float]
 ) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-    keys = [_eps_key(e) for e in epsilons]
+    keys = [epsilon_key(e) for e in epsilons]
     total = dict.fromkeys(keys, 0)
     by_role: dict[str, dict[str, int]] = {}
     by_depth: dict[str, dict[str, int]] = {}
@@ -245,7 +245,7 @@ def _kind_verdict(f: Forensics) -> Verdict:
 
 
 def _intruder_verdict(f: Forensics, eps: float, with_any: int) -> Verdict:
-    key = _eps_key(eps)
+    key = epsilon_key(eps)
     n = f.intruders_total.get(key, 0)
     if n == 0:
         msg = f"no intruder dimensions at epsilon {key}: the top singular vectors stay in the base"

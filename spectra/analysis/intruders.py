@@ -66,13 +66,13 @@ class IntruderResult:
         return {
             "k": self.k,
             "max_cos": list(self.max_cos),
-            "counts": {_eps_key(e): n for e, n in self.counts.items()},
+            "counts": {epsilon_key(e): n for e, n in self.counts.items()},
             "floor": self.floor,
             "basis_size": self.basis_size,
         }
 
 
-def _eps_key(eps: float) -> str:
+def epsilon_key(eps: float) -> str:
     """Stable JSON key for an epsilon: '0.5', '0.75'."""
     return f"{eps:g}"
 
