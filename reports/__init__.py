@@ -1,21 +1,9 @@
 """spectra.reports: plots, HTML, Markdown, JSON/CSV rendering of results.
 
-Modules: `plots` (matplotlib figures to PNG bytes, no pyplot), `html` (self-contained page
-builder with escaping), `markdown` (escaped Markdown blocks), `report` (the `spectra report`
-folder), `terminal` (rich summary). Importing this package imports none of them (matplotlib is
-loaded only when a plot is drawn); `write_report` is re-exported lazily.
+Modules: `report` (the `spectra report` folder: `write_report`, its HTML and Markdown pages),
+`compare` (the `spectra compare` folder and terminal summary), `plots` and `compare_plots`
+(matplotlib figures to PNG bytes, no pyplot), `html` (self-contained page builder with escaping),
+`markdown` (escaped Markdown blocks), `terminal` (rich summary of an analysis). Importing this
+package imports none of them (matplotlib is loaded only when a module that draws is imported).
+Import names from the module that defines them.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["write_report"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "write_report":
-        from spectra.reports.report import write_report
-
-        return write_report
-    raise AttributeError(f"module 'spectra.reports' has no attribute {name!r}")

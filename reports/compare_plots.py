@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from spectra.analysis.comparison import Comparison
-from spectra.reports.plots import _png, ordered_roles, role_color
+from spectra.reports.plots import ordered_roles, png_bytes, role_color
 
 FIGSIZE = (8.0, 4.2)
 
@@ -49,7 +49,7 @@ def intruders_by_layer(cmp: Comparison) -> bytes | None:
     ax.set_ylim(0, max(1.0, float(bottom.max()) * 1.15))
     ax.legend(fontsize=8, ncol=4, loc="upper left")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def max_cos_curves(cmp: Comparison) -> bytes | None:
@@ -76,7 +76,7 @@ def max_cos_curves(cmp: Comparison) -> bytes | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, ncol=4, loc="lower left")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def update_spectra(cmp: Comparison) -> bytes | None:
@@ -100,7 +100,7 @@ def update_spectra(cmp: Comparison) -> bytes | None:
     ax.set_title("Spectrum of the update dW = W_ft - W_base (top values)")
     ax.legend(fontsize=8, ncol=4, loc="upper right")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def epsilon_sweep(cmp: Comparison) -> bytes | None:
@@ -120,7 +120,7 @@ def epsilon_sweep(cmp: Comparison) -> bytes | None:
     ax.set_title("Epsilon sweep")
     ax.legend(fontsize=8, ncol=3, loc="upper left")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 PLOTS = {

@@ -84,7 +84,8 @@ def short_label(text: str, limit: int = 60) -> str:
     return f"{text[:half]}…{text[-(limit - 1 - half) :]}"
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes at `DPI`, without a Software tag (same bytes on every run)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -130,7 +131,7 @@ def esd_plot(evals: np.ndarray, layer: LayerMetrics) -> bytes | None:
     ax.legend(fontsize=8, loc="upper right")
     # Fixed margins: tight_layout measures every tick label and costs more than the drawing.
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _light_log_ticks(ax) -> None:  # noqa: ANN001 - matplotlib Axes
@@ -233,7 +234,7 @@ def alpha_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
     ax.set_title("α by depth", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="role")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def norms_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
@@ -252,7 +253,7 @@ def norms_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
     ax_n.set_title("log spectral norm by depth", fontsize=10)
     ax_n.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def sv_decay(layers: Sequence[LayerMetrics], esds: Mapping[str, np.ndarray]) -> 
     axes[0].set_ylabel("S_i / S_1", fontsize=8)
     fig.suptitle(f"singular-value decay per role (colour: layer 0 to {deepest})", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _viridis():  # noqa: ANN202 - a matplotlib Colormap
@@ -352,4 +353,4 @@ def outlier_heatmap(layers: Sequence[LayerMetrics]) -> bytes | None:
     fig.colorbar(image, ax=ax, label="outlier ratio")
     ax.set_title("weight-magnitude outlier ratio", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)

@@ -1,94 +1,128 @@
 """The `spectra report` output folder: report.html, report.md, metrics.json, metrics.csv, plots/.
 
 Everything is rendered from an `Analysis` only (every number drawn or printed is also in
-metrics.json). This module picks and renders the plots and writes the folder; the pages are
-rendered by report_html and report_md from the shared content of report_layout (whose names are
-re-exported here). The folder is written by `write_output_files`: into a temp sibling first,
-renamed into place when complete, so a crash never leaves half a report, and an existing
-non-empty folder is replaced only with `force`.
+metrics.json). Read top-down: what a report shows whatever the format (the model-level plots
+`SUMMARY_PLOTS`, the per-layer fields `DETAIL_FIELDS`, the overview columns `OVERVIEW_COLUMNS`,
+the headline, the by-role/by-depth rows, the warned layers), which plots are drawn and which
+matrices get a per-layer section, then report.html, then its Markdown twin report.md (images
+linked from plots/), and last `write_report`. HTML and Markdown draw from the same content, so
+the two pages say the same thing; every checkpoint string is escaped by the page builders
+(spectra.reports.html, spectra.reports.markdown). The folder is written by
+`write_output_files`: into a temp sibling first, renamed into place when complete, so a crash
+never leaves half a report, and an existing non-empty folder is replaced only with `force`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from spectra.analysis.results import Analysis
+from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
 from spectra.errors import ValidationError
 from spectra.outdir import check_output_dir, write_output_files
+from spectra.reports import html as H
+from spectra.reports import markdown as M
 from spectra.reports import plots as P
-from spectra.reports.report_html import (
-    _BAD_WARNINGS,
-    _html_layer,
-    _html_layers,
-    _html_overview,
-    _html_run_info,
-    _html_summary,
-    _html_warned,
-    _warning_badges,
-    render_html,
-)
-from spectra.reports.report_layout import (
-    DETAIL_FIELDS,
-    GROUP_HEADERS,
-    MAX_DETAIL_SECTIONS,
-    OVERVIEW_COLUMNS,
-    STANDOUT_FIELDS,
-    SUMMARY_PLOTS,
-    ReportPlots,
-    _group_rows,
-    _role_rows,
-    _SummaryPlot,
-    _value,
-    detailed_indices,
-    display_name,
-    headline,
-    warned_layers,
-)
-from spectra.reports.report_md import _md_layers, _md_summary, _md_warned, render_markdown
-
-__all__ = [
-    "DEFAULT_MAX_ESD_PLOTS",
-    "DETAIL_FIELDS",
-    "FORMATS",
-    "GROUP_HEADERS",
-    "MAX_DETAIL_SECTIONS",
-    "OVERVIEW_COLUMNS",
-    "STANDOUT_FIELDS",
-    "SUMMARY_PLOTS",
-    "_BAD_WARNINGS",
-    "ReportPlots",
-    "_SummaryPlot",
-    "_group_rows",
-    "_html_layer",
-    "_html_layers",
-    "_html_overview",
-    "_html_run_info",
-    "_html_summary",
-    "_html_warned",
-    "_md_layers",
-    "_md_summary",
-    "_md_warned",
-    "_role_rows",
-    "_value",
-    "_warning_badges",
-    "detailed_indices",
-    "display_name",
-    "esd_stem",
-    "headline",
-    "parse_formats",
-    "render_html",
-    "render_markdown",
-    "render_plots",
-    "select_esd_keys",
-    "warned_layers",
-    "write_report",
-]
 
 FORMATS = ("html", "md", "json", "csv")
 DEFAULT_MAX_ESD_PLOTS = 64
+MAX_DETAIL_SECTIONS = 256
+
+# (file stem, title, caption, renderer) of the model-level plots.
+_SummaryPlot = tuple[str, str, str, Callable[[Analysis], bytes | None]]
+SUMMARY_PLOTS: tuple[_SummaryPlot, ...] = (
+    (
+        "alpha_by_depth",
+        "α by depth",
+        "Power-law exponent α of each matrix's ESD tail, one line per role. Shaded: α < 2 "
+        "(over-trained) and α > 6 (under-trained); well-trained layers sit roughly in 2-6.",
+        lambda a: P.alpha_by_depth(a.layers),
+    ),
+    (
+        "norms_by_depth",
+        "Stable rank and spectral norm by depth",
+        "Stable rank Σλ/λmax (how many directions carry the energy) and log10 λmax, per role.",
+        lambda a: P.norms_by_depth(a.layers),
+    ),
+    (
+        "sv_decay",
+        "Singular-value decay per role",
+        "S_i/S_1 against i/min(m, n); one curve per matrix, coloured by depth (dashed: no layer "
+        "index).",
+        lambda a: P.sv_decay(a.layers, a.esds),
+    ),
+    (
+        "outlier_heatmap",
+        "Outlier ratio",
+        "Share of weights whose magnitude exceeds a multiple of the matrix's mean magnitude "
+        "(OWL, arXiv 2405.18380), per layer and role.",
+        lambda a: P.outlier_heatmap(a.layers),
+    ),
+)
+
+# Per-layer detail: (label, LayerMetrics attribute) in reading order.
+DETAIL_FIELDS = (
+    ("role", "role"),
+    ("layer", "layer"),
+    ("shape (out, in)", "shape"),
+    ("dtype", "dtype"),
+    ("eigenvalues", "num_evals"),
+    ("spectrum method", "spectrum_method"),
+    ("fit status", "fit_status"),
+    ("fit message", "fit_message"),
+    ("α", "alpha"),
+    ("α weighted (α·log10 λmax)", "alpha_weighted"),
+    ("xmin", "xmin"),
+    ("xmax", "xmax"),
+    ("KS distance D", "D"),
+    ("σ (std. error of α)", "sigma"),
+    ("tail size (power-law spikes)", "num_pl_spikes"),
+    ("log10 Frobenius norm² (log_norm)", "log_norm"),
+    ("log10 λmax (log_spectral_norm)", "log_spectral_norm"),
+    ("stable rank", "stable_rank"),
+    ("log10 Σλ^α (log_alpha_norm)", "log_alpha_norm"),
+    ("spectral entropy", "entropy"),
+    ("numerical rank", "numerical_rank"),
+    ("MP bulk edge", "mp_bulk_max"),
+    ("MP spikes", "mp_num_spikes"),
+    ("randomized-control distance", "rand_distance"),
+    ("outlier ratio", "outlier_ratio"),
+)
+
+# The one-row-per-matrix overview: (header, attribute, numeric).
+OVERVIEW_COLUMNS = (
+    ("matrix", "key", False),
+    ("role", "role", False),
+    ("layer", "layer", True),
+    ("shape", "shape", False),
+    ("α", "alpha", True),
+    ("D", "D", True),
+    ("xmin", "xmin", True),
+    ("stable rank", "stable_rank", True),
+    ("log λmax", "log_spectral_norm", True),
+    ("log norm", "log_norm", True),
+    ("outliers", "outlier_ratio", True),
+)
+
+GROUP_HEADERS = ("count", "mean α", "median α", "warned")
+STANDOUT_FIELDS = ("key", "metric", "value", "reason")
+
+
+@dataclass(frozen=True)
+class ReportPlots:
+    """Rendered PNGs. summary: stem -> png; esd: matrix key -> (stem, png)."""
+
+    summary: dict[str, bytes] = field(default_factory=dict)
+    esd: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+
+    def files(self) -> dict[str, bytes]:
+        """{'plots/<stem>.png': png} for everything rendered."""
+        out = {f"plots/{stem}.png": png for stem, png in self.summary.items()}
+        out.update({f"plots/{stem}.png": png for stem, png in self.esd.values()})
+        return out
 
 
 def parse_formats(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -105,6 +139,51 @@ def parse_formats(value: str | Sequence[str] | None) -> tuple[str, ...]:
             f"unknown report format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}"
         )
     return tuple(f for f in FORMATS if f in wanted)
+
+
+# --- what both pages show ---
+
+
+def warned_layers(analysis: Analysis) -> list[tuple[int, LayerMetrics]]:
+    """(index, metrics) of every matrix carrying at least one warning, in analysis order."""
+    return [(i, lm) for i, lm in enumerate(analysis.layers) if lm.warnings]
+
+
+def _value(lm: LayerMetrics, attr: str) -> object:
+    value = getattr(lm, attr)
+    if attr == "shape":
+        return f"{value[0]} x {value[1]}"
+    return value
+
+
+def headline(analysis: Analysis) -> list[tuple[str, object]]:
+    s = analysis.summary
+    share = "–" if s.warned_share is None else f"{100 * s.warned_share:.1f}%"
+    return [
+        ("matrices analysed", s.num_matrices),
+        ("with a warning", f"{s.num_warned} ({share})"),
+        ("mean α", H.fmt(s.mean_alpha, 3)),
+    ]
+
+
+def _group_rows(groups: dict) -> list[list[object]]:
+    return [[k, g.count, g.mean_alpha, g.median_alpha, g.warned] for k, g in groups.items()]
+
+
+def _role_rows(analysis: Analysis) -> list[list[object]]:
+    groups = analysis.summary.by_role
+    return _group_rows({role: groups[role] for role in P.ordered_roles(set(groups))})
+
+
+def display_name(source: str) -> str:
+    """A short name for titles: the last two parts of a local path, a Hub id as it is."""
+    path = Path(source)
+    if path.exists() and len(path.parts) >= 2:
+        return "/".join(path.parts[-2:])
+    return source
+
+
+# --- selection: which matrices get an ESD plot and a per-layer section ---
 
 
 def select_esd_keys(analysis: Analysis, limit: int = DEFAULT_MAX_ESD_PLOTS) -> list[str]:
@@ -155,6 +234,261 @@ def render_plots(analysis: Analysis, *, max_esd_plots: int = DEFAULT_MAX_ESD_PLO
             if png is not None:
                 esd[lm.key] = (esd_stem(index, lm.key), png)
     return ReportPlots(summary, esd)
+
+
+def detailed_indices(analysis: Analysis, plots: ReportPlots) -> set[int]:
+    """Which matrices get a per-layer section: all up to MAX_DETAIL_SECTIONS, beyond that the
+    warned ones and those with an ESD plot (keeps a report on a huge model readable)."""
+    if len(analysis.layers) <= MAX_DETAIL_SECTIONS:
+        return set(range(len(analysis.layers)))
+    return {i for i, lm in enumerate(analysis.layers) if lm.warnings or lm.key in plots.esd}
+
+
+# --- report.html ---
+
+_BAD_WARNINGS = {"fit-failed", "non-finite"}
+
+
+def _warning_badges(warnings: Sequence[str]) -> H.Markup:
+    return H.join(
+        (
+            H.tag(
+                "span",
+                w,
+                class_=f"badge {'bad' if w in _BAD_WARNINGS else 'warn'}",
+                title=WARNING_CODES.get(w, w),
+            )
+            for w in warnings
+        ),
+        "",
+    )
+
+
+def _html_summary(analysis: Analysis, plots: ReportPlots) -> H.Markup:
+    s = analysis.summary
+    parts: list[object] = [H.facts(headline(analysis))]
+    if s.standouts:
+        rows = [[d.get(f) for f in STANDOUT_FIELDS] for d in s.standouts]
+        cols = [H.Column("matrix", name=True), "metric", H.Column("value", numeric=True), "why"]
+        parts += [H.tag("h3", "Layers that stand out"), H.table(cols, rows)]
+    num = [H.Column(h, numeric=True) for h in GROUP_HEADERS]
+    if s.by_role:
+        parts += [H.tag("h3", "By role"), H.table(["role", *num], _role_rows(analysis))]
+    if s.by_depth:
+        depth_rows = _group_rows(dict(sorted(s.by_depth.items())))
+        parts += [
+            H.tag("h3", "By depth"),
+            H.details(
+                "show the per-layer table",
+                H.table([H.Column("layer", numeric=True), *num], depth_rows),
+            ),
+        ]
+    figures = [
+        H.figure(plots.summary[stem], title, caption)
+        for stem, title, caption, _ in SUMMARY_PLOTS
+        if stem in plots.summary
+    ]
+    if figures:
+        parts += [H.tag("h3", "Plots"), H.tag("div", H.join(figures), class_="grid")]
+    return H.section("Model summary", *parts, id="summary")
+
+
+def _html_warned(analysis: Analysis) -> H.Markup:
+    warned = warned_layers(analysis)
+    if not warned:
+        return H.section("Warned layers", H.paragraph("No matrix carries a warning."), id="warned")
+    cols = [
+        H.Column("matrix", name=True),
+        "role",
+        H.Column("layer", numeric=True),
+        H.Column("α", numeric=True),
+        "warnings",
+        "fit",
+    ]
+    rows = [
+        [
+            H.link(lm.key, f"#layer-{i}"),
+            lm.role,
+            lm.layer,
+            lm.alpha,
+            _warning_badges(lm.warnings),
+            lm.fit_message or lm.fit_status,
+        ]
+        for i, lm in warned
+    ]
+    return H.section(
+        "Warned layers",
+        H.paragraph(f"{len(warned)} of {len(analysis.layers)} matrices."),
+        H.table(cols, rows),
+        id="warned",
+    )
+
+
+def _html_overview(analysis: Analysis, detailed: set[int]) -> H.Markup:
+    cols = [H.Column(h, numeric=num, name=(attr == "key")) for h, attr, num in OVERVIEW_COLUMNS]
+    cols.append(H.Column("warnings"))
+    rows = []
+    for i, lm in enumerate(analysis.layers):
+        row: list[object] = [_value(lm, attr) for _, attr, _ in OVERVIEW_COLUMNS]
+        if i in detailed:
+            row[0] = H.link(lm.key, f"#layer-{i}")
+        rows.append([*row, _warning_badges(lm.warnings)])
+    return H.section("All matrices", H.table(cols, rows), id="matrices")
+
+
+def _html_layer(index: int, lm: LayerMetrics, plots: ReportPlots) -> H.Markup:
+    rows = [[label, H.fmt(_value(lm, attr), 6)] for label, attr in DETAIL_FIELDS]
+    parts: list[object] = []
+    if lm.warnings:
+        parts.append(H.paragraph(_warning_badges(lm.warnings)))
+    if lm.name != lm.key:
+        parts.append(H.paragraph(f"tensor: {lm.name}", class_="muted"))
+    body: list[object] = [H.table(["metric", H.Column("value", numeric=True)], rows)]
+    if lm.key in plots.esd:
+        stem, png = plots.esd[lm.key]
+        body.append(H.figure(png, f"ESD of {lm.key}", f"plots/{stem}.png"))
+    parts.append(H.tag("div", H.join(body), class_="grid"))
+    return H.section(lm.key, *parts, id=f"layer-{index}", level=3, class_="item")
+
+
+def _html_layers(analysis: Analysis, plots: ReportPlots, detailed: set[int]) -> H.Markup:
+    shown = [(i, lm) for i, lm in enumerate(analysis.layers) if i in detailed]
+    note = (
+        "ESD: histogram of the eigenvalues of WᵀW on log-log axes; red: the fitted power law on "
+        "[xmin, xmax]; dashed: xmin. "
+    )
+    if len(plots.esd) < len(analysis.layers):
+        note += (
+            f"ESD plots are drawn for {len(plots.esd)} of {len(analysis.layers)} matrices (the "
+            "warned ones first, then a representative set per role)."
+        )
+    if len(shown) < len(analysis.layers):
+        note += f" Sections below: {len(shown)} of {len(analysis.layers)} matrices."
+    sections = [_html_layer(i, lm, plots) for i, lm in shown]
+    return H.section("Per-layer detail", H.paragraph(note, class_="muted"), *sections, id="layers")
+
+
+def _html_run_info(analysis: Analysis) -> H.Markup:
+    opts = [[k, str(v)] for k, v in sorted(analysis.options.items())]
+    vers = [[k, v] for k, v in sorted(analysis.versions.items())]
+    parts: list[object] = []
+    if opts:
+        parts.append(H.details("analysis options", H.table(["option", "value"], opts)))
+    if vers:
+        parts.append(H.details("versions", H.table(["package", "version"], vers)))
+    definitions = [[code, text] for code, text in WARNING_CODES.items()]
+    parts.append(H.details("warning codes", H.table(["code", "meaning"], definitions)))
+    return H.section("Run", *parts, id="run")
+
+
+def render_html(analysis: Analysis, plots: ReportPlots) -> str:
+    """The whole report.html (self-contained; every checkpoint string escaped)."""
+    toc = H.nav(
+        [
+            ("Summary", "#summary"),
+            ("Warned layers", "#warned"),
+            ("All matrices", "#matrices"),
+            ("Per-layer detail", "#layers"),
+            ("Run", "#run"),
+        ]
+    )
+    detailed = detailed_indices(analysis, plots)
+    body = [
+        toc,
+        _html_summary(analysis, plots),
+        _html_warned(analysis),
+        _html_overview(analysis, detailed),
+        _html_layers(analysis, plots, detailed),
+        _html_run_info(analysis),
+    ]
+    return H.page(
+        f"spectra report: {display_name(analysis.source)}",
+        body,
+        subtitle=f"source: {analysis.source}",
+        footer="Generated by spectra. Definitions: HT-SR metrics as in WeightWatcher 0.7.x "
+        "(Martin & Mahoney); power-law fit by Clauset, Shalizi & Newman (2009).",
+    )
+
+
+# --- report.md ---
+
+
+def _md_summary(analysis: Analysis, plots: ReportPlots) -> list[str]:
+    s = analysis.summary
+    out = [
+        M.heading("Model summary"),
+        M.bullet_list(f"{k}: {H.fmt(v)}" for k, v in headline(analysis)),
+    ]
+    if s.standouts:
+        rows = [[d.get(f) for f in STANDOUT_FIELDS] for d in s.standouts]
+        out += [
+            M.heading("Layers that stand out", 3),
+            M.md_table(
+                ["matrix", "metric", "value", "why"], rows, numeric=[False, False, True, False]
+            ),
+        ]
+    if s.by_role:
+        out += [
+            M.heading("By role", 3),
+            M.md_table(
+                ["role", *GROUP_HEADERS],
+                _role_rows(analysis),
+                numeric=[False, True, True, True, True],
+            ),
+        ]
+    if s.by_depth:
+        rows = _group_rows(dict(sorted(s.by_depth.items())))
+        out += [
+            M.heading("By depth", 3),
+            M.md_table(["layer", *GROUP_HEADERS], rows, numeric=[True] * 5),
+        ]
+    for stem, title, caption, _ in SUMMARY_PLOTS:
+        if stem in plots.summary:
+            out += [
+                M.heading(title, 3),
+                M.image(title, f"plots/{stem}.png"),
+                M.md_escape(caption) + "\n",
+            ]
+    return out
+
+
+def _md_warned(analysis: Analysis) -> list[str]:
+    warned = warned_layers(analysis)
+    out = [M.heading("Warned layers")]
+    if not warned:
+        return out + ["No matrix carries a warning.\n"]
+    rows = [[lm.key, lm.role, lm.layer, lm.alpha, ", ".join(lm.warnings)] for _, lm in warned]
+    return out + [
+        M.md_table(
+            ["matrix", "role", "layer", "α", "warnings"],
+            rows,
+            numeric=[False, False, True, True, False],
+        )
+    ]
+
+
+def _md_layers(analysis: Analysis, plots: ReportPlots) -> list[str]:
+    headers = [h for h, _, _ in OVERVIEW_COLUMNS] + ["warnings"]
+    numeric = [num for _, _, num in OVERVIEW_COLUMNS] + [False]
+    rows = [
+        [_value(lm, a) for _, a, _ in OVERVIEW_COLUMNS] + [", ".join(lm.warnings)]
+        for lm in analysis.layers
+    ]
+    out = [M.heading("All matrices"), M.md_table(headers, rows, numeric=numeric)]
+    if plots.esd:
+        out.append(M.heading("ESD plots"))
+        for lm in analysis.layers:
+            if lm.key in plots.esd:
+                stem, _ = plots.esd[lm.key]
+                out.append(M.image(f"ESD of {lm.key}", f"plots/{stem}.png"))
+    return out
+
+
+def render_markdown(analysis: Analysis, plots: ReportPlots) -> str:
+    """The whole report.md; images link to plots/*.png next to it."""
+    parts = [M.heading(f"spectra report: {analysis.source}", 1)]
+    parts += _md_summary(analysis, plots) + _md_warned(analysis) + _md_layers(analysis, plots)
+    return "\n".join(parts)
 
 
 def write_report(

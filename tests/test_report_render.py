@@ -177,7 +177,7 @@ def test_select_esd_keys_prefers_warned_then_spread(analysis: Analysis) -> None:
 
 
 def test_detail_limited_on_huge_models(analysis: Analysis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("spectra.reports.report_layout.MAX_DETAIL_SECTIONS", 5)
+    monkeypatch.setattr("spectra.reports.report.MAX_DETAIL_SECTIONS", 5)
     plots = R.ReportPlots(esd={analysis.layers[4].key: ("esd-004-x", b"")})
     detailed = R.detailed_indices(analysis, plots)
     expected = {i for i, lm in enumerate(analysis.layers) if lm.warnings} | {4}
