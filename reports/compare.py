@@ -17,6 +17,7 @@ from rich.table import Table
 
 from spectra.analysis.comparison import Comparison
 from spectra.analysis.drift import ENERGY_LEVEL, RANK_RTOL_RULE
+from spectra.analysis.intruders import epsilon_key
 from spectra.analysis.pair import PairResult
 from spectra.outdir import check_output_dir, write_output_files
 from spectra.reports import html as H
@@ -29,7 +30,7 @@ TOP_ROWS = 15
 
 
 def _eps_keys(cmp: Comparison) -> list[str]:
-    return [f"{e:g}" for e in cmp.options.epsilons]
+    return [epsilon_key(e) for e in cmp.options.epsilons]
 
 
 def headline(cmp: Comparison) -> list[tuple[str, object]]:

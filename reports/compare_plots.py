@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from spectra.analysis.comparison import Comparison
+from spectra.analysis.intruders import epsilon_key
 from spectra.reports.plots import ordered_roles, png_bytes, role_color
 
 FIGSIZE = (8.0, 4.2)
@@ -109,7 +110,7 @@ def epsilon_sweep(cmp: Comparison) -> bytes | None:
     f = cmp.forensics
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    keys = [f"{e:g}" for e in eps]
+    keys = [epsilon_key(e) for e in eps]
     ax.plot(eps, [f.intruders_total[k] for k in keys], "o-", color="#1d2430", label="all")
     for role in ordered_roles(list(f.intruders_by_role)):
         row = f.intruders_by_role[role]

@@ -17,9 +17,10 @@ from spectra.adapt.registry import (
     get_initializer,
     register_initializer,
 )
-from spectra.adapt.svd import exact_slice, use_exact
+from spectra.adapt.svd import use_exact
 from spectra.errors import ValidationError
 from spectra.formats.peft import lora_scale
+from spectra.linalg.exact import exact_svd_slice
 
 
 def _known_spectrum(m: int, n: int, S: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -190,7 +191,7 @@ def test_exact_slice_gram_route_matches_float64_svd(
 ) -> None:
     S = torch.logspace(1, -2, 12, dtype=torch.float64)
     W = _known_spectrum(*shape, S, seed=4)
-    U, S_got, Vh, route = exact_slice(W, rank, which)
+    U, S_got, Vh, route = exact_svd_slice(W, rank, which)
     assert route == "gram64"
     sl = slice(0, rank) if which == "top" else slice(12 - rank, 12)
     torch.testing.assert_close(S_got, S[sl], rtol=1e-9, atol=0)
@@ -201,6 +202,6 @@ def test_exact_slice_gram_route_matches_float64_svd(
 
 def test_exact_slice_falls_back_to_the_svd_when_rank_deficient() -> None:
     W = _known_spectrum(20, 12, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
-    U, S, Vh, route = exact_slice(W, 2, "bottom")
+    U, S, Vh, route = exact_svd_slice(W, 2, "bottom")
     assert route == "svd64" and float(S.max()) < 1e-12
     assert torch.allclose(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-10)

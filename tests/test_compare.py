@@ -14,7 +14,7 @@ from _adapt_fixtures import one_thread  # noqa: F401 (module-wide, one torch thr
 from _compare_fixtures import DOWN0, Q0, Q1, V0, V1, D, base_and_ft, lora_and_merged, save
 
 from spectra.analysis.comparison import CompareOptions
-from spectra.analysis.drift import EPS32
+from spectra.analysis.htsr import RANK_EPS
 from spectra.analysis.pair import PairMeta, compare_pair
 from spectra.analysis.pairing import pair_matrices, parse_map
 from spectra.errors import NumericalError, ValidationError
@@ -68,7 +68,7 @@ def test_every_number_matches_a_float64_reference(result, pair_dirs) -> None:  #
         np.testing.assert_allclose(p.intruders.max_cos, mc, rtol=0, atol=1e-9)
         assert p.intruders.counts[0.5] == int((mc < 0.5).sum())
         sd = np.linalg.svd((w1 - w0).numpy(), compute_uv=False)
-        ref_rank = int((sd > sd[0] * D * 2 * EPS32).sum()) if sd[0] > 0 else 0
+        ref_rank = int((sd > sd[0] * D * 2 * RANK_EPS).sum()) if sd[0] > 0 else 0
         if p.shape == (D, D):
             assert p.update.numerical_rank == ref_rank
         assert p.update.fro_norm == pytest.approx(float(np.sqrt((sd**2).sum())), rel=1e-9, abs=0)
@@ -235,7 +235,7 @@ def test_forensics_rules_on_constructed_pairs() -> None:
     from dataclasses import dataclass as dc
 
     from spectra.analysis.drift import update_stats
-    from spectra.analysis.forensics import summarize
+    from spectra.analysis.forensics import comparison_forensics
     from spectra.analysis.intruders import IntruderResult
 
     @dc
@@ -256,16 +256,16 @@ def test_forensics_rules_on_constructed_pairs() -> None:
     full = [1.0] * 100  # flat: full rank, energy spread
     peaked = [1.0] * 10 + [1e-4] * 90  # full numerical rank, 99% of energy in 10 directions
     pairs = [pair(f"m{i}", full, 0) for i in range(9)] + [pair("p", peaked, 2)]
-    f = summarize(pairs, (0.5,))
+    f = comparison_forensics(pairs, (0.5,))
     assert f.update_kind == "full-rank"  # 10/10 full-rank >= 90%
     codes = [v.code for v in f.verdicts]
     assert codes == ["changed", "update-full-rank", "effectively-low-rank", "intruders"]
     assert f.verdicts[2].evidence["keys"] == ["p"]
     assert f.top_layers == (("p", 2),) and "in 1 matrix;" in f.verdicts[3].message
     low = [pair(f"l{i}", [1.0] * 4, 0) for i in range(5)] + [pair("z", [0.0] * 4, 0)]
-    g = summarize(low, (0.5,))
+    g = comparison_forensics(low, (0.5,))
     assert g.update_kind == "low-rank" and g.apparent_rank == 4 and g.unchanged == ("z",)
-    assert summarize([pair("z", [0.0], 0)], (0.5,)).update_kind == "none"
+    assert comparison_forensics([pair("z", [0.0], 0)], (0.5,)).update_kind == "none"
 
 
 def test_compare_csv_is_inert(tmp_path: Path) -> None:

@@ -10,14 +10,13 @@ import scipy.linalg
 import torch
 
 from spectra.analysis.drift import (
-    EPS32,
     energy_rank,
     left_singular,
     lowrank_update_svd,
-    numerical_rank,
     subspace_drift,
     update_stats,
 )
+from spectra.analysis.htsr import RANK_EPS, numerical_rank
 from spectra.errors import NumericalError, ValidationError
 
 
@@ -38,7 +37,7 @@ def test_exact_rank_r_update_is_reported_as_rank_r(r: int) -> None:
     s = torch.linalg.svdvals(w_ft - w0)
     st = update_stats(s, shape=(m, n), base_fro=float(w0.norm()), k=10)
     assert st.numerical_rank == r
-    assert st.rank_tol == pytest.approx(float(s[0]) * max(m, n) * EPS32)
+    assert st.rank_tol == pytest.approx(float(s[0]) * max(m, n) * RANK_EPS)
     assert st.energy_rank <= r
     assert st.energy_topk == pytest.approx(1.0, abs=1e-9)
 
@@ -67,8 +66,17 @@ def test_zero_update() -> None:
     st = update_stats(torch.zeros(5, dtype=torch.float64), shape=(5, 8), base_fro=2.0, k=3)
     assert st.numerical_rank == 0 and st.energy_rank == 0 and st.effective_rank == 0.0
     assert st.rel_change == 0.0 and st.stable_rank is None and st.energy_topk is None
-    assert numerical_rank(torch.zeros(0), (3, 3)) == 0
+    assert numerical_rank(np.zeros(0), 3) == 0
     assert energy_rank(torch.zeros(3)) == 0
+
+
+def test_update_rank_is_the_weight_matrix_rule_at_its_threshold() -> None:
+    m, n = 40, 30
+    tol = 2.0 * max(m, n) * RANK_EPS  # S_1 = 2
+    s = torch.tensor([2.0, 1.0, tol * (1 + 1e-7), tol, tol * (1 - 1e-7), 0.0], dtype=torch.float64)
+    st = update_stats(s, shape=(m, n), base_fro=1.0, k=2)
+    assert st.numerical_rank == numerical_rank(s.numpy(), max(m, n)) == 3  # S_i > tol, strictly
+    assert st.rank_tol == tol
 
 
 @pytest.mark.parametrize("scale", [2.0, -0.5])

@@ -14,7 +14,7 @@ from spectra.analysis.mp import mp_fit, mp_quantiles
 from spectra.analysis.outliers import outlier_ratio
 from spectra.analysis.randomized import esd_distance, randomized_control, shuffle_entries
 from spectra.analysis.results import Analysis, LayerMetrics
-from spectra.analysis.summary import summarize
+from spectra.analysis.summary import model_summary
 from spectra.errors import ValidationError
 
 
@@ -179,7 +179,7 @@ def test_summary_groups_and_standouts() -> None:
     layers = [_lm(f"l{i}.q", "q", i, 3.0 + 0.01 * i) for i in range(6)]
     layers += [_lm(f"l{i}.up", "up", i, 4.0 + 0.1 * i) for i in range(5)]
     layers.append(_lm("l5.up", "up", 5, 9.0, outlier_ratio=0.02))
-    s = summarize(layers)
+    s = model_summary(layers)
     assert s.num_matrices == 12 and s.num_warned == 1
     assert s.warned_share == pytest.approx(1 / 12)
     assert s.by_role["q"].count == 6
@@ -195,7 +195,7 @@ def test_summary_groups_and_standouts() -> None:
 
 def test_analysis_json_csv_round_trip(tmp_path) -> None:
     layers = [_lm("a", "q", 0, 3.0), _lm("b", "k", 1, None, fit_status="failed")]
-    an = Analysis(source="x", layers=layers, summary=summarize(layers), options={"k": 1})
+    an = Analysis(source="x", layers=layers, summary=model_summary(layers), options={"k": 1})
     text = an.to_json(tmp_path / "m.json")
     back = Analysis.from_json(tmp_path / "m.json")
     assert back.layers == layers and back.summary == an.summary

@@ -3,7 +3,8 @@
 Pure functions over tensors. Definitions (stated in every output):
 - numerical rank: number of singular values of dW with S_i > S_1 * max(m, n) * eps32
   (eps32 = 2^-23 ~ 1.19e-7, float32 machine epsilon: weights are stored in float32 at best, so
-  finer structure than that is rounding, not training). `RANK_RTOL_RULE` spells it out.
+  finer structure than that is rounding, not training). `RANK_RTOL_RULE` spells it out; the
+  count is htsr.py's `numerical_rank`, the same rule as for a weight matrix.
 - stable rank: ||dW||_F^2 / ||dW||_2^2 = sum S^2 / S_1^2.
 - effective rank (Roy & Vetterli 2007): exp(H), H = -sum p_i ln p_i, p_i = S_i / sum S.
 - energy share of the top r: sum_{i<=r} S_i^2 / sum S^2; energy rank: the smallest r whose share
@@ -24,25 +25,13 @@ from typing import Any
 
 import torch
 
+from spectra.analysis.htsr import numerical_rank, rank_tolerance
 from spectra.errors import NumericalError, ValidationError
 from spectra.linalg.exact import gram_left_svd, gram_svdvals
 
-EPS32 = float(torch.finfo(torch.float32).eps)
 RANK_RTOL_RULE = "S_i > S_1 * max(m, n) * eps32 (eps32 = 1.19e-7)"
 ENERGY_LEVEL = 0.99
 TOP_VALUES = 64  # singular values of dW kept per matrix (JSON and plots)
-
-
-def rank_tolerance(s1: float, shape: tuple[int, int]) -> float:
-    """Absolute threshold of the numerical rank: S_1 * max(m, n) * eps32."""
-    return float(s1) * max(shape) * EPS32
-
-
-def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Count of singular values above `rank_tolerance` (0 for a zero update)."""
-    if s.numel() == 0 or float(s[0]) <= 0.0:
-        return 0
-    return int((s > rank_tolerance(float(s[0]), shape)).sum().item())
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -136,8 +125,8 @@ def update_stats(
     fro = float(torch.sqrt((s**2).sum())) if s.numel() else 0.0
     return UpdateStats(
         shape=(int(shape[0]), int(shape[1])),
-        numerical_rank=numerical_rank(s, shape),
-        rank_tol=rank_tolerance(s1, shape),
+        numerical_rank=numerical_rank(s.numpy(), max(shape)),
+        rank_tol=rank_tolerance(s1, max(shape)),
         stable_rank=(fro**2 / s1**2) if s1 > 0 else None,
         effective_rank=effective_rank(s),
         energy_rank=energy_rank(s),

@@ -143,7 +143,7 @@ def _overall_kind(kinds: Sequence[str]) -> str:
     return "mixed"
 
 
-def summarize(
+def comparison_forensics(
     pairs: Sequence[PairLike],
     epsilons: Sequence[float],
     *,

@@ -35,11 +35,20 @@ ALPHA_HIGH = 6.0  # above: under-trained
 RANK_EPS = float(np.finfo(np.float32).eps)
 
 
+def rank_tolerance(s1: float, big_n: int, *, eps: float = RANK_EPS) -> float:
+    """Absolute threshold of the numerical rank: S_1 * N * eps, N = max(m, n)."""
+    return float(s1) * big_n * eps
+
+
 def numerical_rank(S: np.ndarray, big_n: int, *, eps: float = RANK_EPS) -> int:
-    """#{S_i > S_1 * N * eps} for singular values S (k,), N = max(m, n)."""
+    """#{S_i > S_1 * N * eps} for singular values S (k,) in any order, N = max(m, n).
+
+    The one numerical rank of spectra: of a weight matrix here, of an update dW in drift.py.
+    0 for an empty or all-zero spectrum.
+    """
     if S.size == 0:
         return 0
-    return int(np.count_nonzero(S > float(np.max(S)) * big_n * eps))
+    return int(np.count_nonzero(S > rank_tolerance(np.max(S), big_n, eps=eps)))
 
 
 def spectral_entropy(evals: np.ndarray, rank: int) -> float | None:

@@ -38,7 +38,7 @@ def group_summary(layers: Iterable[LayerMetrics]) -> GroupSummary:
     )
 
 
-def summarize(layers: list[LayerMetrics]) -> ModelSummary:
+def model_summary(layers: list[LayerMetrics]) -> ModelSummary:
     """The ModelSummary of a list of matrices (any order)."""
     by_role: dict[str, list[LayerMetrics]] = defaultdict(list)
     by_depth: dict[int, list[LayerMetrics]] = defaultdict(list)

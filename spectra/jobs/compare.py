@@ -34,7 +34,7 @@ import torch
 from spectra.analysis.compare_inputs import open_adapter
 from spectra.analysis.comparison import CompareOptions, Comparison
 from spectra.analysis.drift import left_singular
-from spectra.analysis.forensics import summarize
+from spectra.analysis.forensics import comparison_forensics
 from spectra.analysis.pair import PairMeta, PairResult, compare_pair
 from spectra.analysis.pairing import Pairing, pair_adapter, pair_matrices
 from spectra.analysis.results import runtime_versions
@@ -137,7 +137,7 @@ def _compare(
         options=opts,
         pairs=tuple(results),
         pairing=pairing,
-        forensics=summarize(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
+        forensics=comparison_forensics(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
         versions=runtime_versions(),
     )
 

@@ -46,7 +46,7 @@ from spectra.analysis.mp import mp_fit as fit_mp
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
 from spectra.analysis.results import Analysis, LayerMetrics, runtime_versions
-from spectra.analysis.summary import summarize
+from spectra.analysis.summary import model_summary
 from spectra.device import resolve_device
 from spectra.distributed.failures import Tracker, guarded, settle
 from spectra.distributed.gather import gather_results
@@ -199,7 +199,7 @@ def _analysis(
     return Analysis(
         source=str(ckpt.source),
         layers=layers,
-        summary=summarize(layers),
+        summary=model_summary(layers),
         options=options.to_dict(),
         esds=esds,
         versions=runtime_versions(),
