@@ -1,8 +1,9 @@
 """Output safety: killed writers, corrupted cache entries, disk full and permission denied.
 
-- SIGKILL at seeded random points of a child process writing a large output folder (or cache
-  entries): the final folder either does not exist or is complete; a cache entry is either
-  absent or exactly what was stored.
+- SIGKILL of a child process writing a large output folder (or cache entries) at seeded event
+  points of its work (tests/_kill_points.py: the child pauses at the event and is killed there,
+  whatever the machine's load): the final folder either does not exist or is complete; a cache
+  entry is either absent or exactly what was stored.
 - Bytes of cache files truncated or flipped: `get` detects it, reports it, removes the entry,
   and the value is recomputed and stored again.
 - ENOSPC / EACCES while writing or renaming: one-line `OutputError` / `CacheError`, nothing
@@ -16,17 +17,14 @@ import hashlib
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from _fuzz_helpers import FUZZ
+from _kill_points import HOOKS, Run, run_to_event
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,43 +41,36 @@ def _content(i: int) -> bytes:
     return hashlib.sha256(str(i).encode()).digest() * (CHUNK // 32)
 
 
-_WRITER = textwrap.dedent(
+# Announces two events per file (before it, and between its halves); the hooks add the marker
+# file and the renames of atomic_output_dir.
+_WRITER = HOOKS + textwrap.dedent(
     """
-    import sys, time, hashlib
+    import sys, hashlib
     from pathlib import Path
     from spectra.outdir import atomic_output_dir
     out, files, chunk, force = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    print("ready", flush=True)
     with atomic_output_dir(out, force=force) as tmp:
         for i in range(files):
             data = hashlib.sha256(str(i).encode()).digest() * (chunk // 32)
+            event("file", i)
             with open(tmp / f"part-{i:03d}.bin", "wb") as fh:
                 fh.write(data[: chunk // 2])
-                time.sleep(0.015)
+                fh.flush()
+                event("half", i)
                 fh.write(data[chunk // 2 :])
-    print("done", flush=True)
     """
 )
 
 
-def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _write(out: Path, at: str, *, force: bool = False) -> Run:
+    """Run the writer into `out`, killed at event `at` ("record": not killed)."""
+    return run_to_event(
+        _WRITER, [str(out), str(FILES), str(CHUNK), "1" if force else "0"], at, _env()
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
-
-
-def _kill_after(proc: subprocess.Popen[str], delay: float) -> bool:
-    """SIGKILL `proc` after `delay` s; True when it was still running (a real kill)."""
-    time.sleep(delay)
-    alive = proc.poll() is None
-    if alive:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return alive
 
 
 def _complete(folder: Path) -> bool:
@@ -90,34 +81,45 @@ def _complete(folder: Path) -> bool:
     return all((folder / f"part-{i:03d}.bin").read_bytes() == _content(i) for i in range(FILES))
 
 
-@pytest.mark.timeout(120)
 def test_sigkill_never_leaves_a_partial_output_folder(tmp_path: Path) -> None:
+    record = _write(tmp_path / "full", "record")
+    assert _complete(tmp_path / "full")
+    events = len(record.lines)  # 2 per file, the marker file, the rename into place
+    assert events == 2 * FILES + 2, record.lines
     rng = random.Random(1234)
-    kills = 0
     for it in range(5):
         out = tmp_path / f"out{it}"
-        proc = _spawn(_WRITER, str(out), str(FILES), str(CHUNK), "0")
-        kills += _kill_after(proc, rng.uniform(0.0, 0.3))
-        assert not out.exists() or _complete(out), f"iteration {it}: partial output"
+        run = _write(out, f"any:{rng.randrange(events)}")
+        assert run.killed and run.lines, it
+        assert not out.exists() or _complete(out), f"iteration {it} ({run.lines[-1]}): partial"
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{it}.")]
         assert all("spectra-tmp" in n for n in leftovers), leftovers
-    assert kills >= 3, "the kills must land while the writer runs"
 
 
-@pytest.mark.timeout(120)
 def test_sigkill_during_forced_replace_keeps_old_or_new(tmp_path: Path) -> None:
     """With --force over an earlier output: afterwards the final folder is the old one, the new
-    complete one, or (in the two-rename window) absent with the old one kept as a sibling."""
+    complete one, or (killed between the two renames) absent with the old one kept as a sibling.
+    The last kill lands in that two-rename window, the others at seeded events."""
+
+    def old_output(folder: Path) -> None:
+        with atomic_output_dir(folder, force=True) as tmp:
+            (tmp / "old.txt").write_text("old")
+
+    def is_old(folder: Path) -> bool:
+        return sorted(p.name for p in folder.iterdir()) == sorted([MARKER, "old.txt"])
+
+    old_output(tmp_path / "rec")
+    record = _write(tmp_path / "rec", "record", force=True)
+    events = len(record.lines)  # 2 per file, the marker file, old folder away, new one in
+    assert events == 2 * FILES + 3 and _complete(tmp_path / "rec"), record.lines
     rng = random.Random(99)
     out = tmp_path / "out"
     for it in range(4):
-        with atomic_output_dir(out, force=True) as tmp:
-            (tmp / "old.txt").write_text("old")
-        proc = _spawn(_WRITER, str(out), str(FILES), str(CHUNK), "1")
-        _kill_after(proc, rng.uniform(0.0, 0.35))
+        old_output(out)
+        run = _write(out, "swap:1" if it == 3 else f"any:{rng.randrange(events)}", force=True)
+        assert run.killed, it
         if out.exists():
-            is_old = sorted(p.name for p in out.iterdir()) == sorted([MARKER, "old.txt"])
-            assert is_old or _complete(out), f"iteration {it}: mixed or partial folder"
+            assert is_old(out) or _complete(out), f"iteration {it} ({run.lines[-1]}): mixed"
         else:
             olds = list(tmp_path.glob(".out.spectra-old-*"))
             assert olds and (olds[0] / "old.txt").read_text() == "old"
@@ -125,6 +127,7 @@ def test_sigkill_during_forced_replace_keeps_old_or_new(tmp_path: Path) -> None:
         # sibling of the killed run is left
         check_output_dir(out, force=True)
         assert out.is_dir() and not list(tmp_path.glob(".out.spectra-*")), it
+        assert is_old(out) or _complete(out), it
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -135,20 +138,18 @@ def _spectrum(i: int, n: int = 256) -> Spectrum:
     return Spectrum(values=values, U=U, Vh=None, method="svd", shape=(n, n), params={"i": i})
 
 
-_CACHER = textwrap.dedent(
+_CACHER = HOOKS + textwrap.dedent(
     """
     import sys, torch
     from spectra.linalg.cache import SpectrumCache
     from spectra.linalg.spectrum import Spectrum
     cache = SpectrumCache(sys.argv[1])
-    print("ready", flush=True)
     for i in range(int(sys.argv[2])):
         g = torch.Generator().manual_seed(i)
         v = torch.rand(256, generator=g, dtype=torch.float64).sort(descending=True).values
         U = torch.randn(256, 32, generator=g, dtype=torch.float64)
         s = Spectrum(values=v, U=U, Vh=None, method="svd", shape=(256, 256), params={"i": i})
         cache.put(cache.entry_key(f"k{i}", {"m": 1}), s)
-    print("done", flush=True)
     """
 )
 
@@ -164,14 +165,16 @@ def _same(a: Spectrum, b: Spectrum) -> bool:
     )
 
 
-@pytest.mark.timeout(120)
 def test_sigkill_never_leaves_a_servable_bad_cache_entry(tmp_path: Path) -> None:
+    """Killed before a seeded commit: of an entry's payload (the earlier entries complete) or of
+    its JSON (payload committed, entry not): every entry reads back absent or exact."""
     rng = random.Random(7)
     n = 200
     for it in range(3):
         root = tmp_path / f"c{it}"
-        proc = _spawn(_CACHER, str(root), str(n))
-        _kill_after(proc, rng.uniform(0.05, 0.6))
+        at = f"cache:{rng.randrange(2 * n)}"  # two commits per entry: payload, then JSON
+        run = run_to_event(_CACHER, [str(root), str(n)], at, _env(), cache=root)
+        assert run.killed, (it, at)
         cache = SpectrumCache(root, on_corrupt=lambda msg: None)
         for i in range(n):
             got = cache.get(cache.entry_key(f"k{i}", {"m": 1}))

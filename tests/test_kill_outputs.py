@@ -1,14 +1,17 @@
-"""SIGKILL of a real `spectra report` process at seeded random moments.
+"""SIGKILL of a real `spectra report` process at seeded event points of its work.
 
-One complete run (its own cache) is the reference. Then the same command, with a shared cache
-and the same output folder, is killed 4 times: at a seeded delay in the first half of the
-reference's duration; when a seeded number of cache entries has been committed (mid spectra
-pass); and twice a seeded few milliseconds after the temp output folder appears (mid write),
-the second time over an earlier complete output (the `--force` swap). After each kill the
-output folder is absent or complete (the reference's file list, parseable JSON with the
-reference's numbers), and only `-tmp-` siblings of the dead process are left. A last run then
-succeeds, serves the entries the killed runs had committed (their files are not rewritten),
-prints no cache-corruption report, and every cache entry equals a fresh float64 computation.
+One complete run (its own cache) is the reference; it also records the run's events: every cache
+file committed, every file written into the temp output folder, the folder swapped into place
+(tests/_kill_points.py). Then the same command, with a shared cache and the same output folder,
+is killed 4 times, each exactly at an event (the child pauses there and is killed, so where the
+kill lands does not depend on the machine's speed or load): at a seeded event in the first half
+of the run; before a seeded cache commit (a payload or its entry: mid spectra pass); before a
+seeded file of the temp output folder (mid write); and before a seeded file or folder rename of
+a `--force` replacement of an earlier complete output. After each kill the output folder is
+absent or complete (the reference's file list, parseable JSON with the reference's numbers), and
+only siblings of the dead process are left. A last run then succeeds, serves the entries the
+killed runs had committed (their files are not rewritten), prints no cache-corruption report, and
+every cache entry equals a fresh float64 computation.
 """
 
 from __future__ import annotations
@@ -17,17 +20,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+from _kill_points import SPECTRA_MAIN, run_to_event
 from _source_fixtures import write_llama_like
 
 from spectra.linalg.cache import CACHE_FORMAT, CacheCorruptionWarning, SpectrumCache
@@ -35,14 +35,10 @@ from spectra.linalg.engine import EngineOptions, compute_spectra
 from spectra.sources.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-KILLS = 4
 
 
-def _command(ckpt: Path, out: Path, cache: Path) -> list[str]:
+def _args(ckpt: Path, out: Path, cache: Path) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "spectra",
         "report",
         str(ckpt),
         "--out",
@@ -82,41 +78,9 @@ def _same_numbers(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) ->
     return True
 
 
-Trigger = Callable[[subprocess.Popen[bytes]], bool]
-
-
-def _after(delay: float) -> Trigger:
-    """Wait `delay` s; True when the process still runs then."""
-
-    def wait(proc: subprocess.Popen[bytes]) -> bool:
-        time.sleep(delay)
-        return proc.poll() is None
-
-    return wait
-
-
-def _when(condition: Callable[[int], bool], delay: float = 0.0) -> Trigger:
-    """Poll `condition(pid)` every ms while the process runs; True (kill it) once it holds."""
-
-    def wait(proc: subprocess.Popen[bytes]) -> bool:
-        while proc.poll() is None:
-            if condition(proc.pid):
-                time.sleep(delay)
-                return proc.poll() is None
-            time.sleep(0.001)
-        return False
-
-    return wait
-
-
-def _writing(folder: Path, pid: int) -> bool:
-    """Whether process `pid` has its temp output folder in `folder` (mid write)."""
-    return any(folder.glob(f".out.spectra-tmp-{pid}-*"))
-
-
 def _entries(cache: Path) -> dict[str, int]:
-    """Committed cache entries (name -> mtime). Called while a run writes: skip its `.tmp-*`
-    files (pathlib's `*` matches dot-files) and entries that vanish between glob and stat."""
+    """Committed cache entries (name -> mtime): not the `.tmp-*` files a killed run left (pathlib's
+    `*` matches dot-files), nor entries that vanish between glob and stat."""
     out: dict[str, int] = {}
     for p in cache.glob(f"v{CACHE_FORMAT}/entries/*/*.json"):
         if p.name.startswith("."):
@@ -128,48 +92,43 @@ def _entries(cache: Path) -> dict[str, int]:
     return out
 
 
-@pytest.mark.timeout(150)
+def _command(ckpt: Path, out: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "spectra", *_args(ckpt, out, cache)]
+
+
 def test_sigkilled_report_leaves_no_partial_output_and_no_bad_cache(tmp_path: Path) -> None:
     ckpt = write_llama_like(tmp_path / "ck", layers=3, hidden=96, intermediate=192, vocab=160)
-    ref_out = tmp_path / "ref"
-    start = time.monotonic()
-    done = subprocess.run(
-        _command(ckpt, ref_out, tmp_path / "ref-cache"), env=_env(), capture_output=True, text=True
-    )
-    duration = time.monotonic() - start
-    assert done.returncode == 0, done.stderr
+    ref_out, ref_cache = tmp_path / "ref", tmp_path / "ref-cache"
+    ref = run_to_event(SPECTRA_MAIN, _args(ckpt, ref_out, ref_cache), "record", _env(), ref_cache)
     ref_files, ref_metrics = _files(ref_out), _metrics(ref_out)
     assert "metrics.json" in ref_files and "report.html" in ref_files
+    kinds = [line.split()[0] for line in ref.lines]
+    assert kinds.count("cache") >= 2 * len(ref_metrics) and kinds[-1] == "swap", ref.lines
+    n_out = kinds.count("out")  # every file of the folder, written into its temp sibling
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     rng = random.Random(2024)
-    target = rng.randint(1, len(ref_metrics) - 1)  # cache entries committed before the kill
-    triggers = [
-        _after(duration * rng.uniform(0.1, 0.5)),
-        _when(lambda pid: len(_entries(cache)) >= target),
-        _when(lambda pid: _writing(tmp_path, pid), rng.uniform(0, 0.004)),
-        _when(lambda pid: _writing(tmp_path, pid), rng.uniform(0, 0.004)),
-    ]
-    killed = 0
-    for it, trigger in enumerate(triggers):
-        if it == 3 and not out.exists():
-            shutil.copytree(ref_out, out)  # an earlier complete output to replace (--force)
-        proc = subprocess.Popen(
-            _command(ckpt, out, cache),
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        if trigger(proc):
-            os.kill(proc.pid, signal.SIGKILL)
-            killed += 1
-        proc.wait()
+    for it in range(4):
+        if it == 0:  # anywhere in the first half of the run (the same events as the reference)
+            at = f"any:{rng.randrange(len(kinds) // 2)}"
+        elif it == 1:  # before a cache payload or entry commit the earlier kill left to do
+            remaining = len(ref_metrics) - len(_entries(cache))
+            assert remaining > 0, "the first kill must land in the spectra pass"
+            at = f"cache:{rng.randrange(2 * remaining)}"
+        elif it == 2:  # mid write of the output folder
+            at = f"out:{rng.randrange(n_out)}"
+        else:  # mid write or between the renames of a --force replacement of a complete output
+            if not out.exists():
+                shutil.copytree(ref_out, out)
+            step = rng.randrange(n_out + 2)  # out files, then swap 0 (old away), swap 1 (new in)
+            at = f"out:{step}" if step < n_out else f"swap:{step - n_out}"
+        run = run_to_event(SPECTRA_MAIN, _args(ckpt, out, cache), at, _env(), cache)
+        assert run.killed, f"kill {it} at {at}: the run ended first ({run.lines})"
         if out.exists():
-            assert _files(out) == ref_files, f"kill {it}: partial output folder"
+            assert _files(out) == ref_files, f"kill {it} ({run.lines[-1]}): partial output folder"
             assert _same_numbers(_metrics(out), ref_metrics), f"kill {it}: wrong numbers"
         left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-        assert all(f"-{proc.pid}" in n for n in left), (it, left)  # only the dead run's
-    assert killed >= 2, "the kills must land while spectra report runs"
+        assert all(f"-{run.pid}" in n for n in left), (it, left)  # only the dead run's
 
     before = _entries(cache)
     final = subprocess.run(_command(ckpt, out, cache), env=_env(), capture_output=True, text=True)
