@@ -41,6 +41,8 @@ unit: setup
 
 test: setup browser-deps lint unit
 
+# Every benchmark once at quick sizes (a smoke run; docs/ figures come from each script's own
+# documented command line).
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
