@@ -4,7 +4,7 @@ Every class is frozen and has `to_dict()` returning JSON-safe values (NaN and +-
 None, tuples become lists). `Analysis` adds JSON/CSV/pandas export and a JSON round trip; its
 `esds` (eigenvalues per matrix, for plots) stay out of the JSON.
 
-Field definitions: ../shared/docs/methods.md section 2 (WeightWatcher 0.7.x conventions).
+Field definitions: docs/methods.md section 2 (WeightWatcher 0.7.x conventions).
 """
 
 from __future__ import annotations

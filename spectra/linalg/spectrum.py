@@ -1,7 +1,7 @@
 """`Spectrum`: the singular values of one weight matrix, optional vectors, and how they were made.
 
 Convention (named once, used everywhere): `W (m, n) = U diag(S) Vh`, `S` descending, `U (m, k)`,
-`Vh (k, n)`. See ../shared/docs/methods.md section 1.
+`Vh (k, n)`. See docs/methods.md section 1.
 """
 
 from __future__ import annotations
