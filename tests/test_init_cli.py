@@ -157,6 +157,21 @@ def minilm_reference(minilm_path: Path):  # noqa: ANN201
     return enc, ref
 
 
+def _token_gap(got: torch.Tensor, ref: torch.Tensor, enc) -> float:  # noqa: ANN001
+    """Largest |got - ref| over the real (unpadded) tokens.
+
+    Padded positions are left out because float32 rounding, not the adapter, decides them: on
+    these texts the original model's own float32 output at a padded position is 9.1e-5 from its
+    float64 output (real tokens: 3.1e-6; the gap grows ~10x per layer at padded positions only),
+    and rounding the five layer-0 weights by one ulp at random moves padded outputs by 4.6e-5 to
+    7.2e-5. A residual base + CorDA-IPM adapter evaluated in float64 is 6.1e-7 from the original
+    in float64 on every position, so what it writes is exact to its storage; compared on real
+    tokens its float32 output is 3.1e-6 from the original's.
+    """
+    mask = enc["attention_mask"].bool()  # (batch, tokens)
+    return float((got - ref).abs()[mask].max())
+
+
 def _peft_output(base: Path, adapter: Path, enc) -> torch.Tensor:  # noqa: ANN001
     from peft import PeftModel
     from transformers import AutoModel
@@ -194,7 +209,7 @@ def test_cli_corda_ipm_then_kpm_from_saved_stats(
     assert record["ranks_after"]["pooler.dense.weight"] == 0  # skipped: no adapter there
     assert "pooler.dense" not in cfg["target_modules"] and len(cfg["target_modules"]) == 5
     got = _peft_output(tmp_path / "ipm" / "residual_base", tmp_path / "ipm" / "adapter", enc)
-    assert float((got - ref).abs().max()) <= 1e-4
+    assert _token_gap(got, ref, enc) <= 1e-4
     # KPM from the saved statistics: no forward pass, other components, same guarantee.
     kpm = _run(
         "init", str(minilm_path), "--method", "corda-kpm", "--stats", str(stats),
@@ -205,7 +220,7 @@ def test_cli_corda_ipm_then_kpm_from_saved_stats(
     assert manifest_k["calibration"]["stats_file"] == str(stats)
     assert manifest_k["calibration"]["data"] == str(calib)  # carried by the statistics file
     got = _peft_output(tmp_path / "kpm" / "residual_base", tmp_path / "kpm" / "adapter", enc)
-    assert float((got - ref).abs().max()) <= 1e-4
+    assert _token_gap(got, ref, enc) <= 1e-4
     # Statistics saved for CorDA hold no activation SVD: EVA says so instead of planning nothing.
     wrong = _run(
         "init", str(minilm_path), "--method", "eva", "--stats", str(stats),
@@ -276,7 +291,7 @@ def test_cli_lamda_allocates_by_tail_energy(
     assert sum(allocation["ranks"].values()) == 5 * 4
     assert manifest["calibration"] is None
     got = _peft_output(out / "residual_base", out / "adapter", enc)
-    assert float((got - ref).abs().max()) <= 1e-4
+    assert _token_gap(got, ref, enc) <= 1e-4
 
 
 def test_init_help_teaches_the_methods() -> None:
