@@ -121,7 +121,7 @@ def run_peft_corda(args, model, tok, texts, names) -> dict[str, Any]:
 
 
 def run_ours_corda(args, model, tok, texts, names) -> dict[str, Any]:
-    from spectra.adapt.calibrate import CalibrationOptions, run_calibration
+    from spectra.adapt.calib_collect import CalibrationOptions, run_calibration
     from spectra.adapt.corda import corda_factors
     from spectra.adapt.factorize import residual
 
@@ -156,7 +156,7 @@ def run_peft_eva(args, model, tok, texts, names) -> dict[str, Any]:
 
 
 def run_ours_eva(args, model, tok, texts, names) -> dict[str, Any]:
-    from spectra.adapt.calibrate import CalibrationOptions, run_calibration
+    from spectra.adapt.calib_collect import CalibrationOptions, run_calibration
     from spectra.adapt.eva import components_per_layer, convergence_ranks, eva_factors, eva_ranks
 
     ranks = dict.fromkeys(names, args.rank)

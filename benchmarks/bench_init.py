@@ -117,12 +117,13 @@ def bench_core(path: Path, targets: str, r: int) -> dict[str, Any]:
 
 
 def bench_init(path: Path, targets: str, r: int) -> dict[str, Any]:
-    from spectra.adapt.init import init_adapter
+    from spectra.jobs.init import InitOptions, init_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         init_adapter(
-            path, method="pissa", rank=r, targets=targets, out=Path(tmp) / "o", device="cpu"
+            path,
+            InitOptions(out=Path(tmp) / "o", method="pissa", rank=r, targets=targets, device="cpu"),
         )
         return {"what": "spectra-init (incl. writing)", "seconds": time.perf_counter() - t}
 

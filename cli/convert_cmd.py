@@ -28,7 +28,7 @@ def convert(
     force: ForceOpt = False,
 ) -> None:
     """Turn a trained PiSSA/MiLoRA/OLoRA adapter into a plain rank-2r LoRA on the original base."""
-    from spectra.export.convert import convert_to_lora
+    from spectra.jobs.convert import convert_to_lora
 
     path = convert_to_lora(init_dir, trained, out, base=base, force=force)
     console.print(f"plain LoRA for the original base: {path}", highlight=False, soft_wrap=True)

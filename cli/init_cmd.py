@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -16,6 +16,9 @@ from spectra.cli._common import (
     handle_errors,
     is_interactive,
 )
+
+if TYPE_CHECKING:
+    from spectra.jobs.init import InitResult
 
 
 class _Bar:
@@ -226,13 +229,28 @@ def init(
     Under torchrun, weight-only methods split the factorizations over the ranks and rank 0
     writes the outputs; calibration methods run on rank 0 alone (the other ranks exit at once).
     """
-    from spectra.adapt.calib_step import CalibrationRequest
     from spectra.adapt.registry import get_initializer
-    from spectra.distributed.run import run_init
+    from spectra.jobs.init import CalibrationRequest, InitOptions, run_init
     from spectra.sources.bundled import bundled_model_path
 
-    if source is None:
-        source = str(bundled_model_path())
+    options = InitOptions(
+        out=out,
+        method=method,
+        rank=rank,
+        targets=targets,
+        allocator=allocate,
+        budget=budget,
+        budget_unit=budget_unit,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        alpha=alpha,
+        rslora=rslora,
+        svd="exact" if exact else "auto",
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        force=force,
+    )
     init_method = get_initializer(method)
     calibration = None
     if init_method.needs_calibration:
@@ -259,25 +277,9 @@ def init(
         if calibration is not None:
             calibration = replace(calibration, progress=bar.calibration)
         result = run_init(
-            source,
-            device=device,
-            threads=None,
-            method=method,
-            rank=rank,
-            targets=targets,
-            out=out,
-            allocator=allocate,
-            budget=budget,
-            budget_unit=budget_unit,
-            min_rank=min_rank,
-            max_rank=max_rank,
-            alpha=alpha,
-            rslora=rslora,
-            exact=exact,
-            dtype=dtype,
-            seed=seed,
+            str(bundled_model_path()) if source is None else source,
+            options,
             calibration=calibration,
-            force=force,
             progress=bar,
         )
     if result is None:  # a non-zero rank under torchrun: rank 0 writes everything
@@ -285,7 +287,7 @@ def init(
     _print_result(result)
 
 
-def _print_result(res: Any) -> None:
+def _print_result(res: InitResult) -> None:
     ranks = list(res.plan.ranks.values())
     console.print(
         f"{res.plan.method}: {len(ranks)} modules, ranks {min(ranks)}-{max(ranks)} "

@@ -6,8 +6,8 @@ The three entry points mirror the CLI:
 >>> analysis = spectra.analyze()                      # doctest: +SKIP  (bundled MiniLM)
 >>> q_only = spectra.analyze("org/name", spectra.AnalyzeOptions(roles=("q",)))  # doctest: +SKIP
 >>> cmp = spectra.compare("base", "ft-or-adapter")    # doctest: +SKIP
->>> res = spectra.init_adapter("base", method="pissa", rank=16, targets=["q", "v"], out="o")
-...                                                   # doctest: +SKIP
+>>> opts = spectra.InitOptions(out="o", method="pissa", rank=16, targets=["q", "v"])
+>>> res = spectra.init_adapter("base", opts)          # doctest: +SKIP
 
 Importing spectra configures nothing (no logging set-up, no warning filters) and loads the heavy
 modules only when one of these names is first used.
@@ -31,7 +31,8 @@ _LAZY = {
     "compare": "spectra.jobs.compare",
     "Comparison": "spectra.analysis.comparison",
     "CompareOptions": "spectra.analysis.comparison",
-    "init_adapter": "spectra.adapt.init",
+    "init_adapter": "spectra.jobs.init",
+    "InitOptions": "spectra.jobs.init",
     "compute_spectra": "spectra.linalg.engine",
     "Spectrum": "spectra.linalg.spectrum",
 }

@@ -9,13 +9,9 @@ import pytest
 import torch
 from _adapt_fixtures import one_thread  # noqa: F401
 
+from spectra.adapt.calib_collect import CalibrationOptions, run_calibration
 from spectra.adapt.calib_data import default_corpus, load_texts
-from spectra.adapt.calibrate import (
-    CalibrationOptions,
-    load_model,
-    resolve_modules,
-    run_calibration,
-)
+from spectra.adapt.calib_model import load_model, resolve_modules
 from spectra.adapt.stats import (
     CalibrationStats,
     CovarianceAccumulator,
@@ -234,25 +230,27 @@ def test_calibration_options_are_validated():
         CalibrationOptions()
 
 
-def test_calibration_for_method_redistributes_eva_ranks(minilm_path):
-    from spectra.adapt.calibrate import calibration_for_method
+def test_eva_statistics_and_ranks_for_a_method(minilm_path):
+    from spectra.adapt.calibrate import align_saved, method_ranks, method_statistics
 
     weights = [f"encoder.layer.0.attention.self.{p}.weight" for p in ("query", "key", "value")]
     weights.append("encoder.layer.0.output.dense.weight")
     ranks = dict.fromkeys(weights, 2)
     opts = CalibrationOptions(samples=8, batch_size=4, covariance=True, max_batches=2)
-    got = calibration_for_method(
-        minilm_path, "eva", weights, ranks, texts=load_texts(None), options=opts, device="cpu"
+    stats = method_statistics(
+        minilm_path, "eva", ranks, load_texts(None), options=opts, device="cpu"
     )
-    assert got.ranks is not None and sum(got.ranks.values()) == 8
-    assert set(got.ranks) == set(weights)
-    assert not got.calibration.covariances and got.calibration.svd
-    assert got.stats["encoder.layer.0.attention.self.key"] is got.calibration
+    assert not stats.covariances and stats.svd  # EVA collects the activation SVD only
+    assert "encoder.layer.0.attention.self.key" in stats.modules()
+    moved = method_ranks(stats, "eva", ranks)
+    assert sum(moved.values()) == 8 and set(moved) == set(weights)
     # Reusing saved statistics gives the same ranks without a forward pass.
-    again = calibration_for_method(minilm_path, "eva", weights, ranks, saved=got.calibration)
-    assert again.ranks == got.ranks
+    paths = [w.removesuffix(".weight") for w in weights]
+    assert method_ranks(align_saved(stats, paths), "eva", ranks, reused=True) == moved
     with pytest.raises(ValidationError, match="does not use calibration statistics"):
-        calibration_for_method(minilm_path, "pissa", weights, ranks, saved=got.calibration)
+        method_ranks(stats, "pissa", ranks)
+    with pytest.raises(ValidationError, match="does not use calibration statistics"):
+        method_statistics(minilm_path, "pissa", ranks, load_texts(None), device="cpu")
 
 
 class _Tripwire:

@@ -291,10 +291,12 @@ def test_compare_csv_is_inert(tmp_path: Path) -> None:
 def test_warns_when_the_adapter_was_trained_on_a_residual_base(
     minilm_path: Path, tmp_path: Path
 ) -> None:
-    from spectra.adapt.init import init_adapter
     from spectra.analysis.compare_inputs import ResidualBaseWarning
+    from spectra.jobs.init import InitOptions, init_adapter
 
-    init_adapter(minilm_path, method="olora", rank=2, targets=["q"], out=tmp_path / "o")
+    init_adapter(
+        minilm_path, InitOptions(out=tmp_path / "o", method="olora", rank=2, targets=["q"])
+    )
     with pytest.warns(ResidualBaseWarning, match="olora.*spectra convert"):
         compare(minilm_path, tmp_path / "o" / "adapter", CompareOptions(roles=("q",), k=2))
     # a plain LoRA (PEFT's default init, no residual base next to it) gets no warning

@@ -66,18 +66,15 @@ def test_converted_adapter_on_the_original_base_reproduces_training(
     from peft import PeftModel
     from transformers import AutoModel
 
-    from spectra.adapt.init import init_adapter
-    from spectra.export.convert import convert_to_lora
+    from spectra.jobs.convert import convert_to_lora
+    from spectra.jobs.init import InitOptions, init_adapter
 
     targets = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
     res = init_adapter(
         minilm_path,
-        method=method,
-        rank=4,
-        targets=targets,
-        out=tmp_path / "init",
-        alpha=8.0,
-        rslora=rslora,
+        InitOptions(
+            out=tmp_path / "init", method=method, rank=4, targets=targets, alpha=8.0, rslora=rslora
+        ),
     )
     model = PeftModel.from_pretrained(
         AutoModel.from_pretrained(res.residual_dir), res.adapter_dir, is_trainable=True
@@ -146,7 +143,7 @@ def _synthetic_init(folder: Path, source: str | None) -> tuple[Path, Path]:
 def test_convert_from_the_adapter_subfolder_finds_the_original_base(tmp_path: Path) -> None:
     """`--init DIR/adapter` reads DIR/spectra.json: the plain LoRA names the original base, never
     the residual base the trained adapter was saved against."""
-    from spectra.export.convert import convert_to_lora
+    from spectra.jobs.convert import convert_to_lora
 
     adapter, trained = _synthetic_init(tmp_path / "init", "/models/original")
     for init in (adapter, adapter.parent):
@@ -160,7 +157,7 @@ def test_convert_from_the_adapter_subfolder_finds_the_original_base(tmp_path: Pa
 
 
 def test_convert_refuses_when_the_original_base_is_unknown(tmp_path: Path) -> None:
-    from spectra.export.convert import convert_to_lora
+    from spectra.jobs.convert import convert_to_lora
 
     adapter, trained = _synthetic_init(tmp_path / "init", None)
     with pytest.raises(ValidationError, match="original base.*--base"):
@@ -176,7 +173,7 @@ def test_convert_keeps_modules_to_save_and_task_type(tmp_path: Path) -> None:
     in the config PEFT would silently ignore the copied head tensor."""
     from safetensors.torch import load_file
 
-    from spectra.export.convert import convert_to_lora
+    from spectra.jobs.convert import convert_to_lora
 
     adapter, trained = _synthetic_init(tmp_path / "init", "/models/original")
     out = convert_to_lora(adapter.parent, trained, tmp_path / "lora")

@@ -130,9 +130,9 @@ def test_peft_loads_export_on_residual_base_and_output_is_unchanged(minilm_path,
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
+    from spectra.adapt.calib_collect import CalibrationOptions, calibrate
     from spectra.adapt.calib_data import load_texts
-    from spectra.adapt.calibrate import CalibrationOptions, calibrate
-    from spectra.adapt.init import init_adapter
+    from spectra.jobs.init import InitOptions, init_adapter
 
     targets = r"re:encoder\.layer\.0\.(attention\.self\.(query|value)|output\.dense)$"
     weights = [
@@ -146,13 +146,10 @@ def test_peft_loads_export_on_residual_base_and_output_is_unchanged(minilm_path,
     )
     result = init_adapter(
         minilm_path,
-        method="corda-kpm",
-        rank=4,
-        alpha=8,
-        targets=targets,
-        out=tmp_path / "out",
+        InitOptions(
+            out=tmp_path / "out", method="corda-kpm", rank=4, alpha=8, targets=targets, device="cpu"
+        ),
         stats=dict.fromkeys(mapping.values(), stats),
-        device="cpu",
     )
     assert sorted(m.module for m in result.plan.modules) == sorted(mapping.values())
     tok = AutoTokenizer.from_pretrained(minilm_path)

@@ -384,7 +384,7 @@ def test_failing_rank_names_itself_and_its_matrix(
 
 
 def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spectra.distributed.run import run_init
+    from spectra.jobs.init import InitOptions, run_init
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -392,7 +392,7 @@ def test_run_init_on_a_non_writer_rank_does_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     # a source that does not exist: a non-writer must not even open it. A calibration method:
     # those run on rank 0 alone (weight-only methods are split, see the init tests below)
-    assert run_init("/nonexistent/model", out="/nonexistent/out", method="eva") is None
+    assert run_init("/nonexistent/model", InitOptions(out="/nonexistent/out", method="eva")) is None
 
 
 class _Opened:
@@ -458,7 +458,7 @@ def test_hub_download_error_stops_every_rank(
 _INIT_WORKER = """
 import json, os, sys
 from spectra.adapt.registry import get_initializer
-from spectra.distributed.run import run_init
+from spectra.jobs.init import InitOptions, run_init
 from spectra.errors import SpectraError
 
 src, out, log = sys.argv[1:4]
@@ -472,10 +472,11 @@ for name in ("pissa", "olora"):  # record which matrices this process factorizes
 record = {}
 for name, extra in _RUNS:
     seen.clear()
-    res = run_init(src, out=f"{out}/{name}", method=name, device="cpu", threads=1, **extra)
+    opts = InitOptions(out=f"{out}/{name}", method=name, device="cpu", **extra)
+    res = run_init(src, opts, threads=1)
     record[name] = {"keys": list(seen), "returned": res is not None}
 try:  # the same output folder again: rank 0 refuses, every rank must stop
-    run_init(src, out=f"{out}/pissa", method="pissa", device="cpu", threads=1)
+    run_init(src, InitOptions(out=f"{out}/pissa", method="pissa", device="cpu"), threads=1)
     record["refused"] = None
 except SpectraError as exc:
     record["refused"] = f"{type(exc).__name__}: {exc}"
@@ -513,8 +514,7 @@ def _assert_same_outputs(got: Path, want: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_init_split_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    from spectra.adapt.init import init_adapter
-    from spectra.distributed.init import init_share
+    from spectra.jobs.init import InitOptions, init_adapter, init_share
 
     src = write_llama_like(tmp_path / "ck", layers=3, shards=3, seed=2)
     worker = tmp_path / "init_worker.py"
@@ -528,7 +528,9 @@ def test_init_split_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
     torch.set_num_threads(1)  # the workers' thread count (reproducibility contract)
     try:
         for name, extra in _INIT_RUNS:
-            single = init_adapter(src, out=tmp_path / f"one-{name}", method=name, **extra)
+            single = init_adapter(
+                src, InitOptions(out=tmp_path / f"one-{name}", method=name, **extra)
+            )
             _assert_same_outputs(out / name, tmp_path / f"one-{name}")
             # each rank factorized exactly its share, and rank 0 only wrote the rest
             planned = [m.key for m in single.plan.modules]
@@ -553,13 +555,13 @@ def test_init_split_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
 
 def test_init_share_is_shard_affine_and_balanced(tmp_path: Path) -> None:
     from spectra.adapt.plan import build_plan, select_targets
-    from spectra.distributed.init import init_share
+    from spectra.jobs.init import init_share
 
     src = write_llama_like(tmp_path / "ck", layers=4, shards=4)
     with Checkpoint.open(src) as ck:
         mats = ck.matrices()
     selected = select_targets(mats, "q,k,v,o,up,gate,down")
-    plan = build_plan(selected, method="pissa", targets="all", rank=4)
+    plan = build_plan(selected, {m.key: 4 for m in selected}, method="pissa", targets="all")
     refs = {m.key: m for m in mats}
     shares = [init_share(plan.modules, refs, r, 3) for r in range(3)]
     assert sorted(i for s in shares for i in s) == list(range(len(plan.modules)))
@@ -593,8 +595,8 @@ def test_init_rank_failing_on_a_nan_matrix_fails_the_job_and_writes_nothing(
 def test_init_adapter_writes_given_factors_and_checks_them(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from spectra.adapt.init import init_adapter
     from spectra.adapt.registry import Factors
+    from spectra.jobs.init import InitOptions, init_adapter
 
     src = write_llama_like(tmp_path / "ck", layers=1, shards=1)
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -602,7 +604,7 @@ def test_init_adapter_writes_given_factors_and_checks_them(tmp_path: Path) -> No
     A, B = torch.randn(2, 64, generator=g) * 0.1, torch.randn(64, 2, generator=g) * 0.1
     given = {key: Factors(A, B, {"from": "elsewhere"})}
     args = {"method": "pissa", "rank": 2, "targets": "q", "device": "cpu"}
-    res = init_adapter(src, out=tmp_path / "o", factors=given, **args)
+    res = init_adapter(src, InitOptions(out=tmp_path / "o", **args), factors=given)
     tensors = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
     (a_name,) = [k for k in tensors if k.endswith("q_proj.lora_A.weight")]
     assert torch.equal(tensors[a_name], A)  # written as given (float32 storage: exact)
@@ -621,10 +623,14 @@ def test_init_adapter_writes_given_factors_and_checks_them(tmp_path: Path) -> No
     assert res.errors[key] < 1e-2  # bf16 rounding of the residual only
     other = "model.layers.0.self_attn.k_proj.weight"
     with pytest.raises(ValidationError, match=f"outside the plan, e.g. '{other}'"):
-        init_adapter(src, out=tmp_path / "x", factors={other: given[key]}, **args)
+        init_adapter(src, InitOptions(out=tmp_path / "x", **args), factors={other: given[key]})
     bad = {key: Factors(A.clone().fill_(float("nan")), B)}
     with pytest.raises(ValidationError, match="'pissa' produced NaN/Inf factors"):
-        init_adapter(src, out=tmp_path / "y", factors=bad, **args)
+        init_adapter(src, InitOptions(out=tmp_path / "y", **args), factors=bad)
     with pytest.raises(ValidationError, match=r"returned A \(2, 64\), B \(64, 3\)"):
-        init_adapter(src, out=tmp_path / "z", factors={key: Factors(A, torch.zeros(64, 3))}, **args)
+        init_adapter(
+            src,
+            InitOptions(out=tmp_path / "z", **args),
+            factors={key: Factors(A, torch.zeros(64, 3))},
+        )
     assert not any((tmp_path / n).exists() for n in "xyz")

@@ -127,8 +127,9 @@ def test_peft_loads_eva_adapter_on_the_unchanged_base(minilm_path, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
+    from spectra.adapt.calib_collect import CalibrationOptions, run_calibration
     from spectra.adapt.calib_data import load_texts
-    from spectra.adapt.calibrate import CalibrationOptions, load_model, run_calibration
+    from spectra.adapt.calib_model import load_model
     from spectra.formats.peft import AdapterContent, write_peft_adapter
 
     model, tok = load_model(minilm_path, "cpu")
@@ -183,34 +184,20 @@ def test_adjusted_alphas_keep_the_lora_scale(rslora: bool) -> None:
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_calibration_step_adjusts_alphas_for_the_scale_in_use(
-    monkeypatch: pytest.MonkeyPatch, rslora: bool
-) -> None:
-    """run_calibration_step hands EVA's moved ranks to adjusted_alphas with the rsLoRA flag."""
-    from types import SimpleNamespace
-
-    import spectra.adapt.calib_data as calib_data
-    import spectra.adapt.calib_step as calib_step
+def test_eva_alphas_keep_the_scale_in_use(rslora: bool) -> None:
+    """eva_alphas (what the init job's calibration step calls with the run's rsLoRA flag) gives
+    every module that keeps a rank the LoRA scale it had before redistribution; without
+    adjust_scaling one alpha stays, and alpha None means alpha = r_old."""
+    from spectra.adapt.eva import eva_alphas
     from spectra.formats.peft import lora_scale
 
     moved = {"q.weight": 6, "v.weight": 2, "o.weight": 0}
-    stats = CalibrationStats()
-    fake = SimpleNamespace(stats={}, ranks=moved, calibration=stats)
-    monkeypatch.setattr(calib_step, "calibration_for_method", lambda *a, **k: fake)
-    monkeypatch.setattr(calib_data, "load_texts", lambda *a, **k: ["x"])
-    monkeypatch.setattr(calib_step, "calibration_summary", lambda *a, **k: {})
-    mats = [SimpleNamespace(key=k, shape=(8, 8)) for k in moved]
-    outcome = calib_step.run_calibration_step(
-        "unused",
-        "eva",
-        mats,
-        dict.fromkeys(moved, 4),
-        calib_step.CalibrationRequest(),
-        alpha=8.0,
-        device="cpu",
-        rslora=rslora,
-    )
-    assert outcome.alphas is not None and set(outcome.alphas) == {"q.weight", "v.weight"}
-    for key, a in outcome.alphas.items():
+    before = dict.fromkeys(moved, 4)
+    alphas = eva_alphas(8.0, before, moved, rslora=rslora)
+    assert alphas is not None and set(alphas) == {"q.weight", "v.weight"}
+    for key, a in alphas.items():
         got = lora_scale(a, moved[key], rslora=rslora)
         assert got == pytest.approx(lora_scale(8.0, 4, rslora=rslora), rel=1e-12)
+    assert eva_alphas(8.0, before, moved, adjust_scaling=False, rslora=rslora) is None
+    kept = eva_alphas(None, before, moved, adjust_scaling=False, rslora=rslora)
+    assert kept == {"q.weight": 4.0, "v.weight": 4.0}

@@ -342,7 +342,7 @@ def test_side_files_are_a_whitelist_of_config_and_tokenizer_files(tmp_path: Path
 def test_a_single_file_source_gets_no_side_files(tmp_path: Path) -> None:
     """`spectra init ~/Downloads/model.safetensors`: the residual base is the weights file
     alone, never the rest of the Downloads folder."""
-    from spectra.adapt.init import init_adapter
+    from spectra.jobs.init import InitOptions, init_adapter
 
     name = "encoder.layer.0.attention.self.query"
     g = torch.Generator().manual_seed(0)
@@ -352,11 +352,13 @@ def test_a_single_file_source_gets_no_side_files(tmp_path: Path) -> None:
     (downloads / "config.json").write_text("{}")
     (downloads / "tokenizer.json").write_text("{}")
     (downloads / "tax_return.pdf").write_text("private")
-    res = init_adapter(downloads / "m.safetensors", rank=2, targets=[name], out=tmp_path / "o")
+    res = init_adapter(
+        downloads / "m.safetensors", InitOptions(out=tmp_path / "o", rank=2, targets=[name])
+    )
     assert res.residual_dir is not None
     assert [p.name for p in res.residual_dir.iterdir()] == ["m.safetensors"]
     # The same weights as a folder source bring their config and tokenizer along.
-    folder = init_adapter(downloads, rank=2, targets=[name], out=tmp_path / "f")
+    folder = init_adapter(downloads, InitOptions(out=tmp_path / "f", rank=2, targets=[name]))
     assert folder.residual_dir is not None
     got = sorted(p.name for p in folder.residual_dir.iterdir())
     assert got == ["config.json", "m.safetensors", "tokenizer.json"]

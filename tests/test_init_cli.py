@@ -370,13 +370,13 @@ def test_relative_source_is_recorded_absolute(tmp_path, monkeypatch, minilm_path
     import json
     import shutil
 
-    from spectra.adapt.init import init_adapter
+    from spectra.jobs.init import InitOptions, init_adapter
 
     src = tmp_path / "m"
     src.mkdir()
     for name in ("model.safetensors", "config.json"):
         shutil.copy(minilm_path / name, src / name)
     monkeypatch.chdir(tmp_path)
-    init_adapter("m", method="olora", rank=2, targets=["q"], out="o")
+    init_adapter("m", InitOptions(out="o", method="olora", rank=2, targets=["q"]))
     manifest = json.loads((tmp_path / "o" / "spectra.json").read_text())
     assert json.dumps(manifest["source"]).find(str(src.resolve())) >= 0

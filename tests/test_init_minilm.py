@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
-from spectra.adapt.init import init_adapter  # noqa: E402
 from spectra.errors import ValidationError  # noqa: E402
+from spectra.jobs.init import InitOptions, init_adapter  # noqa: E402
 
 # Four matrices of both aspect ratios in two layers keep each init short (2 shared CPU cores).
 TARGETS = (
@@ -67,14 +67,16 @@ def test_peft_output_equals_the_original_base(
 ) -> None:
     res = init_adapter(
         minilm_path,
-        method=method,
-        rank=8,
-        targets=TARGETS,
-        out=tmp_path / "o",
-        allocator=allocator,
-        budget=budget,
-        rslora=rslora,
-        alpha=None,
+        InitOptions(
+            out=tmp_path / "o",
+            method=method,
+            rank=8,
+            targets=TARGETS,
+            allocator=allocator,
+            budget=budget,
+            rslora=rslora,
+            alpha=None,
+        ),
     )
     assert len(res.plan.modules) == 4
     ranks = res.plan.ranks
@@ -100,7 +102,8 @@ def test_peft_output_equals_the_original_base(
 def test_our_pissa_matches_peft_pissa(minilm_path: Path, tmp_path: Path) -> None:
     targets = [Q0, "encoder.layer.0.intermediate.dense"]
     res = init_adapter(
-        minilm_path, method="pissa", rank=8, targets=targets, out=tmp_path / "o", alpha=16.0
+        minilm_path,
+        InitOptions(out=tmp_path / "o", method="pissa", rank=8, targets=targets, alpha=16.0),
     )
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="pissa")
     peft_model = get_peft_model(AutoModel.from_pretrained(minilm_path), cfg)
@@ -119,7 +122,9 @@ def test_our_pissa_matches_peft_pissa(minilm_path: Path, tmp_path: Path) -> None
 def test_reload_after_simulated_training(
     minilm_path: Path, tmp_path: Path, inputs: torch.Tensor
 ) -> None:
-    res = init_adapter(minilm_path, method="pissa", rank=4, targets=[Q0], out=tmp_path / "o")
+    res = init_adapter(
+        minilm_path, InitOptions(out=tmp_path / "o", method="pissa", rank=4, targets=[Q0])
+    )
     model = PeftModel.from_pretrained(
         AutoModel.from_pretrained(res.residual_dir), res.adapter_dir, is_trainable=True
     )
@@ -140,12 +145,17 @@ def test_reload_after_simulated_training(
 
 def test_errors_name_what_exists(minilm_path: Path, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="no weight matrix matched targets gate: roles here"):
-        init_adapter(minilm_path, method="pissa", rank=4, targets="gate", out=tmp_path / "a")
+        init_adapter(
+            minilm_path, InitOptions(out=tmp_path / "a", method="pissa", rank=4, targets="gate")
+        )
     with pytest.raises(ValidationError, match="exceeds min\\(m, n\\) = 384"):
-        init_adapter(minilm_path, method="pissa", rank=400, targets=[Q0], out=tmp_path / "b")
+        init_adapter(
+            minilm_path, InitOptions(out=tmp_path / "b", method="pissa", rank=400, targets=[Q0])
+        )
     with pytest.raises(ValidationError, match="embedding"):
         init_adapter(
-            minilm_path, method="pissa", rank=4, targets="*embeddings*", out=tmp_path / "c"
+            minilm_path,
+            InitOptions(out=tmp_path / "c", method="pissa", rank=4, targets="*embeddings*"),
         )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -171,13 +181,15 @@ def test_synthetic_sharded_llama_round_trip(tmp_path: Path) -> None:
     assert len(shards) >= 3
     res = init_adapter(
         src,
-        method="pissa",
-        rank=4,
-        targets="q,v,gate,down",
-        out=tmp_path / "o",
-        allocator="energy",
-        budget=40,
-        rslora=True,
+        InitOptions(
+            out=tmp_path / "o",
+            method="pissa",
+            rank=4,
+            targets="q,v,gate,down",
+            allocator="energy",
+            budget=40,
+            rslora=True,
+        ),
     )
     assert len(res.plan.modules) == 8 and sum(res.plan.ranks.values()) == 40
     out_shards = sorted(res.residual_dir.glob("*.safetensors"))
@@ -208,7 +220,8 @@ def test_low_precision_adapter_still_reproduces_the_base(
     from safetensors.torch import load_file
 
     res = init_adapter(
-        minilm_path, method="pissa", rank=16, targets=[Q0], out=tmp_path / "o", dtype=dtype
+        minilm_path,
+        InitOptions(out=tmp_path / "o", method="pissa", rank=16, targets=[Q0], dtype=dtype),
     )
     stored = load_file(str(res.adapter_dir / "adapter_model.safetensors"))
     A = stored[f"base_model.model.{Q0}.lora_A.weight"]
@@ -234,7 +247,7 @@ def test_a_refused_out_fails_before_any_work(
 ) -> None:
     """A non-empty --out without --force is refused before the checkpoint is opened or any
     calibration runs (a refusal after minutes of SVD/calibration work wastes them)."""
-    import spectra.adapt.calib_step as calib_step
+    import spectra.jobs.init as init_job
     from spectra.errors import OutputError
     from spectra.sources.checkpoint import Checkpoint
 
@@ -244,13 +257,14 @@ def test_a_refused_out_fails_before_any_work(
         calls.append("work")
         raise AssertionError("work started before the output folder was checked")
 
-    monkeypatch.setattr(calib_step, "run_calibration_step", spy)
+    monkeypatch.setattr(init_job, "method_statistics", spy)
+    monkeypatch.setattr(init_job, "load_stats", spy)
     monkeypatch.setattr(Checkpoint, "open", spy)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("keep me")
     for method in ("eva", "pissa"):
         with pytest.raises(OutputError, match="already exists.*--force"):
-            init_adapter(minilm_path, method=method, rank=4, targets=[Q0], out=taken)
+            init_adapter(minilm_path, InitOptions(out=taken, method=method, rank=4, targets=[Q0]))
     assert calls == []
     assert (taken / "notes.txt").read_text() == "keep me"

@@ -1,61 +1,17 @@
-"""spectra.adapt: from weights (and analysis) to LoRA adapters.
+"""spectra.adapt: from weights (and calibration statistics) to LoRA factors; no files written.
 
-- ``factorize`` (factorize.py): the one SVD-slice -> LoRA factors step every initializer uses.
-- ``INITIALIZERS`` / ``register_initializer`` / ``get_initializer`` (registry.py): PiSSA, MiLoRA,
-  OLoRA here; CorDA, EVA, LaMDA++ by their own modules. A new method is one file, one entry.
-- ``ALLOCATORS`` / ``allocate`` (allocate.py): rank allocators, budget in, ``{module: rank}`` out.
-- ``select_targets`` / ``build_plan`` (plan.py): targets -> modules -> per-module rank and alpha.
-- ``init_adapter`` (init.py): the whole run, writing a PEFT adapter, residual base and manifest.
-- ``CalibrationRequest`` (calib_step.py): where CorDA/EVA calibration data comes from and how
-  its statistics, EVA's ranks and alphas reach ``init_adapter`` (forward passes: calib_collect.py).
+- factorize.py: the one SVD-slice -> LoRA factors step (``factorize``), ``residual``,
+  ``reconstruction_error``, ``as_stored`` (storage rounding).
+- registry.py: ``Initializer``, ``register_initializer`` / ``get_initializer``. Methods, one file
+  each: pissa.py, milora.py, olora.py, corda.py, eva.py, lamda.py (svd.py: the top-r / exact
+  SVD routes they use).
+- allocate.py: rank allocators, budget in, ``{module: rank}`` out; ranks.py: their inputs read
+  from a checkpoint (``module_stats``) and ``allocated_ranks``.
+- plan.py: ``select_targets`` / ``build_plan``: targets -> modules -> per-module rank and alpha;
+  ``factor_matrix``: one planned matrix through its method, checked.
+- Calibration (CorDA, EVA): calib_data.py (texts), calib_model.py (transformers model),
+  calib_collect.py (forward passes with hooks), stats.py (streaming statistics and their file),
+  calibrate.py (what one method needs: statistics, EVA's ranks).
+
+The init job that runs these and writes adapter, residual base and manifest is spectra.jobs.init.
 """
-
-from __future__ import annotations
-
-from spectra.adapt.allocate import (
-    ALLOCATORS,
-    Allocation,
-    Budget,
-    ModuleStats,
-    allocate,
-    get_allocator,
-    register_allocator,
-)
-from spectra.adapt.factorize import factorize, reconstruction_error, residual
-from spectra.adapt.init import InitResult, init_adapter
-from spectra.adapt.plan import AdapterPlan, ModulePlan, build_plan, select_targets
-from spectra.adapt.registry import (
-    INITIALIZERS,
-    Factors,
-    InitContext,
-    Initializer,
-    available_initializers,
-    get_initializer,
-    register_initializer,
-)
-
-__all__ = [
-    "ALLOCATORS",
-    "INITIALIZERS",
-    "AdapterPlan",
-    "Allocation",
-    "Budget",
-    "Factors",
-    "InitContext",
-    "InitResult",
-    "Initializer",
-    "ModulePlan",
-    "ModuleStats",
-    "allocate",
-    "available_initializers",
-    "build_plan",
-    "factorize",
-    "get_allocator",
-    "get_initializer",
-    "init_adapter",
-    "reconstruction_error",
-    "register_allocator",
-    "register_initializer",
-    "residual",
-    "select_targets",
-]

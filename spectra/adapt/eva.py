@@ -22,7 +22,7 @@ sign-invariant convergence (|cos|; an SVD may flip a vector's sign between batch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -118,6 +118,37 @@ def adjusted_alphas(
     return out
 
 
+def eva_alphas(
+    alpha: float | None,
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+    *,
+    adjust_scaling: bool = True,
+    rslora: bool = False,
+) -> dict[str, float] | None:
+    """The alpha per module after EVA moved its rank from ``before`` to ``after`` (weight key ->
+    rank; rank-0 modules omitted), or None to keep the plan's rule (one ``alpha`` for every
+    module).
+
+    ``adjust_scaling`` (PEFT's ``adjust_scaling_factors``): each module keeps the LoRA scale it
+    had before redistribution (`adjusted_alphas`), from ``alpha``, or from ``alpha = r_old`` when
+    ``alpha`` is None (the tool's default ``alpha = r``). Without it, ``alpha`` None still means
+    ``alpha = r_old`` per module.
+
+    >>> eva_alphas(8.0, {"a": 4, "b": 4}, {"a": 6, "b": 2})
+    {'a': 12.0, 'b': 4.0}
+    >>> eva_alphas(None, {"a": 4, "b": 4}, {"a": 6, "b": 0}, adjust_scaling=False)
+    {'a': 4.0}
+    """
+    if adjust_scaling:
+        base = {k: float(before[k]) if alpha is None else float(alpha) for k in after}
+        old = {k: int(before[k]) for k in after}
+        return adjusted_alphas(base, old, after, rslora=rslora)
+    if alpha is None:
+        return {k: float(before[k]) for k, new in after.items() if new > 0}
+    return None
+
+
 def convergence_ranks(
     ranks: Mapping[str, int], shared: Mapping[str, str] | None = None, rho: float = DEFAULT_RHO
 ) -> ConvergenceRanks:
@@ -192,14 +223,6 @@ class EVA:
             "explained_variance": float(state.explained_variance_ratio()[:rank].sum()),
         }
         return Factors(A.to(W.device), B.to(W.device), info)
-
-
-def shared_groups(names: Sequence[str], stats: CalibrationStats) -> dict[str, list[str]]:
-    """leader -> modules (itself first) that use its statistics, for reporting."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(stats.leader(n), []).append(n)
-    return groups
 
 
 register_initializer(EVA())

@@ -46,6 +46,11 @@ def factorize(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tensor, T
     return A, B
 
 
+def as_stored(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` rounded to the storage ``dtype`` and back to its own dtype (exact for float32)."""
+    return t.to(dtype).to(t.dtype) if dtype != t.dtype else t
+
+
 def residual(W: Tensor, A: Tensor, B: Tensor, scale: float, *, dtype: torch.dtype) -> Tensor:
     """``W - scale * B @ A`` computed in float64 (or W's dtype if wider) and cast to ``dtype``.
 

@@ -20,7 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from torch import Tensor
+
 from spectra.adapt.allocate import Allocation
+from spectra.adapt.registry import Factors, InitContext, Initializer, check_factors
 from spectra.errors import ValidationError
 from spectra.formats.peft import lora_scale
 
@@ -163,13 +166,35 @@ def select_targets(matrices: Sequence[MatrixLike], targets: str | Sequence[str])
     return chosen
 
 
+def keyed_by_weight(
+    selected: Sequence[MatrixLike], values: Mapping[str, Any] | None, what: str
+) -> dict[str, Any] | None:
+    """Per-target values keyed by weight name or module path -> keyed by weight name.
+
+    ``what`` names the values in the error for a key that is not a selected target.
+    """
+    if values is None:
+        return None
+    by_path = {m.key.removesuffix(".weight"): m.key for m in selected}
+    keys = set(by_path.values())
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = name if name in keys else by_path.get(name)
+        if key is None:
+            raise ValidationError(
+                f"{what} names {name!r}, which is not one of the selected targets "
+                f"(e.g. {', '.join(sorted(by_path)[:3])})"
+            )
+        out[key] = value
+    return out
+
+
 def build_plan(
     matrices: Sequence[MatrixLike],
+    ranks: Mapping[str, int],
     *,
     method: str,
     targets: str | Sequence[str],
-    rank: int | None = None,
-    ranks: Mapping[str, int] | None = None,
     alpha: float | None = None,
     alphas: Mapping[str, float] | None = None,
     rslora: bool = False,
@@ -177,15 +202,12 @@ def build_plan(
 ) -> AdapterPlan:
     """Plan for ``matrices`` already selected by ``select_targets``.
 
-    Ranks come from ``ranks`` (per matrix key; 0 = no adapter) or a uniform ``rank``. ``alpha``
-    None gives each module ``alpha = r`` (scale 1, or sqrt(r) with rsLoRA), PiSSA's convention;
-    a number is used for every module (PEFT's ``lora_alpha``). ``alphas`` (per matrix key) takes
-    precedence for the modules it names (EVA's adjusted scaling factors).
+    ``ranks`` per matrix key (0 or missing = no adapter; a uniform rank is
+    ``{m.key: r for m in matrices}``). ``alpha`` None gives each module ``alpha = r`` (scale 1,
+    or sqrt(r) with rsLoRA), PiSSA's convention; a number is used for every module (PEFT's
+    ``lora_alpha``). ``alphas`` (per matrix key) takes precedence for the modules it names (EVA's
+    adjusted scaling factors). ``method``, ``targets`` and ``allocation`` are recorded.
     """
-    if ranks is None:
-        if rank is None:
-            raise ValidationError("give a rank (--rank) or an allocator with a budget")
-        ranks = {m.key: rank for m in matrices}
     if alpha is not None and not alpha > 0:
         raise ValidationError(f"alpha must be positive, got {alpha}")
     alphas = dict(alphas or {})
@@ -218,3 +240,16 @@ def build_plan(
     if not mods:
         raise ValidationError("every target got rank 0: raise the budget or --min-rank")
     return AdapterPlan(method, tuple(mods), rslora, parse_targets(targets), allocation)
+
+
+def factor_matrix(
+    init: Initializer, W: Tensor, mp: ModulePlan, *, svd: str, seed: int, stats: Any = None
+) -> Factors:
+    """The method's checked factors ``A (r, n)``, ``B (m, r)`` for one planned matrix ``W (m, n)``
+    (on W's device). The one place a plan's matrix is factorized, whichever process does it."""
+    ctx = InitContext(
+        key=mp.key, module=mp.module, svd=svd, seed=seed, device=W.device, stats=stats
+    )
+    f = init.init(W, mp.rank, mp.scale, ctx)
+    check_factors(f, mp.shape, mp.rank, init.name)
+    return f

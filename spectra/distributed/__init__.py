@@ -7,7 +7,6 @@
 - failures.py: `guarded`, `settle`, `DistributedError`: every rank fails loudly with the failing
   rank's matrix and error, never a hang.
 - hub.py: `open_checkpoint`: Hub shards downloaded once per node.
-- run.py, init.py: `run_init` and the init split.
 
 See docs/scaling.md.
 """
