@@ -10,15 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from spectra.analysis.drift import left_singular
-from spectra.linalg.cache import SpectrumCache
-from spectra.linalg.engine import matrix_content_key
-from spectra.linalg.spectrum import Spectrum
 from spectra.sources.adapters import LoraAdapter
-from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.roles import MatrixRef
 
 
 class ResidualBaseWarning(UserWarning):
@@ -71,33 +63,3 @@ def _mutating_init(path: Path, config: dict[str, Any]) -> str | None:
     if recorded.get("kind") == "init" and (path.parent / "residual_base").is_dir():
         return str(method)
     return None
-
-
-# U from the float64 Gram eigenvectors (drift.left_singular); entries stored by the earlier
-# full-SVD route (mode "compare-base-svd") are not reused, so cached and fresh runs agree bit
-# for bit.
-BASE_SVD_PARAMS = {"mode": "compare-base-gram", "dtype": "float64", "full_u": True}
-
-
-def base_svd(
-    ckpt: Checkpoint, ref: MatrixRef, w0: torch.Tensor, cache: SpectrumCache | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(U (m, M), S (M,)) of the base matrix from the cache, computing and storing it on a miss;
-    None without a cache (compare_pair then computes it). Keyed by the matrix's content."""
-    if cache is None:
-        return None
-    key = cache.entry_key(matrix_content_key(ckpt, ref, cache), BASE_SVD_PARAMS)
-    hit = cache.get(key)
-    if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
-        return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)
-    u, s = left_singular(w0)
-    spec = Spectrum(
-        values=s.cpu().to(torch.float64),
-        U=u.cpu(),
-        Vh=None,
-        method="gram64",
-        params=dict(BASE_SVD_PARAMS),
-        shape=(int(w0.shape[0]), int(w0.shape[1])),
-    )
-    cache.put(key, spec)
-    return u, s
