@@ -20,7 +20,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from spectra.errors import ValidationError
+from spectra.errors import SourceError, ValidationError
+from spectra.formats.files import MAX_TEXT_BYTES, read_text_input
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_CORPUS = "default_corpus.txt"
@@ -60,15 +61,15 @@ def load_texts(
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a device exists: refused by read_text_input
         raise ValidationError(
             f"calibration file {path} does not exist: pass a text file (one sample per line) "
             "or a JSONL file, or omit --calib to use the built-in corpus"
         )
     try:
-        lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"cannot read calibration file {path}: {exc}") from exc
+        lines = read_text_input(path, MAX_TEXT_BYTES, "calibration file").splitlines()
+    except SourceError as exc:
+        raise ValidationError(str(exc)) from None
     if path.suffix.lower() in JSONL_SUFFIXES:
         return _parse_jsonl(lines, path, text_field)
     return [line.strip() for line in lines if line.strip()]

@@ -18,6 +18,7 @@ from torch import nn
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError, SpectraError
+from spectra.formats.files import check_input
 
 
 class MissingExtraError(SpectraError):
@@ -66,11 +67,18 @@ def load_model(source: str | Path, device: str | torch.device = "auto") -> tuple
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken")
 
 
 def _refuse_pickle_only(source: str | Path) -> None:
     folder = Path(source)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+    if not folder.is_dir():
+        return
+    # transformers opens these itself: a FIFO or a device among them would hang or exhaust memory
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix in _MODEL_FILE_SUFFIXES and not entry.is_dir():
+            check_input(entry, "model file")
+    if any(folder.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:

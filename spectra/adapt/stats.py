@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from spectra.errors import ValidationError
+from spectra.errors import SourceError, ValidationError
+from spectra.formats.files import check_input
 
 STATS_FORMAT = "spectra.calibration/1"
 # Components kept beyond the requested k: the truncation after each merge drops information about
@@ -260,9 +261,10 @@ def load_stats(path: str | Path) -> CalibrationStats:
     """Read a file written by `save_stats`; anything unreadable, damaged or inconsistent in it
     is a ValidationError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValidationError(f"statistics file {path} does not exist (write one with --stats-out)")
     try:
+        check_input(path, "statistics file")
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != STATS_FORMAT:
@@ -271,7 +273,7 @@ def load_stats(path: str | Path) -> CalibrationStats:
                     f"(format {metadata.get('format')!r}, expected {STATS_FORMAT!r})"
                 )
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, RuntimeError, SafetensorError) as exc:
+    except (OSError, RuntimeError, SafetensorError, SourceError) as exc:
         raise ValidationError(f"cannot read statistics file {path}: {exc}") from exc
     try:
         return _stats_from(metadata, tensors)

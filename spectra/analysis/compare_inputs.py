@@ -5,11 +5,12 @@ adapter the wrong fine-tuned model), and the base's left singular vectors from t
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+from spectra.errors import SourceError
+from spectra.formats.files import read_json_input
 from spectra.sources.adapters import LoraAdapter
 
 
@@ -52,8 +53,8 @@ def _mutating_init(path: Path, config: dict[str, Any]) -> str | None:
         return init
     manifest = path.parent / "spectra.json"
     try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        recorded = read_json_input(manifest, "manifest")
+    except SourceError:
         return None
     if not isinstance(recorded, dict):
         return None

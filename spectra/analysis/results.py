@@ -19,6 +19,7 @@ import numpy as np
 
 from spectra.analysis.csvsafe import write_csv
 from spectra.errors import OutputError, ValidationError
+from spectra.formats.files import MAX_JSON_BYTES, read_text_input
 
 FIT_STATUSES = ("ok", "failed", "skipped")
 
@@ -236,7 +237,7 @@ class Analysis:
         """Rebuild an Analysis from `to_json()` output (a JSON string or a file path); no esds."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text(encoding="utf-8")
+            text = read_text_input(Path(text_or_path), MAX_JSON_BYTES, "analysis JSON")
         data = json.loads(text)
         return cls(
             source=data["source"],

@@ -19,6 +19,7 @@ from typing import Any
 
 from spectra.analysis.results import json_safe
 from spectra.errors import SourceError
+from spectra.formats.files import open_input, read_json_input
 
 MANIFEST_NAME = "spectra.json"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ def file_sha256(path: Path, *, chunk: int = 8 << 20) -> str:
     """sha256 hex digest of a file, read in chunks (memory bounded)."""
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
+        with open_input(path, "file to hash") as fh:
             while block := fh.read(chunk):
                 digest.update(block)
     except OSError as exc:
@@ -89,11 +90,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a spectra output folder; SourceError if absent or unreadable."""
     path = folder / MANIFEST_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SourceError(
-            f"{str(folder)!r} has no {MANIFEST_NAME}: is it a spectra init output?"
-        ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"cannot read {path}: {exc}") from exc
+    if not path.exists():
+        raise SourceError(f"{str(folder)!r} has no {MANIFEST_NAME}: is it a spectra init output?")
+    return read_json_input(path, "manifest")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from spectra.errors import SourceError, ValidationError
+from spectra.formats.files import open_input
 from spectra.formats.safetensors import DTYPES, INDEX_NAME, TensorRef, header_bytes, read_header
 
 _CHUNK = 16 << 20
@@ -99,7 +100,7 @@ def write_shard(src: Path, dst: Path, replace: Replace) -> list[str]:
     header = read_header(src)
     entries = header.in_data_order()
     replaced = []
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    with open_input(src, "shard") as fin, dst.open("wb") as fout:
         fout.write(header_bytes(entries, header.metadata))
         for entry in entries:
             value = replace(entry.name)

@@ -1,5 +1,7 @@
 """spectra.formats: one owner per file format, below every stage.
 
+- `files.py` — the one opener of input files: regular files only (no FIFO, device or folder),
+  whole-file reads bounded in bytes (`open_input`, `read_input`, `read_json_input`).
 - `peft.py` — the PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`):
   the validating reader (`read_adapter_config`, `lora_modules`, `read_peft_adapter`), the writer
   (`write_peft_adapter`), PEFT's scale rule (`lora_scale`) and pattern resolution (`pattern_key`).

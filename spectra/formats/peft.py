@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from spectra.errors import SourceError, ValidationError
+from spectra.formats.files import MAX_JSON_BYTES, check_input, read_json_input
 from spectra.formats.safetensors import clip
 
 try:  # Python >= 3.11
@@ -253,9 +254,10 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     """(config, weights) paths of an adapter folder; the error says what is missing."""
     folder = Path(path).expanduser()
     config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config.is_file():
+    # exists(), not is_file(): a FIFO or device in their place is refused when read
+    if not config.exists():
         raise SourceError(f"{folder}: no {CONFIG_NAME}, not a PEFT adapter folder")
-    if not weights.is_file():
+    if not weights.exists():
         raise SourceError(
             f"{folder}: no {WEIGHTS_NAME} (a pickled adapter_model.bin is refused; "
             "save the adapter with safe_serialization=True), not a PEFT adapter folder"
@@ -267,14 +269,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """The ``adapter_config.json`` object of a LoRA adapter folder (its LoRA fields are checked
     by ``LoraSettings.from_config``)."""
     cfg_path, _ = adapter_files(path)
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{cfg_path}: cannot read adapter config ({exc})") from exc
-    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
-        raise SourceError(
-            f"{cfg_path}: invalid adapter config JSON ({type(exc).__name__})"
-        ) from exc
+    config = read_json_input(cfg_path, "adapter config", MAX_JSON_BYTES)
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise SourceError(f"{cfg_path}: not a LoRA adapter (peft_type must be LORA)")
     return config
@@ -365,6 +360,7 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     config = read_adapter_config(path)
     _, w_path = adapter_files(path)
     settings = LoraSettings.from_config(config, f"{path}: {CONFIG_NAME}")
+    check_input(w_path, "adapter weights")
     with safe_open(str(w_path), framework="pt") as fh:
         shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}  # noqa: SIM118
         modules = lora_modules(shapes, settings, str(w_path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import BinaryIO
 import torch
 
 from spectra.errors import SourceError
+from spectra.formats.files import open_input, show_path
 
 #: The index of a sharded checkpoint (`weight_map`: tensor name -> shard file name).
 INDEX_NAME = "model.safetensors.index.json"
@@ -128,14 +130,14 @@ def read_header(path: Path) -> ShardHeader:
 
     >>> # read_header(Path("model.safetensors")).tensors[0].name
     """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
+    with open_input(path, "safetensors file") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
             return parse_header(fh, size, path)
-    except OSError as exc:
-        raise SourceError(
-            f"{path}: cannot read safetensors header ({exc.strerror or exc})"
-        ) from exc
+        except OSError as exc:
+            raise SourceError(
+                f"{show_path(path)}: cannot read safetensors header ({exc.strerror or exc})"
+            ) from exc
 
 
 def parse_header(fh: BinaryIO, size: int, path: Path, *, label: str | None = None) -> ShardHeader:

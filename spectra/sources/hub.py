@@ -29,6 +29,7 @@ from typing import BinaryIO, Protocol, TypeVar
 from huggingface_hub import constants as hf_constants
 
 from spectra.errors import HubError, SourceError, ValidationError
+from spectra.formats.files import open_input, read_text_input
 from spectra.formats.safetensors import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
@@ -100,7 +101,7 @@ def cached_snapshot(
         ref = folder / "refs" / rev
         if ".." in Path(rev).parts or Path(rev).is_absolute() or not ref.is_file():
             return None
-        commit = ref.read_text(encoding="utf-8").strip()
+        commit = read_text_input(ref, 4096, "Hub cache ref").strip()
     snap = folder / "snapshots" / commit
     return snap if _COMMIT.fullmatch(commit) and snap.is_dir() else None
 
@@ -271,7 +272,7 @@ class StreamingStore:
         fetched = not shard.is_file()
         path = self._fetch(info) if fetched else shard
         try:
-            with path.open("rb") as fh:
+            with open_input(path, "shard") as fh:
                 yield fh
         finally:
             if fetched and not self._keep:

@@ -8,13 +8,13 @@ headers once they are parsed (the headers are the truth; the index must agree wi
 from __future__ import annotations
 
 import itertools
-import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from spectra.errors import SourceError
+from spectra.formats.files import read_json_input
 from spectra.formats.safetensors import INDEX_NAME, MAX_HEADER_BYTES, ShardHeader, clip
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -87,8 +87,9 @@ def _single_file(path: Path) -> Path:
 
 
 def _find_index(folder: Path) -> Path | None:
+    # not `is_file()`: an index that is a FIFO, a device or a folder is refused when it is read
     named = folder / INDEX_NAME
-    if named.is_file():
+    if named.exists():
         return named
     others = sorted(folder.glob("*.safetensors.index.json"))
     if len(others) == 1:
@@ -112,17 +113,7 @@ def _no_safetensors_message(folder: Path) -> str:
 def layout_from_index(index: Path) -> ShardLayout:
     """The shards a `*.safetensors.index.json` names (each checked to stay inside its folder and
     to exist) and its weight map as paths."""
-    try:
-        size = index.stat().st_size
-        if size > MAX_HEADER_BYTES:
-            raise SourceError(
-                f"{index}: index is {size} bytes, more than {MAX_HEADER_BYTES}: not a real index"
-            )
-        obj = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{index}: cannot read the index ({exc})") from exc
-    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
-        raise SourceError(f"{index}: invalid index JSON ({type(exc).__name__})") from exc
+    obj = read_json_input(index, "safetensors index", MAX_HEADER_BYTES)
     weight_map = index_weight_map(obj, str(index))
     shards = {name: index.parent / name for name in _first_appearance(weight_map)}
     for shard in shards.values():
@@ -247,9 +238,7 @@ def read_config(shards: Sequence[Path]) -> dict[str, object]:
         return {}
     candidate = shards[0].parent / "config.json"
     try:
-        if candidate.stat().st_size > _MAX_CONFIG_BYTES:
-            return {}
-        obj = json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}  # ValueError covers bad JSON and numbers too long to parse
+        obj = read_json_input(candidate, "config.json", _MAX_CONFIG_BYTES)
+    except SourceError:
+        return {}  # a FIFO, a device, too big, not JSON: the width is only a hint
     return obj if isinstance(obj, dict) else {}

@@ -21,6 +21,7 @@ from typing import BinaryIO, Protocol
 import torch
 
 from spectra.errors import SourceError
+from spectra.formats.files import open_input
 from spectra.formats.safetensors import DTYPES
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -107,7 +108,7 @@ def _hash_file(path: Path, chunk: int = 8 << 20) -> str:
     buf = bytearray(chunk)
     view = memoryview(buf)
     try:
-        with path.open("rb") as fh:
+        with open_input(path, "shard") as fh:
             while n := fh.readinto(view):
                 h.update(view[:n])
     except OSError as exc:
@@ -135,10 +136,7 @@ class LocalStore:
     """Shards that are files on this machine."""
 
     def open(self, shard: Path) -> AbstractContextManager[BinaryIO]:
-        try:
-            return shard.open("rb")
-        except OSError as exc:
-            raise SourceError(f"{shard}: cannot open shard ({exc.strerror or exc})") from exc
+        return open_input(shard, "shard")
 
     def digest(self, shard: Path) -> str:
         return shard_digest(shard)
