@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 from spectra.analysis.results import LayerMetrics
 from spectra.reports.html import printable
@@ -61,6 +61,7 @@ _PALETTE = (
     "#17becf",
 )
 DPI = 100
+PNG_COMPRESS_LEVEL = 3
 
 
 def ordered_roles(roles: Sequence[str] | set[str]) -> list[str]:
@@ -85,11 +86,70 @@ def short_label(text: str, limit: int = 60) -> str:
 
 
 def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes at `DPI`, without a Software tag (same bytes on every run)."""
-    FigureCanvasAgg(fig)
+    """The figure as PNG bytes at `DPI`, without a Software tag (same bytes on every run).
+
+    Saved without bbox='tight' (it draws the figure twice) at zlib level 3: the plots are a
+    few flat colours, so this is within a few percent of level 6's size at a third of the time.
+    """
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(
+        buf,
+        format="png",
+        dpi=DPI,
+        metadata={"Software": None},
+        pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
+    )
     return buf.getvalue()
+
+
+def fixed_margins(
+    fig: Figure,
+    *,
+    left: float = 0.75,
+    right: float = 0.2,
+    bottom: float = 0.55,
+    top: float = 0.4,
+    wspace: float = 0.3,
+    hspace: float = 0.3,
+) -> None:
+    """Margins in inches instead of `tight_layout` (which measures every tick label with an
+    extra draw and was most of a summary plot's cost). wspace/hspace: fractions of an axes."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wspace,
+        hspace=hspace,
+    )
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def decade_label(value: float, _pos: int | None = None) -> str:
+    """'10⁻³' for a power of ten, else the value in 3 significant digits. Plain text: the
+    default log labels are mathtext ('$10^{-3}$'), whose parser was the largest single cost of
+    drawing a log axis."""
+    if not (value > 0 and math.isfinite(value)):
+        return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return "10" + str(round(exponent)).translate(_SUPERSCRIPT)
+    return f"{value:.3g}"
+
+
+def _light_log_ticks(ax, *, x: bool = True, y: bool = True) -> None:  # noqa: ANN001 - Axes
+    """Plain-text decade labels and no minor ticks on the log axes of `ax`. Mathtext labels
+    ('$10^{-3}$', the default) and the minor tick artists (8 per decade, each two lines and a
+    label) were most of the cost of drawing a log plot; the decades carry the information."""
+    for axis in ([ax.xaxis] if x else []) + ([ax.yaxis] if y else []):
+        axis.set_major_formatter(FuncFormatter(decade_label))
+        axis.set_minor_locator(NullLocator())
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _finite(value: float | None) -> bool:
@@ -101,67 +161,113 @@ def _finite(value: float | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def esd_plot(evals: np.ndarray, layer: LayerMetrics) -> bytes | None:
+class EsdCanvas:
+    """One Figure for many ESD plots: its artists are made once and their data replaced per
+    matrix, so axes, ticks, fonts and the Agg renderer are built once per report instead of
+    once per plot (building them was most of an ESD plot's cost). Not shared between threads:
+    each `render_plots` call makes its own.
+
+    Artists: `hist` (the log-binned density, one step path), `fit` (the power law on
+    [xmin, xmax]), `xmin` (dashed vertical line), `status` (shown instead of the fit when the
+    fit did not succeed).
+    """
+
+    def __init__(self) -> None:
+        self.fig = Figure(figsize=(5.2, 3.4))
+        FigureCanvasAgg(self.fig)
+        ax = self.fig.add_subplot()
+        self.ax = ax
+        self.hist = ax.stairs([1.0], [1.0, 2.0], fill=True, alpha=0.45, color="#4c72b0")
+        (self.fit,) = ax.plot([1.0], [1.0], color="#c44e52", lw=2)
+        self.xmin = ax.axvline(1.0, color="#555555", ls="--", lw=1)
+        self.status = ax.text(
+            0.98, 0.95, "", transform=ax.transAxes, ha="right", va="top", fontsize=8
+        )
+        self.status.set_parse_math(False)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _light_log_ticks(ax)
+        ax.set_xlabel("eigenvalue λ of WᵀW")
+        ax.set_ylabel("density")
+        # Fixed margins: tight_layout measures every tick label and costs more than the drawing.
+        self.fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
+
+    def draw(self, lam: np.ndarray, layer: LayerMetrics) -> Figure:
+        """Set every artist from `lam` (eigenvalues above EVAL_FLOOR, non-empty) and `layer`."""
+        ax = self.ax
+        lo, hi = float(lam.min()), float(lam.max())
+        if hi <= lo:
+            hi = lo * 1.01
+        bins = np.geomspace(lo, hi, num=min(60, max(10, lam.size // 8)) + 1)
+        density, edges = np.histogram(lam, bins=bins, density=True)
+        self.hist.set_data(density, edges)
+        self.hist.set_label("ESD")
+        fit = _fit_curve(lam, layer)
+        shown = [self.hist]
+        if fit is None:
+            self.status.set_text(f"power-law fit: {printable(layer.fit_status)}")
+        else:
+            xs, ys, alpha, xmin = fit
+            self.fit.set_data(xs, ys)
+            self.fit.set_label(f"power law α = {alpha:.3g}")
+            self.xmin.set_xdata([xmin, xmin])
+            self.xmin.set_label(f"xmin = {xmin:.3g}")
+            shown += [self.fit, self.xmin]
+        self.fit.set_visible(fit is not None)
+        self.xmin.set_visible(fit is not None)
+        self.status.set_visible(fit is None)
+        ax.relim(visible_only=True)
+        ax.autoscale_view()
+        ax.set_title(short_label(printable(layer.key)), fontsize=9, parse_math=False)
+        ax.legend(handles=shown, fontsize=8, loc="upper right")
+        return self.fig
+
+
+def _clean_evals(evals: np.ndarray) -> np.ndarray:
+    lam = np.asarray(evals, dtype=np.float64)
+    return lam[np.isfinite(lam) & (lam > EVAL_FLOOR)]
+
+
+def esd_figure(
+    evals: np.ndarray, layer: LayerMetrics, canvas: EsdCanvas | None = None
+) -> Figure | None:
+    """The ESD plot of one matrix as a Figure (drawn into `canvas` when given, reusing it),
+    None without eigenvalues above EVAL_FLOOR. See `esd_plot` for what it shows."""
+    lam = _clean_evals(evals)
+    if lam.size == 0:
+        return None
+    return (canvas or EsdCanvas()).draw(lam, layer)
+
+
+def esd_plot(
+    evals: np.ndarray, layer: LayerMetrics, canvas: EsdCanvas | None = None
+) -> bytes | None:
     """Histogram of the ESD (eigenvalues of W^T W) on log-log axes, fitted power law, xmin.
 
     evals: (M,) eigenvalues lambda = S^2, any order. The histogram is a density on log-spaced
-    bins over the eigenvalues above EVAL_FLOOR. The fitted law is drawn on [xmin, xmax] as
-    (n_tail / N) * (alpha - 1) / xmin * (lambda / xmin)^-alpha, i.e. the tail's share of the
-    density, so it sits on the histogram where the fit is good. Returns None without eigenvalues.
+    bins over the eigenvalues above EVAL_FLOOR, drawn as one step path. The fitted law is drawn
+    on [xmin, xmax] as (n_tail / N) * (alpha - 1) / xmin * (lambda / xmin)^-alpha, i.e. the
+    tail's share of the density, so it sits on the histogram where the fit is good; a dashed
+    line marks xmin. Without a successful fit the fit status is written instead. Returns None
+    without eigenvalues. `canvas`: an EsdCanvas to reuse across plots (much cheaper).
     """
-    lam = np.asarray(evals, dtype=np.float64)
-    lam = lam[np.isfinite(lam) & (lam > EVAL_FLOOR)]
-    if lam.size == 0:
-        return None
-    fig = Figure(figsize=(5.2, 3.4))
-    ax = fig.add_subplot()
-    lo, hi = float(lam.min()), float(lam.max())
-    if hi <= lo:
-        hi = lo * 1.01
-    bins = np.geomspace(lo, hi, num=min(60, max(10, lam.size // 8)) + 1)
-    density, edges = np.histogram(lam, bins=bins, density=True)
-    ax.stairs(density, edges, fill=True, alpha=0.45, color="#4c72b0", label="ESD")
-    _draw_fit(ax, lam, layer)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _light_log_ticks(ax)
-    ax.set_xlabel("eigenvalue λ of WᵀW")
-    ax.set_ylabel("density")
-    ax.set_title(short_label(printable(layer.key)), fontsize=9, parse_math=False)
-    ax.legend(fontsize=8, loc="upper right")
-    # Fixed margins: tight_layout measures every tick label and costs more than the drawing.
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
-    return png_bytes(fig)
+    fig = esd_figure(evals, layer, canvas)
+    return None if fig is None else png_bytes(fig)
 
 
-def _light_log_ticks(ax) -> None:  # noqa: ANN001 - matplotlib Axes
-    """Unlabelled minor ticks on log axes (labels on every minor tick are most of the cost)."""
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_minor_locator(NullLocator())
-
-
-def _draw_fit(ax, lam: np.ndarray, layer: LayerMetrics) -> None:  # noqa: ANN001 - matplotlib Axes
+def _fit_curve(
+    lam: np.ndarray, layer: LayerMetrics
+) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """(xs, ys, alpha, xmin) of the fitted law's curve, None when the fit did not succeed."""
     ok = layer.fit_status == "ok" and _finite(layer.alpha) and _finite(layer.xmin)
     if not ok:
-        ax.text(
-            0.98,
-            0.95,
-            f"power-law fit: {layer.fit_status}",
-            transform=ax.transAxes,
-            ha="right",
-            va="top",
-            fontsize=8,
-            parse_math=False,
-        )
-        return
+        return None
     alpha, xmin = float(layer.alpha), float(layer.xmin)  # type: ignore[arg-type]
     xmax = float(layer.xmax) if _finite(layer.xmax) else float(lam.max())
     share = float(np.count_nonzero(lam >= xmin)) / lam.size
     xs = np.geomspace(xmin, max(xmax, xmin * 1.0001), 50)
     ys = share * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
-    ax.plot(xs, ys, color="#c44e52", lw=2, label=f"power law α = {alpha:.3g}")
-    ax.axvline(xmin, color="#555555", ls="--", lw=1, label=f"xmin = {xmin:.3g}")
+    return xs, ys, alpha, xmin
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +339,7 @@ def alpha_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
     ax.set_ylabel("α (power-law exponent)")
     ax.set_title("α by depth", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="role")
-    fig.tight_layout()
+    fixed_margins(fig, left=0.65, right=1.25, top=0.35)
     return png_bytes(fig)
 
 
@@ -252,7 +358,7 @@ def norms_by_depth(layers: Sequence[LayerMetrics]) -> bytes | None:
     ax_n.set_ylabel("log10 λmax")
     ax_n.set_title("log spectral norm by depth", fontsize=10)
     ax_n.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.7, right=0.15, top=0.35, wspace=0.3)
     return png_bytes(fig)
 
 
@@ -294,6 +400,7 @@ def sv_decay(layers: Sequence[LayerMetrics], esds: Mapping[str, np.ndarray]) -> 
             else:
                 ax.plot(x, s, color=cmap(depth / max(deepest, 1)), lw=0.9)
         ax.set_yscale("log")
+        _light_log_ticks(ax, x=False)
         ax.set_title(printable(role), fontsize=9, parse_math=False)
         ax.set_xlabel("i / min(m, n)", fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -301,7 +408,7 @@ def sv_decay(layers: Sequence[LayerMetrics], esds: Mapping[str, np.ndarray]) -> 
         ax.set_visible(False)
     axes[0].set_ylabel("S_i / S_1", fontsize=8)
     fig.suptitle(f"singular-value decay per role (colour: layer 0 to {deepest})", fontsize=10)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.65, right=0.15, bottom=0.45, top=0.55, wspace=0.28, hspace=0.5)
     return png_bytes(fig)
 
 
@@ -352,5 +459,5 @@ def outlier_heatmap(layers: Sequence[LayerMetrics]) -> bytes | None:
                 ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color=colour)
     fig.colorbar(image, ax=ax, label="outlier ratio")
     ax.set_title("weight-magnitude outlier ratio", fontsize=10)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.6, right=0.1, bottom=0.6, top=0.35)
     return png_bytes(fig)

@@ -228,9 +228,10 @@ def render_plots(analysis: Analysis, *, max_esd_plots: int = DEFAULT_MAX_ESD_PLO
             summary[stem] = png
     esd = {}
     selected = set(select_esd_keys(analysis, max_esd_plots))
+    canvas = P.EsdCanvas()  # one figure redrawn per matrix: axes and fonts are built once
     for index, lm in enumerate(analysis.layers):
         if lm.key in selected:
-            png = P.esd_plot(analysis.esds[lm.key], lm)
+            png = P.esd_plot(analysis.esds[lm.key], lm, canvas)
             if png is not None:
                 esd[lm.key] = (esd_stem(index, lm.key), png)
     return ReportPlots(summary, esd)

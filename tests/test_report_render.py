@@ -288,3 +288,61 @@ def test_display_name(tmp_path: Path) -> None:
     (tmp_path / "org" / "model").mkdir(parents=True)
     assert R.display_name(str(tmp_path / "org" / "model")) == "org/model"
     assert R.display_name("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"  # a Hub id, not a local path
+
+
+def _visible_lines(ax) -> dict[str, object]:  # noqa: ANN001 - matplotlib Axes
+    return {line.get_label(): line for line in ax.get_lines() if line.get_visible()}
+
+
+def test_esd_figure_shows_histogram_fit_line_and_xmin(analysis: Analysis) -> None:
+    lm = next(x for x in analysis.layers if x.fit_status == "ok")
+    lam = analysis.esds[lm.key]
+    fig = P.esd_figure(lam, lm)
+    assert fig is not None
+    (ax,) = fig.axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert ax.get_title() == lm.key and "eigenvalue" in ax.get_xlabel()
+    # The histogram: one step path whose bars integrate to 1 (a density over log bins).
+    (hist,) = [p for p in ax.patches if p.get_visible()]
+    values, edges, _ = hist.get_data()
+    assert len(values) >= 10 and np.isclose(np.sum(values * np.diff(edges)), 1.0)
+    lines = _visible_lines(ax)
+    fit = lines[f"power law α = {lm.alpha:.3g}"]
+    xs, ys = fit.get_data()
+    assert np.isclose(xs[0], lm.xmin) and np.isclose(xs[-1], lm.xmax)
+    assert np.all(np.diff(ys) < 0)  # a decreasing power law
+    slope = np.log(ys[-1] / ys[0]) / np.log(xs[-1] / xs[0])
+    assert np.isclose(slope, -lm.alpha)
+    marker = lines[f"xmin = {lm.xmin:.3g}"]
+    assert list(marker.get_xdata()) == [lm.xmin, lm.xmin] and marker.get_linestyle() == "--"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["ESD", fit.get_label(), marker.get_label()]
+    # Every artist lies inside the view: the fit line and xmin marker are not clipped away.
+    x0, x1 = ax.get_xlim()
+    assert x0 <= lm.xmin <= lm.xmax <= x1 and x0 <= edges[0] < edges[-1] <= x1
+
+
+def test_esd_canvas_reuse_leaves_nothing_of_the_previous_matrix(analysis: Analysis) -> None:
+    ok = next(x for x in analysis.layers if x.fit_status == "ok")
+    failed = next(x for x in analysis.layers if x.fit_status == "failed")
+    canvas = P.EsdCanvas()
+    P.esd_plot(analysis.esds[ok.key], ok, canvas)
+    fig = P.esd_figure(analysis.esds[failed.key], failed, canvas)
+    assert fig is not None
+    (ax,) = fig.axes
+    assert _visible_lines(ax) == {}  # no fit line or xmin marker of the previous matrix
+    texts = [t.get_text() for t in ax.texts if t.get_visible()]
+    assert texts == ["power-law fit: failed"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ESD"]
+    assert ax.get_title() == failed.key
+    # Drawn after another matrix, a plot is pixel for pixel the one a fresh figure draws.
+    reused = P.esd_plot(analysis.esds[ok.key], ok, canvas)
+    assert reused == P.esd_plot(analysis.esds[ok.key], ok)
+
+
+def test_log_axes_use_plain_text_decade_labels() -> None:
+    assert P.decade_label(1e-3) == "10⁻³"
+    assert P.decade_label(100.0) == "10²"
+    assert P.decade_label(1.0) == "10⁰"
+    assert P.decade_label(0.02) == "0.02"
+    assert P.decade_label(0.0) == "" and P.decade_label(float("nan")) == ""
