@@ -80,7 +80,8 @@ def compare_cmd(
     from spectra.outdir import check_output_dir
     from spectra.reports.compare import print_summary, write_compare
 
-    check_output_dir(Path(out).expanduser().absolute(), force=force)  # fail before the work
+    protect = (base, finetuned, cache_dir)  # never replaced, even with --force
+    check_output_dir(Path(out).expanduser().absolute(), force=force, protect=protect)
     options = CompareOptions(
         k=k,
         epsilons=_epsilons(epsilon),
@@ -102,7 +103,7 @@ def compare_cmd(
         cmp = compare(base, finetuned, options, cache=cache, progress=tick)
     if cmp is None:  # a non-writer rank under torchrun
         return
-    paths = write_compare(cmp, out, force=force)
+    paths = write_compare(cmp, out, force=force, protect=protect)
     print_summary(cmp, console)
     console.print(
         f"wrote {len(paths)} files to {Path(out).expanduser().absolute()}",

@@ -160,7 +160,8 @@ def report_cmd(
         raise ValidationError(f"--max-esd-plots must be >= 0, got {max_esd_plots}")
     budget = _budget_bytes(max_memory)
     final = Path(out).expanduser().absolute()
-    check_output_dir(final, force=force)  # fail before the work, not after it
+    protect = (source, cache_dir)  # never replaced, even with --force
+    check_output_dir(final, force=force, protect=protect)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
     options = AnalyzeOptions(
         include=tuple(include or ()),
@@ -175,7 +176,14 @@ def report_cmd(
         analysis = analyze(source, options, cache=cache, progress=progress, max_memory=budget)
     if analysis is None:  # a non-writer rank under torchrun
         return
-    paths = write_report(analysis, final, formats=wanted, force=force, max_esd_plots=max_esd_plots)
+    paths = write_report(
+        analysis,
+        final,
+        formats=wanted,
+        force=force,
+        max_esd_plots=max_esd_plots,
+        protect=protect,
+    )
     if not quiet:
         print_summary(analysis, console)
         console.print(f"wrote {len(paths)} files to {final}", highlight=False, markup=False)

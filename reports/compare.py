@@ -19,7 +19,7 @@ from spectra.analysis.comparison import Comparison
 from spectra.analysis.drift import ENERGY_LEVEL, RANK_RTOL_RULE
 from spectra.analysis.intruders import epsilon_key
 from spectra.analysis.pair import PairResult
-from spectra.outdir import check_output_dir, write_output_files
+from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports.compare_plots import PLOTS, render_all
@@ -247,21 +247,27 @@ def print_summary(cmp: Comparison, console: Console | None = None) -> None:
 
 
 def write_compare(
-    cmp: Comparison, out_dir: str | os.PathLike[str], *, force: bool = False
+    cmp: Comparison,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    protect: Protect = (),
 ) -> list[Path]:
     """Write the compare folder atomically; return the final paths written.
 
-    Raises OutputError when `out_dir` exists and is not empty and `force` is False.
+    Raises OutputError when `out_dir` exists and is not empty and `force` is False. The two
+    compared sources and `protect` (e.g. the cache folder) are never replaced, even with `force`.
     """
     final = Path(out_dir).expanduser().absolute()
-    check_output_dir(final, force=force)  # fail before rendering
+    protect = (cmp.base, cmp.finetuned, *protect)
+    check_output_dir(final, force=force, protect=protect)  # fail before rendering
     plots = render_all(cmp)
     files: dict[str, bytes | str] = {f"plots/{n}.png": png for n, png in plots.items()}
     files["compare.html"] = render_html(cmp, plots)
     files["compare.md"] = render_markdown(cmp, plots)
     files["compare.json"] = cmp.to_json()
     files["compare.csv"] = cmp.to_csv()
-    return write_output_files(final, files, force=force)
+    return write_output_files(final, files, force=force, protect=protect)
 
 
 __all__: Sequence[str] = ("write_compare", "render_html", "render_markdown", "print_summary")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
 from spectra.errors import ValidationError
-from spectra.outdir import check_output_dir, write_output_files
+from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports import plots as P
@@ -499,16 +499,19 @@ def write_report(
     formats: str | Sequence[str] | None = FORMATS,
     force: bool = False,
     max_esd_plots: int = DEFAULT_MAX_ESD_PLOTS,
+    protect: Protect = (),
 ) -> list[Path]:
     """Write the report folder atomically and return the final paths of the files written.
 
     formats: any of html, md, json, csv (a comma-separated string or a sequence; None = all).
     Plots (plots/*.png) are written with html or md. Raises OutputError if `out_dir` exists,
-    is not empty and `force` is False; ValidationError for an unknown format.
+    is not empty and `force` is False; ValidationError for an unknown format. The analysed source
+    and `protect` (e.g. the cache folder) are never replaced, even with `force`.
     """
     wanted = parse_formats(formats)
     final = Path(out_dir).expanduser().absolute()
-    check_output_dir(final, force=force)  # fail before rendering, not after
+    protect = (analysis.source, *protect)
+    check_output_dir(final, force=force, protect=protect)  # fail before rendering, not after
     files: dict[str, bytes | str] = {}
     if "html" in wanted or "md" in wanted:
         plots = render_plots(analysis, max_esd_plots=max_esd_plots)
@@ -521,4 +524,4 @@ def write_report(
         files["metrics.json"] = analysis.to_json()
     if "csv" in wanted:
         files["metrics.csv"] = analysis.to_csv()
-    return write_output_files(final, files, force=force)
+    return write_output_files(final, files, force=force, protect=protect)

@@ -5,7 +5,8 @@ entry, an output folder swapped into place) and `Path.write_bytes` / `Path.write
 written into an output folder), so each of them is an *event* of a kind:
 
 - "cache": an `os.replace` into the cache folder (`KILL_CACHE`), i.e. a cache file committed;
-- "swap": an `os.replace` of an output folder (`.spectra-tmp-` / `.spectra-old-` names);
+- "swap": an `os.replace` of an output folder (`.spectra-tmp-` / `.spectra-old-` names), or a
+  call of `spectra.outdir`'s `_rename_noreplace` / `_exchange` (the swap into place);
 - "out": a file written into a `.spectra-tmp-` output folder;
 - anything the child's own code announces with `event(kind, what)`.
 
@@ -59,6 +60,20 @@ HOOKS = textwrap.dedent(
         return _replace(src, dst, *args, **kwargs)
 
     _os.replace = _hooked_replace
+
+    import spectra.outdir as _outdir
+
+    def _hook_swap(name):
+        original = getattr(_outdir, name)
+
+        def swap(src, dst, *args, **kwargs):
+            event("swap", _os.path.basename(str(dst)))
+            return original(src, dst, *args, **kwargs)
+
+        setattr(_outdir, name, swap)
+
+    _hook_swap("_rename_noreplace")  # the output folder renamed into place (or tried)
+    _hook_swap("_exchange")  # a forced replacement: the earlier folder exchanged out
 
     def _hook_write(name):
         original = getattr(_pathlib.Path, name)

@@ -275,23 +275,36 @@ def test_failure_mid_write_is_one_line_and_leaves_nothing(tmp_path: Path, err: i
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("exchange", [True, False])
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_failure_at_rename_keeps_the_earlier_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, exchange: bool
 ) -> None:
+    """A forced replacement whose swap fails keeps the earlier output: with RENAME_EXCHANGE (the
+    exchange fails) and with the two-rename fallback (the earlier output moved aside, the new one
+    fails to move in)."""
+    import spectra.outdir as outdir
+
     out = tmp_path / "rep"
     with atomic_output_dir(out) as tmp:
         (tmp / "old.txt").write_text("old")
-    real_replace = os.replace
+    real_noreplace = outdir._rename_noreplace
     calls = []
 
-    def flaky(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    def flaky(src: Path, dst: Path) -> None:
         calls.append(Path(dst).name)
-        if len(calls) == 2:  # earlier output moved aside, the new one fails to move in
+        if len(calls) == 2:  # the first call finds the earlier output there
             raise OSError(err, os.strerror(err))
-        real_replace(src, dst)
+        real_noreplace(src, dst)
 
-    monkeypatch.setattr(os, "replace", flaky)
+    def exchange_fails(a: Path, b: Path) -> bool:
+        raise OSError(err, os.strerror(err))
+
+    if exchange:
+        monkeypatch.setattr(outdir, "_exchange", exchange_fails)
+    else:
+        monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(outdir, "_rename_noreplace", flaky)
     with pytest.raises(OutputError), atomic_output_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     monkeypatch.undo()

@@ -50,7 +50,8 @@ def convert_to_lora(
             "spectra init run in it or its parent (the trained adapter names only the residual "
             "base); pass --base with the model spectra init was run on"
         )
-    with atomic_output_dir(out, force=force) as tmp:
+    protect = (init_path, trained_path, base)  # the inputs: never replaced, even with force
+    with atomic_output_dir(out, force=force, protect=protect) as tmp:
         content = AdapterContent(
             conv.factors,
             conv.alphas,

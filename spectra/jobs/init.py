@@ -250,6 +250,13 @@ class _Job:
         any process holding the checkpoint can compute any matrix's factors."""
         return not self.init.needs_calibration and self.stats is None and self.calibration is None
 
+    @property
+    def protect(self) -> tuple[str | Path | None, ...]:
+        """The run's inputs: never replaced by the output folder, even with ``force``."""
+        calib = self.calibration
+        files = () if calib is None else (calib.calib, calib.stats, calib.stats_out)
+        return (self.source, *files)
+
 
 def _job(
     source: str | Path,
@@ -301,7 +308,8 @@ def init_adapter(
     """
     started = time.perf_counter()
     job = _job(source, options, calibration, stats)
-    check_output_dir(job.out, force=options.force)  # refuse before any reading, SVD or calibration
+    # refuse before any reading, SVD or calibration
+    check_output_dir(job.out, force=options.force, protect=job.protect)
     with Checkpoint.open(job.source) as ckpt:
         planned = _plan(ckpt, job)
         return _write(ckpt, job, planned, factors, progress, started)
@@ -562,7 +570,8 @@ def _write(
     """Factorize (or take from ``factors``, keyed by weight name), compute residuals and errors,
     and write the output folder atomically; the output folder must have been checked."""
     runner = _Runner(ckpt, job, planned, progress, factors)
-    with atomic_output_dir(job.out, force=job.options.force) as tmp:
+    protect = (*job.protect, *ckpt.files)  # re-checked at the swap: no window
+    with atomic_output_dir(job.out, force=job.options.force, protect=protect) as tmp:
         base_name = _run_every_matrix(tmp, ckpt, job, runner)
         _write_adapter_and_manifest(tmp, ckpt, job, planned, runner, base_name)
     final = job.out
@@ -715,7 +724,7 @@ def _distributed_init(session: Session, job: _Job, progress: Progress | None) ->
 
     def refuse(tracker: Tracker) -> None:
         if session.is_writer:
-            check_output_dir(job.out, force=job.options.force)
+            check_output_dir(job.out, force=job.options.force, protect=job.protect)
 
     status, _ = guarded(session, refuse)
     settle(session, status, RERUN)
