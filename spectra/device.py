@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from spectra.errors import ValidationError
+from spectra.errors import SourceError, ValidationError
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def require_host_memory(nbytes: int, what: str, hint: str) -> None:
+    """`SourceError` before allocating when `what` would hold `nbytes` in memory at once and that
+    is more than half of this machine's physical memory: a header can claim any size (a sparse
+    file holds a terabyte matrix in a few KB of disk), and the allocator would otherwise fail
+    with a bare MemoryError or the kernel would kill the process."""
+    total = host_memory_bytes()
+    if total is None or nbytes <= total // 2:
+        return
+    raise SourceError(
+        f"{what} needs {nbytes / 2**30:,.1f} GiB in memory at once, more than half of this "
+        f"machine's {total / 2**30:,.1f} GiB: {hint}"
+    )
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -130,6 +130,12 @@ def test_mutated_config(
         ("lora_alpha", "8", "finite number"),
         ("lora_alpha", float("nan"), "finite number"),
         ("lora_alpha", None, "finite number"),
+        # issue 14: 1e308 overflowed the update (and convert's doubled alpha) to inf; an int of
+        # 400 digits raised OverflowError in math.isfinite; r past int64 as well
+        ("lora_alpha", 1e308, "finite number between -1e+06 and 1e+06"),
+        ("lora_alpha", -(10**400), "finite number between"),
+        ("r", 10**30, "positive integer up to"),
+        ("alpha_pattern", {"q_proj": 1e300}, "finite number between"),
         ("use_rslora", "false", "true or false"),
         ("rank_pattern", ["q_proj"], "must map"),
         ("rank_pattern", {"q_proj": 0}, "positive integer"),

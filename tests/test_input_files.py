@@ -240,7 +240,7 @@ def test_index_that_is_too_big_is_refused_without_reading_it(model: Path) -> Non
 def test_cli_inspect_on_a_fifo_index_exits_2(model: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from spectra.cli.main import app
 
     hostile(model / "model.safetensors.index.json", "fifo")
     result = within(lambda: CliRunner().invoke(app, ["inspect", str(model)]))
@@ -263,3 +263,130 @@ def test_calibration_model_files_are_checked_before_transformers(model: Path, ki
 
     hostile(model / "config.json", kind)
     assert_refused(within(lambda: load_model(model, device="cpu")))
+
+
+# -- claims a sparse file backs: refused before the allocator ----------------------------------
+def _sparse_safetensors(
+    path: Path, real: dict[str, torch.Tensor], claim: tuple[str, int, int]
+) -> Path:
+    """`real` tensors (F32) followed by `claim` = (name, m, n) of BF16 whose bytes are a hole:
+    the file is as long as the header says, so every range check passes."""
+    import struct
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, pos = [], 0
+    for name, t in real.items():
+        data = t.to(torch.float32).contiguous().numpy().tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + len(data)],
+        }
+        blobs.append(data)
+        pos += len(data)
+    name, m, n = claim
+    header[name] = {"dtype": "BF16", "shape": [m, n], "data_offsets": [pos, pos + 2 * m * n]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+        try:
+            fh.truncate(8 + len(raw) + pos + 2 * m * n)
+        except OSError as exc:  # a file system without large sparse files
+            pytest.skip(f"cannot make a sparse file: {exc}")
+    return path
+
+
+def test_terabyte_matrix_in_a_sparse_file_is_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a header claiming a 10^12-element matrix in a 2 TB sparse file passed every
+    range check and reached the allocator after a MemoryBudgetWarning: MemoryError, exit 1."""
+    import tracemalloc
+
+    from spectra import AnalyzeOptions, analyze
+
+    monkeypatch.setattr("spectra.device.host_memory_bytes", lambda: 64 * 2**30)
+    path = _sparse_safetensors(
+        tmp_path / "model.safetensors", {}, ("model.layers.0.self_attn.q_proj.weight", 10**6, 10**6)
+    )
+    tracemalloc.start()
+    try:
+        result = within(lambda: analyze(str(path), AnalyzeOptions(), cache=False))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, SourceError), result
+    assert "more than half of this machine's 64.0 GiB" in str(result), result
+    assert peak < 64 * 2**20, peak
+
+
+def test_terabyte_tensor_read_is_refused_by_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spectra.sources.checkpoint import Checkpoint
+
+    monkeypatch.setattr("spectra.device.host_memory_bytes", lambda: 64 * 2**30)
+    path = _sparse_safetensors(tmp_path / "m.safetensors", {}, ("w", 10**6, 10**6))
+    with Checkpoint.open(path) as ckpt:
+        with pytest.raises(SourceError, match="in memory at once"):
+            ckpt.read("w")
+
+
+def test_cli_report_on_a_terabyte_claim_exits_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spectra.cli.main import app
+
+    path = _sparse_safetensors(
+        tmp_path / "model.safetensors", {}, ("model.layers.0.self_attn.q_proj.weight", 10**6, 10**6)
+    )
+    out = tmp_path / "out"
+    result = within(
+        lambda: CliRunner().invoke(app, ["report", str(path), "--out", str(out), "--no-cache"])
+    )
+    assert result.exit_code == 2, result.output
+    assert "in memory at once" in result.output and "internal error" not in result.output
+
+
+def _hostile_adapter(folder: Path, claim_bytes: int) -> Path:
+    write_lora_adapter(folder, {"model.layers.0.q.weight": (8, 8)})
+    from safetensors.torch import load_file
+
+    real = load_file(str(folder / "adapter_model.safetensors"))
+    cols = 32768
+    _sparse_safetensors(
+        folder / "adapter_model.safetensors",
+        real,
+        ("base_model.model.lm_head.weight", claim_bytes // (2 * cols), cols),
+    )
+    return folder
+
+
+def test_adapter_claiming_8_gb_of_extra_tensors_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: `convert` loaded every non-LoRA tensor of the trained adapter whole: an 8 GB
+    claim in a sparse file was read into memory."""
+    import tracemalloc
+
+    from spectra.formats.peft import read_peft_adapter
+    from spectra.jobs.convert import convert_to_lora
+
+    monkeypatch.setattr("spectra.device.host_memory_bytes", lambda: 16 * 2**30)
+    init = write_lora_adapter(tmp_path / "init", {"model.layers.0.q.weight": (8, 8)})
+    trained = _hostile_adapter(tmp_path / "trained", 8 * 2**30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceError, match="more than half of this machine"):
+            read_peft_adapter(trained)
+        with pytest.raises(SourceError, match="more than half of this machine"):
+            convert_to_lora(init, trained, tmp_path / "out", base="base")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+    assert not (tmp_path / "out").exists()
+    # the same adapter with a real (small) extra tensor is read
+    small = _hostile_adapter(tmp_path / "small", 2 * 32768 * 4)
+    assert "base_model.model.lm_head.weight" in read_peft_adapter(small).other

@@ -161,7 +161,12 @@ def test_over_budget_report_warns_once_and_matches(faulty: dict[str, Any]) -> No
     assert len(full["warnings"]) == 0
     assert len(tiny["warnings"]) == 1
     msg = str(tiny["warnings"][0].message)
-    assert msg.startswith("3 of 9 matrices need more working memory than the budget of 153.6 KiB")
+    # the budget the user gave (--max-memory 0.3), then its per-batch half (issue 14: only the
+    # half was quoted, so `--max-memory 16` read as an 8 MiB budget)
+    assert msg.startswith(
+        "3 of 9 matrices need more working memory than the budget of 307.2 KiB on cpu, "
+        "153.6 KiB for each of the two batches alive at once"
+    )
     assert "3 x 40000" in msg or "40000 x 3" in msg
     assert "float64 Gram matrix summed over slices" in msg
     for name, lm in full["layers"].items():

@@ -46,9 +46,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from spectra.device import require_host_memory
 from spectra.errors import SourceError, ValidationError
-from spectra.formats.files import MAX_JSON_BYTES, check_input, read_json_input
-from spectra.formats.safetensors import clip
+from spectra.formats.files import MAX_JSON_BYTES, read_json_input
+from spectra.formats.safetensors import clip, read_header
 
 try:  # Python >= 3.11
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
@@ -61,6 +62,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 #: PEFT's ``LoraConfig`` defaults for a config that leaves the field out.
 DEFAULT_R = 8
 DEFAULT_LORA_ALPHA = 8
+#: Largest |lora_alpha| read or written: real ones are below a few thousand, and a scale near
+#: float's range overflows the update s * B @ A (1e308 did, and in `convert` its doubling).
+MAX_LORA_ALPHA = 1e6
+#: Largest rank: torch sizes are int64 (and sqrt() of an int past 1e308 overflows).
+MAX_LORA_RANK = 2**63 - 1
 MAX_PATTERN_CHARS = 1000
 
 _LORA_KEY = re.compile(
@@ -89,8 +95,11 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
     """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValidationError(f"LoRA rank must be a positive integer, got {clip(rank)}")
-    if not math.isfinite(alpha):
-        raise ValidationError(f"LoRA alpha must be a finite number, got {alpha}")
+    if not -MAX_LORA_ALPHA <= alpha <= MAX_LORA_ALPHA:  # NaN fails too
+        raise ValidationError(
+            f"LoRA alpha must be a finite number between -{MAX_LORA_ALPHA:g} and "
+            f"{MAX_LORA_ALPHA:g}, got {clip(alpha)}"
+        )
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
@@ -240,14 +249,21 @@ def _patterns(
 
 
 def _positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SourceError(f"{what} must be a positive integer, got {clip(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LORA_RANK:
+        raise SourceError(
+            f"{what} must be a positive integer up to {MAX_LORA_RANK}, got {clip(value)}"
+        )
 
 
 def _finite_number(value: Any, what: str) -> None:
+    # compared before any float conversion: math.isfinite(10**400) raises OverflowError, and
+    # an alpha of 1e308 overflows the update (and PEFT's doubled alpha in `convert`) to inf
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value):
-        raise SourceError(f"{what} must be a finite number, got {clip(value)}")
+    if not ok or not -MAX_LORA_ALPHA <= value <= MAX_LORA_ALPHA:
+        raise SourceError(
+            f"{what} must be a finite number between -{MAX_LORA_ALPHA:g} and "
+            f"{MAX_LORA_ALPHA:g}, got {clip(value)}"
+        )
 
 
 def adapter_files(path: str | Path) -> tuple[Path, Path]:
@@ -360,7 +376,14 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     config = read_adapter_config(path)
     _, w_path = adapter_files(path)
     settings = LoraSettings.from_config(config, f"{path}: {CONFIG_NAME}")
-    check_input(w_path, "adapter weights")
+    # the header (read through the one input opener) says what get_tensor will allocate
+    header = read_header(w_path)
+    claimed = sum(ref.nbytes for ref in header.tensors)
+    require_host_memory(
+        3 * claimed,  # the tensors, their converted copies and the writer's buffer
+        f"{w_path}: an adapter whose tensors hold {claimed:,} bytes",
+        "this is not a LoRA adapter of a model this machine can handle",
+    )
     with safe_open(str(w_path), framework="pt") as fh:
         shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}  # noqa: SIM118
         modules = lora_modules(shapes, settings, str(w_path))

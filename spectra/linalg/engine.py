@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 import torch
 
-from spectra.device import resolve_device
+from spectra.device import require_host_memory, resolve_device
+from spectra.errors import SourceError
 from spectra.linalg.batching import (
     Batch,
     MemoryGate,
@@ -182,6 +183,7 @@ class _Run:
         self.keys: list[str | None] = [None] * len(refs)
         self.cached: set[int] = set()
         # per batch: halved when prefetching, since two batches are alive then
+        self.total_budget = budget
         self.budget = budget // 2 if engine.prefetch else budget
         self.gate = MemoryGate(budget)  # the batch computing + the batch being read
         self.ready: dict[int, Spectrum] = {}
@@ -193,7 +195,9 @@ class _Run:
         self._lookup_cache()
         shapes = [tuple(r.shape) for r in self.refs]
         batches = plan_batches(shapes, self._estimate, self.budget, skip=self.cached)
-        self._warn_oversize([i for b in batches for i in b.indices])
+        planned = [i for b in batches for i in b.indices]
+        self._refuse_unholdable(planned)
+        self._warn_oversize(planned)
         loaded = prefetch((self._read(b, gated=background) for b in batches), enabled=background)
         try:
             yield from self._drain()
@@ -238,6 +242,17 @@ class _Run:
         """Read `batch` into one `(b, m, n)` CPU tensor (pinned when computing on CUDA)."""
         if gated:
             self.gate.acquire(self._batch_bytes(batch))
+        try:
+            return self._read_batch(batch)
+        except MemoryError:
+            m, n = batch.shape
+            raise SourceError(
+                f"cannot allocate memory to read {len(batch.indices)} matrix(es) of {m} x {n} "
+                f"(first: {self.refs[batch.indices[0]].key!r}): pass a smaller --max-memory, "
+                "leave them out with --exclude, or free memory"
+            ) from None
+
+    def _read_batch(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
         m, n = batch.shape
         dtype = self._batch_dtype(batch)
         wanted = [self.refs[i] for i in batch.indices]
@@ -259,6 +274,20 @@ class _Run:
             self.oversize[shape] = oversize_plan(self.opts, shape, self.budget, self.device)
         return self.oversize[shape]
 
+    def _refuse_unholdable(self, planned: list[int]) -> None:
+        """A matrix over the budget is still read whole into host memory: refuse, before any
+        allocation, one that this machine cannot hold (a header may claim 10^12 elements in a
+        sparse file); within the machine, a failed allocation is a one-line error in `_read`."""
+        for i in planned:
+            if self._plan(tuple(self.refs[i].shape)) is None:
+                continue
+            m, n = self.refs[i].shape
+            require_host_memory(
+                m * n * self.read_dtype.itemsize,
+                f"matrix {self.refs[i].key!r} ({m} x {n}, read as {self.read_dtype})",
+                "leave it out with --exclude, or run on a machine with more memory",
+            )
+
     def _warn_oversize(self, planned: list[int]) -> None:
         """One MemoryBudgetWarning for the planned matrices that exceed the budget alone."""
         plans = {i: p for i in planned if (p := self._plan(tuple(self.refs[i].shape)))}
@@ -269,13 +298,21 @@ class _Run:
         m, n = self.refs[worst].shape
         warnings.warn(
             f"{len(plans)} of {len(self.refs)} matrices need more working memory than the budget "
-            f"of {_mib(self.budget)} on {self.device} (largest: {self.refs[worst].key!r}, "
+            f"of {_mib(self.total_budget)} on {self.device}{self._split()} "
+            f"(largest: {self.refs[worst].key!r}, "
             f"{m} x {n}, about {_mib(plan.need)}); they are computed one at a time, the largest "
             f"{plan.describe()}. "
             "Pass a larger max_memory if the device has room.",
             MemoryBudgetWarning,
             stacklevel=4,
         )
+
+    def _split(self) -> str:
+        """How the budget is shared: a warning that quoted only the per-batch half made
+        `--max-memory 16` read as an 8 MiB budget."""
+        if self.budget == self.total_budget:
+            return ""
+        return f", {_mib(self.budget)} for each of the two batches alive at once"
 
     def _compute(self, batch: Batch, W: torch.Tensor) -> None:
         names = [self.refs[i].key for i in batch.indices]

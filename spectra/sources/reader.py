@@ -20,6 +20,7 @@ from typing import BinaryIO, Protocol
 
 import torch
 
+from spectra.device import require_host_memory
 from spectra.errors import SourceError
 from spectra.formats.files import open_input
 from spectra.formats.safetensors import DTYPES
@@ -49,7 +50,11 @@ def read_range(
         raise SourceError(f"{where}: big-endian hosts are not supported (safetensors is LE)")
     if nbytes == 0:
         return torch.empty(shape, dtype=info.torch_dtype)
-    buf = bytearray(nbytes)
+    require_host_memory(nbytes, f"{where}", "this machine cannot read the tensor whole")
+    try:
+        buf = bytearray(nbytes)
+    except MemoryError:
+        raise SourceError(f"{where}: cannot allocate {nbytes:,} bytes to read it") from None
     fh.seek(offset)
     got = fh.readinto(memoryview(buf))
     if got != nbytes:
