@@ -3,6 +3,7 @@ exceptions into a one-line message and an exit code."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 import sys
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from spectra.errors import SpectraError
+from spectra.formats.files import show_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,13 +73,25 @@ _ESCAPE_SEQ = re.compile(
     r"|[\x90\x98\x9d-\x9f].*?(?:\x07|\x9c|\x1b\\|$)",
     re.DOTALL,
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 (newline and tab included), DEL, C1, and the bidirectional controls (U+061C, U+200E/F,
+# U+202A-U+202E, U+2066-U+2069) that make a terminal show text in another order than it is
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: OSErrors that are about the name of a path the user gave (too long, a symlink loop)
+_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+#: Longest line the CLI prints for one message: a hostile name can make an error 200 KB long.
+MAX_LINE = 1000
 
 
-def one_line(message: str) -> str:
+def one_line(message: str, limit: int = MAX_LINE) -> str:
     """`message` safe for a terminal line: escape sequences removed, every other control
-    character (C0 including newline and tab, DEL, C1) replaced by a space."""
-    return _CONTROL.sub(" ", _ESCAPE_SEQ.sub("", message))
+    character (C0 including newline and tab, DEL, C1, bidi overrides) replaced by a space, and
+    clipped to `limit` characters (head and tail kept: the tail usually says how to fix it)."""
+    text = CONTROL.sub(" ", _ESCAPE_SEQ.sub("", message))
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    cut = f" ...[{len(text) - limit + 40:,} characters cut]... "
+    return text[: limit - tail - len(cut)] + cut + text[-tail:]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -87,6 +101,24 @@ def fail(message: str, code: int = 2) -> None:
         f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
     )
     raise typer.Exit(code)
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one safe line each (`warnings.showwarning` of the `spectra` command): they
+    quote paths and tensor names from a stranger."""
+    err_console.print(
+        f"{category.__name__}: {one_line(str(message))}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def handle_errors(func: F) -> F:
@@ -111,6 +143,10 @@ def handle_errors(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
             if STATE.debug:
                 raise
+            if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS:
+                # a path the user gave that the OS refuses as a name: their input, not our bug
+                name = show_path(str(exc.filename)) if exc.filename is not None else "a path"
+                fail(f"{name}: {exc.strerror} (give a shorter or valid path)", 2)
             fail(
                 f"internal error: {type(exc).__name__}: {exc} "
                 "(rerun with `spectra --debug ...` for the traceback and please report it)",

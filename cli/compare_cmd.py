@@ -18,6 +18,7 @@ from spectra.cli._common import (
     err_console,
     handle_errors,
     is_interactive,
+    one_line,
     split_csv,
 )
 from spectra.errors import ValidationError
@@ -106,7 +107,7 @@ def compare_cmd(
     paths = write_compare(cmp, out, force=force, protect=protect)
     print_summary(cmp, console)
     console.print(
-        f"wrote {len(paths)} files to {Path(out).expanduser().absolute()}",
+        one_line(f"wrote {len(paths)} files to {Path(out).expanduser().absolute()}"),
         highlight=False,
         markup=False,
     )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spectra.cli._common import ForceOpt, console, handle_errors
+from spectra.cli._common import ForceOpt, console, handle_errors, one_line
 
 
 @handle_errors
@@ -31,7 +31,12 @@ def convert(
     from spectra.jobs.convert import convert_to_lora
 
     path = convert_to_lora(init_dir, trained, out, base=base, force=force)
-    console.print(f"plain LoRA for the original base: {path}", highlight=False, soft_wrap=True)
+    console.print(
+        one_line(f"plain LoRA for the original base: {path}"),
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from spectra.cli._common import (
     err_console,
     handle_errors,
     is_interactive,
+    one_line,
 )
 
 if TYPE_CHECKING:
@@ -306,10 +307,15 @@ def _print_result(res: InitResult) -> None:
             highlight=False,
             markup=False,
         )
-    console.print(f"adapter: {res.adapter_dir}", highlight=False, soft_wrap=True, markup=False)
+    console.print(
+        one_line(f"adapter: {res.adapter_dir}"), highlight=False, soft_wrap=True, markup=False
+    )
     if res.residual_dir is not None:
         console.print(
-            f"residual base: {res.residual_dir}", highlight=False, soft_wrap=True, markup=False
+            one_line(f"residual base: {res.residual_dir}"),
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
         )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated
 
 import typer
@@ -11,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from spectra.cli._common import (
+    CONTROL,
     ExcludeOpt,
     IncludeOpt,
     RolesOpt,
@@ -19,13 +19,11 @@ from spectra.cli._common import (
     split_csv,
 )
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
 
 def safe_text(text: str) -> str:
     """A name fit for a terminal: control characters (escape sequences) shown as `?`, rich
     markup escaped so `[bold]` in a tensor name prints literally."""
-    return escape(_CONTROL.sub("?", text))
+    return escape(CONTROL.sub("?", text))
 
 
 def _mb(nbytes: int) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
 
 from spectra import __version__
-from spectra.cli._common import STATE
+from spectra.cli._common import STATE, show_warning
 
 app = typer.Typer(
     name="spectra",
@@ -70,6 +71,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = show_warning  # one clipped line per warning, no escape sequences
     app()
 
 

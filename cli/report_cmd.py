@@ -27,6 +27,7 @@ from spectra.cli._common import (
     err_console,
     handle_errors,
     is_interactive,
+    one_line,
     split_csv,
 )
 from spectra.errors import ValidationError
@@ -186,7 +187,9 @@ def report_cmd(
     )
     if not quiet:
         print_summary(analysis, console)
-        console.print(f"wrote {len(paths)} files to {final}", highlight=False, markup=False)
+        console.print(
+            one_line(f"wrote {len(paths)} files to {final}"), highlight=False, markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -20,7 +20,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# C0 but tab/newline/CR, DEL, C1, and the bidi controls (U+061C, U+200E/F, U+202A-U+202E,
+# U+2066-U+2069): a right-to-left override in a tensor name would reorder the text around it
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 # Forbid scripts, frames, remote images, fonts and styles; allow only inline CSS and data: PNGs.
 CSP = (
@@ -81,7 +85,7 @@ class Markup(str):
 
 
 def printable(value: object) -> str:
-    """str(value) without control characters (C0 except tab/newline/CR, DEL, C1)."""
+    """str(value) without control characters (C0 except tab/newline/CR, DEL, C1, bidi)."""
     return _CONTROL.sub("", str(value))
 
 

@@ -139,6 +139,11 @@ def test_options_validation() -> None:
         ("t\x1b]0;title\x07x", "tx"),  # OSC string removed with its payload
         ("n\x9b2Jm\x85e\x00", "nme"),  # 8-bit CSI, C1 NEL, NUL
         ("model.layers.0.q_proj.weight", "model.layers.0.q_proj.weight"),
+        # a `;` splits cells in comma-decimal locales (issue 14: `x;=1+2` was left as it was)
+        ("x;=1+2", "x;'=1+2"),
+        ("a; @SUM(A1);+b", "a; '@SUM(A1);'+b"),
+        ("=a;-b", "'=a;'-b"),
+        ("a;b;c", "a;b;c"),
     ],
 )
 def test_csv_cells_are_inert(raw: str, want: str) -> None:

@@ -8,9 +8,12 @@ Definitions: docs/methods.md section 3.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from spectra.analysis.csvsafe import write_csv
 from spectra.analysis.forensics import UNCHANGED_TOL, Forensics
@@ -19,6 +22,7 @@ from spectra.analysis.pair import PairResult
 from spectra.analysis.pairing import Pairing, parse_map
 from spectra.analysis.results import json_safe
 from spectra.errors import ValidationError
+from spectra.fields import check_fields, check_value, str_tuple
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,12 @@ class CompareOptions:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValidationError(f"k must be a positive integer, got {self.k!r}")
         object.__setattr__(self, "epsilons", validate_epsilons(self.epsilons))
-        object.__setattr__(self, "map", parse_map(self.map))
+        object.__setattr__(self, "map", parse_map(_map_rules(self.map)))
         for name in ("include", "exclude", "roles"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        object.__setattr__(self, "device", str(self.device))
+            object.__setattr__(self, name, str_tuple(getattr(self, name), f"CompareOptions.{name}"))
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        check_fields(self)
         if not self.unchanged_tol >= 0:
             raise ValidationError(f"unchanged_tol must be >= 0, got {self.unchanged_tol!r}")
 
@@ -67,6 +72,17 @@ class CompareOptions:
             "unchanged_tol": self.unchanged_tol,
             "device": self.device,
         }
+
+
+def _map_rules(value: object) -> tuple[str | tuple[str, str], ...]:
+    """`map` as rules: a 'regex=>replacement' string, or a sequence of such strings or of
+    (regex, replacement) pairs (ValidationError for anything else)."""
+    rules = (value,) if isinstance(value, str) else value
+    check_value(rules, Sequence[str | tuple[str, str] | list[str]], "CompareOptions.map")
+    for rule in rules:  # type: ignore[union-attr]
+        if not isinstance(rule, str) and len(rule) != 2:
+            raise ValidationError(f"CompareOptions.map rule {rule!r} is not a (regex, repl) pair")
+    return tuple(r if isinstance(r, str) else (r[0], r[1]) for r in rules)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ Two defences, applied to every string cell (numbers are written as numbers, unto
   remaining C0/C1 control character and DEL is dropped, so `cat metrics.csv` cannot recolour,
   retitle or rewrite a terminal;
 - a cell whose first non-blank character is `=`, `+`, `-` or `@` (what spreadsheets evaluate as
-  a formula: "CSV injection", OWASP) is prefixed with `'`, which spreadsheets show as text.
+  a formula: "CSV injection", OWASP) is prefixed with `'`, which spreadsheets show as text; and so
+  is every such part after a `;`: Excel in the many locales whose decimal mark is a comma (de, fr,
+  es, it, ...) splits a CSV line on `;`, its list separator, and LibreOffice offers `;` on import,
+  so `x;=1+2` (left unquoted by the csv module, which only quotes on `,`) became a formula cell.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _ESCAPE_SEQ = re.compile(
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FORMULA_STARTS = ("=", "+", "-", "@")
+# a `;` (a list separator in comma-decimal locales), blanks, then a formula start
+_AFTER_SEMICOLON = re.compile(r"(;[ ]*)(?=[=+\-@])")
 
 
 def inert_text(value: object) -> str:
@@ -37,8 +42,11 @@ def inert_text(value: object) -> str:
     '\\'=HYPERLINK("http://x")'
     >>> inert_text("q_proj\\x1b[31m.weight\\x07")
     'q_proj.weight'
+    >>> inert_text("x;=1+2")
+    "x;'=1+2"
     """
     text = _CONTROL.sub("", _ESCAPE_SEQ.sub("", str(value)))
+    text = _AFTER_SEMICOLON.sub(r"\1'", text)
     if text.lstrip(" ").startswith(FORMULA_STARTS):
         return "'" + text
     return text

@@ -21,7 +21,7 @@ import os
 import stat
 from typing import Any, BinaryIO
 
-from spectra.errors import SourceError
+from spectra.errors import SourceError, ValidationError
 
 #: Bounds for the small files spectra reads whole (JSON and text). A real `config.json` is a few
 #: KB, a real index a few MB (the safetensors header limit of 100 MB bounds them all).
@@ -152,3 +152,37 @@ def read_json_input(path: str | os.PathLike[str], what: str, limit: int = MAX_JS
             f"{show_path(path)}: {what} is not readable JSON ({type(exc).__name__}: "
             "a number too long or nesting too deep)"
         ) from None
+
+
+def path_exists(path: str | os.PathLike[str], what: str = "path") -> bool:
+    """Whether `path` exists (symlinks followed). Missing is False; any other `OSError` (a name
+    longer than the file system allows, a symlink loop, no permission) is a one-line
+    `SourceError` with the path clipped, not an `OSError` that `Path.exists()` lets through."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        reason = _os_reason(exc)
+        raise SourceError(f"{show_path(path)}: cannot use this {what} ({reason})") from None
+    except ValueError:  # an embedded NUL
+        raise SourceError(f"{show_path(repr(os.fspath(path)))}: not a valid {what}") from None
+    return True
+
+
+def check_source(source: object, what: str = "source") -> None:
+    """`ValidationError` unless `source` is a path (str or os.PathLike); `SourceError` when the
+    OS refuses the path itself (too long, a symlink loop): what every public entry point taking
+    a checkpoint, adapter or folder checks first."""
+    if isinstance(source, bool) or not isinstance(source, (str, os.PathLike)):
+        raise ValidationError(
+            f"{what} must be a path or a Hub repo id (str), got {type(source).__name__} "
+            f"{_clip_repr(source)}"
+        )
+    path_exists(os.path.expanduser(source), f"{what} path")
+
+
+def _clip_repr(value: object, limit: int = 120) -> str:
+    """`repr(value)` cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} chars)"

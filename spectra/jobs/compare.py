@@ -50,6 +50,8 @@ from spectra.distributed.runtime import (
     is_distributed,
 )
 from spectra.errors import ValidationError
+from spectra.fields import check_instance, check_value
+from spectra.formats.files import check_source
 from spectra.linalg.cache import SpectrumCache, resolve_cache
 from spectra.linalg.engine import matrix_content_key
 from spectra.linalg.spectrum import Spectrum
@@ -105,6 +107,11 @@ def compare(
     >>> cmp.forensics.update_kind, cmp.forensics.intruders_total        # doctest: +SKIP
     ('low-rank', {'0.5': 12, '0.9': 40})
     """
+    check_source(base, "base")
+    check_source(finetuned, "finetuned")
+    check_instance(options, CompareOptions, "options")
+    check_value(cache, CacheSpec, "cache")
+    check_value(progress, Progress | None, "progress")
     opts = CompareOptions() if options is None else options
     if not is_distributed():
         apply_threads(threads)

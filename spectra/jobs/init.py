@@ -71,6 +71,8 @@ from spectra.distributed.runtime import (
 from spectra.errors import ValidationError
 from spectra.export.manifest import build_manifest, write_manifest
 from spectra.export.residual import storage_dtype, write_residual_checkpoint
+from spectra.fields import check_fields, check_instance
+from spectra.formats.files import check_source
 from spectra.formats.peft import AdapterContent, write_peft_adapter
 from spectra.formats.safetensors import torch_dtypes_by_name
 from spectra.outdir import atomic_output_dir, check_output_dir
@@ -133,6 +135,9 @@ class InitOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        check_fields(self)  # rank="8", targets=None, ...: ValidationError naming the field
         get_initializer(self.method)  # an unknown method: the error lists the registered ones
         storage_dtype_of(self.dtype)
         if self.rank < 1:
@@ -175,6 +180,7 @@ class CalibrationRequest:
     progress: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.options()  # validates samples, max_length, batch_size, max_batches, tau
         if not self.rho >= 1.0:
             raise ValidationError(
@@ -306,6 +312,9 @@ def init_adapter(
     >>> res = init_adapter("base", InitOptions(out="o", rank=16, targets=["q", "v"]))
     ...                                                   # doctest: +SKIP
     """
+    check_source(source, "source")
+    check_instance(options, InitOptions, "options", optional=False)
+    check_instance(calibration, CalibrationRequest, "calibration")
     started = time.perf_counter()
     job = _job(source, options, calibration, stats)
     # refuse before any reading, SVD or calibration
@@ -674,6 +683,8 @@ def run_init(
     the other ranks return None at once, without joining a process group, so nothing can wait on
     them.
     """
+    check_source(source, "source")
+    check_instance(options, InitOptions, "options", optional=False)
     env = detect_env()
     mine = replace(options, device=str(rank_device(env, options.device)))
     if not env.is_distributed:

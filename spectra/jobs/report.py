@@ -59,6 +59,8 @@ from spectra.distributed.runtime import (
     is_distributed,
 )
 from spectra.errors import ValidationError
+from spectra.fields import check_fields, check_instance, check_value, str_tuple
+from spectra.formats.files import check_source
 from spectra.linalg.cache import SpectrumCache, resolve_cache
 from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
 from spectra.linalg.spectrum import Spectrum
@@ -97,12 +99,10 @@ class AnalyzeOptions:
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            else:
-                object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "device", str(self.device))
+            object.__setattr__(self, name, str_tuple(getattr(self, name), f"AnalyzeOptions.{name}"))
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        check_fields(self)
         if not self.outlier_multiplier > 0:
             raise ValidationError(
                 f"outlier_multiplier must be > 0, got {self.outlier_multiplier!r}"
@@ -152,6 +152,11 @@ def analyze(
     >>> an = analyze(options=AnalyzeOptions(roles=("q",)))  # doctest: +SKIP
     >>> [round(lm.alpha, 2) for lm in an.layers][:2]  # doctest: +SKIP
     """
+    if source is not None and not isinstance(source, Checkpoint):
+        check_source(source, "source")
+    check_instance(options, AnalyzeOptions, "options")
+    check_value(cache, CacheSpec, "cache")
+    check_value(progress, Progress | None, "progress")
     run = _Run(AnalyzeOptions() if options is None else options, cache, progress, max_memory)
     if not is_distributed():
         apply_threads(threads)

@@ -17,6 +17,7 @@ import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError, ValidationError
+from spectra.formats.files import check_source
 from spectra.formats.safetensors import ShardHeader, TensorRef, read_header
 from spectra.sources.hub import RepoShards, looks_like_repo_id, repo_shards
 from spectra.sources.layout import check_index, local_layout, read_config
@@ -81,6 +82,7 @@ class Checkpoint:
         `revision`, `local_only` (default: the HF_HUB_OFFLINE setting) and `disk_budget` (bytes:
         stream shard by shard, dropping each downloaded shard after its pass) apply to Hub repos.
         """
+        check_source(source)
         path = Path(source).expanduser()
         if not path.exists() and looks_like_repo_id(str(source)):
             shards = repo_shards(

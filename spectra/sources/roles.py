@@ -99,8 +99,10 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(down_proj|fc2|w2|dense_4h_to_h|lin2)$|mlp\.c_proj$|output\.dense$", "down"),
 )
 _COMPILED = tuple((re.compile(pattern), role) for pattern, role in _RULES)
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+# at most 9 digits: a "layer" of thousands of digits is no layer (int() would refuse it past
+# Python's 4300-digit limit with a ValueError; issue 14), and it is read as a name without one
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d{1,9})\.")
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d{1,9})\.")
 _CONV1D = re.compile(
     r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.q_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
 )
