@@ -31,6 +31,7 @@ with the rules above before anything is saved.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -68,6 +69,11 @@ MAX_LORA_ALPHA = 1e6
 #: Largest rank: torch sizes are int64 (and sqrt() of an int past 1e308 overflows).
 MAX_LORA_RANK = 2**63 - 1
 MAX_PATTERN_CHARS = 1000
+#: The regex policy for patterns read from a file (``check_pattern``, ``check_match_cost``).
+MAX_PATTERN_REPEATS = 2
+MATCH_BUDGET = 2 * 10**9
+#: Longest module path an adapter may name (real ones are under 200 characters).
+MAX_MODULE_CHARS = 1000
 
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
@@ -78,6 +84,7 @@ _REPEATS = {
     if hasattr(_sre_parse, n)
 }
 _BRANCH = _sre_parse.BRANCH
+_BACKREFS = {_sre_parse.GROUPREF, _sre_parse.GROUPREF_EXISTS}
 V = TypeVar("V")
 
 
@@ -106,7 +113,10 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
 def pattern_key(keys: Iterable[str], module: str) -> str:
     """PEFT's ``get_pattern_key``: the first key ``k`` for which ``re.match(rf"(.*\\.)?({k})$",
     module)`` succeeds (a regex matched against whole dotted components at the end of the path),
-    else ``module`` itself."""
+    else ``module`` itself. The keys must have passed ``check_pattern``; their estimated cost
+    against this module is bounded first (``check_match_cost``)."""
+    keys = list(keys)
+    check_match_cost(keys, [module], "pattern keys")
     for key in keys:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
@@ -139,19 +149,101 @@ def _clashes(key: str, module: str, modules: Sequence[str]) -> bool:
 
 
 def check_pattern(pattern: str, what: str) -> None:
-    """Refuse a pattern that does not compile, is absurdly long, or can backtrack exponentially."""
+    """The one policy for a regular expression read from a file (``rank_pattern`` and
+    ``alpha_pattern`` keys): it must compile, be at most ``MAX_PATTERN_CHARS`` long, hold no
+    backreference or conditional group, repeat no group that itself repeats or alternates
+    (``(a+)+``, ``(a|b)*``: exponential backtracking), and hold at most
+    ``MAX_PATTERN_REPEATS`` repeats overall (``.*.*.*X``: polynomial backtracking of high degree).
+    PEFT's usual keys (paths, ``.*\\.q_proj``, ``^model\\.layers\\.(0|1)\\..*``) pass; what
+    remains is bounded by ``check_match_cost``."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise SourceError(f"{what}: pattern longer than {MAX_PATTERN_CHARS} characters")
     try:
         parsed = _sre_parse.parse(pattern)
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
-        raise SourceError(f"{what}: not a valid regular expression ({exc})") from exc
+        raise SourceError(f"{what}: not a valid regular expression ({clip(exc)})") from exc
+    if _has_backref(parsed):
+        raise SourceError(
+            f"{what}: backreferences and conditional groups are not accepted in module "
+            "patterns; write the module path, or a pattern with at most a few .* wildcards"
+        )
     if _nested_repeat(parsed, inside_repeat=False):
         raise SourceError(
             f"{what}: a repeated group that itself repeats or alternates (like (a+)+ or (a|b)*) "
             "can take exponential time; write the module path, or a single .* wildcard"
         )
+    repeats = pattern_repeats(pattern)
+    if repeats > MAX_PATTERN_REPEATS:
+        raise SourceError(
+            f"{what}: {repeats} repeats (*, +, {{m,n}}); at most {MAX_PATTERN_REPEATS} are "
+            "accepted, since each one multiplies the matching time by the module path's length; "
+            "write the module path, or fewer .* wildcards"
+        )
+
+
+def pattern_repeats(pattern: str) -> int:
+    """How many repeats that can take more than one character (``*``, ``+``, ``{m,n}`` with
+    n > 1) the pattern holds, nested ones included; 0 for a plain path."""
+    return _cached_repeats(pattern)
+
+
+def match_cost(key: str, module: str) -> int:
+    """An upper estimate of the backtracking steps of PEFT's ``re.match(rf"(.*\\.)?({key})$",
+    module)``: ``(len(module) + 1) ** (repeats + 1)`` (PEFT's own ``.*`` is one more repeat)."""
+    return (len(module) + 1) ** (pattern_repeats(key) + 1)
+
+
+def check_match_cost(keys: Sequence[str], modules: Iterable[str], what: str) -> None:
+    """Refuse matching ``keys`` against ``modules`` when the estimated steps exceed
+    ``MATCH_BUDGET`` (about a second at worst): many wildcard keys against many long module
+    paths. Keys without a repeat cost one pass over the path and are not counted."""
+    costs = [(r, k) for k in keys if (r := pattern_repeats(k)) > 0]
+    if not costs:
+        return
+    total = 0
+    for module in modules:
+        total += sum((len(module) + 1) ** (r + 1) for r, _ in costs)
+        if total > MATCH_BUDGET:
+            raise SourceError(
+                f"{what}: matching {len(costs)} pattern keys against module paths like "
+                f"{clip(module)} ({len(module)} characters) would take too long; use fewer "
+                "wildcard keys (or the module paths themselves) and module paths of ordinary length"
+            )
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_repeats(pattern: str) -> int:
+    return _count_repeats(_sre_parse.parse(pattern))
+
+
+def _subpatterns(av: Any) -> list[Any]:
+    """The sub-patterns nested in one parsed item's argument (groups, branches, assertions)."""
+    out: list[Any] = []
+    for part in av if isinstance(av, (tuple, list)) else ():
+        if isinstance(part, _sre_parse.SubPattern):
+            out.append(part)
+        elif isinstance(part, (tuple, list)):
+            out.extend(_subpatterns(part))
+    return out
+
+
+def _count_repeats(items: Any) -> int:
+    n = 0
+    for op, av in items:
+        if op in _REPEATS and av[1] > 1:
+            n += 1
+        n += sum(_count_repeats(sub) for sub in _subpatterns(av))
+    return n
+
+
+def _has_backref(items: Any) -> bool:
+    for op, av in items:
+        if op in _BACKREFS:
+            return True
+        if any(_has_backref(sub) for sub in _subpatterns(av)):
+            return True
+    return False
 
 
 def _nested_repeat(items: Any, *, inside_repeat: bool) -> bool:
@@ -168,12 +260,8 @@ def _nested_repeat(items: Any, *, inside_repeat: bool) -> bool:
                 return True
             if any(_nested_repeat(b, inside_repeat=False) for b in av[1]):
                 return True
-        else:
-            for part in av if isinstance(av, (tuple, list)) else ():
-                if isinstance(part, _sre_parse.SubPattern) and _nested_repeat(
-                    part, inside_repeat=inside_repeat
-                ):
-                    return True
+        elif any(_nested_repeat(sub, inside_repeat=inside_repeat) for sub in _subpatterns(av)):
+            return True
     return False
 
 
@@ -207,6 +295,12 @@ class LoraSettings:
             _positive_int(config["r"], f"{where}: r")
         if "lora_alpha" in config:
             _finite_number(config["lora_alpha"], f"{where}: lora_alpha")
+        if config.get("use_dora") not in (False, None):
+            raise SourceError(
+                f"{where}: use_dora is {clip(config['use_dora'])}: a DoRA adapter's update is not "
+                "scale * B @ A (a magnitude vector rescales the merged columns); merge it into "
+                "the base with PEFT (merge_and_unload) and compare the merged model"
+            )
         if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
             raise SourceError(
                 f"{where}: use_rslora must be true or false, got {clip(config['use_rslora'])}"
@@ -307,11 +401,19 @@ def lora_modules(
     """The LoRA modules among tensors ``{name: shape}``, each checked: both factors present,
     2-D, ``A (r, in)`` and ``B (out, r)``, and ``r`` the rank the config gives the module.
     Other tensors (``modules_to_save``, biases) are not modules."""
+    _refuse_unrepresentable(shapes, where)
     pairs: dict[str, dict[str, str]] = {}
+    adapters: dict[str | None, str] = {}
     for name in shapes:
         match = _LORA_KEY.match(name)
         if match is None:
             continue
+        if len(match["module"]) > MAX_MODULE_CHARS:
+            raise SourceError(
+                f"{where}: module path {clip(match['module'])} is longer than "
+                f"{MAX_MODULE_CHARS} characters"
+            )
+        adapters.setdefault(match["adapter"], name)
         half = pairs.setdefault(match["module"], {})
         if match["ab"] in half:
             raise SourceError(
@@ -319,9 +421,38 @@ def lora_modules(
                 f"({clip(half[match['ab']])} and {clip(name)})"
             )
         half[match["ab"]] = name
+    if len(adapters) > 1:
+        (n1, t1), (n2, t2) = list(adapters.items())[:2]
+        raise SourceError(
+            f"{where}: the file holds more than one adapter ({clip(n1 or 'unnamed')} in "
+            f"{clip(t1)} and {clip(n2 or 'unnamed')} in {clip(t2)}); save each adapter to its "
+            "own folder (PeftModel.save_pretrained(..., selected_adapters=[name]))"
+        )
     if not pairs:
         raise SourceError(f"{where}: no lora_A/lora_B tensors in {WEIGHTS_NAME}")
+    keys = [*settings.rank_pattern, *settings.alpha_pattern]
+    check_match_cost(keys, pairs, f"{where}: rank_pattern/alpha_pattern")
     return {module: _lora_keys(module, ab, shapes, settings, where) for module, ab in pairs.items()}
+
+
+# PEFT tensors of LoRA variants that spectra cannot read as dW = scale * B @ A (a DoRA magnitude
+# rescales the merged columns; embedding factors are transposed); refused, never dropped.
+_UNREPRESENTABLE = {
+    "lora_magnitude_vector": "a DoRA adapter (lora_magnitude_vector): its update is not "
+    "scale * B @ A; merge it into the base with PEFT (merge_and_unload) and compare the merged "
+    "model",
+    "lora_embedding_A": "embedding LoRA factors (lora_embedding_A/B) are not supported; remove "
+    "the embedding layer from target_modules, or merge it with PEFT and compare the merged model",
+    "lora_embedding_B": "embedding LoRA factors (lora_embedding_A/B) are not supported; remove "
+    "the embedding layer from target_modules, or merge it with PEFT and compare the merged model",
+}
+
+
+def _refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], where: str) -> None:
+    for name in shapes:
+        for part, why in _UNREPRESENTABLE.items():
+            if f".{part}" in name:
+                raise SourceError(f"{where}: tensor {clip(name)}: {why}")
 
 
 def _lora_keys(
