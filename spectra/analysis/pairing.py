@@ -7,7 +7,7 @@ says what does not pair in one line.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,23 +131,30 @@ def pair_adapter(
     targets: Mapping[str, str],
     rules: Sequence[tuple[str, str]],
     base: str,
+    *,
+    all_keys: Collection[str] | None = None,
 ) -> Pairing:
     """Pair an adapter's modules with the selected base matrices (after `--map` renames).
 
     base_keys: the selected base matrices, in base order; targets: {adapter module: the base key
-    it adapts}; base: the base's name, for errors. Raises ValidationError when the adapter
-    targets matrices the base lacks, or none of them.
+    it adapts}; base: the base's name, for errors; all_keys: every matrix of the base (None: the
+    selected ones). The selection (--include/--exclude/--roles) applies to the adapter's modules
+    too: a module whose matrix the base has but the selection left out is not compared. Raises
+    ValidationError when the adapter targets matrices the base lacks, or none selected.
     """
     modules = {map_key(key, rules): name for name, key in targets.items()}
     selected = set(base_keys)
-    missing = [k for k in modules if k not in selected]
+    known = selected if all_keys is None else selected | set(all_keys)
+    missing = [k for k in modules if k not in known]
     if missing:
         raise ValidationError(
-            f"the adapter targets {len(missing)} matrices the base {base} does not have "
-            f"(after --include/--exclude/--roles): {clip(', '.join(missing))}; check the base "
-            "model, or rename with --map"
+            f"the adapter targets {len(missing)} matrices the base {base} does not have: "
+            f"{clip(', '.join(missing))}; check the base model, or rename with --map"
         )
     pairs = tuple((k, modules[k]) for k in base_keys if k in modules)
     if not pairs:
-        raise ValidationError(f"the adapter adapts none of the selected matrices of {base}")
+        raise ValidationError(
+            f"the adapter adapts none of the selected matrices of {base} "
+            "(check --include/--exclude/--roles)"
+        )
     return Pairing(pairs=pairs, base_only=tuple(k for k in base_keys if k not in modules))

@@ -20,14 +20,7 @@ from spectra.distributed.gather import all_gather
 from spectra.distributed.runtime import Session
 from spectra.errors import SpectraError
 from spectra.sources.bundled import bundled_model_path
-from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.hub import looks_like_repo_id
-
-
-def is_hub_source(source: str | Path) -> bool:
-    """A Hub repo id that is not a local path."""
-    text = str(source)
-    return not Path(text).expanduser().exists() and looks_like_repo_id(text)
+from spectra.sources.checkpoint import Checkpoint, is_hub_source
 
 
 def open_checkpoint(

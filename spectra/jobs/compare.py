@@ -176,7 +176,9 @@ def plan_pairs(
     b_refs = _select(base, opts)
     if isinstance(finetuned, LoraAdapter):
         targets = {name: m.base_key for name, m in finetuned.modules.items()}
-        return pair_adapter(list(b_refs), targets, opts.map, str(base.source)), b_refs
+        every = [m.key for m in base.matrices()]
+        pairing = pair_adapter(list(b_refs), targets, opts.map, str(base.source), all_keys=every)
+        return pairing, b_refs
     f_refs = _select(finetuned, opts)
     pairing = pair_matrices(
         {k: m.shape for k, m in b_refs.items()}, {k: m.shape for k, m in f_refs.items()}, opts.map

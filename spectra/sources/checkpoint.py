@@ -84,7 +84,7 @@ class Checkpoint:
         """
         check_source(source)
         path = Path(source).expanduser()
-        if not path.exists() and looks_like_repo_id(str(source)):
+        if is_hub_source(source):
             shards = repo_shards(
                 str(source), revision=revision, local_only=local_only, disk_budget=disk_budget
             )
@@ -256,6 +256,20 @@ class Checkpoint:
             where=f"{t.shard}: tensor {t.name!r}",
         )
         return convert(raw, dtype=dtype, device=device, transpose=transpose)
+
+
+def is_hub_source(source: str | Path) -> bool:
+    """The one rule for whether a source is a Hub repo id: it reads as ``org/name[@rev]``, no
+    such local path exists, and it does not read as a mistyped local path, which is one that
+    starts with ``./``, ``../``, ``/`` or ``~``, has more than one ``/`` before any ``@``, or whose
+    first component is a local folder (``models/nope`` beside a ``models/`` folder): that one
+    ends in "no such file or folder" instead of a Hub lookup."""
+    text = str(source)
+    if Path(text).expanduser().exists() or not looks_like_repo_id(text):
+        return False
+    if text.startswith(("./", "../", "/", "~")) or text.partition("@")[0].count("/") > 1:
+        return False
+    return not Path(text.split("/", 1)[0]).is_dir()
 
 
 def _tensor(ref: TensorRef | MatrixRef) -> TensorRef:
