@@ -88,8 +88,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a spectra output folder; SourceError if absent or unreadable."""
+    """The manifest of a spectra output folder; SourceError if absent, unreadable or not a JSON
+    object."""
     path = folder / MANIFEST_NAME
     if not path.exists():
         raise SourceError(f"{str(folder)!r} has no {MANIFEST_NAME}: is it a spectra init output?")
-    return read_json_input(path, "manifest")
+    manifest = read_json_input(path, "manifest")
+    if not isinstance(manifest, dict):
+        raise SourceError(
+            f"{path}: a spectra manifest is a JSON object, got {type(manifest).__name__}"
+        )
+    return manifest

@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from spectra.device import require_host_memory
 from spectra.errors import SourceError, ValidationError
-from spectra.formats.files import MAX_JSON_BYTES, read_json_input
+from spectra.formats.files import MAX_JSON_BYTES, check_input, read_json_input
 from spectra.formats.safetensors import clip, read_header
 
 try:  # Python >= 3.11
@@ -448,6 +448,12 @@ _UNREPRESENTABLE = {
 }
 
 
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a tensor name is a PEFT LoRA factor (``lora_A``/``lora_B``, embedding factors,
+    a DoRA magnitude), not a weight of the model."""
+    return _LORA_KEY.match(name) is not None or any(f".{p}" in name for p in _UNREPRESENTABLE)
+
+
 def _refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], where: str) -> None:
     for name in shapes:
         for part, why in _UNREPRESENTABLE.items():
@@ -503,10 +509,13 @@ class PeftAdapter:
 
 
 def read_peft_adapter(path: str | Path) -> PeftAdapter:
-    """Read a PEFT LoRA adapter folder (ours or one PEFT saved after training), validated."""
+    """Read a PEFT LoRA adapter folder (ours or one PEFT saved after training), validated: the
+    weights' header goes through the one safetensors validator (``read_header``) first, so a
+    garbage or truncated file is a one-line ``SourceError`` like everywhere else."""
     config = read_adapter_config(path)
     _, w_path = adapter_files(path)
     settings = LoraSettings.from_config(config, f"{path}: {CONFIG_NAME}")
+    check_input(w_path, "adapter weights")
     # the header (read through the one input opener) says what get_tensor will allocate
     header = read_header(w_path)
     claimed = sum(ref.nbytes for ref in header.tensors)
@@ -515,12 +524,15 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
         f"{w_path}: an adapter whose tensors hold {claimed:,} bytes",
         "this is not a LoRA adapter of a model this machine can handle",
     )
-    with safe_open(str(w_path), framework="pt") as fh:
-        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}  # noqa: SIM118
-        modules = lora_modules(shapes, settings, str(w_path))
-        factor_names = {n for k in modules.values() for n in (k.a, k.b)}
-        factors = {m: (fh.get_tensor(k.a), fh.get_tensor(k.b)) for m, k in modules.items()}
-        other = {n: fh.get_tensor(n) for n in shapes if n not in factor_names}
+    shapes = {t.name: t.shape for t in header.tensors}
+    modules = lora_modules(shapes, settings, str(w_path))
+    factor_names = {n for k in modules.values() for n in (k.a, k.b)}
+    try:
+        with safe_open(str(w_path), framework="pt") as fh:
+            factors = {m: (fh.get_tensor(k.a), fh.get_tensor(k.b)) for m, k in modules.items()}
+            other = {n: fh.get_tensor(n) for n in shapes if n not in factor_names}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise SourceError(f"{w_path}: cannot read the adapter's tensors ({clip(exc)})") from exc
     return PeftAdapter(config, settings, factors, other)
 
 

@@ -61,6 +61,8 @@ from spectra.distributed.runtime import (
 from spectra.errors import ValidationError
 from spectra.fields import check_fields, check_instance, check_value, str_tuple
 from spectra.formats.files import check_source
+from spectra.formats.peft import is_adapter_tensor
+from spectra.formats.safetensors import clip
 from spectra.linalg.cache import SpectrumCache, resolve_cache
 from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
 from spectra.linalg.spectrum import Spectrum
@@ -172,7 +174,16 @@ def analyze(
 
 
 def select_matrices(ckpt: Checkpoint, options: AnalyzeOptions) -> list[MatrixRef]:
-    """The matrices `options` select, in checkpoint order (ValidationError when none)."""
+    """The matrices `options` select, in checkpoint order (ValidationError when none, or when
+    the checkpoint is a LoRA adapter: its factors are not weight matrices)."""
+    factors = [t.name for t in ckpt.tensors() if is_adapter_tensor(t.name)]
+    if factors:
+        raise ValidationError(
+            f"{ckpt.source} holds PEFT LoRA factors ({len(factors)} tensors like "
+            f"{clip(factors[0])}), not weight matrices: a power law of lora_A or lora_B alone "
+            "says nothing about the fine-tune. Compare the adapter with its base "
+            "(spectra compare BASE ADAPTER), or merge it first (PEFT merge_and_unload)"
+        )
     matrices = ckpt.matrices(include=options.include, exclude=options.exclude, roles=options.roles)
     if not matrices:
         raise ValidationError(

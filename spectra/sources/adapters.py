@@ -10,6 +10,7 @@ and reads an adapted one as `W + scale * B @ A` (in the (out, in) presentation o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,20 +47,33 @@ class LoraModule:
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
+    """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
 
-    def __init__(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+    With `initial` (the adapter it was trained from, on a residual base ``W_res = W - s B0 A0``:
+    PiSSA, MiLoRA, OLoRA, CorDA) it reads as the update on the ORIGINAL base,
+    ``s (B A - B0 A0)``: factors ``[A; A0]`` and ``[B, -B0]`` of rank 2r with the same scale
+    (docs/methods.md section 4, what `spectra convert` writes).
+    """
+
+    def __init__(
+        self, checkpoint: Checkpoint, config: dict[str, Any], initial: LoraAdapter | None = None
+    ) -> None:
         self.checkpoint = checkpoint
         self.config = config
         self.settings = LoraSettings.from_config(config, f"{checkpoint.source}: {CONFIG_NAME}")
         self.modules: dict[str, LoraModule] = _modules(checkpoint, self.settings)
+        self.initial = initial
+        if initial is not None:
+            _check_trained_from(self, initial)
 
     @classmethod
-    def open(cls, path: str | Path) -> LoraAdapter:
-        """Open an adapter folder; the error says what is missing."""
+    def open(cls, path: str | Path, *, initial: str | Path | None = None) -> LoraAdapter:
+        """Open an adapter folder; the error says what is missing. `initial`: the folder of the
+        adapter it was trained from on a residual base (see the class docstring)."""
         config = read_adapter_config(path)
         _, weights = adapter_files(path)
-        return cls(Checkpoint.from_files(str(weights.parent), [weights]), config)
+        first = None if initial is None else cls.open(initial)
+        return cls(Checkpoint.from_files(str(weights.parent), [weights]), config, first)
 
     def read_factors(
         self,
@@ -72,6 +86,9 @@ class LoraAdapter:
         mod = self._module(module)
         a = self.checkpoint.read(mod.a, dtype=dtype, device=device)
         b = self.checkpoint.read(mod.b, dtype=dtype, device=device)
+        if self.initial is not None:
+            a0, b0, _ = self.initial.read_factors(mod.module, dtype=dtype, device=device)
+            a, b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
         return a, b, mod.scale
 
     def delta(
@@ -84,8 +101,19 @@ class LoraAdapter:
     def by_base_key(self) -> dict[str, LoraModule]:
         return {m.base_key: m for m in self.modules.values()}
 
+    def content_key(self, mod: LoraModule) -> str:
+        """What the module's factors are made of, for cache keys."""
+        ck = self.checkpoint.content_key
+        own = f"{ck(mod.a)},{ck(mod.b)}"
+        if self.initial is None:
+            return own
+        first = self.initial.modules[mod.module]
+        return f"{own}-{self.initial.content_key(first)}"
+
     def close(self) -> None:
         self.checkpoint.close()
+        if self.initial is not None:
+            self.initial.close()
 
     def __enter__(self) -> LoraAdapter:
         return self
@@ -100,6 +128,26 @@ class LoraAdapter:
         if found is None:
             raise SourceError(f"{self.checkpoint.source}: no LoRA module {clip(module)}")
         return found
+
+
+def _check_trained_from(trained: LoraAdapter, initial: LoraAdapter) -> None:
+    """The trained adapter must have the initial one's modules, factor shapes and scales."""
+    where = f"{trained.checkpoint.source} (trained from {initial.checkpoint.source})"
+    if set(trained.modules) != set(initial.modules):
+        only = sorted(set(trained.modules) ^ set(initial.modules))
+        raise SourceError(
+            f"{where}: the adapters target different modules (e.g. {clip(only[0])}): "
+            "was it trained from this init?"
+        )
+    for name, mod in trained.modules.items():
+        first = initial.modules[name]
+        same_shape = (mod.a.shape, mod.b.shape) == (first.a.shape, first.b.shape)
+        if not same_shape or not math.isclose(mod.scale, first.scale, rel_tol=1e-6):
+            raise SourceError(
+                f"{where}: module {clip(name)} has A {mod.a.shape}, B {mod.b.shape}, scale "
+                f"{mod.scale} but the initial adapter A {first.a.shape}, B {first.b.shape}, "
+                f"scale {first.scale}: was it trained from this init?"
+            )
 
 
 def _modules(ckpt: Checkpoint, settings: LoraSettings) -> dict[str, LoraModule]:
@@ -180,8 +228,7 @@ class MergedCheckpoint:
         mod = self._lora.get(key)
         if mod is None:
             return base
-        ck = self.adapter.checkpoint.content_key
-        return f"{base}+lora({ck(mod.a)},{ck(mod.b)},{mod.scale!r})"
+        return f"{base}+lora({self.adapter.content_key(mod)},{mod.scale!r})"
 
     def close(self) -> None:
         self.base.close()
