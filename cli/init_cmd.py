@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -136,6 +137,16 @@ def init(
         str, typer.Option("--dtype", help="Adapter storage dtype: float32, bfloat16, float16.")
     ] = "float32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of randomized SVDs.")] = 0,
+    residual_dtype: Annotated[
+        str,
+        typer.Option(
+            "--residual-dtype",
+            help="Residual base storage: 'source' (the source's dtypes; a bfloat16/float16 "
+            "residual is warned about with its reconstruction error) or 'float32' "
+            "(half-precision tensors stored as float32: float32-level reconstruction error, "
+            "twice their size).",
+        ),
+    ] = "source",
     calib: Annotated[
         str | None,
         typer.Option(
@@ -231,6 +242,7 @@ def init(
     writes the outputs; calibration methods run on rank 0 alone (the other ranks exit at once).
     """
     from spectra.adapt.registry import get_initializer
+    from spectra.export.residual import ResidualPrecisionWarning
     from spectra.jobs.init import CalibrationRequest, InitOptions, run_init
     from spectra.sources.bundled import bundled_model_path
 
@@ -251,6 +263,7 @@ def init(
         dtype=dtype,
         seed=seed,
         force=force,
+        residual_dtype=residual_dtype,
     )
     init_method = get_initializer(method)
     calibration = None
@@ -277,12 +290,21 @@ def init(
     with _Bar(is_interactive()) as bar:
         if calibration is not None:
             calibration = replace(calibration, progress=bar.calibration)
-        result = run_init(
-            str(bundled_model_path()) if source is None else source,
-            options,
-            calibration=calibration,
-            progress=bar,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResidualPrecisionWarning)
+            result = run_init(
+                str(bundled_model_path()) if source is None else source,
+                options,
+                calibration=calibration,
+                progress=bar,
+            )
+    for w in caught:  # the residual-precision warning as one line; the others as usual
+        if issubclass(w.category, ResidualPrecisionWarning):
+            err_console.print(
+                f"warning: {w.message}", highlight=False, markup=False, soft_wrap=True
+            )
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if result is None:  # a non-zero rank under torchrun: rank 0 writes everything
         return
     _print_result(result)

@@ -8,6 +8,12 @@ source file, so they are unchanged by construction. Memory is bounded by the lar
 tensor (the one being replaced), never by a shard or the model: the safetensors header is written
 first (it only needs names, dtypes and shapes), then each tensor's bytes in order.
 
+``upcast=True`` (``spectra init --residual-dtype float32``) stores every float16/bfloat16 tensor
+as float32 instead (a half-precision residual rounds away what the adapter does not hold: about
+1e-3 relative error for bfloat16, against ~1e-7 in float32); the copied tensors are converted
+chunk by chunk (exact), and the config's ``torch_dtype``/``dtype`` and the index's
+``total_size`` are updated to match.
+
 Callers write into a temporary folder (``spectra.outdir.atomic_output_dir``) so a crash
 never leaves a half-written checkpoint under the final name. Source headers go through the
 validating reader (``spectra.formats.safetensors.read_header``): a malformed shard is refused
@@ -17,18 +23,20 @@ before anything is written.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
-from spectra.errors import SourceError, ValidationError
-from spectra.formats.files import open_input
+from spectra.errors import SourceError, SpectraError, ValidationError
+from spectra.formats.files import open_input, read_json_input
 from spectra.formats.safetensors import DTYPES, INDEX_NAME, TensorRef, header_bytes, read_header
 
 _CHUNK = 16 << 20
@@ -59,6 +67,18 @@ SIDE_FOLDER = re.compile(r"^[0-9]+_[A-Za-z]+$")
 # Storage dtypes a replacement may have: those torch computes in (a residual is computed in the
 # stored dtype). Float8, complex and unsigned 16/32/64-bit tensors are copied, never replaced.
 RESIDUAL_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# Stored as float32 with ``upcast=True``: the half-precision float dtypes (float8 stays as it
+# is: its values only mean something with their scale tensors).
+HALF_DTYPES = ("F16", "BF16")
+
+
+class ResidualPrecisionWarning(UserWarning):
+    """A residual base is stored in half precision like its source (``spectra init``)."""
+
+
+def residual_storage(dtype: str, *, upcast: bool) -> str:
+    """The safetensors dtype a residual-base tensor stored as ``dtype`` is written in."""
+    return "F32" if upcast and dtype in HALF_DTYPES else dtype
 
 
 def storage_dtype(dtype: str) -> torch.dtype:
@@ -93,23 +113,47 @@ def _tensor_bytes(entry: TensorRef, value: Tensor) -> bytes:
 Replace = Callable[[str], Tensor | None]
 
 
-def write_shard(src: Path, dst: Path, replace: Replace) -> list[str]:
+def _upcast_range(src: BinaryIO, dst: BinaryIO, entry: TensorRef) -> None:
+    """Copy a half-precision tensor's bytes as float32, chunk by chunk (exact)."""
+    half = storage_dtype(entry.dtype)
+    src.seek(entry.offset)
+    left = entry.nbytes
+    while left > 0:
+        chunk = src.read(min(_CHUNK, left))
+        if not chunk or len(chunk) % 2:
+            raise SourceError(f"{src.name}: file ends early (truncated shard?)")
+        values = torch.frombuffer(bytearray(chunk), dtype=half).to(torch.float32)
+        dst.write(values.view(torch.uint8).numpy().tobytes())
+        left -= len(chunk)
+
+
+def _stored(entry: TensorRef, upcast: bool) -> TensorRef:
+    dtype = residual_storage(entry.dtype, upcast=upcast)
+    if dtype == entry.dtype:
+        return entry
+    return with_fields(entry, dtype=dtype, nbytes=entry.numel * DTYPES[dtype].itemsize)
+
+
+def write_shard(src: Path, dst: Path, replace: Replace, *, upcast: bool = False) -> list[str]:
     """Write ``dst`` as a copy of safetensors file ``src`` where ``replace(name)`` returns a
-    tensor (same dtype and shape as stored) for the tensors to change, None for the rest.
-    Returns the names replaced."""
+    tensor (same shape, dtype as stored, or `residual_storage` with ``upcast``) for the
+    tensors to change, None for the rest. Returns the names replaced."""
     header = read_header(src)
     entries = header.in_data_order()
+    stored = [_stored(e, upcast) for e in entries]
     replaced = []
     with open_input(src, "shard") as fin, dst.open("wb") as fout:
-        fout.write(header_bytes(entries, header.metadata))
-        for entry in entries:
+        fout.write(header_bytes(stored, header.metadata))
+        for entry, out in zip(entries, stored, strict=True):
             value = replace(entry.name)
-            if value is None:
-                _copy_range(fin, fout, entry.offset, entry.nbytes)
-            else:
-                fout.write(_tensor_bytes(entry, value))
+            if value is not None:
+                fout.write(_tensor_bytes(out, value))
                 replaced.append(entry.name)
                 del value
+            elif out.dtype != entry.dtype:
+                _upcast_range(fin, fout, entry)
+            else:
+                _copy_range(fin, fout, entry.offset, entry.nbytes)
     return replaced
 
 
@@ -203,13 +247,15 @@ def write_residual_checkpoint(
     *,
     copy_files: bool = True,
     progress: Callable[[str], None] | None = None,
+    upcast: bool = False,
 ) -> list[str]:
     """Write the checkpoint made of ``shards`` into ``out_dir`` (created), replacing the
     tensors for which ``replace(name)`` returns a tensor. Shards are processed in order, one
     tensor in memory at a time. Returns every replaced tensor name.
 
     copy_files: also copy the side files of the shards' folder (`copy_side_files`); pass False
-    when the source was a single file, whose folder is not a checkpoint (``~/Downloads``)."""
+    when the source was a single file, whose folder is not a checkpoint (``~/Downloads``).
+    upcast: store float16/bfloat16 tensors as float32 (see the module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in shards]
@@ -219,9 +265,41 @@ def write_residual_checkpoint(
     for shard in shards:
         if not shard.is_file():
             raise SourceError(f"shard {str(shard)!r} is not a local file; download it first")
-        replaced += write_shard(shard, out / shard.name, replace)
+        replaced += write_shard(shard, out / shard.name, replace, upcast=upcast)
         if progress is not None:
             progress(shard.name)
     if copy_files:
         copy_side_files(shards[0].parent, out, shards)
+        if upcast:
+            _float32_side_files(out)
     return replaced
+
+
+def _float32_side_files(out: Path) -> None:
+    """After an upcast: the config names float32, the index the new total size."""
+    config = _json_object(out / "config.json")
+    if config is not None:
+        keys = [k for k in ("torch_dtype", "dtype") if config.get(k) in ("bfloat16", "float16")]
+        for key in keys:
+            config[key] = "float32"
+        if keys:
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = _json_object(out / INDEX_NAME)
+    meta = None if index is None else index.get("metadata")
+    if isinstance(meta, dict) and "total_size" in meta:
+        total = 0
+        for shard in sorted(out.glob("*.safetensors")):
+            total += sum(ref.nbytes for ref in read_header(shard).in_data_order())
+        meta["total_size"] = total
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _json_object(path: Path) -> dict[str, object] | None:
+    """A copied side file's JSON object, or None (absent or not a JSON object: left as is)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json_input(path, "residual base side file")
+    except SpectraError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -26,6 +26,7 @@ Reading order:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,7 +71,13 @@ from spectra.distributed.runtime import (
 )
 from spectra.errors import ValidationError
 from spectra.export.manifest import build_manifest, write_manifest
-from spectra.export.residual import storage_dtype, write_residual_checkpoint
+from spectra.export.residual import (
+    HALF_DTYPES,
+    ResidualPrecisionWarning,
+    residual_storage,
+    storage_dtype,
+    write_residual_checkpoint,
+)
 from spectra.fields import check_fields, check_instance
 from spectra.formats.files import check_source
 from spectra.formats.peft import AdapterContent, write_peft_adapter
@@ -84,6 +91,7 @@ ADAPTER_DIR = "adapter"
 RESIDUAL_DIR = "residual_base"
 STORAGE_DTYPES = torch_dtypes_by_name(("F32", "BF16", "F16"))
 BUILTIN_CORPUS = "built-in corpus (spectra/adapt/data/default_corpus.txt)"
+RESIDUAL_DTYPE_CHOICES = ("source", "float32")
 
 
 def storage_dtype_of(name: str) -> torch.dtype:
@@ -112,7 +120,10 @@ class InitOptions:
     (the factors are rounded to it before the residual is computed, so the residual absorbs that
     rounding); seed: of randomized SVDs; ranks: explicit rank per target (weight name or module
     path; 0 = no adapter there), instead of rank/allocator; alphas: explicit alpha per target
-    (same keys), over ``alpha``; force: replace a non-empty ``out``.
+    (same keys), over ``alpha``; force: replace a non-empty ``out``; residual_dtype: "source"
+    (the residual base keeps the source's dtypes; a float16/bfloat16 one is then warned about
+    with its measured reconstruction error) or "float32" (float16/bfloat16 tensors of the
+    residual base are stored as float32: reconstruction error at float32 level).
     """
 
     out: str | Path
@@ -133,6 +144,7 @@ class InitOptions:
     ranks: Mapping[str, int] | None = None
     alphas: Mapping[str, float] | None = None
     force: bool = False
+    residual_dtype: str = "source"
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):
@@ -140,6 +152,11 @@ class InitOptions:
         check_fields(self)  # rank="8", targets=None, ...: ValidationError naming the field
         get_initializer(self.method)  # an unknown method: the error lists the registered ones
         storage_dtype_of(self.dtype)
+        if self.residual_dtype not in RESIDUAL_DTYPE_CHOICES:
+            raise ValidationError(
+                f"residual dtype {str(self.residual_dtype)[:40]!r} is not one of "
+                f"{', '.join(RESIDUAL_DTYPE_CHOICES)}"
+            )
         if self.rank < 1:
             raise ValidationError(f"rank must be >= 1, got {self.rank}")
         if self.svd not in SVD_MODES:
@@ -249,6 +266,11 @@ class _Job:
     @property
     def adapter_dtype(self) -> torch.dtype:
         return storage_dtype_of(self.options.dtype)
+
+    @property
+    def upcast(self) -> bool:
+        """Whether the residual base stores float16/bfloat16 tensors as float32."""
+        return self.options.residual_dtype == "float32"
 
     @property
     def weights_only(self) -> bool:
@@ -532,6 +554,7 @@ class _Runner:
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.errors: dict[str, float] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        self.half: dict[str, str] = {}  # residuals stored in half precision: key -> dtype
 
     def _factors(self, key: str, W: Tensor) -> Factors:
         mp = self.todo[key]
@@ -556,7 +579,10 @@ class _Runner:
         A, B = as_stored(f.A, self.job.adapter_dtype), as_stored(f.B, self.job.adapter_dtype)
         W_res = None
         if self.job.init.mutates_base:
-            W_res = residual(W, A, B, mp.scale, dtype=storage_dtype(ref.tensor.dtype))
+            stored = residual_storage(ref.tensor.dtype, upcast=self.job.upcast)
+            W_res = residual(W, A, B, mp.scale, dtype=storage_dtype(stored))
+            if stored in HALF_DTYPES:
+                self.half[key] = stored
         self.errors[key] = reconstruction_error(W, W_res, A, B, mp.scale)
         self.info[key] = dict(f.info, rank=mp.rank, error=self.errors[key])
         self.factors[mp.module] = (A.cpu(), B.cpu())
@@ -583,6 +609,7 @@ def _write(
     with atomic_output_dir(job.out, force=job.options.force, protect=protect) as tmp:
         base_name = _run_every_matrix(tmp, ckpt, job, runner)
         _write_adapter_and_manifest(tmp, ckpt, job, planned, runner, base_name)
+    _warn_half_residual(runner)
     final = job.out
     return InitResult(
         out=final,
@@ -597,6 +624,21 @@ def _write(
     )
 
 
+def _warn_half_residual(runner: _Runner) -> None:
+    """One line when residuals were stored in half precision, with the measured error."""
+    if not runner.half:
+        return
+    worst = max(runner.half, key=lambda k: runner.errors[k])
+    dtype = {"BF16": "bfloat16", "F16": "float16"}[runner.half[worst]]
+    warnings.warn(
+        f"the residual base is stored in {dtype} like the source: max reconstruction error "
+        f"{runner.errors[worst]:.1e} ({worst}); pass --residual-dtype float32 "
+        "(InitOptions(residual_dtype='float32')) for a float32 residual base",
+        ResidualPrecisionWarning,
+        stacklevel=4,
+    )
+
+
 def _run_every_matrix(tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner) -> str:
     """Every planned matrix through ``runner.run`` once, in shard order; returns the base model
     the adapter names. A method that changes the base streams its residual checkpoint tensor by
@@ -606,7 +648,11 @@ def _run_every_matrix(tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner) -
         # A single-file source's folder is not a checkpoint: take no side files from it.
         folder_source = not Path(job.source).expanduser().is_file()
         write_residual_checkpoint(
-            list(ckpt.files), tmp / RESIDUAL_DIR, runner.replace, copy_files=folder_source
+            list(ckpt.files),
+            tmp / RESIDUAL_DIR,
+            runner.replace,
+            copy_files=folder_source,
+            upcast=job.upcast,
         )
         return str(job.out / RESIDUAL_DIR)
     for key in runner.todo:
@@ -644,6 +690,8 @@ def _write_adapter_and_manifest(
         "seed": opts.seed,
         "targets": list(plan.targets),
     }
+    if opts.residual_dtype != "source":  # recorded when chosen (earlier manifests unchanged)
+        options["residual_dtype"] = opts.residual_dtype
     manifest = build_manifest(
         kind="init",
         method=plan.method,
