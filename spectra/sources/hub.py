@@ -20,11 +20,11 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol
 
 from huggingface_hub import constants as hf_constants
 
@@ -38,6 +38,7 @@ from spectra.formats.safetensors import (
     parse_header,
     read_header,
 )
+from spectra.sources.hub_client import hub_call, hub_timeout, verify_sha256
 from spectra.sources.layout import (
     CONVERT_HINT,
     PICKLE_SUFFIXES,
@@ -47,10 +48,10 @@ from spectra.sources.layout import (
 )
 from spectra.sources.reader import ShardStore, shard_digest
 
-T = TypeVar("T")
 ALLOW_PATTERNS = ("*.safetensors", "*.json")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -141,7 +142,8 @@ def repo_shards(
             raise HubError(
                 f"{text}: not in the local Hub cache ({cache}) and offline mode is on "
                 "(HF_HUB_OFFLINE=1 or local_only): download it once online, e.g. "
-                f"`hf download {repo_id} --include '*.safetensors' '*.json'`, or unset "
+                f"`hf download {repo_id}{' --revision ' + rev if rev else ''} "
+                "--include '*.safetensors' --include '*.json'`, or unset "
                 "HF_HUB_OFFLINE (no such local path either)"
             )
         return snapshot_shards(text, snap)
@@ -157,6 +159,10 @@ def snapshot_shards(source: str, snapshot: Path) -> RepoShards:
         layout = local_layout(snapshot)
     except SourceError as exc:
         raise HubError(f"{source}: {exc}") from exc
+    for shard in layout.shards:  # a blob named by its sha256 must hash to it (LFS files)
+        blob = Path(os.path.realpath(shard))
+        if blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):
+            verify_sha256(f"{source}/{shard.name}", shard, blob.name, delete=False)
     headers = tuple(read_header(p) for p in layout.shards)
     return RepoShards(source, headers, read_config(layout.shards), layout.weight_map)
 
@@ -271,6 +277,13 @@ class StreamingStore:
         info = self._files[shard]
         fetched = not shard.is_file()
         path = self._fetch(info) if fetched else shard
+        if info.sha256:  # verified before a byte is read, fetched now or found in the cache
+            try:
+                verify_sha256(f"{self._remote.repo_id}/{info.name}", path, info.sha256, delete=True)
+            except HubError:
+                if fetched:
+                    _drop(path)
+                raise
         try:
             with open_input(path, "shard") as fh:
                 yield fh
@@ -317,88 +330,112 @@ def _drop(path: Path) -> None:
 
 
 # -- huggingface-hub ----------------------------------------------------------------------------
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors
-
-    found: list[type[BaseException]] = [errors.HfHubHTTPError, OSError, ValueError]
-    for name in ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "EntryNotFoundError"):
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type):
-            found.append(cls)
-    try:
-        import httpx
-
-        found.append(httpx.HTTPError)
-    except ImportError:
-        pass
-    return tuple(found)
-
-
 class HubRemote:
-    """A Hub repo at one commit, through huggingface-hub (the only code here that uses it)."""
+    """A Hub repo at the commit its revision names now, through huggingface-hub (the only code
+    here that calls it; every call through `hub_call`: timed out, retried, mapped to HubError).
+
+    Files are fetched with the user's revision (`snapshot_download` / `hf_hub_download`), as
+    huggingface_hub intends, so it records `refs/<revision>` and a later offline run (or `hf
+    cache`, `hf download`) finds the same snapshot. A revision that moves to another commit while
+    spectra runs is refused, not mixed.
+    """
 
     def __init__(self, repo_id: str, revision: str | None, cache_dir: Path) -> None:
+        self.repo_id, self.revision, self._cache = repo_id, revision, cache_dir
+        self.commit, self._files = self._listing(revision)
+
+    def _listing(self, revision: str | None) -> tuple[str, list[RemoteFile]]:
         from huggingface_hub import HfApi
 
-        self.repo_id, self._cache = repo_id, cache_dir
-        info = self._call(
-            lambda: HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        info = hub_call(
+            self.repo_id,
+            lambda: HfApi().model_info(
+                self.repo_id, revision=revision, files_metadata=True, timeout=hub_timeout()
+            ),
         )
-        self.commit: str = info.sha or (revision or "main")
-        self._files = [
+        commit = info.sha or (revision or "main")
+        files = [
             RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
             for s in (info.siblings or [])
         ]
+        return commit, files
 
     def list_files(self) -> list[RemoteFile]:
         return list(self._files)
 
     def read_bytes(self, name: str, start: int, length: int) -> bytes:
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem, constants
 
-        def read() -> bytes:
-            with HfFileSystem().open(f"{self.repo_id}@{self.commit}/{name}", "rb") as fh:
+        def read() -> bytes:  # the endpoint keys fsspec's instance cache: never a stale one
+            with HfFileSystem(endpoint=constants.ENDPOINT).open(
+                f"{self.repo_id}@{self.commit}/{name}", "rb"
+            ) as fh:
                 fh.seek(start)
                 return fh.read(length)
 
-        return self._call(read)
+        return hub_call(f"{self.repo_id}/{name}", read)
 
     def local_path(self, name: str) -> Path:
         return repo_folder(self.repo_id, self._cache) / "snapshots" / self.commit / name
 
     def download(self, name: str) -> Path:
+        """`name` into the cache (by the user's revision), its sha256 verified."""
         from huggingface_hub import hf_hub_download
 
-        return Path(
-            self._call(
+        label = f"{self.repo_id}/{name}"
+        path = Path(
+            hub_call(
+                label,
                 lambda: hf_hub_download(
-                    self.repo_id, name, revision=self.commit, cache_dir=self._cache
-                )
+                    self.repo_id,
+                    name,
+                    revision=self.revision,
+                    cache_dir=self._cache,
+                    etag_timeout=hub_timeout(),
+                ),
+                retry_network=False,
             )
         )
+        self._same_commit(path.parent)
+        self._verify(path.parent, [name])
+        return path
 
     def download_all(self) -> Path:
+        """The snapshot of the safetensors and JSON files (by the user's revision), every LFS
+        file's sha256 verified against the listing."""
         from huggingface_hub import snapshot_download
 
         names = [f.name for f in self._files]
         if not any(n.endswith(".safetensors") for n in names):
             _remote_names(self.repo_id, self, {f.name: f for f in self._files})  # raises
-        return Path(
-            self._call(
+        folder = Path(
+            hub_call(
+                self.repo_id,
                 lambda: snapshot_download(
                     self.repo_id,
-                    revision=self.commit,
+                    revision=self.revision,
                     allow_patterns=list(ALLOW_PATTERNS),
                     cache_dir=self._cache,
-                )
+                    etag_timeout=hub_timeout(),
+                ),
+                retry_network=False,
             )
         )
+        self._same_commit(folder)
+        self._verify(folder, [n for n in names if (folder / n).is_file()])
+        return folder
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except _network_errors() as exc:
+    def _same_commit(self, snapshot: Path) -> None:
+        if snapshot.name != self.commit:
             raise HubError(
-                f"{self.repo_id}: Hub request failed ({type(exc).__name__}: {exc}); check the repo "
-                "id, revision, network and token, or use HF_HUB_OFFLINE=1 with a cached copy"
-            ) from exc
+                f"{self.repo_id}: revision {self.revision or 'main'} moved from commit "
+                f"{self.commit[:12]} to {snapshot.name[:12]} while spectra was reading it: run "
+                "again, or pin a commit with org/name@<commit>"
+            )
+
+    def _verify(self, folder: Path, names: list[str]) -> None:
+        sha = {f.name: f.sha256 for f in self._files}
+        for name in names:
+            expected = sha.get(name)
+            if expected:
+                verify_sha256(f"{self.repo_id}/{name}", folder / name, expected, delete=True)
