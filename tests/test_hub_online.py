@@ -288,3 +288,29 @@ def test_offline_hint_is_a_working_hf_download(tmp_path: Path, model: Path) -> N
         assert got.returncode == 0, got.stderr
     again = run_cli(["inspect", "org/tiny", "--json"], env, tmp_path)  # offline, server gone
     assert again.returncode == 0, again.stderr
+
+
+def test_verified_blobs_are_not_hashed_again_until_rewritten(
+    hub: HubServer, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Checkpoint.open("org/tiny"):
+        pass
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hashed: list[str] = []
+    real_hash = hub_client.file_sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real_hash(path)
+
+    monkeypatch.setattr(hub_client, "file_sha256", counting)
+    hub_client._VERIFIED.clear()  # a new process: only the stamps remain
+    with Checkpoint.open("org/tiny") as ckpt:
+        assert torch.equal(first_q(ckpt), reference_q(model))
+    assert hashed == []  # both shards' stamps matched: no re-hash of an unchanged blob
+    blob = (cache_folder() / "snapshots" / COMMIT / SHARD1).resolve()
+    blob.write_bytes(blob.read_bytes())  # same bytes, rewritten: the ctime moves
+    with Checkpoint.open("org/tiny"):
+        pass
+    assert hashed == [SHARD1]

@@ -38,7 +38,7 @@ from spectra.formats.safetensors import (
     parse_header,
     read_header,
 )
-from spectra.sources.hub_client import hub_call, hub_timeout, verify_sha256
+from spectra.sources.hub_client import STAMPS, hub_call, hub_timeout, verify_sha256
 from spectra.sources.layout import (
     CONVERT_HINT,
     PICKLE_SUFFIXES,
@@ -159,10 +159,11 @@ def snapshot_shards(source: str, snapshot: Path) -> RepoShards:
         layout = local_layout(snapshot)
     except SourceError as exc:
         raise HubError(f"{source}: {exc}") from exc
+    stamps = snapshot.parent.parent / STAMPS if snapshot.parent.name == "snapshots" else None
     for shard in layout.shards:  # a blob named by its sha256 must hash to it (LFS files)
         blob = Path(os.path.realpath(shard))
         if blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):
-            verify_sha256(f"{source}/{shard.name}", shard, blob.name, delete=False)
+            verify_sha256(f"{source}/{shard.name}", shard, blob.name, delete=False, stamps=stamps)
     headers = tuple(read_header(p) for p in layout.shards)
     return RepoShards(source, headers, read_config(layout.shards), layout.weight_map)
 
@@ -435,7 +436,9 @@ class HubRemote:
 
     def _verify(self, folder: Path, names: list[str]) -> None:
         sha = {f.name: f.sha256 for f in self._files}
+        stamps = repo_folder(self.repo_id, self._cache) / STAMPS
         for name in names:
             expected = sha.get(name)
             if expected:
-                verify_sha256(f"{self.repo_id}/{name}", folder / name, expected, delete=True)
+                label = f"{self.repo_id}/{name}"
+                verify_sha256(label, folder / name, expected, delete=True, stamps=stamps)

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import TypeVar
 
 from spectra.errors import HubError
+from spectra.formats.files import open_input
 
 T = TypeVar("T")
 HUB_ATTEMPTS = 3  # tries of one idempotent call before a transient failure is reported
@@ -33,6 +34,7 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_DETAIL = 160
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}  # (realpath, ino, size, mtime, ctime)
 _VERIFIED_LOCK = threading.Lock()
+STAMPS = ".spectra-verified"  # folder of verification stamps inside a repo's Hub cache folder
 _OFFLINE_HINT = "or set HF_HUB_OFFLINE=1 to use a copy already in the Hub cache"
 
 
@@ -241,19 +243,19 @@ def _describe_http(exc: BaseException) -> Failure:
 
 # -- sha256 of downloaded bytes ------------------------------------------------------------------
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    """sha256 (hex) of a file's bytes, memoized in-process per (realpath, inode, size, mtime,
-    ctime): a file replaced or rewritten in place is hashed again."""
+    """sha256 (hex) of a file's bytes (opened by `open_input`: a regular file only), memoized
+    in-process per (realpath, inode, size, mtime, ctime): a file rewritten is hashed again."""
     real = os.path.realpath(path)
-    st = os.stat(real)
-    key = (real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _VERIFIED_LOCK:
-        known = _VERIFIED.get(key)
-    if known is not None:
-        return known
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(real, "rb") as fh:
+    with open_input(real, "Hub file") as fh:
+        st = os.fstat(fh.fileno())
+        key = (real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _VERIFIED_LOCK:
+            known = _VERIFIED.get(key)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
+        buf = bytearray(chunk)
+        view = memoryview(buf)
         while n := fh.readinto(buf):
             h.update(view[:n])
     digest = h.hexdigest()
@@ -262,24 +264,63 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
     return digest
 
 
-def verify_sha256(label: str, path: Path, expected: str, *, delete: bool) -> str:
-    """Check that `path`'s bytes hash to `expected` (the sha256 the Hub lists for this LFS file)
-    and return it. On a mismatch: with `delete`, the file and its cache blob are removed and the
-    HubError says a retry downloads it again; without (offline, nothing can be re-fetched), the
-    HubError names the blob to delete."""
+def _identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def _stamped(stamps: Path | None, expected: str, real: str) -> bool:
+    """Was this very file (inode, size, mtime, ctime: any rewrite changes the ctime) verified
+    against `expected` by an earlier run?"""
+    if stamps is None:
+        return False
+    try:
+        return (stamps / expected).read_text(encoding="ascii") == _identity(real)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _stamp(stamps: Path | None, expected: str, real: str) -> None:
+    """Record a verified file (best effort: a read-only cache is verified again next time)."""
+    if stamps is None:
+        return
+    try:
+        stamps.mkdir(exist_ok=True)
+        tmp = stamps / f".{expected}.{os.getpid()}.tmp"
+        tmp.write_text(_identity(real), encoding="ascii")
+        os.replace(tmp, stamps / expected)
+    except OSError:
+        return
+
+
+def verify_sha256(
+    label: str, path: Path, expected: str, *, delete: bool, stamps: Path | None = None
+) -> str:
+    """Check that `path`'s bytes hash to `expected` (the sha256 the Hub lists for this LFS file,
+    or the name of its cache blob) and return it. On a mismatch: with `delete`, the file and its
+    cache blob are removed and the HubError says a new run downloads it again; without (offline,
+    nothing can be re-fetched), the HubError names the blob to delete.
+
+    `stamps` (a folder, `<repo>/.spectra-verified` in the Hub cache) remembers files verified by
+    earlier runs by inode, size, mtime and ctime, so an unchanged blob is not hashed on every run,
+    while any rewrite of it (which moves its ctime) is hashed again."""
+    expected = expected.lower()
+    real = os.path.realpath(path)
+    if _stamped(stamps, expected, real):
+        return expected
     try:
         got = file_sha256(path)
     except OSError as exc:
         raise HubError(f"{label}: cannot read {path} to verify it ({exc.strerror or exc})") from exc
-    if got == expected.lower():
+    if got == expected:
+        _stamp(stamps, expected, real)
         return got
-    real = Path(os.path.realpath(path))
     what = (
         f"{label}: the bytes on disk do not match the sha256 the Hub lists "
         f"(expected {expected[:16]}..., got {got[:16]}...): a corrupted download or cache blob"
     )
     if delete:
         path.unlink(missing_ok=True)
-        real.unlink(missing_ok=True)
+        Path(real).unlink(missing_ok=True)
         raise HubError(f"{what}; it was deleted, run again to download it anew")
     raise HubError(f"{what}; delete {real} and download it again online")
