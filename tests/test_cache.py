@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from spectra.linalg.cache import (
     default_cache_dir,
 )
 from spectra.linalg.spectrum import Spectrum
+from spectra.sources import reader
+from spectra.sources.reader import ShardDigest
 
 
 def _spectrum(seed: int = 0, vectors: bool = True) -> Spectrum:
@@ -140,22 +143,26 @@ def test_separate_processes_share_entries(tmp_path: Path) -> None:
     assert got is not None and got.values.tolist() == [0.0, 1.0, 2.0]
 
 
-def test_shard_digest_memo_persists_and_notices_changes(tmp_path: Path) -> None:
+def test_shard_digest_memo_persists_and_notices_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader, "RACY_NS", -(10**12))  # settled at once, as an old file is
     shard = tmp_path / "model.safetensors"
     shard.write_bytes(b"0123456789")
     calls: list[Path] = []
 
-    def compute(p: Path) -> str:
+    def compute(p: Path) -> ShardDigest:
         calls.append(p)
-        return f"digest-{p.read_bytes().decode()}"
+        record = reader.hash_shard(p)
+        return replace(record, sha256=f"digest-{p.read_bytes().decode()}")
 
     root = tmp_path / "cache"
-    assert SpectrumCache(root).shard_digest(shard, compute) == "digest-0123456789"
-    assert SpectrumCache(root).shard_digest(shard, compute) == "digest-0123456789"
+    assert SpectrumCache(root).shard_record(shard, compute).sha256 == "digest-0123456789"
+    assert SpectrumCache(root).shard_record(shard, compute).sha256 == "digest-0123456789"
     assert len(calls) == 1  # a new cache object (a second run) reads the memo, not the shard
     shard.write_bytes(b"abcdefghijk")
     os.utime(shard, ns=(1, 1))
-    assert SpectrumCache(root).shard_digest(shard, compute) == "digest-abcdefghijk"
+    assert SpectrumCache(root).shard_record(shard, compute).sha256 == "digest-abcdefghijk"
     assert len(calls) == 2
 
 

@@ -53,7 +53,7 @@ from spectra.errors import ValidationError
 from spectra.fields import check_instance, check_value
 from spectra.formats.files import check_source
 from spectra.linalg.cache import SpectrumCache, resolve_cache
-from spectra.linalg.engine import matrix_content_key
+from spectra.linalg.engine import ContentKey, content_key_of
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
@@ -219,6 +219,8 @@ def _compare_one(
     in one process and on every torchrun rank, so both give the same bits."""
     dev, opts = job.device, job.options
     dtype = torch.float32 if dev.type == "mps" else torch.float64
+    # the cache key before the read, so the base's U is cached only for the bytes read here
+    key = content_key_of(base, ref, job.cache) if job.cache is not None else None
     w0 = base.read(ref, dtype=dtype, device=str(dev))
     w1, lora = None, None
     if isinstance(finetuned, LoraAdapter):
@@ -226,7 +228,7 @@ def _compare_one(
         lora = (a, b, float(scale))
     else:
         w1 = finetuned.read(ft_key, dtype=dtype, device=str(dev))
-    svd0 = base_svd(base, ref, w0, job.cache)
+    svd0 = base_svd(key, w0, job.cache)
     return compare_pair(
         w0,
         w1,
@@ -246,13 +248,15 @@ BASE_SVD_PARAMS = {"mode": "compare-base-gram", "dtype": "float64", "full_u": Tr
 
 
 def base_svd(
-    ckpt: Checkpoint, ref: MatrixRef, w0: torch.Tensor, cache: SpectrumCache | None
+    content: ContentKey | None, w0: torch.Tensor, cache: SpectrumCache | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(U (m, M), S (M,)) of the base matrix from the cache, computing and storing it on a miss;
-    None without a cache (compare_pair then computes it). Keyed by the matrix's content."""
-    if cache is None:
+    None without a cache (compare_pair then computes it). Keyed by the matrix's content, taken
+    (`content_key_of`) before `w0` was read and confirmed before storing."""
+    if cache is None or content is None:
         return None
-    key = cache.entry_key(matrix_content_key(ckpt, ref, cache), BASE_SVD_PARAMS)
+    content.confirm()  # w0 is the version of the bytes the key names
+    key = cache.entry_key(content.text, BASE_SVD_PARAMS)
     hit = cache.get(key)
     if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
         return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)

@@ -5,7 +5,7 @@ Layout under the root (default `$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spect
 
     v2/entries/<ab>/<key>.json                      metadata + sha256 of the payload file
     v2/entries/<ab>/<key>.<sha256[:16]>.safetensors values (float64), optional U and Vh
-    v2/shards.json                                  memo of shard digests by (path, size, mtime)
+    v2/shards.json                                  memo of shard digests by path and identity
 
 `key = sha256(format version, content key of the matrix's bytes, decomposition parameters)`.
 Every file is written to a temporary sibling and renamed into place (`os.replace`), the payload
@@ -37,6 +37,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from safetensors.torch import save as st_save
 
 from spectra.errors import CacheError, ValidationError
 from spectra.linalg.spectrum import Spectrum
+from spectra.sources.reader import ShardDigest, file_identity, hash_shard
 
 CACHE_FORMAT = 2
 _SPECTRUM_FIELDS = ("method", "params", "residual", "converged", "iterations", "status", "message")
@@ -195,22 +197,29 @@ class SpectrumCache:
                 pass  # another process removed or replaced it; the next get() sees the result
 
     # -- shard digests -----------------------------------------------------------------------
-    def shard_digest(self, path: str | Path, compute: Callable[[Path], str]) -> str:
-        """The digest of shard `path`, remembered across runs by (realpath, size, mtime_ns), so
-        a second run does not rehash multi-GB shards. `compute(path)` makes it on a miss."""
+    def shard_record(
+        self, path: str | Path, compute: Callable[[Path], ShardDigest] = hash_shard
+    ) -> ShardDigest:
+        """The digest of shard `path`, remembered across runs by its realpath and identity
+        (device, inode, size, mtime_ns, ctime_ns), so a second run does not rehash multi-GB
+        shards while any write, `cp -p`, `rsync -t`, `tar -x` or `touch` (all move the ctime) or
+        a replacement (a new inode) makes it hash again. `compute(path)` hashes on a miss; only
+        settled digests are remembered (see `ShardDigest.settled`)."""
         real = os.path.realpath(path)
-        st = os.stat(real)
+        current = file_identity(real)
         with self._lock:
-            memo = self._load_shards()
-            hit = memo.get(real)
-            if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-                return str(hit["sha256"])
-        digest = compute(Path(real))
-        with self._lock:
-            memo = self._load_shards()
-            memo[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-            self._save_shards(memo)
-        return digest
+            hit = self._load_shards().get(real)
+        if isinstance(hit, dict) and hit.get("identity") == asdict(current):
+            sha = hit.get("sha256")
+            if isinstance(sha, str):
+                return ShardDigest(sha, current, settled=True)
+        record = compute(Path(real))
+        if record.settled:
+            with self._lock:
+                memo = self._load_shards()
+                memo[real] = {"identity": asdict(record.identity), "sha256": record.sha256}
+                self._save_shards(memo)
+        return record
 
     def _load_shards(self) -> dict[str, dict[str, Any]]:
         if self._shards is None:

@@ -5,8 +5,11 @@ order of `matrices`, with key/role/layer filled. Pipeline:
 
 1. With a cache: each matrix's entry key is `sha256(content key, parameters)`; entries present
    on disk are not read from the checkpoint at all. Content keys use the shard digest memo of the
-   cache (keyed by realpath, size, mtime), so a second run does not rehash multi-GB shards; the
-   key string has the same form as `Checkpoint.content_key`.
+   cache (keyed by realpath and file identity: device, inode, size, mtime, ctime), so a second
+   run does not rehash multi-GB shards; the key string has the same form as
+   `Checkpoint.content_key`. Before a computed spectrum is stored, its shard is confirmed to be
+   the file the key was made of (`confirm_unchanged`): a file rewritten during the run ends in a
+   SourceError instead of spectra of new bytes under the old digest.
 2. The rest is grouped by shape and cut into batches under a memory budget (`max_memory`
    bytes, default half the free GPU memory, or 1 GiB on CPU; halved again when prefetching,
    since two batches are alive then). On the gram64 route bf16/fp16 matrices are read as
@@ -51,7 +54,7 @@ from spectra.linalg.cache import SpectrumCache
 from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
 from spectra.linalg.exact import resolve_route
 from spectra.linalg.spectrum import Spectrum
-from spectra.sources.reader import shard_digest
+from spectra.sources.reader import ShardDigest, confirm_unchanged
 from spectra.sources.roles import MatrixRef
 
 ProgressFn = Callable[[int, int, int], None]
@@ -147,18 +150,56 @@ def compute_spectra(
     return stream.stream(run.prefetch)
 
 
-def matrix_content_key(ckpt: CheckpointLike, ref: MatrixRef, cache: SpectrumCache | None) -> str:
+def matrix_content_key(
+    ckpt: CheckpointLike,
+    ref: MatrixRef,
+    cache: SpectrumCache | None,
+    records: dict[str, ShardDigest] | None = None,
+) -> str:
     """Content key of `ref`'s bytes: `sha256(shard):offset:nbytes:dtype:MxN[:T]`, with the
     shard digest taken from the cache's persistent memo when the shard is a local file;
-    otherwise `ckpt.content_key(ref)`."""
+    otherwise `ckpt.content_key(ref)`.
+
+    records: per-run digests by the shard's realpath, reused and filled here, so one run hashes
+        a shard at most once and can `confirm_unchanged` it before storing what it read.
+    """
     tensor = getattr(ref, "tensor", None)
     shard = getattr(tensor, "shard", None)
     if cache is None or shard is None or not os.path.isfile(shard):
         return ckpt.content_key(ref)
-    digest = cache.shard_digest(shard, shard_digest)
+    real = os.path.realpath(shard)
+    record = records.get(real) if records is not None else None
+    if record is None:
+        record = cache.shard_record(shard)
+        if records is not None:
+            records[real] = record
     m, n = ref.shape
     tail = ":T" if getattr(ref, "transpose", False) else ""
-    return f"{digest}:{ref.offset}:{ref.nbytes}:{tensor.dtype}:{m}x{n}{tail}"
+    return f"{record.sha256}:{ref.offset}:{ref.nbytes}:{tensor.dtype}:{m}x{n}{tail}"
+
+
+@dataclass(frozen=True)
+class ContentKey:
+    """A matrix's content key (`text`, as `matrix_content_key` makes it) and the shard digest
+    it was made of, to confirm before caching what was computed from bytes read after it."""
+
+    text: str
+    shard: str | None = None
+    record: ShardDigest | None = None
+
+    def confirm(self) -> None:
+        """SourceError unless the shard still holds the bytes the key was made of (call after
+        reading the matrix, before storing what was computed from it)."""
+        if self.shard is not None and self.record is not None:
+            confirm_unchanged(self.shard, self.record)
+
+
+def content_key_of(ckpt: CheckpointLike, ref: MatrixRef, cache: SpectrumCache) -> ContentKey:
+    """`matrix_content_key` with its shard digest: take it before reading the matrix."""
+    records: dict[str, ShardDigest] = {}
+    text = matrix_content_key(ckpt, ref, cache, records)
+    ((shard, record),) = records.items() or ((None, None),)
+    return ContentKey(text, shard, record)
 
 
 class _Run:
@@ -181,6 +222,7 @@ class _Run:
         self.read_dtype = opts.work_dtype()
         self.narrow = opts.mode == "values" and resolve_route(opts.route, device) == "gram64"
         self.keys: list[str | None] = [None] * len(refs)
+        self.shards: dict[str, ShardDigest] = {}  # realpath -> the digest the keys were made of
         self.cached: set[int] = set()
         # per batch: halved when prefetching, since two batches are alive then
         self.total_budget = budget
@@ -222,7 +264,7 @@ class _Run:
         if self.cache is None:
             return
         for i, ref in enumerate(self.refs):
-            content = matrix_content_key(self.ckpt, ref, self.cache)
+            content = matrix_content_key(self.ckpt, ref, self.cache, self.shards)
             key = self.cache.entry_key(content, self.opts.params(tuple(ref.shape), self.device))
             self.keys[i] = key
             if self.cache.contains(key):
@@ -332,8 +374,7 @@ class _Run:
         for i, spec, more in zip(batch.indices, specs, extra, strict=True):
             if more:
                 spec = replace(spec, extras={**spec.extras, **more})
-            if self.cache is not None and self.keys[i] is not None:
-                self.cache.put(self.keys[i], spec)
+            self._store(i, spec)
             self.ready[i] = spec
 
     def _extras(self, batch: Batch, W: torch.Tensor) -> list[dict[str, Any]]:
@@ -357,9 +398,22 @@ class _Run:
         self.bytes_read += int(self.refs[i].nbytes)
         spec = replace(spec, extras={**spec.extras, **self._extras(batch, W)[0]})
         del W
-        if self.cache is not None and self.keys[i] is not None:
-            self.cache.put(self.keys[i], spec)
+        self._store(i, spec)
         return spec
+
+    def _store(self, i: int, spec: Spectrum) -> None:
+        """Cache `spec` (computed from matrix i as just read) under its key, once the shard is
+        confirmed to hold the bytes the key's digest was made of: a file rewritten since the
+        lookup is a SourceError, never spectra of other bytes under that digest."""
+        key = self.keys[i]
+        if self.cache is None or key is None:
+            return
+        shard = getattr(getattr(self.refs[i], "tensor", None), "shard", None)
+        real = os.path.realpath(shard) if shard is not None else None
+        record = self.shards.get(real) if real is not None else None
+        if record is not None:
+            self.shards[real] = confirm_unchanged(real, record)
+        self.cache.put(key, spec)
 
     def _drain(self) -> Iterator[Spectrum]:
         """Yield every result that is next in input order."""

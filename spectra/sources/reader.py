@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import threading
+import time
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -24,10 +25,6 @@ from spectra.device import require_host_memory
 from spectra.errors import SourceError
 from spectra.formats.files import open_input
 from spectra.formats.safetensors import DTYPES
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-_DIGEST_LOCK = threading.Lock()
 
 
 def read_range(
@@ -83,42 +80,137 @@ def convert(
     return out
 
 
-def shard_digest(path: Path) -> str:
-    """sha256 (hex) of a shard file's bytes, memoized in-process per (realpath, size, mtime_ns).
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a stat says about a file's bytes: device, inode, size, mtime and ctime (ns).
 
-    A Hub cache blob is named by its sha256 already (`.../blobs/<sha256>`), so that name is used
-    without reading the file.
+    The ctime cannot be set by `cp -p`, `rsync -t`, `tar -x` or `os.utime` (setting the mtime
+    bumps it), and a replacement by rename changes the inode: equal identities mean the file was
+    not written since (up to the timestamp granularity, see `ShardDigest.settled`). Git's index
+    trusts the same fields.
     """
-    real = os.path.realpath(path)
-    name = os.path.basename(real)
-    if os.path.basename(os.path.dirname(real)) == "blobs" and _HEX64.fullmatch(name):
-        return name
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class ShardDigest:
+    """The sha256 of a shard's bytes and the identity of the file it was read from.
+
+    settled: the file's ctime was more than `RACY_NS` before the hash began, so a later write
+        necessarily moves the ctime and an equal identity proves equal bytes. A racy digest
+        (the file changed just before it was hashed: a write in the same timestamp tick could go
+        unseen) is never reused on identity alone: it is re-hashed when used again.
+    """
+
+    sha256: str
+    identity: FileIdentity
+    settled: bool
+
+
+RACY_NS = 2_000_000_000
+"""A digest is settled when the file's ctime precedes the hash by more than this (covers coarse
+filesystem timestamps: 1-2 s on FAT/HFS+/some NFS servers, a few ms on ext4/xfs/btrfs)."""
+
+_MEMO: dict[str, ShardDigest] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def file_identity(path: str | Path) -> FileIdentity:
+    """The `FileIdentity` of `path` (symlinks followed); SourceError when it cannot be statted."""
     try:
-        st = os.stat(real)
+        return FileIdentity.of(os.stat(path))
     except OSError as exc:
         raise SourceError(f"{path}: cannot stat shard ({exc.strerror or exc})") from exc
-    key = (real, st.st_size, st.st_mtime_ns)
-    with _DIGEST_LOCK:
-        cached = _DIGESTS.get(key)
-    if cached is not None:
-        return cached
-    digest = _hash_file(Path(real))
-    with _DIGEST_LOCK:
-        _DIGESTS[key] = digest
-    return digest
 
 
-def _hash_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    try:
-        with open_input(path, "shard") as fh:
-            while n := fh.readinto(view):
-                h.update(view[:n])
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read shard to hash it ({exc.strerror or exc})") from exc
-    return h.hexdigest()
+def hash_shard(path: str | Path, *, tries: int = 3, chunk: int = 8 << 20) -> ShardDigest:
+    """sha256 of the file's bytes, read once, with its identity before and after the read.
+
+    A file whose identity changes while it is hashed is hashed again (`tries` times in all),
+    then refused: its digest would belong to no version of the file.
+    """
+    real = os.path.realpath(path)
+    for _ in range(tries):
+        start = time.time_ns()
+        h = hashlib.sha256()
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        try:
+            with open_input(real, "shard") as fh:
+                before = FileIdentity.of(os.fstat(fh.fileno()))
+                while n := fh.readinto(view):
+                    h.update(view[:n])
+        except OSError as exc:
+            raise SourceError(
+                f"{path}: cannot read shard to hash it ({exc.strerror or exc})"
+            ) from exc
+        if file_identity(real) == before:
+            return ShardDigest(h.hexdigest(), before, before.ctime_ns + RACY_NS < start)
+    raise SourceError(
+        f"{path}: the file kept changing while it was hashed ({tries} tries): "
+        "wait until whatever writes it has finished, then run again"
+    )
+
+
+def shard_record(path: str | Path) -> ShardDigest:
+    """The `ShardDigest` of `path`, memoized in-process by realpath and re-verified by content
+    whenever the file's identity changed or the memoized digest is not settled.
+
+    A Hub cache blob is a file like any other: its name (the sha256 the Hub announced) is not
+    trusted, since a corrupted or truncated blob keeps its name.
+    """
+    real = os.path.realpath(path)
+    current = file_identity(real)
+    with _MEMO_LOCK:
+        hit = _MEMO.get(real)
+    if hit is not None and hit.settled and hit.identity == current:
+        return hit
+    record = hash_shard(real)
+    with _MEMO_LOCK:
+        _MEMO[real] = record
+    return record
+
+
+def confirm_unchanged(path: str | Path, record: ShardDigest) -> ShardDigest:
+    """`record`, or a settled re-hash of it, when `path` still holds the bytes `record` was
+    hashed from; SourceError when it changed since (call it after reading the bytes that are
+    about to be stored under `record.sha256`).
+
+    An equal identity proves it for a settled record; a racy one is re-hashed as well.
+    """
+    current = file_identity(path)
+    if current == record.identity:
+        if record.settled:
+            return record
+        again = hash_shard(path)
+        if again.sha256 == record.sha256 and again.identity == record.identity:
+            return again
+        current = again.identity
+    changed = [
+        f.name
+        for f in fields(FileIdentity)
+        if getattr(current, f.name) != getattr(record.identity, f.name)
+    ]
+    what = ", ".join(changed) if changed else "its bytes"
+    raise SourceError(
+        f"{path}: the file changed while spectra was reading it ({what} changed): results "
+        "would mix two versions of it, so none of the changed bytes' spectra were cached; "
+        "run again once nothing writes it"
+    )
+
+
+def shard_digest(path: str | Path) -> str:
+    """sha256 (hex) of a shard file's bytes (`shard_record(path).sha256`)."""
+    return shard_record(path).sha256
 
 
 class ShardStore(Protocol):
