@@ -35,6 +35,7 @@ QUICK: dict[str, list[str]] = {
     "bench_calib": ["--samples", "8", "--max-length", "32", "--rank", "4", "--threads", "1"],
     "bench_report_vs_ww": ["--jobs", "ours,ww", "--threads", "1"],
     "bench_stream": ["--gb", "0.1", "--dir", "{tmp}"],  # one 4096/11008 layer: 0.4 GB on disk
+    "bench_cache_identity": ["--synthetic-mb", "50", "--dir", "{tmp}", "--repeat", "1"],
     "bench_longrun": ["--size-gb", "0.05", "--intermediate", "4096", "--threads", "1"],
 }
 

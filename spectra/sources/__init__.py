@@ -4,7 +4,7 @@
   a PEFT adapter folder; lists `TensorRef`s from headers, reads one tensor or a batch on demand.
 - `layout.py` — which files make up a local checkpoint (index, shards, config.json), and the
   index-versus-headers check (`IndexMismatchWarning`).
-- `reader.py` — bytes to tensors; `ShardStore`/`LocalStore`; `shard_digest`.
+- `reader.py` — bytes to tensors; `ShardStore`/`LocalStore`; shard digests by file identity.
 - `hub.py` — Hub repo ids through huggingface_hub: its cache, offline mode, streaming shards.
 - `roles.py` — `MatrixRef`, `ROLES`: which tensors are weight matrices and what they are.
 - `select.py` — name-glob and role filters; `inventory.py` — what a checkpoint holds, as data.
