@@ -193,3 +193,30 @@ def test_compare_caches_the_base_only_for_the_bytes_it_read(
         assert cached is not None and uncached is not None
         assert cached.to_dict()["pairs"] == uncached.to_dict()["pairs"]
     assert "changed while spectra was reading it" in raised
+
+
+def test_a_wrapped_checkpoint_is_keyed_by_its_own_content_key(tmp_path: Path) -> None:
+    """A base with a LoRA adapter applied (MergedCheckpoint) and a shuffled view read other
+    numbers from the same shard bytes: their spectra must not share the base's cache entries."""
+    from _source_fixtures import write_llama_like, write_lora_adapter
+
+    from spectra.analysis.randomized import ShuffledView
+    from spectra.sources.adapters import LoraAdapter, MergedCheckpoint
+
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    base_dir = write_llama_like(tmp_path / "base", dtype=torch.float32)
+    ad_dir = write_lora_adapter(tmp_path / "ad", {q0: (64, 64)}, r=4, alpha=8)
+    cache = SpectrumCache(tmp_path / "cache")
+    opts, engine = SpectrumOptions(mode="values"), EngineOptions(device="cpu")
+    with Checkpoint.open(base_dir) as base, LoraAdapter.open(ad_dir) as ad:
+        q = next(m for m in base.matrices() if m.key == q0)
+        list(compute_spectra(base, [q], opts, engine=engine, cache=cache))  # the base, cached
+        merged = MergedCheckpoint(base, ad)
+        want = torch.linalg.svdvals(merged.read(q, dtype=torch.float64))
+        for _ in range(2):  # computed, then from its own entry
+            (got,) = compute_spectra(merged, [q], opts, engine=engine, cache=cache)
+            assert torch.allclose(got.values, want, rtol=1e-9)
+        view = ShuffledView(base, seed=3)
+        ((_, shuffled),) = view.read_many([q], dtype=torch.float64)
+        (got,) = compute_spectra(view, [q], opts, engine=engine, cache=cache)
+        assert torch.allclose(got.values, torch.linalg.svdvals(shuffled), rtol=1e-9)

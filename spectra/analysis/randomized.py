@@ -81,9 +81,9 @@ class ShuffledView:
 
     Lets `compute_spectra` batch, budget and place the shuffled matrices exactly as it does the
     real ones. `tap(ref, W)` (optional) sees each original matrix before it is shuffled, so a
-    metric that needs W (the outlier ratio) rides on the same read. Never give this view a
-    spectrum cache: the engine keys cache entries by shard bytes, which are the unshuffled
-    ones.
+    metric that needs W (the outlier ratio) rides on the same read. With a spectrum cache the
+    engine keys its entries by this view's own `content_key` (`...:shuffled:<seed>`), never by
+    the unshuffled bytes alone.
     """
 
     def __init__(

@@ -54,7 +54,8 @@ from spectra.linalg.cache import SpectrumCache
 from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
 from spectra.linalg.exact import resolve_route
 from spectra.linalg.spectrum import Spectrum
-from spectra.sources.reader import ShardDigest, confirm_unchanged
+from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.reader import ShardDigest, confirm_unchanged, shard_record
 from spectra.sources.roles import MatrixRef
 
 ProgressFn = Callable[[int, int, int], None]
@@ -156,9 +157,12 @@ def matrix_content_key(
     cache: SpectrumCache | None,
     records: dict[str, ShardDigest] | None = None,
 ) -> str:
-    """Content key of `ref`'s bytes: `sha256(shard):offset:nbytes:dtype:MxN[:T]`, with the
-    shard digest taken from the cache's persistent memo when the shard is a local file;
-    otherwise `ckpt.content_key(ref)`.
+    """Content key of `ref`'s bytes as `ckpt` presents them.
+
+    A plain `Checkpoint` with its shard on disk: `sha256(shard):offset:nbytes:dtype:MxN[:T]`,
+    with the shard digest from the cache's persistent memo. Anything else (a Hub shard not on
+    disk, a checkpoint with an adapter applied, a shuffled view, which read other numbers from
+    the same bytes): `ckpt.content_key(ref)`, its own key.
 
     records: per-run digests by the shard's realpath, reused and filled here, so one run hashes
         a shard at most once and can `confirm_unchanged` it before storing what it read.
@@ -169,10 +173,17 @@ def matrix_content_key(
         return ckpt.content_key(ref)
     real = os.path.realpath(shard)
     record = records.get(real) if records is not None else None
+    plain = getattr(type(ckpt), "content_key", None) is Checkpoint.content_key
     if record is None:
-        record = cache.shard_record(shard)
-        if records is not None:
-            records[real] = record
+        record = cache.shard_record(shard) if plain else shard_record(shard)
+    if not plain:
+        text = ckpt.content_key(ref)
+        if record.sha256 not in text:  # the shard changed between the two digests
+            record = confirm_unchanged(real, record)
+    if records is not None:
+        records[real] = record
+    if not plain:
+        return text
     m, n = ref.shape
     tail = ":T" if getattr(ref, "transpose", False) else ""
     return f"{record.sha256}:{ref.offset}:{ref.nbytes}:{tensor.dtype}:{m}x{n}{tail}"
