@@ -37,6 +37,7 @@ QUICK: dict[str, list[str]] = {
     "bench_stream": ["--gb", "0.1", "--dir", "{tmp}"],  # one 4096/11008 layer: 0.4 GB on disk
     "bench_cache_identity": ["--synthetic-mb", "50", "--dir", "{tmp}", "--repeat", "1"],
     "bench_longrun": ["--size-gb", "0.05", "--intermediate", "4096", "--threads", "1"],
+    "bench_plots": ["--repeat", "1"],
 }
 
 
