@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import (
@@ -31,6 +32,9 @@ from spectra.cli._common import (
     split_csv,
 )
 from spectra.errors import ValidationError
+
+if TYPE_CHECKING:
+    from spectra.analysis.results import Analysis
 
 HELP = (
     "HT-SR report of every weight matrix: power-law alpha of the ESD (WeightWatcher's "
@@ -89,6 +93,39 @@ def _budget_bytes(max_memory: float | None) -> int | None:
     if not max_memory > 0 or max_memory == float("inf"):
         raise ValidationError(f"--max-memory must be a positive number of MiB, got {max_memory}")
     return max(1, int(max_memory * 2**20))
+
+
+#: report_cmd parameters that change only what is written or where the cache is, not a number
+#: of the analysis; every other parameter (including any added later) is part of the key of
+#: a cached analysis, so a new option can never be served a result computed without it.
+_NOT_COMPUTED = frozenset(
+    {"out", "formats", "force", "max_esd_plots", "quiet", "no_cache", "cache_dir"}
+)
+
+
+def _cached_analysis(
+    source: str | None,
+    computed: dict[str, object],
+    cache: bool | Path,
+    compute: Callable[[], Analysis | None],
+) -> Analysis | None:
+    """The Analysis from the analysis cache when the source's files and every computing option
+    are unchanged (no torch import then), else `compute()`, kept there."""
+    from spectra.jobs.report_cache import AnalysisCache, analysis_key, under_torchrun
+    from spectra.sources.bundled import bundled_model_path
+
+    if cache is False or under_torchrun():
+        return compute()
+    stored = AnalysisCache(None if cache is True else cache)
+    path = bundled_model_path() if source is None else Path(source).expanduser().absolute()
+    key = analysis_key(path, computed)
+    found = None if key is None else stored.get(key)
+    if found is not None:
+        return found
+    analysis = compute()
+    if analysis is not None and key is not None:
+        stored.put(key, analysis)
+    return analysis
 
 
 @handle_errors
@@ -151,7 +188,8 @@ def report_cmd(
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
 ) -> None:
-    from spectra.jobs.report import AnalyzeOptions, analyze
+    computed = {k: v for k, v in locals().items() if k not in _NOT_COMPUTED}
+    from spectra.blobcache import BlobCache
     from spectra.outdir import check_output_dir
     from spectra.reports.report import parse_formats, write_report
     from spectra.reports.terminal import print_summary
@@ -164,17 +202,23 @@ def report_cmd(
     protect = (source, cache_dir)  # never replaced, even with --force
     check_output_dir(final, force=force, protect=protect)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
-    options = AnalyzeOptions(
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
-        roles=tuple(split_csv(roles)),
-        device=device,
-        mp_fit=mp_fit,
-        randomize=randomize,
-    )
-    with ReportProgress(enabled=not quiet and is_interactive()) as progress:
-        # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
-        analysis = analyze(source, options, cache=cache, progress=progress, max_memory=budget)
+
+    def compute() -> Analysis | None:
+        from spectra.jobs.report import AnalyzeOptions, analyze
+
+        options = AnalyzeOptions(
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            roles=tuple(split_csv(roles)),
+            device=device,
+            mp_fit=mp_fit,
+            randomize=randomize,
+        )
+        with ReportProgress(enabled=not quiet and is_interactive()) as progress:
+            # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
+            return analyze(source, options, cache=cache, progress=progress, max_memory=budget)
+
+    analysis = _cached_analysis(source, computed, cache, compute)
     if analysis is None:  # a non-writer rank under torchrun
         return
     paths = write_report(
@@ -184,6 +228,7 @@ def report_cmd(
         force=force,
         max_esd_plots=max_esd_plots,
         protect=protect,
+        plot_cache=None if cache is False else BlobCache(cache_dir, "plots"),
     )
     if not quiet:
         print_summary(analysis, console)

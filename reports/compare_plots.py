@@ -15,7 +15,8 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.analysis.comparison import Comparison
 from spectra.analysis.intruders import epsilon_key
-from spectra.reports.plots import ordered_roles, png_bytes, role_color
+from spectra.reports.plots import png_bytes
+from spectra.reports.roles import ordered_roles, role_color
 
 FIGSIZE = (8.0, 4.2)
 

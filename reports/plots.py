@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLoc
 
 from spectra.analysis.results import LayerMetrics
 from spectra.reports.html import printable
+from spectra.reports.roles import ordered_roles, role_color
 
 # Thresholds of the HT-SR warnings (methods.md section 2).
 ALPHA_LOW = 2.0
@@ -32,49 +33,8 @@ ALPHA_HIGH = 6.0
 # Eigenvalues at or below this are dropped before fitting (methods.md section 2); plots match.
 EVAL_FLOOR = 1e-5
 
-# Roles in reading order (a transformer block top to bottom); unknown roles sort after, by name.
-ROLE_ORDER = (
-    "embedding",
-    "q",
-    "k",
-    "v",
-    "qkv",
-    "o",
-    "up",
-    "gate",
-    "gate_up",
-    "down",
-    "expert",
-    "lm_head",
-    "other",
-)
-_PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
 DPI = 100
 PNG_COMPRESS_LEVEL = 3
-
-
-def ordered_roles(roles: Sequence[str] | set[str]) -> list[str]:
-    """Distinct roles in ROLE_ORDER, unknown ones after it in alphabetical order."""
-    known = [r for r in ROLE_ORDER if r in set(roles)]
-    return known + sorted(set(roles) - set(ROLE_ORDER))
-
-
-def role_color(role: str) -> str:
-    """A stable colour per role (the same role has the same colour in every plot)."""
-    if role in ROLE_ORDER:
-        return _PALETTE[ROLE_ORDER.index(role) % len(_PALETTE)]
-    return _PALETTE[sum(map(ord, role)) % len(_PALETTE)]
 
 
 def short_label(text: str, limit: int = 60) -> str:

@@ -14,22 +14,37 @@ never leaves half a report, and an existing non-empty folder is replaced only wi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
+from types import ModuleType
+
+import numpy as np
 
 from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
+from spectra.blobcache import BlobCache, blob_key, code_digest
 from spectra.errors import ValidationError
 from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
-from spectra.reports import plots as P
+from spectra.reports.roles import ordered_roles
 
 FORMATS = ("html", "md", "json", "csv")
 DEFAULT_MAX_ESD_PLOTS = 64
 MAX_DETAIL_SECTIONS = 256
+
+
+def _plots() -> ModuleType:
+    """spectra.reports.plots, imported on the first plot actually drawn: matplotlib is the
+    largest import of a report, and a rerun whose plots are all cached never needs it."""
+    from spectra.reports import plots
+
+    return plots
+
 
 # (file stem, title, caption, renderer) of the model-level plots.
 _SummaryPlot = tuple[str, str, str, Callable[[Analysis], bytes | None]]
@@ -39,27 +54,27 @@ SUMMARY_PLOTS: tuple[_SummaryPlot, ...] = (
         "α by depth",
         "Power-law exponent α of each matrix's ESD tail, one line per role. Shaded: α < 2 "
         "(over-trained) and α > 6 (under-trained); well-trained layers sit roughly in 2-6.",
-        lambda a: P.alpha_by_depth(a.layers),
+        lambda a: _plots().alpha_by_depth(a.layers),
     ),
     (
         "norms_by_depth",
         "Stable rank and spectral norm by depth",
         "Stable rank Σλ/λmax (how many directions carry the energy) and log10 λmax, per role.",
-        lambda a: P.norms_by_depth(a.layers),
+        lambda a: _plots().norms_by_depth(a.layers),
     ),
     (
         "sv_decay",
         "Singular-value decay per role",
         "S_i/S_1 against i/min(m, n); one curve per matrix, coloured by depth (dashed: no layer "
         "index).",
-        lambda a: P.sv_decay(a.layers, a.esds),
+        lambda a: _plots().sv_decay(a.layers, a.esds),
     ),
     (
         "outlier_heatmap",
         "Outlier ratio",
         "Share of weights whose magnitude exceeds a multiple of the matrix's mean magnitude "
         "(OWL, arXiv 2405.18380), per layer and role.",
-        lambda a: P.outlier_heatmap(a.layers),
+        lambda a: _plots().outlier_heatmap(a.layers),
     ),
 )
 
@@ -172,7 +187,7 @@ def _group_rows(groups: dict) -> list[list[object]]:
 
 def _role_rows(analysis: Analysis) -> list[list[object]]:
     groups = analysis.summary.by_role
-    return _group_rows({role: groups[role] for role in P.ordered_roles(set(groups))})
+    return _group_rows({role: groups[role] for role in ordered_roles(set(groups))})
 
 
 def display_name(source: str) -> str:
@@ -219,19 +234,80 @@ def esd_stem(index: int, key: str) -> str:
     return f"esd-{index:03d}-{slug}"
 
 
-def render_plots(analysis: Analysis, *, max_esd_plots: int = DEFAULT_MAX_ESD_PLOTS) -> ReportPlots:
-    """Render the model-level plots and the ESD plots of `select_esd_keys(...)`."""
+#: Everything a plot's pixels depend on besides its data: the modules that draw it and the
+#: versions of the libraries that rasterize and bin it. Part of every plot cache key.
+PLOT_CODE = ("spectra.reports.plots", "spectra.reports.roles", "spectra.reports.html")
+
+
+def plot_code_version() -> str:
+    """The code part of a plot's cache key (module sources, spectra, matplotlib, numpy)."""
+    return blob_key(code_digest(*PLOT_CODE), version("matplotlib"), np.__version__)
+
+
+def _layer_fields(lm: LayerMetrics) -> dict[str, object]:
+    return asdict(lm)  # exact floats (NaN and inf kept apart), not the JSON-safe to_dict()
+
+
+def _esd_digest(analysis: Analysis) -> bytes:
+    h = hashlib.sha256()
+    for key in sorted(analysis.esds):
+        lam = np.ascontiguousarray(analysis.esds[key], dtype=np.float64)
+        h.update(f"{key}\0{lam.size}\0".encode())
+        h.update(lam.tobytes())
+    return h.digest()
+
+
+def _cached_png(
+    cache: BlobCache | None, key: str, draw: Callable[[], bytes | None]
+) -> bytes | None:
+    """The PNG from `cache` under `key` when there, else `draw()`, stored there."""
+    if cache is not None:
+        png = cache.get(key)
+        if png is not None:
+            return png or None  # an empty blob records "nothing to draw"
+    png = draw()
+    if cache is not None:
+        cache.put(key, png or b"")
+    return png
+
+
+def render_plots(
+    analysis: Analysis,
+    *,
+    max_esd_plots: int = DEFAULT_MAX_ESD_PLOTS,
+    cache: BlobCache | None = None,
+) -> ReportPlots:
+    """Render the model-level plots and the ESD plots of `select_esd_keys(...)`.
+
+    cache: PNGs derived from the spectra are kept there, keyed by everything they are drawn
+    from (a matrix's eigenvalues and metrics, or every matrix's for a model-level plot) and by
+    `plot_code_version()`, so a rerun on cached spectra redraws only what changed (and imports
+    no matplotlib when nothing did). The bytes are those a fresh draw gives.
+    """
+    code = plot_code_version()
+    layer_rows = [_layer_fields(lm) for lm in analysis.layers]
+    esd_digest = _esd_digest(analysis)
     summary = {}
     for stem, _title, _caption, render in SUMMARY_PLOTS:
-        png = render(analysis)
+        key = blob_key("summary", stem, code, layer_rows, esd_digest)
+        png = _cached_png(cache, key, lambda render=render: render(analysis))
         if png is not None:
             summary[stem] = png
     esd = {}
     selected = set(select_esd_keys(analysis, max_esd_plots))
-    canvas = P.EsdCanvas()  # one figure redrawn per matrix: axes and fonts are built once
-    for index, lm in enumerate(analysis.layers):
+    canvases: list[object] = []  # one figure redrawn per matrix, made on the first miss
+
+    def draw(lam: np.ndarray, lm: LayerMetrics) -> bytes | None:
+        P = _plots()
+        if not canvases:
+            canvases.append(P.EsdCanvas())
+        return P.esd_plot(lam, lm, canvases[0])
+
+    for index, (lm, row) in enumerate(zip(analysis.layers, layer_rows, strict=True)):
         if lm.key in selected:
-            png = P.esd_plot(analysis.esds[lm.key], lm, canvas)
+            lam = np.ascontiguousarray(analysis.esds[lm.key], dtype=np.float64)
+            key = blob_key("esd", code, row, lam.tobytes())
+            png = _cached_png(cache, key, lambda lam=lam, lm=lm: draw(lam, lm))
             if png is not None:
                 esd[lm.key] = (esd_stem(index, lm.key), png)
     return ReportPlots(summary, esd)
@@ -500,13 +576,15 @@ def write_report(
     force: bool = False,
     max_esd_plots: int = DEFAULT_MAX_ESD_PLOTS,
     protect: Protect = (),
+    plot_cache: BlobCache | None = None,
 ) -> list[Path]:
     """Write the report folder atomically and return the final paths of the files written.
 
     formats: any of html, md, json, csv (a comma-separated string or a sequence; None = all).
     Plots (plots/*.png) are written with html or md. Raises OutputError if `out_dir` exists,
     is not empty and `force` is False; ValidationError for an unknown format. The analysed source
-    and `protect` (e.g. the cache folder) are never replaced, even with `force`.
+    and `protect` (e.g. the cache folder) are never replaced, even with `force`. `plot_cache`:
+    where PNGs are reused from and kept (see `render_plots`).
     """
     wanted = parse_formats(formats)
     final = Path(out_dir).expanduser().absolute()
@@ -514,7 +592,7 @@ def write_report(
     check_output_dir(final, force=force, protect=protect)  # fail before rendering, not after
     files: dict[str, bytes | str] = {}
     if "html" in wanted or "md" in wanted:
-        plots = render_plots(analysis, max_esd_plots=max_esd_plots)
+        plots = render_plots(analysis, max_esd_plots=max_esd_plots, cache=plot_cache)
         files.update(plots.files())
         if "html" in wanted:
             files["report.html"] = render_html(analysis, plots)

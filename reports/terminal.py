@@ -12,7 +12,7 @@ from rich.table import Table
 
 from spectra.analysis.results import Analysis
 from spectra.reports.html import fmt, printable
-from spectra.reports.plots import ordered_roles
+from spectra.reports.roles import ordered_roles
 
 DEFAULT_MAX_ROWS = 20
 

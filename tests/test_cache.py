@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from spectra.blobcache import default_cache_dir
 from spectra.errors import CacheError
 from spectra.linalg.cache import (
     CacheCorruptionWarning,
     SpectrumCache,
-    default_cache_dir,
 )
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources import reader

@@ -20,6 +20,7 @@ from spectra.reports import html as H
 from spectra.reports import markdown as M
 from spectra.reports import plots as P
 from spectra.reports import report as R
+from spectra.reports.roles import ordered_roles, role_color
 from spectra.reports.terminal import print_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -221,9 +222,9 @@ def test_outlier_grid_averages_per_cell(analysis: Analysis) -> None:
 
 
 def test_role_order_and_colours() -> None:
-    assert P.ordered_roles({"zeta", "down", "q", "alpha"}) == ["q", "down", "alpha", "zeta"]
-    assert P.role_color("q") != P.role_color("k")
-    assert P.role_color("custom") == P.role_color("custom")
+    assert ordered_roles({"zeta", "down", "q", "alpha"}) == ["q", "down", "alpha", "zeta"]
+    assert role_color("q") != role_color("k")
+    assert role_color("custom") == role_color("custom")
     assert P.short_label("x" * 100, 21) == "x" * 10 + "…" + "x" * 10
 
 

@@ -7,6 +7,9 @@ Layout under the root (default `$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spect
     v2/entries/<ab>/<key>.<sha256[:16]>.safetensors values (float64), optional U and Vh
     v2/shards.json                                  memo of shard digests by path and identity
 
+(Outputs derived from spectra, plots and whole analyses, live next to it under `blobs/`:
+`spectra.blobcache`.)
+
 `key = sha256(format version, content key of the matrix's bytes, decomposition parameters)`.
 Every file is written to a temporary sibling and renamed into place (`os.replace`), the payload
 first, the JSON last: the JSON is the commit record, and it names a payload file whose name
@@ -45,6 +48,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from spectra.blobcache import default_cache_dir
 from spectra.errors import CacheError, ValidationError
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.reader import ShardDigest, file_identity, hash_shard
@@ -55,16 +59,6 @@ _SPECTRUM_FIELDS = ("method", "params", "residual", "converged", "iterations", "
 
 class CacheCorruptionWarning(UserWarning):
     """A cache entry was unreadable or did not match its checksum; it will be recomputed."""
-
-
-def default_cache_dir() -> Path:
-    """`$SPECTRA_CACHE_DIR`, else `$XDG_CACHE_HOME/spectra`, else `~/.cache/spectra`."""
-    env = os.environ.get("SPECTRA_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "spectra"
 
 
 class SpectrumCache:
