@@ -65,6 +65,10 @@ def _register() -> None:
 
     convert_cmd.register(app)
 
+    from spectra.cli import plan_cmd
+
+    plan_cmd.register(app)
+
 
 _register()
 

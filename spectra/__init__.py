@@ -33,6 +33,8 @@ _LAZY = {
     "CompareOptions": "spectra.analysis.comparison",
     "init_adapter": "spectra.jobs.init",
     "InitOptions": "spectra.jobs.init",
+    "make_plan": "spectra.jobs.plan",
+    "PlanOptions": "spectra.jobs.plan",
     "compute_spectra": "spectra.linalg.engine",
     "Spectrum": "spectra.linalg.spectrum",
 }

@@ -124,7 +124,8 @@ def _matches(item: str, mat: MatrixLike) -> bool:
     return path == item or path.endswith("." + item)
 
 
-def _refusal(mat: MatrixLike) -> str | None:
+def lora_refusal(mat: MatrixLike) -> str | None:
+    """Why ``mat`` cannot carry a PEFT LoRA ``Linear`` adapter (None: it can)."""
     if not mat.key.endswith(".weight"):
         return "is not a `.weight` tensor"
     if mat.expert is not None:
@@ -158,7 +159,7 @@ def select_targets(matrices: Sequence[MatrixLike], targets: str | Sequence[str])
             f"{','.join(roles)}; module paths look like {', '.join(sample)}"
         )
     for mat in chosen:
-        why = _refusal(mat)
+        why = lora_refusal(mat)
         if why is not None:
             raise ValidationError(
                 f"target {module_path(mat.key)!r} {why}: narrow --targets to exclude it"

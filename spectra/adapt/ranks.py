@@ -9,7 +9,7 @@ power-law fit of ``lambda = S^2``), `allocated_ranks` runs the allocator. Which 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +46,20 @@ def module_stats(
 ) -> list[ModuleStats]:
     """ModuleStats for the allocators: exact spectra (float64) when needed, and HT-SR alphas
     (power-law fit of ``lambda = S^2``, spectra.analysis.powerlaw) for the alpha allocators."""
-    out = []
     values: dict[str, np.ndarray] = {}
     if needs is not None:
         for ref, W in ckpt.read_many(matrices, dtype=torch.float32, device=str(device)):
             values[ref.key] = exact_svdvals(W).cpu().numpy()
+    return stats_from_values(matrices, values, needs)
+
+
+def stats_from_values(
+    matrices: Sequence[MatrixRef], values: Mapping[str, np.ndarray], needs: str | None
+) -> list[ModuleStats]:
+    """ModuleStats from singular values already computed (weight key -> S, descending): the
+    one rule for what an allocator sees, whether the values were just computed (init) or come
+    from the spectrum engine and its cache (`spectra plan`)."""
+    out = []
     for mat in matrices:
         S = values.get(mat.key)
         alpha = None
@@ -74,12 +83,26 @@ def allocated_ranks(
             raise ValidationError("--budget needs --allocate (uniform, energy, alpha-power, ...)")
         return None, None
     spec = get_allocator(options.allocator)
-    total = options.budget if options.budget is not None else options.rank * len(selected)
+    check_budget(options)
+    return ranks_from_stats(options, module_stats(ckpt, selected, spec.needs, device))
+
+
+def check_budget(options: AllocationOptions) -> None:
+    """Refuse a params budget without an explicit total (before any spectrum is computed)."""
     if options.budget is None and options.budget_unit != "rank":
         raise ValidationError("a params budget needs an explicit --budget")
-    stats = module_stats(ckpt, selected, spec.needs, device)
+
+
+def ranks_from_stats(
+    options: AllocationOptions, stats: Sequence[ModuleStats]
+) -> tuple[dict[str, int], Allocation]:
+    """``options.allocator``'s ranks for the modules of ``stats`` (see `allocated_ranks`)."""
+    if options.allocator is None:
+        raise ValidationError("no allocator named: pass --allocate (uniform, energy, ...)")
+    check_budget(options)
+    total = options.budget if options.budget is not None else options.rank * len(stats)
     alloc = allocate(
-        spec.name,
+        options.allocator,
         stats,
         Budget(total, options.budget_unit),  # type: ignore[arg-type]
         min_rank=options.min_rank,
