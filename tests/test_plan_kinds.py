@@ -206,3 +206,37 @@ def test_sparsity_mapping_edges() -> None:
         sparsity_ratios([1.0, 5.0], [1000, 10], [0, 1], target=0.9, eps=0.9, mapping="layer_wise")
     with pytest.raises(ValidationError, match="target sparsity"):
         sparsity_ratios([1.0], [1], [0], target=1.0, eps=0.3)
+
+
+def test_kappa_fused_moe_parameters_equal_peft(tmp_path: Path) -> None:
+    """A 3-D expert stack: PEFT averages kappa over the experts and lists it in
+    target_parameters; the 2-D linears go to target_modules."""
+    peft_helpers = pytest.importorskip("peft.helpers")
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(3, 32, 16, generator=g))
+            self.down_proj = torch.nn.Parameter(torch.randn(3, 16, 16, generator=g))
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(16, 16, bias=False)
+            self.o_proj = torch.nn.Linear(16, 16, bias=False)
+            self.experts = Experts()
+
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([Layer(), Layer()])})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 16}))
+    want = peft_helpers.find_kappa_target_modules(model, top_p=0.5, show_progress=False)
+    result = make_plan(
+        tmp_path, PlanOptions(kind="kappa", out=tmp_path / "k.json", fraction=0.5), cache=False
+    )
+    assert result.plan["target_modules"] == want["target_modules"]
+    assert result.plan["target_parameters"] == want["target_parameters"]
+    assert len(want["target_parameters"]) == 2

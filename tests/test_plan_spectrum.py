@@ -129,9 +129,10 @@ def test_json_output_carries_numbers_and_definition(
     assert "spectrum" in data["reference"]
     chosen = {row["module"] for row in data["modules"] if row["chosen"]}
     assert chosen == set(result.chosen)
-    assert data["unfrozen_parameters"][:2] == [
-        "- ^lm_head.weight$",
-        "- ^model.embed_tokens.weight$",
+    assert data["unfrozen_parameters"] == [
+        "^lm_head.weight$",
+        "^model.embed_tokens.weight$",
+        *[m for t in data["types"] for m in t["chosen"]],
     ]
 
 

@@ -49,7 +49,13 @@ from spectra.adapt.peft_config import lora_config
 from spectra.adapt.plan import build_plan, module_path, select_targets
 from spectra.adapt.ranks import AllocationOptions, check_budget, ranks_from_stats, stats_from_values
 from spectra.adapt.sparsity import MAPPINGS, sparsity_ratios
-from spectra.adapt.spectrum_select import select_by_type, top_count, unfrozen_yaml
+from spectra.adapt.spectrum_select import (
+    ALWAYS_UNFROZEN,
+    TypeSelection,
+    select_by_type,
+    top_count,
+    unfrozen_yaml,
+)
 from spectra.analysis.alpha_peak import alpha_peak
 from spectra.analysis.condition import condition_number
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
@@ -74,6 +80,7 @@ METRICS = ("alpha_peak", "alpha")
 DEFAULT_FRACTION = {"spectrum": 0.5, "kappa": 0.2}  # the tool's 50 %, PEFT's top_p
 PEFT_CONFIG = "adapter_config.json"
 PEFT_NUMBERS = "spectra_plan.json"
+KAPPA_MOE_SUFFIXES = (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj")  # PEFT's defaults
 ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 Progress = Callable[[int, int, int], None]
 CacheSpec = SpectrumCache | str | Path | bool | None
@@ -403,7 +410,7 @@ def _spectrum(ctx: _Ctx) -> Body:
         ),
         "reference": "cognitivecomputations/spectrum spectrum.py; arXiv 2406.06623",
         "top_percent": ctx.options.top_fraction * 100,
-        "unfrozen_parameters": unfrozen_yaml(selection).splitlines()[1:],
+        "unfrozen_parameters": [*ALWAYS_UNFROZEN, *chosen],
         "types": [sel.to_dict() for sel in selection],
         "modules": rows,
     }
@@ -412,7 +419,10 @@ def _spectrum(ctx: _Ctx) -> Body:
 
 def _spectrum_yaml(plan: Mapping[str, Any]) -> str:
     """The tool's YAML, then spectra's numbers as comments (the file stays what axolotl reads)."""
-    lines = ["unfrozen_parameters:", *plan["unfrozen_parameters"]]
+    selection = [
+        TypeSelection(t["type"], tuple(t["modules"]), tuple(t["chosen"])) for t in plan["types"]
+    ]
+    lines = unfrozen_yaml(selection).splitlines()
     lines += [
         "# spectra plan --for spectrum: " + plan["definition"],
         f"# reference: {plan['reference']}; top_percent: {plan['top_percent']:g}",
@@ -433,7 +443,9 @@ def _kappa(ctx: _Ctx) -> Body:
     stacks = [
         m
         for m in ctx.ckpt.matrices()
-        if len(m.tensor.shape) == 3 and max(m.shape) <= opts.max_dim and m.expert is not None
+        if len(m.tensor.shape) == 3
+        and m.tensor.name.endswith(KAPPA_MOE_SUFFIXES)
+        and max(m.shape) <= opts.max_dim
     ]
     if not refs and not stacks:
         raise ValidationError(
