@@ -168,16 +168,28 @@ def test_alpha_peak_equals_the_loop() -> None:
         assert alpha_peak(evals).alpha == pytest.approx(_hill_peak_loop(evals), rel=1e-10)
 
 
-@pytest.mark.parametrize("mapping", ["block_wise", "layer_wise"])
-def test_alphapruning_equals_the_papers_mapping(
-    minilm_path: Path, tmp_path: Path, cache: Path, layers: dict, mapping: str
-) -> None:
+@pytest.fixture(scope="module")
+def hill_metrics(layers: dict) -> tuple[list[float], list[int]]:
+    """alpha_peak of every layer matrix (the loop, float64 full SVD) and its entries."""
     metrics, sizes = [], []
     for i in range(6):
         for _, W in layers[i]:
             S = torch.linalg.svdvals(W.double())
             metrics.append(_hill_peak_loop((S**2).numpy()))
             sizes.append(W.numel())
+    return metrics, sizes
+
+
+@pytest.mark.parametrize("mapping", ["block_wise", "layer_wise"])
+def test_alphapruning_equals_the_papers_mapping(
+    minilm_path: Path,
+    tmp_path: Path,
+    cache: Path,
+    layers: dict,
+    hill_metrics: tuple[list[float], list[int]],
+    mapping: str,
+) -> None:
+    metrics, sizes = hill_metrics
     q = np.array(metrics)
     if mapping == "block_wise":
         q = np.repeat(q.reshape(6, 6).mean(axis=1), 6)
