@@ -69,6 +69,10 @@ def _register() -> None:
 
     plan_cmd.register(app)
 
+    from spectra.cli import mitigate_cmd
+
+    mitigate_cmd.register(app)
+
 
 _register()
 

@@ -35,6 +35,9 @@ _LAZY = {
     "InitOptions": "spectra.jobs.init",
     "make_plan": "spectra.jobs.plan",
     "PlanOptions": "spectra.jobs.plan",
+    "mitigate": "spectra.jobs.mitigate",
+    "MitigateOptions": "spectra.jobs.mitigate",
+    "Mitigation": "spectra.jobs.mitigate",
     "compute_spectra": "spectra.linalg.engine",
     "Spectrum": "spectra.linalg.spectrum",
 }

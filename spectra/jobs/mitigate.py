@@ -1,0 +1,572 @@
+"""`mitigate(base, finetuned, out)`: the mitigate job. Scale the intruder dimensions of a
+fine-tune (arXiv 2410.21228; docs/methods.md section 3) and write the mitigated model in the
+form it came in.
+
+1. `open_adapter` (compare's) says whether FINETUNED is a PEFT LoRA adapter folder;
+2. `plan_pairs` (compare's, with the same k, epsilon, --map and selection) pairs its matrices
+   with the base's, so the matrices and directions are exactly those `spectra compare` counts;
+3. per pair (pure, spectra.adapt.mitigate): the float64 top-k left vectors of W_t, their max |cos|
+   against the base's, the intruders below epsilon, ``W' = W_t - (1 - lambda) U_I U_I^T W_t``, and
+   the intruders of the result (what compare will count on it);
+4. written atomically (spectra.outdir) with ``mitigation.json``:
+   - a checkpoint: streamed shard by shard through the residual writer
+     (spectra.export.residual): same shard files, tensor order, dtypes, index and side files;
+     only matrices with an intruder are replaced (W' rounded to the stored dtype), every other
+     tensor is copied byte for byte; one matrix in memory at a time;
+   - a PEFT adapter: an adapter for the same base. ``rank_policy="extend"`` (default): a mitigated
+     module's rank grows by its number of directions (``rank_pattern``/``alpha_pattern`` keep its
+     scale) and BASE + adapter is W' exactly; ``rank_policy="peft"``: PEFT 0.21.2's
+     ``reduce_intruder_dimension`` (same rank r, the best rank-r fit of W' - W_0).
+No intruder at all: nothing is written and the result says so (`Mitigation.out` is None; the CLI
+prints a note and exits 0): a copy of the fine-tune would only look like a mitigated model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectra.adapt.mitigate import (
+    Detection,
+    Direction,
+    check_lambda,
+    detect_intruders,
+    extend_factors,
+    moved_directions,
+    new_alpha,
+    refit_factors,
+    scale_directions,
+)
+from spectra.analysis.compare_inputs import ResidualBaseWarning, open_adapter
+from spectra.analysis.comparison import CompareOptions
+from spectra.analysis.drift import left_singular
+from spectra.analysis.intruders import DEFAULT_K, validate_epsilons
+from spectra.analysis.results import json_safe, runtime_versions
+from spectra.device import resolve_device
+from spectra.distributed.runtime import apply_threads
+from spectra.errors import ValidationError
+from spectra.export.residual import RESIDUAL_DTYPES, storage_dtype, write_residual_checkpoint
+from spectra.fields import check_fields, check_instance, check_value
+from spectra.formats.files import check_source
+from spectra.formats.peft import AdapterContent, PeftAdapter, read_peft_adapter, write_peft_adapter
+from spectra.formats.safetensors import clip
+from spectra.jobs.compare import plan_pairs
+from spectra.outdir import atomic_output_dir, check_output_dir
+from spectra.sources.adapters import LoraAdapter
+from spectra.sources.checkpoint import Checkpoint, is_hub_source
+from spectra.sources.roles import MatrixRef
+
+Progress = Callable[[int, int, str], None]  # (done, total, key of the matrix just finished)
+REPORT_NAME = "mitigation.json"
+RANK_POLICIES = ("extend", "peft")
+PEFT_DEFAULT_LAMBDA = 0.75  # PEFT's reduce_intruder_dimension default
+# Settings of the input adapter that stay true for the mitigated one.
+CARRIED_KEYS = (
+    "modules_to_save",
+    "task_type",
+    "bias",
+    "lora_bias",
+    "fan_in_fan_out",
+    "lora_dropout",
+    "revision",
+)
+
+
+@dataclass(frozen=True)
+class MitigateOptions:
+    """Knobs of a mitigation (validated).
+
+    lam: the factor each intruder's singular value is multiplied by, in (0, 1] (PEFT's default
+    0.75; the paper's tables use 0.5-0.7); k, epsilon: compare's top-k and threshold (one epsilon);
+    rank_policy: for an adapter, "extend" (rank r + directions, W' exactly) or "peft" (rank r,
+    PEFT's reduce_intruder_dimension); map/include/exclude/roles/allow_missing/device: as in
+    CompareOptions; check_base_name: refuse an adapter whose base_model_name_or_path names a
+    different Hub repo or a different local folder than BASE.
+    """
+
+    lam: float = PEFT_DEFAULT_LAMBDA
+    k: int = DEFAULT_K
+    epsilon: float = 0.5
+    rank_policy: str = "extend"
+    map: tuple[tuple[str, str], ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    allow_missing: bool = False
+    device: str = "auto"
+    check_base_name: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", check_lambda(self.lam))
+        eps = self.epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValidationError(f"epsilon must be a number in (0, 1], got {eps!r}")
+        object.__setattr__(self, "epsilon", validate_epsilons((eps,))[0])
+        if self.rank_policy not in RANK_POLICIES:
+            raise ValidationError(
+                f"rank_policy must be one of {', '.join(RANK_POLICIES)}, "
+                f"got {clip(self.rank_policy)}"
+            )
+        compare = self.compare_options()  # k, map, selection and device checked as compare does
+        for name in ("map", "include", "exclude", "roles", "device"):
+            object.__setattr__(self, name, getattr(compare, name))
+        check_fields(self)
+
+    def compare_options(self) -> CompareOptions:
+        """The CompareOptions that select the same matrices and directions."""
+        return CompareOptions(
+            k=self.k,
+            epsilons=(self.epsilon,),
+            map=self.map,
+            include=self.include,
+            exclude=self.exclude,
+            roles=self.roles,
+            allow_missing=self.allow_missing,
+            device=self.device,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lambda": self.lam,
+            "k": self.k,
+            "epsilon": self.epsilon,
+            "rank_policy": self.rank_policy,
+            "map": [f"{p}=>{r}" for p, r in self.map],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "roles": list(self.roles),
+            "allow_missing": self.allow_missing,
+            "device": self.device,
+            "check_base_name": self.check_base_name,
+        }
+
+
+@dataclass(frozen=True)
+class MatrixMitigation:
+    """What was done to one matrix: its top-k max |cos|, the directions scaled (empty: left as
+    it is), and the intruder count at epsilon among the top-k of the result (what `spectra
+    compare` counts on it). rank/alpha before and after: adapter modules only."""
+
+    key: str
+    ft_key: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    max_cos: tuple[float, ...]
+    directions: tuple[Direction, ...]
+    intruders_after: int
+    rank: tuple[int, int] | None = None
+    alpha: tuple[float, float] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.directions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "ft_key": self.ft_key,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "max_cos": list(self.max_cos),
+            "intruders_before": len(self.directions),
+            "intruders_after": self.intruders_after,
+            "directions": [d.to_dict() for d in self.directions],
+            "rank_before": None if self.rank is None else self.rank[0],
+            "rank_after": None if self.rank is None else self.rank[1],
+            "alpha_before": None if self.alpha is None else self.alpha[0],
+            "alpha_after": None if self.alpha is None else self.alpha[1],
+        }
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """What `mitigate()` returns: every examined matrix, and where the result was written
+    (`out` None: no intruder anywhere, nothing written)."""
+
+    base: str
+    finetuned: str
+    mode: str  # 'checkpoint' | 'lora'
+    options: MitigateOptions
+    matrices: tuple[MatrixMitigation, ...]
+    out: Path | None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> tuple[MatrixMitigation, ...]:
+        return tuple(m for m in self.matrices if m.changed)
+
+    @property
+    def directions(self) -> int:
+        return sum(len(m.directions) for m in self.matrices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "kind": "mitigate",
+                "method": "intruder dimensions scaled by lambda (arXiv 2410.21228)",
+                "base": self.base,
+                "finetuned": self.finetuned,
+                "mode": self.mode,
+                "options": self.options.to_dict(),
+                "versions": dict(self.versions),
+                "matrices_examined": len(self.matrices),
+                "matrices_changed": len(self.changed),
+                "directions": self.directions,
+                "matrices": [m.to_dict() for m in self.matrices],
+            }
+        )
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def mitigate(
+    base: str | Path,
+    finetuned: str | Path,
+    out: str | Path,
+    options: MitigateOptions | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> Mitigation:
+    """Scale the intruder dimensions of `finetuned` (a checkpoint or a PEFT LoRA adapter folder)
+    against `base` by `options.lam` and write the result to `out` (atomically; an existing
+    folder is refused without `force`). Returns the Mitigation (its `out` is None when no matrix
+    had an intruder: then nothing is written).
+
+    >>> res = mitigate("base/", "adapter/", "out/", MitigateOptions(lam=0.5))  # doctest: +SKIP
+    >>> [(m.key, len(m.directions)) for m in res.changed]                    # doctest: +SKIP
+    [('encoder.layer.0.attention.self.query.weight', 2)]
+    """
+    check_source(base, "base")
+    check_source(finetuned, "finetuned")
+    check_source(out, "out")
+    check_instance(options, MitigateOptions, "options")
+    check_value(progress, Progress | None, "progress")
+    opts = MitigateOptions() if options is None else options
+    protect = (base, finetuned)  # never replaced, even with force
+    check_output_dir(Path(out).expanduser().absolute(), force=force, protect=protect)
+    apply_threads(threads)
+    job = _Job(opts, resolve_device(opts.device), progress, Path(out), force)
+    adapter = _open_adapter(finetuned)
+    with Checkpoint.open(base) as base_ckpt:
+        if adapter is not None:
+            with adapter:
+                rows, written = _mitigate_adapter(job, base_ckpt, adapter, (base, finetuned))
+        else:
+            with Checkpoint.open(finetuned) as ft_ckpt:
+                rows, written = _mitigate_checkpoint(job, base_ckpt, ft_ckpt, (base, finetuned))
+    return Mitigation(
+        base=str(base),
+        finetuned=str(finetuned),
+        mode="lora" if adapter is not None else "checkpoint",
+        options=opts,
+        matrices=tuple(rows),
+        out=written,
+        versions=runtime_versions(),
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    options: MitigateOptions
+    device: torch.device
+    progress: Progress | None
+    out: Path
+    force: bool
+
+
+class _NothingToWrite(Exception):
+    """Raised inside the atomic output folder when no matrix changed: the folder is dropped."""
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _open_adapter(finetuned: str | Path) -> LoraAdapter | None:
+    """compare's adapter detection; an adapter whose init changed the base is refused (BASE +
+    adapter is not the fine-tuned model, so its directions would be the wrong ones)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResidualBaseWarning)
+        try:
+            adapter = open_adapter(finetuned)
+        except ResidualBaseWarning as exc:
+            raise ValidationError(f"cannot mitigate: {exc}") from None
+    if adapter is not None and adapter.initial is not None:
+        adapter.close()
+        raise ValidationError(
+            f"{finetuned} was trained on a spectra init residual base: run `spectra convert` "
+            "first and mitigate the plain LoRA it writes"
+        )
+    return adapter
+
+
+def check_base_name(base: str | Path, config: dict[str, Any]) -> None:
+    """ValidationError when the adapter's ``base_model_name_or_path`` names another model than
+    `base`: two different Hub repo ids, or two different existing local folders. A Hub id against
+    a local folder cannot be told apart offline and passes (the shapes are checked anyway)."""
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named or len(named) > 4096:
+        return
+    given = str(base)
+    if is_hub_source(given) and is_hub_source(named):
+        same = given.partition("@")[0].lower() == named.lower()
+    else:
+        a, b = Path(given).expanduser(), Path(named).expanduser()
+        if not (a.exists() and b.exists()):
+            return
+        same = a.resolve() == b.resolve() or (a.is_file() and a.resolve().parent == b.resolve())
+    if not same:
+        raise ValidationError(
+            f"the adapter was trained on {clip(named)} (its base_model_name_or_path), not on "
+            f"{clip(given)}: pass that base, or --skip-base-check if {clip(given)} is a copy of it"
+        )
+
+
+def _check_shapes(
+    base: Checkpoint, adapter: LoraAdapter, pairs: tuple[tuple[str, str], ...]
+) -> None:
+    refs = {m.key: m for m in base.matrices()}
+    for b_key, module in pairs:
+        mod = adapter.modules[module]
+        want = (mod.b.shape[0], mod.a.shape[1])
+        if refs[b_key].shape != want:
+            raise ValidationError(
+                f"{clip(b_key)} is {refs[b_key].shape} in {base.source} but the adapter's "
+                f"B @ A is {want}: this adapter is for another base model"
+            )
+
+
+# ------------------------------------------------------------------ one matrix
+
+
+def _examine(
+    job: _Job, w0: torch.Tensor, w1: torch.Tensor
+) -> tuple[Detection, tuple[torch.Tensor, torch.Tensor]]:
+    """Detection on (W_0, W_t) and the base's (U, S), reused for the count after."""
+    base_svd = left_singular(w0)
+    return detect_intruders(w0, w1, job.options.k, job.options.epsilon, base_svd), base_svd
+
+
+def _count_after(
+    job: _Job, w0: torch.Tensor, w_after: torch.Tensor, base_svd: tuple[torch.Tensor, torch.Tensor]
+) -> int:
+    after = detect_intruders(w0, w_after, job.options.k, job.options.epsilon, base_svd)
+    return len(after.indices)
+
+
+def _row(ref: MatrixRef, ft_key: str, det: Detection, **extra: Any) -> MatrixMitigation:
+    return MatrixMitigation(
+        key=ref.key,
+        ft_key=ft_key,
+        role=ref.role,
+        layer=ref.layer,
+        shape=ref.shape,
+        max_cos=det.max_cos,
+        **extra,
+    )
+
+
+def _tick(job: _Job, done: int, total: int, key: str) -> None:
+    if job.progress is not None:
+        job.progress(done, total, key)
+
+
+# ------------------------------------------------------------------ a PEFT adapter
+
+
+def _mitigate_adapter(
+    job: _Job, base: Checkpoint, adapter: LoraAdapter, inputs: tuple[str | Path, str | Path]
+) -> tuple[list[MatrixMitigation], Path | None]:
+    opts = job.options
+    if opts.check_base_name:
+        check_base_name(inputs[0], adapter.config)
+    pairing, b_refs = plan_pairs(base, adapter, opts.compare_options())
+    _check_shapes(base, adapter, pairing.pairs)
+    peft = read_peft_adapter(inputs[1])
+    factors = dict(peft.factors)
+    alphas = {m: peft.alpha(m) for m in factors}
+    rows = []
+    for i, (b_key, module) in enumerate(pairing.pairs):
+        row, new = _adapter_module(job, base, b_refs[b_key], peft, module)
+        rows.append(row)
+        if new is not None:
+            factors[module], alphas[module] = new
+        _tick(job, i + 1, len(pairing.pairs), b_key)
+    if not any(r.changed for r in rows):
+        return rows, None
+    content = AdapterContent(
+        factors,
+        alphas,
+        rslora=peft.settings.use_rslora,
+        base_model_name_or_path=peft.config.get("base_model_name_or_path"),
+        dtype=next(iter(peft.factors.values()))[0].dtype,
+        other=peft.other,
+        config_extra={k: peft.config[k] for k in CARRIED_KEYS if peft.config.get(k) is not None},
+    )
+    with atomic_output_dir(job.out, force=job.force, protect=inputs) as tmp:
+        write_peft_adapter(tmp, content)
+        (tmp / REPORT_NAME).write_text(_report_text(job, rows, inputs, "lora"), encoding="utf-8")
+    return rows, job.out.expanduser().absolute()
+
+
+def _adapter_module(
+    job: _Job, base: Checkpoint, ref: MatrixRef, peft: PeftAdapter, module: str
+) -> tuple[MatrixMitigation, tuple[tuple[torch.Tensor, torch.Tensor], float] | None]:
+    """One adapted module: its row and, when it has intruders, its new (A, B) and alpha."""
+    opts, dev = job.options, job.device
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    w0 = base.read(ref, dtype=dtype, device=str(dev))
+    a, b = (t.to(device=dev, dtype=dtype) for t in peft.factors[module])
+    scale, rank, alpha = peft.scale(module), peft.rank(module), peft.alpha(module)
+    w1 = w0 + scale * (b @ a)
+    det, base_svd = _examine(job, w0, w1)
+    if not det.indices:
+        return _row(
+            ref,
+            module,
+            det,
+            directions=(),
+            intruders_after=0,
+            rank=(rank, rank),
+            alpha=(alpha, alpha),
+        ), None
+    u = det.u_top[:, list(det.indices)]
+    if opts.rank_policy == "extend":
+        a2, b2 = extend_factors(a, b, scale, (u, w1, opts.lam))
+        alpha2 = new_alpha(scale, a2.shape[0], rslora=peft.settings.use_rslora)
+        w_after = w0 + lora_scale_of(alpha2, a2.shape[0], peft) * (b2 @ a2)
+    else:
+        b2, a2 = refit_factors(w0, scale_directions(w1, u, opts.lam), rank, scale)
+        alpha2 = alpha
+        w_after = w0 + scale * (b2 @ a2)
+    row = _row(
+        ref,
+        module,
+        det,
+        directions=moved_directions(det, opts.lam),
+        intruders_after=_count_after(job, w0, w_after, base_svd),
+        rank=(rank, int(a2.shape[0])),
+        alpha=(alpha, alpha2),
+    )
+    stored = peft.factors[module][0].dtype
+    return row, ((a2.to("cpu", stored), b2.to("cpu", stored)), alpha2)
+
+
+def lora_scale_of(alpha: float, rank: int, peft: PeftAdapter) -> float:
+    """The scale PEFT gives a module of this alpha and rank under the adapter's rsLoRA flag."""
+    return alpha / (math.sqrt(rank) if peft.settings.use_rslora else rank)
+
+
+# ------------------------------------------------------------------ a checkpoint
+
+
+def _mitigate_checkpoint(
+    job: _Job, base: Checkpoint, ft: Checkpoint, inputs: tuple[str | Path, str | Path]
+) -> tuple[list[MatrixMitigation], Path | None]:
+    pairing, b_refs = plan_pairs(base, ft, job.options.compare_options())
+    f_refs = {m.key: m for m in ft.matrices()}
+    todo = {f_refs[f].tensor.name: (b_refs[b], f_refs[f]) for b, f in pairing.pairs}
+    _check_writable([f_refs[f] for _, f in pairing.pairs])
+    rows: list[MatrixMitigation] = []
+
+    def replace(name: str) -> torch.Tensor | None:
+        if name not in todo:
+            return None
+        b_ref, f_ref = todo[name]
+        row, new = _checkpoint_matrix(job, base.read(b_ref, dtype=torch.float64), ft, f_ref)
+        rows.append(_with_key(row, b_ref))
+        _tick(job, len(rows), len(todo), b_ref.key)
+        return new
+
+    single_file = Path(str(inputs[1])).expanduser().is_file()
+    try:
+        with atomic_output_dir(job.out, force=job.force, protect=inputs) as tmp:
+            write_residual_checkpoint(ft.files, tmp, replace, copy_files=not single_file)
+            if not any(r.changed for r in rows):
+                raise _NothingToWrite
+            order = {b.key: i for i, (b, _) in enumerate(todo.values())}
+            rows.sort(key=lambda r: order[r.key])
+            text = _report_text(job, rows, inputs, "checkpoint")
+            (tmp / REPORT_NAME).write_text(text, encoding="utf-8")
+    except _NothingToWrite:
+        return rows, None
+    return rows, job.out.expanduser().absolute()
+
+
+def _with_key(row: MatrixMitigation, b_ref: MatrixRef) -> MatrixMitigation:
+    return MatrixMitigation(**{**row.__dict__, "key": b_ref.key})
+
+
+def _check_writable(refs: list[MatrixRef]) -> None:
+    for ref in refs:
+        if ref.key != ref.tensor.name:
+            raise ValidationError(
+                f"{clip(ref.key)} is one slice of the 3-D tensor {clip(ref.tensor.name)}: "
+                "mitigating expert stacks is not supported; leave them out with --exclude"
+            )
+        if ref.tensor.dtype not in RESIDUAL_DTYPES or not ref.tensor.dtype.startswith(("F", "B")):
+            raise ValidationError(
+                f"{clip(ref.key)} is stored as {ref.tensor.dtype}: spectra can only rewrite "
+                "float32/float16/bfloat16/float64 matrices; leave it out with --exclude"
+            )
+
+
+def _checkpoint_matrix(
+    job: _Job, w0: torch.Tensor, ft: Checkpoint, ref: MatrixRef
+) -> tuple[MatrixMitigation, torch.Tensor | None]:
+    """One fine-tuned matrix: its row, and W' in the stored dtype and layout (None: unchanged)."""
+    dev = job.device
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    w0 = w0.to(device=dev, dtype=dtype)
+    w1 = ft.read(ref, dtype=dtype, device=str(dev))
+    det, base_svd = _examine(job, w0, w1)
+    if not det.indices:
+        return _row(ref, ref.key, det, directions=(), intruders_after=0), None
+    u = det.u_top[:, list(det.indices)]
+    w_new = scale_directions(w1, u, job.options.lam)
+    stored = w_new.to(storage_dtype(ref.tensor.dtype))
+    row = _row(
+        ref,
+        ref.key,
+        det,
+        directions=moved_directions(det, job.options.lam),
+        intruders_after=_count_after(job, w0, stored.to(dtype), base_svd),
+    )
+    out = stored.mT if ref.transpose else stored
+    return row, out.contiguous().cpu()
+
+
+def _report_text(
+    job: _Job, rows: list[MatrixMitigation], inputs: tuple[str | Path, str | Path], mode: str
+) -> str:
+    result = Mitigation(
+        base=str(inputs[0]),
+        finetuned=str(inputs[1]),
+        mode=mode,
+        options=job.options,
+        matrices=tuple(rows),
+        out=job.out.expanduser().absolute(),
+        versions=runtime_versions(),
+    )
+    return result.to_json() + "\n"
+
+
+def nothing_message(result: Mitigation) -> str:
+    """The note for a run that found no intruder (nothing written)."""
+    opts = result.options
+    return (
+        f"no intruder dimensions: none of the top-{opts.k} left singular vectors of the "
+        f"{len(result.matrices)} matrices compared has max |cos| < {opts.epsilon:g} against "
+        "the base; nothing to mitigate, nothing written (a larger --epsilon or --k finds more)"
+    )
