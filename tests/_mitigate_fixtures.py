@@ -11,6 +11,7 @@ import torch
 
 R, ALPHA = 4, 8.0  # the adapter's rank and alpha (scale 2)
 TARGETS = ("query", "value")
+LAYERS = [0, 3]  # adapted layers (4 modules: keeps the tests fast)
 # module -> planted singular values, in multiples of the base matrix's S_1
 PLANTED = {
     "encoder.layer.0.attention.self.query": (3.0, 2.0),
@@ -23,9 +24,9 @@ def layer_name(module: str) -> str:
 
 
 def train_and_plant(minilm: Path, out: Path) -> Path:
-    """A PEFT LoRA (r 4, alpha 8 on query/value) trained for 3 Adam steps on MiniLM, then
-    intruders planted in two modules: B A gets rank-1 terms along random directions with singular
-    values PLANTED x S_1(W). Saved with PEFT's save_pretrained (safetensors)."""
+    """A PEFT LoRA (r 4, alpha 8 on query/value of layers 0 and 3) trained for 3 Adam steps on
+    MiniLM, then intruders planted in two modules: B A gets rank-1 terms along random directions
+    with singular values PLANTED x S_1(W). Saved with PEFT's save_pretrained (safetensors)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
@@ -33,7 +34,13 @@ def train_and_plant(minilm: Path, out: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(minilm)
     model = get_peft_model(
         AutoModel.from_pretrained(minilm),
-        LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0),
+        LoraConfig(
+            r=R,
+            lora_alpha=ALPHA,
+            target_modules=list(TARGETS),
+            layers_to_transform=LAYERS,
+            lora_dropout=0.0,
+        ),
     )
     batch = tok(
         ["a small test sentence", "another one, longer than the first"],
