@@ -48,7 +48,9 @@ def inspect(
         bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")
     ] = False,
 ) -> None:
-    """List weight matrices (name, role, layer, shape, dtype, MB) and totals. Reads headers only."""
+    """List weight matrices (name, role, layer, shape, dtype, MB) and totals. Reads headers only.
+
+    Quantized checkpoints add a storage column (scheme, bits, block or group size)."""
     from spectra.sources.bundled import bundled_model_path
     from spectra.sources.checkpoint import Checkpoint
     from spectra.sources.inventory import inventory
@@ -65,12 +67,16 @@ def inspect(
     for col in ("layer", "shape (out, in)"):
         table.add_column(col, justify="right")
     table.add_column("dtype")
+    encoded = any(m.encoded is not None for m in inv.matrices)
+    if encoded:  # a quantized checkpoint: how each matrix is stored
+        table.add_column("storage")
     table.add_column("MB", justify="right")
     for m in inv.matrices:
         role = m.role if m.expert_role is None else f"{m.role}:{m.expert_role}"
         layer = "" if m.layer is None else str(m.layer)
         shape = f"{m.shape[0]} x {m.shape[1]}" + (" (T)" if m.transpose else "")
-        table.add_row(safe_text(m.key), role, layer, shape, m.tensor.dtype, _mb(m.nbytes))
+        storage = (safe_text(m.storage),) if encoded else ()
+        table.add_row(safe_text(m.key), role, layer, shape, m.tensor.dtype, *storage, _mb(m.nbytes))
     console.print(table)
     totals = Table(title="totals")
     for col in ("role", "count", "parameters", "MB"):

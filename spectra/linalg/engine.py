@@ -169,6 +169,9 @@ def matrix_content_key(
     """
     tensor = getattr(ref, "tensor", None)
     shard = getattr(tensor, "shard", None)
+    encoded = getattr(ref, "encoded", None)
+    if encoded is not None and any(p.shard != shard for p in encoded.parts):
+        return ckpt.content_key(ref)  # decoded from several shards: the checkpoint's own key
     if cache is None or shard is None or not os.path.isfile(shard):
         return ckpt.content_key(ref)
     real = os.path.realpath(shard)
@@ -186,7 +189,8 @@ def matrix_content_key(
         return text
     m, n = ref.shape
     tail = ":T" if getattr(ref, "transpose", False) else ""
-    return f"{record.sha256}:{ref.offset}:{ref.nbytes}:{tensor.dtype}:{m}x{n}{tail}"
+    codec = "" if encoded is None else f":{encoded.codec.key()}"
+    return f"{record.sha256}:{ref.offset}:{ref.nbytes}:{tensor.dtype}:{m}x{n}{tail}{codec}"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,12 +18,14 @@ import torch
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError, ValidationError
+from spectra.formats.codec import Encoded
 from spectra.formats.files import check_source
 from spectra.formats.safetensors import ShardHeader, TensorRef, read_header
 from spectra.sources.hub import RepoShards, looks_like_repo_id, repo_shards
 from spectra.sources.layout import check_index, local_layout, read_config
-from spectra.sources.reader import LocalStore, ShardStore, convert, read_range
-from spectra.sources.roles import MatrixRef, classify
+from spectra.sources.quantized import find_encoded, given_encoded
+from spectra.sources.reader import LocalStore, ShardStore, convert, read_encoded, read_range
+from spectra.sources.roles import MatrixRef, classify, classify_encoded
 from spectra.sources.select import select
 
 Ref = TensorRef | MatrixRef | str
@@ -39,6 +42,11 @@ class Checkpoint:
     When the shards were named by an index, its `weight_map` (tensor -> shard path) is checked
     against the headers (`spectra.sources.layout.check_index`): a tensor the index lists that no
     shard holds, or holds in another shard, is a `SourceError`; unlisted extras warn.
+
+    Quantized checkpoints (`spectra.sources.quantized`: fp8 with scales, compressed-tensors,
+    GPTQ, AWQ, bitsandbytes, MXFP4) list one matrix per logical weight, read decoded. A source
+    that is not safetensors (GGUF) passes `encoded` (logical name -> `Encoded`, decoded (out, in))
+    instead of having it detected; `quantization` says what was found.
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class Checkpoint:
         store: ShardStore | None = None,
         config: dict[str, object] | None = None,
         weight_map: Mapping[str, Path] | None = None,
+        encoded: Mapping[str, Encoded] | None = None,
     ) -> None:
         self.source = source
         self.files: list[Path] = [h.path for h in headers]
@@ -64,7 +73,26 @@ class Checkpoint:
         hidden = self.config.get("hidden_size")
         ok = isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0
         hidden = hidden if ok else None
-        self._matrices = [m for t in self._tensors for m in classify(t, hidden_size=hidden)]
+        self.quantization = (
+            find_encoded(source, self._tensors, self.config, self._read_bytes)
+            if encoded is None
+            else given_encoded(encoded)
+        )
+        plain = [
+            m
+            for t in self._tensors
+            if t.name not in self.quantization.consumed
+            for m in classify(t, hidden_size=hidden)
+        ]
+        encoded = [
+            m
+            for w in self.quantization.weights
+            for m in classify_encoded(w.name, w.encoded, hidden_size=hidden, linear=w.linear)
+        ]
+        # in storage order (shard, then offset of the primary tensor); experts stay in order
+        self._matrices = sorted(
+            plain + encoded, key=lambda m: (self._shard_rank[m.tensor.shard], m.tensor.offset)
+        )
         self._by_key = {m.key: m for m in self._matrices}
 
     # -- opening -----------------------------------------------------------------------------
@@ -200,7 +228,13 @@ class Checkpoint:
         else:
             shape, nbytes, tail = r.shape, r.nbytes, ""
         dims = "x".join(str(d) for d in shape)
-        return f"{digest}:{_offset(r)}:{nbytes}:{_tensor(r).dtype}:{dims}{tail}"
+        key = f"{digest}:{_offset(r)}:{nbytes}:{_tensor(r).dtype}:{dims}{tail}"
+        if isinstance(r, MatrixRef) and r.encoded is not None:
+            others = dict.fromkeys(p.shard for p in r.encoded.parts if p.shard != _tensor(r).shard)
+            key += f":{r.encoded.codec.key()}" + "".join(
+                f"+{self._store.digest(s)}" for s in others
+            )
+        return key
 
     # -- plumbing ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -218,6 +252,19 @@ class Checkpoint:
             f"Checkpoint({self.source!r}, files={len(self.files)}, tensors={len(self._tensors)}, "
             f"matrices={len(self._matrices)})"
         )
+
+    def _read_bytes(self, ref: TensorRef) -> bytes:
+        """The stored bytes of a small tensor (quantization metadata such as a JSON state)."""
+        with self._store.open(ref.shard) as fh:
+            raw = read_range(
+                fh,
+                offset=ref.offset,
+                nbytes=ref.nbytes,
+                dtype="U8",
+                shape=(ref.nbytes,),
+                where=f"{ref.shard}: tensor {ref.name!r}",
+            )
+        return raw.numpy().tobytes()
 
     def _resolve(self, ref: Ref) -> TensorRef | MatrixRef:
         if isinstance(ref, str):
@@ -242,6 +289,17 @@ class Checkpoint:
         device: torch.device,
     ) -> torch.Tensor:
         t = _tensor(ref)
+        if isinstance(ref, MatrixRef) and ref.encoded is not None:
+            with ExitStack() as others:
+                opened = {t.shard: fh}
+
+                def open_shard(shard: Path) -> BinaryIO:
+                    if shard not in opened:
+                        opened[shard] = others.enter_context(self._store.open(shard))
+                    return opened[shard]
+
+                decoded = read_encoded(open_shard, ref.encoded)
+            return convert(decoded, dtype=dtype, device=device, transpose=ref.transpose)
         if isinstance(ref, MatrixRef):
             stored = t.shape[1:] if len(t.shape) == 3 else t.shape
             nbytes, transpose = ref.nbytes, ref.transpose

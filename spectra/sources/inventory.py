@@ -1,4 +1,8 @@
-"""What a checkpoint holds, as data: matrices and totals (what `spectra inspect` shows)."""
+"""What a checkpoint holds, as data: matrices and totals (what `spectra inspect` shows).
+
+A quantized matrix's entry adds `storage` (scheme, bits, block) and `parts` (the stored tensors
+it is decoded from); its `dtype` is its primary part's and `bytes` count every part.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +60,15 @@ class Inventory:
 
 
 def _matrix_dict(m: MatrixRef) -> dict[str, Any]:
+    out = _plain_dict(m)
+    if m.encoded is not None:  # quantized / GGUF: how it is stored, and every stored part
+        storage = m.encoded.codec.storage
+        out["storage"] = {"scheme": storage.scheme, "bits": storage.bits, "block": storage.block}
+        out["parts"] = [p.name for p in m.encoded.parts]
+    return out
+
+
+def _plain_dict(m: MatrixRef) -> dict[str, Any]:
     return {
         "key": m.key,
         "name": m.tensor.name,

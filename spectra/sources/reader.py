@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 
 from spectra.device import require_host_memory
 from spectra.errors import SourceError
+from spectra.formats.codec import Encoded, decode
 from spectra.formats.files import open_input
-from spectra.formats.safetensors import DTYPES
+from spectra.formats.safetensors import DTYPES, TensorRef
 
 
 def read_range(
@@ -60,6 +62,26 @@ def read_range(
             "the file changed or is incomplete, download or copy it again"
         )
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(shape)
+
+
+def read_part(fh: BinaryIO, ref: TensorRef) -> torch.Tensor:
+    """The tensor `ref` as stored (its dtype and shape), read from `fh`, the file of its shard."""
+    return read_range(
+        fh,
+        offset=ref.offset,
+        nbytes=ref.nbytes,
+        dtype=ref.dtype,
+        shape=ref.shape,
+        where=f"{ref.shard}: tensor {ref.name!r}",
+    )
+
+
+def read_encoded(open_shard: Callable[[Path], BinaryIO], encoded: Encoded) -> torch.Tensor:
+    """The decoded float32 tensor of `encoded`: every part read as stored from the file
+    `open_shard(part.shard)` returns (open files, owned by the caller), then decoded. Holds one
+    matrix's parts and its decode at a time."""
+    parts = [read_part(open_shard(p.shard), p) for p in encoded.parts]
+    return decode(encoded, parts)
 
 
 def convert(

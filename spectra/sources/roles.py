@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from spectra.errors import SourceError
+from spectra.formats.codec import Encoded
 from spectra.formats.safetensors import DTYPES, TensorRef, clip
 
 #: Most experts one 3-D stack may hold (real MoE models have up to a few hundred). Each expert
@@ -46,6 +47,9 @@ class MatrixRef:
     `key` is the tensor name, or `name[expert=E]` for slice E of a 3-D expert stack. `transpose`
     says the stored matrix is (in, out) (GPT-2 Conv1D). `expert`/`expert_role` are set for MoE
     experts (role "expert"); `expert_role` is up/gate/down/gate_up inside the expert.
+    `encoded` is set for a matrix whose stored tensors need decoding (quantized checkpoints,
+    GGUF): then `key` is the logical weight name, `tensor` the primary stored part, and reads
+    decode every part (`spectra.formats.codec`).
     """
 
     key: str
@@ -56,6 +60,7 @@ class MatrixRef:
     transpose: bool = False
     expert: int | None = None
     expert_role: str | None = None
+    encoded: Encoded | None = None
 
     @property
     def numel(self) -> int:
@@ -63,11 +68,23 @@ class MatrixRef:
 
     @property
     def nbytes(self) -> int:
+        """Stored bytes (every part of an encoded matrix)."""
+        if self.encoded is not None:
+            return self.encoded.nbytes
         return self.numel * DTYPES[self.tensor.dtype].itemsize
+
+    @property
+    def storage(self) -> str:
+        """How the matrix is stored: the codec's label, or the safetensors dtype."""
+        if self.encoded is not None:
+            return self.encoded.codec.storage.label()
+        return self.tensor.dtype
 
     @property
     def offset(self) -> int:
         """Absolute byte offset of this matrix's data (an expert slice starts inside its stack)."""
+        if self.encoded is not None:
+            return self.encoded.primary.offset
         if self.expert is None or len(self.tensor.shape) != 3:
             return self.tensor.offset
         return self.tensor.offset + self.expert * self.nbytes
@@ -135,42 +152,76 @@ def classify(ref: TensorRef, *, hidden_size: int | None = None) -> list[MatrixRe
     if not dtype.is_float or 0 in ref.shape or _NOT_WEIGHT.search(ref.name):
         return []
     if ref.name.endswith(".weight") and len(ref.shape) == 2:
-        return [_matrix_2d(ref)]
+        rows, cols = ref.shape
+        return [_matrix_2d(ref.name, ref, (rows, cols))]
     if len(ref.shape) == 3 and _STACK_NAMES.search(ref.name):
-        return _expert_stack(ref, hidden_size)
+        n_experts, rows, cols = ref.shape
+        return _expert_stack(ref.name, ref, (n_experts, rows, cols), hidden_size)
     return []
 
 
-def _matrix_2d(ref: TensorRef) -> MatrixRef:
-    stem = ref.name[: -len(".weight")]
+def classify_encoded(
+    name: str, encoded: Encoded, *, hidden_size: int | None = None, linear: bool = False
+) -> list[MatrixRef]:
+    """The weight matrices of the logical tensor `name` stored as `encoded`: one for a 2-D
+    matrix, one per expert for a 3-D expert stack, none for anything else (an encoded embedding
+    is still a matrix). `linear`: the decoded matrix is always (out, in), whatever a GPT-2
+    Conv1D name says (GPTQ/AWQ pack the Linear layout)."""
+    if 0 in encoded.shape:
+        return []
+    if name.endswith(".weight") and len(encoded.shape) == 2:
+        rows, cols = encoded.shape
+        return [_matrix_2d(name, encoded.primary, (rows, cols), encoded, linear=linear)]
+    if len(encoded.shape) == 3 and _STACK_NAMES.search(name):
+        n_experts, rows, cols = encoded.shape
+        return _expert_stack(name, encoded.primary, (n_experts, rows, cols), hidden_size, encoded)
+    return []
+
+
+def _matrix_2d(
+    name: str,
+    ref: TensorRef,
+    stored: tuple[int, int],
+    encoded: Encoded | None = None,
+    *,
+    linear: bool = False,
+) -> MatrixRef:
+    stem = name[: -len(".weight")]
     role = name_role(stem)
-    transpose = bool(_CONV1D.search(stem))
-    rows, cols = ref.shape
+    transpose = not linear and bool(_CONV1D.search(stem))
+    rows, cols = stored
     shape = (cols, rows) if transpose else (rows, cols)
-    layer = layer_index(ref.name)
-    expert_match = _EXPERT.search(ref.name)
+    layer = layer_index(name)
+    expert_match = _EXPERT.search(name)
     if expert_match is None:
-        return MatrixRef(ref.name, ref, role, layer, shape, transpose)
+        return MatrixRef(name, ref, role, layer, shape, transpose, encoded=encoded)
     expert_role = role if role in ("up", "gate", "down", "gate_up") else None
+    expert = int(expert_match.group(1))
     return MatrixRef(
-        ref.name, ref, "expert", layer, shape, transpose, int(expert_match.group(1)), expert_role
+        name, ref, "expert", layer, shape, transpose, expert, expert_role, encoded=encoded
     )
 
 
-def _expert_stack(ref: TensorRef, hidden_size: int | None) -> list[MatrixRef]:
-    n_experts, rows, cols = ref.shape
+def _expert_stack(
+    name: str,
+    ref: TensorRef,
+    stored: tuple[int, int, int],
+    hidden_size: int | None,
+    encoded: Encoded | None = None,
+) -> list[MatrixRef]:
+    n_experts, rows, cols = stored
     if n_experts > MAX_EXPERTS:
         raise SourceError(
-            f"{ref.shard}: tensor {clip(ref.name)} stacks {n_experts} experts, more than "
+            f"{ref.shard}: tensor {clip(name)} stacks {n_experts} experts, more than "
             f"{MAX_EXPERTS}: not a real MoE layer"
         )
-    expert_role = name_role(ref.name)
+    expert_role = name_role(name)
     transpose = _stack_transposed(expert_role, rows, cols, hidden_size)
     shape = (cols, rows) if transpose else (rows, cols)
-    layer = layer_index(ref.name)
+    layer = layer_index(name)
     return [
         MatrixRef(
-            f"{ref.name}[expert={e}]",
+            f"{name}[expert={e}]",
             ref,
             "expert",
             layer,
@@ -178,6 +229,7 @@ def _expert_stack(ref: TensorRef, hidden_size: int | None) -> list[MatrixRef]:
             transpose,
             e,
             expert_role if expert_role != "other" else None,
+            None if encoded is None else encoded.expert(e),
         )
         for e in range(n_experts)
     ]
