@@ -52,6 +52,7 @@ QUICK: dict[str, list[str]] = {
         "--threads",
         "1",
     ],
+    "bench_quantized": ["--gb", "0.05", "--dir", "{tmp}", "--passes", "read"],
 }
 
 

@@ -242,6 +242,7 @@ def init(
     writes the outputs; calibration methods run on rank 0 alone (the other ranks exit at once).
     """
     from spectra.adapt.registry import get_initializer
+    from spectra.export.decoded import DequantizedBaseWarning
     from spectra.export.residual import ResidualPrecisionWarning
     from spectra.jobs.init import CalibrationRequest, InitOptions, run_init
     from spectra.sources.bundled import bundled_model_path
@@ -292,14 +293,15 @@ def init(
             calibration = replace(calibration, progress=bar.calibration)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResidualPrecisionWarning)
+            warnings.simplefilter("always", DequantizedBaseWarning)
             result = run_init(
                 str(bundled_model_path()) if source is None else source,
                 options,
                 calibration=calibration,
                 progress=bar,
             )
-    for w in caught:  # the residual-precision warning as one line; the others as usual
-        if issubclass(w.category, ResidualPrecisionWarning):
+    for w in caught:  # the residual-precision and dequantized-base notes as one line each
+        if issubclass(w.category, (ResidualPrecisionWarning, DequantizedBaseWarning)):
             err_console.print(
                 f"warning: {w.message}", highlight=False, markup=False, soft_wrap=True
             )

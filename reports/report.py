@@ -28,6 +28,7 @@ import numpy as np
 from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
 from spectra.blobcache import BlobCache, blob_key, code_digest
 from spectra.errors import ValidationError
+from spectra.formats.safetensors import DTYPES
 from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
@@ -174,11 +175,28 @@ def _value(lm: LayerMetrics, attr: str) -> object:
 def headline(analysis: Analysis) -> list[tuple[str, object]]:
     s = analysis.summary
     share = "–" if s.warned_share is None else f"{100 * s.warned_share:.1f}%"
-    return [
+    facts: list[tuple[str, object]] = [
         ("matrices analysed", s.num_matrices),
         ("with a warning", f"{s.num_warned} ({share})"),
         ("mean α", H.fmt(s.mean_alpha, 3)),
     ]
+    quantized = quantization_summary(analysis)
+    if quantized:
+        facts.append(("quantization", quantized))
+    return facts
+
+
+def quantization_summary(analysis: Analysis) -> str:
+    """'gptq 4-bit group 128 (7 matrices), analysed dequantized to float32', or '' when no
+    analysed matrix is quantized (its dtype column holds a storage label, not a dtype)."""
+    counts: dict[str, int] = {}
+    for lm in analysis.layers:
+        if lm.dtype and lm.dtype not in DTYPES:
+            counts[lm.dtype] = counts.get(lm.dtype, 0) + 1
+    if not counts:
+        return ""
+    shown = ", ".join(f"{label} ({n} matrices)" for label, n in counts.items())
+    return f"{shown}; analysed dequantized to float32"
 
 
 def _group_rows(groups: dict) -> list[list[object]]:

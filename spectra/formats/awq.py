@@ -19,6 +19,7 @@ from spectra.formats.packing import INT32, expect, float_part, unpack_int32
 
 SCHEME = "awq"
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+CHUNK_ROWS = 1024  # input rows decoded at a time
 
 
 def deinterleave(values: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,11 @@ class AwqCodec:
         expect(stem + "qweight", SCHEME, qweight, (cols, out // 8), INT32)
         expect(stem + "qzeros", SCHEME, qzeros, (groups, out // 8), INT32)
         scale = float_part(stem + "scales", SCHEME, scales, (groups, out))
-        q = deinterleave(unpack_int32(qweight, 4, 1))
         zeros = deinterleave(unpack_int32(qzeros, 4, 1))
-        index = torch.arange(cols) // size
-        w = (q - zeros[index]).to(torch.float32).mul_(scale[index])
-        return w.T.contiguous()
+        wt = torch.empty(cols, out, dtype=torch.float32)  # W^T, filled a slab at a time
+        for j0 in range(0, cols, CHUNK_ROWS):  # bounded temporaries
+            j1 = min(j0 + CHUNK_ROWS, cols)
+            q = deinterleave(unpack_int32(qweight[j0:j1], 4, 1))
+            g = torch.arange(j0, j1) // size
+            torch.mul((q - zeros[g]).to(torch.float32), scale[g], out=wt[j0:j1])
+        return wt.T.contiguous()

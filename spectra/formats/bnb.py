@@ -28,6 +28,7 @@ from spectra.formats.packing import expect, float_part
 
 SCHEME = "bnb"
 QUANT_TYPES = ("nf4", "fp4")
+CHUNK_BYTES = 1 << 22  # code bytes decoded at a time
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,15 @@ class Bnb4bitCodec:
         code = float_part(f"{self.name}.quant_map", SCHEME, quant_map, (16,))
         scales = self._absmax(absmax, nested, blocks)
         flat = weight.reshape(-1)
-        codes = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:n].to(torch.int64)
-        values = code[codes]
-        index = torch.arange(n) // s.blocksize
-        return values.mul_(scales[index]).reshape(s.shape)
+        out = torch.empty(n, dtype=torch.float32)
+        step = CHUNK_BYTES
+        for b0 in range(0, flat.numel(), step):  # bounded temporaries (int64 codes)
+            part = flat[b0 : b0 + step]
+            codes = torch.stack((part >> 4, part & 0xF), dim=1).reshape(-1).to(torch.int64)
+            i0, i1 = 2 * b0, min(2 * b0 + codes.numel(), n)
+            index = torch.arange(i0, i1) // s.blocksize
+            out[i0:i1] = code[codes[: i1 - i0]].mul_(scales[index])
+        return out.reshape(s.shape)
 
     def _absmax(
         self, absmax: torch.Tensor, nested: Sequence[torch.Tensor], blocks: int

@@ -22,6 +22,7 @@ from spectra.formats.packing import INT32, expect, float_part, unpack_int32
 
 SCHEME = "gptq"
 BITS = (2, 4, 8)
+CHUNK_WORDS = 128  # qweight rows decoded at a time (128 * 32 / bits input rows)
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,18 @@ class GptqCodec:
         expect(stem + "qweight", SCHEME, qweight, (-(-cols // per), out), INT32)
         expect(stem + "qzeros", SCHEME, qzeros, (groups, -(-out // per)), INT32)
         scale = float_part(stem + "scales", SCHEME, scales, (groups, out))
-        q = unpack_int32(qweight, self.bits, 0)[:cols]  # (in, out)
         zeros = unpack_int32(qzeros, self.bits, 1)[:, :out]  # (groups, out)
         if self.v1:
             zeros = (zeros + 1) & ((1 << self.bits) - 1)
         index = self._group_index(rest[0] if rest else None, cols, groups)
-        w = (q - zeros[index]).to(torch.float32).mul_(scale[index])
-        return w.T.contiguous()
+        wt = torch.empty(cols, out, dtype=torch.float32)  # W^T, filled a slab at a time
+        step = CHUNK_WORDS
+        for r0 in range(0, qweight.shape[0], step):  # bounded temporaries
+            j0, j1 = r0 * per, min((r0 + step) * per, cols)
+            q = unpack_int32(qweight[r0 : r0 + step], self.bits, 0)[: j1 - j0]  # (rows, out)
+            g = index[j0:j1]
+            torch.mul((q - zeros[g]).to(torch.float32), scale[g], out=wt[j0:j1])
+        return wt.T.contiguous()
 
     def _group_index(self, g_idx: torch.Tensor | None, cols: int, groups: int) -> torch.Tensor:
         if g_idx is None:

@@ -70,6 +70,7 @@ from spectra.distributed.runtime import (
     rank_device,
 )
 from spectra.errors import ValidationError
+from spectra.export.decoded import DequantizedBaseWarning, decoded_dtype, write_decoded_checkpoint
 from spectra.export.manifest import build_manifest, write_manifest
 from spectra.export.residual import (
     HALF_DTYPES,
@@ -579,7 +580,11 @@ class _Runner:
         A, B = as_stored(f.A, self.job.adapter_dtype), as_stored(f.B, self.job.adapter_dtype)
         W_res = None
         if self.job.init.mutates_base:
-            stored = residual_storage(ref.tensor.dtype, upcast=self.job.upcast)
+            stored = (
+                residual_storage(ref.tensor.dtype, upcast=self.job.upcast)
+                if ref.encoded is None
+                else decoded_dtype(self.ckpt, upcast=self.job.upcast)
+            )
             W_res = residual(W, A, B, mp.scale, dtype=storage_dtype(stored))
             if stored in HALF_DTYPES:
                 self.half[key] = stored
@@ -647,6 +652,9 @@ def _run_every_matrix(tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner) -
     if job.init.mutates_base:
         # A single-file source's folder is not a checkpoint: take no side files from it.
         folder_source = not Path(job.source).expanduser().is_file()
+        if ckpt.quantization.method is not None:
+            _write_dequantized_base(tmp, ckpt, job, runner, folder_source)
+            return str(job.out / RESIDUAL_DIR)
         write_residual_checkpoint(
             list(ckpt.files),
             tmp / RESIDUAL_DIR,
@@ -658,6 +666,28 @@ def _run_every_matrix(tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner) -
     for key in runner.todo:
         runner.run(key)
     return job.source
+
+
+def _write_dequantized_base(
+    tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner, copy_files: bool
+) -> None:
+    """A quantized base's residual: every encoded weight written dequantized (the residual for
+    the planned ones), with a note saying so (`spectra.export.decoded`)."""
+    write_decoded_checkpoint(
+        ckpt, tmp / RESIDUAL_DIR, runner.replace, upcast=job.upcast, copy_files=copy_files
+    )
+    dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[
+        decoded_dtype(ckpt, upcast=job.upcast)
+    ]
+    formats = ", ".join(ckpt.quantization.formats())
+    warnings.warn(
+        f"the base is quantized ({formats}): residual_base/ holds all "
+        f"{len(ckpt.quantization.weights)} quantized weights dequantized to {dtype} (the "
+        "planned ones as residuals) and a config.json without quantization_config; load it as "
+        "a plain model, or quantize it again yourself",
+        DequantizedBaseWarning,
+        stacklevel=4,
+    )
 
 
 def _write_adapter_and_manifest(

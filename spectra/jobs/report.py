@@ -262,8 +262,8 @@ def _analyze_matrices(
 def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> LayerMetrics:
     """Metrics of one matrix from its Spectrum (weight-based extras are added later)."""
     meta = MatrixMeta(
-        key=ref.key, name=ref.tensor.name, role=ref.role, layer=ref.layer, dtype=ref.tensor.dtype
-    )
+        key=ref.key, name=ref.tensor.name, role=ref.role, layer=ref.layer, dtype=ref.storage
+    )  # storage: the dtype, or how a quantized matrix is stored ("gptq 4-bit group 128")
     shape = tuple(ref.shape)
     if spec is None or not spec.ok:
         message = "no spectrum returned" if spec is None else (spec.message or "spectrum failed")
