@@ -155,6 +155,10 @@ def plan_cmd(
     metric: Annotated[
         str, typer.Option("--metric", help="alphapruning: alpha_peak or alpha.")
     ] = "alpha_peak",
+    html: Annotated[
+        str | None,
+        typer.Option("--html", help="Also write an HTML page of the plan (chosen modules/layers)."),
+    ] = None,
     device: DeviceOpt = "auto",
     no_cache: NoCacheOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -162,8 +166,12 @@ def plan_cmd(
 ) -> None:
     from spectra.cli.report_cmd import ReportProgress
     from spectra.jobs.plan import PlanOptions, make_plan
+    from spectra.outfile import check_output_file, write_output_file
+    from spectra.reports.plan import plan_html
 
     cache = _cache_arg(no_cache, cache_dir)
+    if html is not None:  # refused before any work, like --out
+        check_output_file(html, force=force, protect=(source, cache_dir, out))
     options = PlanOptions(
         kind=kind,
         out=out,
@@ -190,6 +198,8 @@ def plan_cmd(
     )
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:
         result = make_plan(source, options, cache=cache, progress=progress)
+    if html is not None:
+        write_output_file(html, plan_html(result.plan), force=force, protect=(source, out))
     if not quiet:
         console.print(
             one_line(

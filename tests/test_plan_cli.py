@@ -77,3 +77,22 @@ def test_output_may_not_replace_the_source(minilm_path: Path, tmp_path: Path) ->
     assert result.exit_code == 2
     assert "would replace an input" in result.output
     assert source.stat().st_size == (minilm_path / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("kind", ["kappa", "lisa"])
+def test_html_page_shows_the_plan(minilm_path: Path, tmp_path: Path, kind: str) -> None:
+    out, page = tmp_path / "p.json", tmp_path / "p.html"
+    args = ["plan", str(minilm_path), "--for", kind, "--out", str(out), "--html", str(page)]
+    result = _run(*args, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    text = page.read_text()
+    assert "Content-Security-Policy" in text and "<script" not in text
+    if kind == "kappa":
+        for row in plan["modules"]:
+            assert row["module"] in text
+        assert text.count(">chosen</span>") == len(plan["target_modules"])
+    else:
+        assert text.count("<tr>") == 1 + plan["num_layers"]  # header + one row per layer
+    again = _run(*args, "--no-cache")
+    assert again.exit_code == 2 and "exists: pass --force" in again.output
