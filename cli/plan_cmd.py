@@ -155,6 +155,14 @@ def plan_cmd(
     metric: Annotated[
         str, typer.Option("--metric", help="alphapruning: alpha_peak or alpha.")
     ] = "alpha_peak",
+    matrices_only: Annotated[
+        bool,
+        typer.Option(
+            "--matrices-only",
+            help="spectrum: skip 1-D weights (norms; the tool scores each 1, so it keeps the "
+            "first share of them in module order).",
+        ),
+    ] = False,
     html: Annotated[
         str | None,
         typer.Option("--html", help="Also write an HTML page of the plan (chosen modules/layers)."),
@@ -194,6 +202,7 @@ def plan_cmd(
         epsilon=epsilon,
         mapping=mapping,
         metric=metric,
+        with_vectors=not matrices_only,
         device=device,
     )
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:

@@ -29,6 +29,7 @@ def weights(minilm_path: Path) -> dict[str, torch.Tensor]:
 
 def _tool_snr(W: torch.Tensor) -> float:
     """The definition, step by step, in torch float64 (full SVD)."""
+    W = W.unsqueeze(0) if W.ndim < 2 else W  # the tool's rule for a 1-D weight
     S = torch.linalg.svdvals(W.double())
     sigma = (torch.quantile(S, 0.75) - torch.quantile(S, 0.25)) / 1.349
     n, m = W.shape
@@ -76,7 +77,7 @@ def module_order(minilm_path: Path) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if getattr(module, "weight", None) is not None and module.weight.ndim == 2
+        if getattr(module, "weight", None) is not None
     ]
 
 

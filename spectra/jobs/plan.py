@@ -61,7 +61,7 @@ from spectra.analysis.condition import condition_number
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.powerlaw import fit_powerlaw
 from spectra.analysis.results import json_safe
-from spectra.analysis.snr import spectrum_snr
+from spectra.analysis.snr import SpectrumSNR, spectrum_snr
 from spectra.device import resolve_device
 from spectra.errors import ValidationError
 from spectra.fields import check_fields, check_instance, check_value
@@ -73,7 +73,7 @@ from spectra.outdir import check_output_dir, write_output_files
 from spectra.outfile import check_output_file, write_output_file
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.roles import MatrixRef
+from spectra.sources.roles import MatrixRef, layer_index
 
 KINDS = ("peft", "spectrum", "owlore", "lisa", "alphapruning", "kappa")
 METRICS = ("alpha_peak", "alpha")
@@ -102,6 +102,7 @@ class PlanOptions:
     alphapruning: sparsity (target share of pruned entries), epsilon, mapping
     (``block_wise`` | ``layer_wise``), metric (``alpha_peak``: AlphaPruning's Hill estimate;
     ``alpha``: spectra's / WeightWatcher's power-law alpha).
+    spectrum: with_vectors, also score 1-D weights (norms) as the tool does (SNR 1 each).
     device: where the spectra are computed.
     """
 
@@ -126,6 +127,7 @@ class PlanOptions:
     epsilon: float = 0.3
     mapping: str = "block_wise"
     metric: str = "alpha_peak"
+    with_vectors: bool = True
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -387,18 +389,41 @@ def _peft(ctx: _Ctx) -> Body:
     return body, [m.module for m in plan.modules]
 
 
+def _vector_snrs(ctx: _Ctx) -> list[tuple[int, str, SpectrumSNR]]:
+    """The tool also scores modules whose weight is 1-D (norms): as a 1 x n matrix, one
+    singular value ``||w||``, so its SNR is 1 (inf for a zero vector). Read here (tiny)."""
+    out = []
+    for ref in ctx.ckpt.tensors():
+        if ref.name.endswith(".weight") and len(ref.shape) == 1 and ref.shape[0] > 0:
+            w = ctx.ckpt.read(ref, dtype=torch.float64)
+            S = np.array([float(torch.linalg.vector_norm(w))])
+            layer = layer_index(ref.name)
+            order = -1 if layer is None else layer
+            out.append((order, module_path(ref.name), spectrum_snr(S, (1, int(ref.shape[0])))))
+    return out
+
+
 def _spectrum(ctx: _Ctx) -> Body:
     refs = [m for m in ctx.ckpt.matrices() if m.key.endswith(".weight") and m.expert is None]
     if not refs:
         raise ValidationError(f"{ctx.ckpt.source} has no 2-D .weight matrices to score")
     numbers = _spectra(ctx, refs)
-    scores = {}
-    rows = []
-    for ref in _model_order(refs):
-        snr = spectrum_snr(numbers[ref.key].S, tuple(ref.shape))
-        scores[module_path(ref.key)] = snr.snr
-        rows.append({"module": module_path(ref.key), "layer": ref.layer, **snr.to_dict()})
-    paths = [module_path(r.key) for r in _model_order(refs)]
+    scored = [
+        (
+            -1 if r.layer is None else r.layer,
+            module_path(r.key),
+            spectrum_snr(numbers[r.key].S, r.shape),
+        )
+        for r in _model_order(refs)
+    ]
+    if ctx.options.with_vectors:
+        scored = sorted([*scored, *_vector_snrs(ctx)], key=lambda item: item[0])  # stable
+    scores = {path: snr.snr for _, path, snr in scored}
+    rows = [
+        {"module": path, "layer": None if order < 0 else order, **snr.to_dict()}
+        for order, path, snr in scored
+    ]
+    paths = [path for _, path, _ in scored]
     selection = select_by_type(paths, scores, ctx.options.top_fraction)
     chosen = [p for sel in selection for p in sel.chosen]
     for row in rows:
