@@ -96,3 +96,16 @@ def test_html_page_shows_the_plan(minilm_path: Path, tmp_path: Path, kind: str) 
         assert text.count("<tr>") == 1 + plan["num_layers"]  # header + one row per layer
     again = _run(*args, "--no-cache")
     assert again.exit_code == 2 and "exists: pass --force" in again.output
+
+
+def test_an_adapter_is_refused(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {"base_model.model.q.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "a.safetensors")
+    )
+    result = _run(
+        "plan", str(tmp_path / "a.safetensors"), "--for", "kappa", "--out", str(tmp_path / "x.json")
+    )
+    assert result.exit_code == 2 and "holds PEFT LoRA factors" in result.output

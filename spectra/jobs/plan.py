@@ -66,6 +66,8 @@ from spectra.device import resolve_device
 from spectra.errors import ValidationError
 from spectra.fields import check_fields, check_instance, check_value
 from spectra.formats.files import check_source
+from spectra.formats.peft import is_adapter_tensor
+from spectra.formats.safetensors import clip
 from spectra.jobs.report import outlier_key
 from spectra.linalg.cache import SpectrumCache, resolve_cache
 from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
@@ -231,6 +233,7 @@ def make_plan(
     else:
         check_output_file(options.out, force=options.force, protect=protect)
     with Checkpoint.open(src) as ckpt:
+        _refuse_adapter(ckpt)
         ctx = _Ctx(ckpt, options, resolve_device(options.device), resolved, progress)
         body, chosen = _KINDS[options.kind](ctx)
     plan = {
@@ -248,6 +251,16 @@ def make_plan(
         time.perf_counter() - started,
         chosen,
     )
+
+
+def _refuse_adapter(ckpt: Checkpoint) -> None:
+    factors = [t.name for t in ckpt.tensors() if is_adapter_tensor(t.name)]
+    if factors:
+        raise ValidationError(
+            f"{ckpt.source} holds PEFT LoRA factors ({len(factors)} tensors like "
+            f"{clip(factors[0])}), not weight matrices: plan on the base model (or merge the "
+            "adapter first with PEFT merge_and_unload)"
+        )
 
 
 def _write(options: PlanOptions, plan: dict[str, Any], protect: tuple) -> list[Path]:
