@@ -167,6 +167,47 @@ def report_cmd(
             "about doubling the run).",
         ),
     ] = False,
+    mp_method: Annotated[
+        str,
+        typer.Option(
+            "--mp-method",
+            help="How --mp-fit and --randomize fit the MP bulk: 'quantile' (spectra's quantile "
+            "fit of sigma) or 'ww' (WeightWatcher 0.7.7's brute-force KDE fit: its num_spikes, "
+            "sigma_mp, mp_softrank, rand_num_spikes).",
+        ),
+    ] = "quantile",
+    weak_rank_tol: Annotated[
+        float,
+        typer.Option(
+            "--weak-rank-tol",
+            help="weak_rank_loss counts eigenvalues below this (WeightWatcher's tolerance).",
+        ),
+    ] = 1e-6,
+    min_evals: Annotated[
+        int | None,
+        typer.Option(
+            "--min-evals",
+            help="Skip (and list) matrices with min(m, n) below this (WeightWatcher: 8).",
+            show_default=False,
+        ),
+    ] = None,
+    max_evals: Annotated[
+        int | None,
+        typer.Option(
+            "--max-evals",
+            help="Skip (and list) matrices with min(m, n) above this (WeightWatcher: 15000).",
+            show_default=False,
+        ),
+    ] = None,
+    max_n: Annotated[
+        int | None,
+        typer.Option(
+            "--max-n",
+            help="Skip (and list) matrices with max(m, n) above this (WeightWatcher: 50000, "
+            "silently).",
+            show_default=False,
+        ),
+    ] = None,
     max_esd_plots: Annotated[
         int,
         typer.Option(
@@ -213,6 +254,11 @@ def report_cmd(
             device=device,
             mp_fit=mp_fit,
             randomize=randomize,
+            mp_method=mp_method,
+            weak_rank_tol=weak_rank_tol,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            max_n=max_n,
         )
         with ReportProgress(enabled=not quiet and is_interactive()) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.

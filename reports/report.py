@@ -183,6 +183,12 @@ def headline(analysis: Analysis) -> list[tuple[str, object]]:
     quantized = quantization_summary(analysis)
     if quantized:
         facts.append(("quantization", quantized))
+    if analysis.skipped:  # the size filters' casualties, each with its reason (all in JSON)
+        shown = "; ".join(f"{sk.key}: {sk.reason}" for sk in analysis.skipped[:20])
+        more = len(analysis.skipped) - 20
+        facts.append(
+            ("skipped by size filters", shown + (f"; and {more} more" if more > 0 else ""))
+        )
     return facts
 
 

@@ -59,9 +59,10 @@ def headline_text(analysis: Analysis) -> str:
     """'37 matrices, 3 warned (8.1%), mean α 3.96' (rich markup; source escaped)."""
     s = analysis.summary
     share = "" if s.warned_share is None else f" ({100 * s.warned_share:.1f}%)"
+    skipped = f", {len(analysis.skipped)} skipped by size filters" if analysis.skipped else ""
     return (
         f"[bold]{safe(analysis.source)}[/]: {s.num_matrices} matrices, "
-        f"{s.num_warned} warned{share}, mean α {fmt(s.mean_alpha, 3)}"
+        f"{s.num_warned} warned{share}, mean α {fmt(s.mean_alpha, 3)}{skipped}"
     )
 
 

@@ -20,7 +20,7 @@ from _report_fixtures import make_analysis
 from _source_fixtures import write_llama_like
 from typer.testing import CliRunner
 
-from spectra.analysis.results import Analysis
+from spectra.analysis.results import Analysis, SkippedMatrix
 from spectra.blobcache import BlobCache, blob_key, code_digest
 from spectra.cli.main import app
 from spectra.errors import ValidationError
@@ -118,8 +118,11 @@ def test_analysis_blob_round_trip_is_exact() -> None:
     analysis = make_analysis(1)
     layers = list(analysis.layers)
     layers[0] = replace(layers[0], alpha=float("inf"), D=float("nan"))  # kept, unlike JSON
-    analysis = replace(analysis, layers=layers)
+    skipped = [SkippedMatrix("emb.weight", (2, 384), "min(m, n) = 2 < min_evals = 8")]
+    summary = replace(analysis.summary, means={"alpha": 3.5, "mp_softrank": 0.25})
+    analysis = replace(analysis, layers=layers, skipped=skipped, summary=summary)
     back = RC.decode_analysis(RC.encode_analysis(analysis))
+    assert back.skipped == skipped and back.summary.means == summary.means
     assert back.source == analysis.source and back.options == analysis.options
     assert back.versions == analysis.versions and back.summary == analysis.summary
     assert back.layers[1:] == analysis.layers[1:]

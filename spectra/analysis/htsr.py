@@ -14,6 +14,11 @@ ESD `lambda_i = S_i^2` of `W (m, n)`, not normalized; `N = max(m, n)`, `M = min(
 - entropy = -sum p ln p / ln R, p = lambda / sum lambda over the R largest eigenvalues (0 when
   R = 1). WeightWatcher adds 1e-10 to every p and to R; ours has no such offset.
 
+WeightWatcher 0.7.7 columns (methods.md section 2, "WeightWatcher columns"): rank_loss =
+M - numerical_rank (WeightWatcher's matrix_rank is our numerical_rank), weak_rank_loss =
+#{lambda_i < tol} (tol 1e-6, WeightWatcher's `tolerance`), sv_max = S_1, sv_min = S_M;
+sigma_mp and mp_softrank come from the MP fit passed in.
+
 Warnings (WARNING_CODES): "under-trained" alpha > 6, "over-trained" alpha < 2, "fit-failed",
 "non-finite", "rank-deficient" (R < M / 2).
 """
@@ -33,6 +38,12 @@ from spectra.errors import ValidationError
 ALPHA_LOW = 2.0  # below: over-trained (methods.md section 2)
 ALPHA_HIGH = 6.0  # above: under-trained
 RANK_EPS = float(np.finfo(np.float32).eps)
+WEAK_RANK_TOL = 1e-6  # WeightWatcher's WEAK_RANK_LOSS_TOLERANCE, on eigenvalues
+
+
+def weak_rank_loss(evals: np.ndarray, tol: float = WEAK_RANK_TOL) -> int:
+    """#{lambda_i < tol}: eigenvalues (not singular values) below an absolute tolerance."""
+    return int(np.count_nonzero(np.asarray(evals) < tol))
 
 
 def rank_tolerance(s1: float, big_n: int, *, eps: float = RANK_EPS) -> float:
@@ -166,6 +177,8 @@ def layer_metrics(
         "spectrum_method": spectrum_method,
         "mp_bulk_max": None if mp is None else mp.bulk_max,
         "mp_num_spikes": None if mp is None else mp.num_spikes,
+        "sigma_mp": None if mp is None else mp.sigma,
+        "mp_softrank": None if mp is None else mp.softrank,
         "rand_distance": rand_distance,
         "outlier_ratio": outlier_ratio,
     }
@@ -188,6 +201,10 @@ def layer_metrics(
         entropy=spectral_entropy(evals, rank),
         numerical_rank=rank,
         warnings=layer_warnings(fit, rank, big_m),
+        rank_loss=big_m - rank,
+        weak_rank_loss=weak_rank_loss(evals),
+        sv_max=float(np.max(S)),
+        sv_min=float(np.min(S)),
         **norms,
     )
 

@@ -33,7 +33,8 @@ _GRID = 4096
 @dataclass(frozen=True)
 class MPFit:
     """MP fit of one ESD. bulk_max is in the ESD's own units (lambda = S^2, not rescaled), so
-    it can be drawn on the ESD; sigma and bulk_max_rescaled are in the mean-1 units."""
+    it can be drawn on the ESD; sigma and bulk_max_rescaled are in the mean-1 units; softrank is
+    WeightWatcher's mp_softrank, bulk_max / lambda_max."""
 
     sigma: float
     bulk_max: float
@@ -41,6 +42,7 @@ class MPFit:
     num_spikes: int
     Q: float
     tracy_widom: bool
+    softrank: float | None = None  # mp_softrank = bulk edge / largest eigenvalue (both rescaled)
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -101,4 +103,5 @@ def mp_fit(evals: np.ndarray, shape: tuple[int, int], *, tracy_widom: bool = Tru
         num_spikes=spikes,
         Q=float(q_ratio),
         tracy_widom=tracy_widom,
+        softrank=float(edge / x[-1]),
     )

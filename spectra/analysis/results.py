@@ -123,6 +123,15 @@ class LayerMetrics:
     outlier_ratio: float | None = None
     warnings: tuple[str, ...] = ()
     spectrum_method: str = ""
+    # WeightWatcher 0.7.7 columns (methods.md section 2, "WeightWatcher columns")
+    rank_loss: int | None = None
+    weak_rank_loss: int | None = None
+    sv_max: float | None = None
+    sv_min: float | None = None
+    sigma_mp: float | None = None
+    mp_softrank: float | None = None
+    rand_num_spikes: int | None = None
+    ww_softrank: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -155,6 +164,8 @@ class ModelSummary:
     """Model-level view: counts, warned share, per-role and per-depth groups, standouts.
 
     standouts: list of {"key", "metric", "value", "reason"} dicts, most notable first.
+    means: WeightWatcher's get_summary(): the mean of each of SUMMARY_METRICS over the matrices
+    that have a value (a metric no matrix has is left out).
     """
 
     num_matrices: int
@@ -164,6 +175,7 @@ class ModelSummary:
     by_role: dict[str, GroupSummary] = field(default_factory=dict)
     by_depth: dict[int, GroupSummary] = field(default_factory=dict)
     standouts: list[dict[str, Any]] = field(default_factory=list)
+    means: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +186,7 @@ class ModelSummary:
             "by_role": {k: v.to_dict() for k, v in self.by_role.items()},
             "by_depth": {str(k): v.to_dict() for k, v in self.by_depth.items()},
             "standouts": json_safe(self.standouts),
+            "means": json_safe(self.means),
         }
 
     @classmethod
@@ -186,7 +199,20 @@ class ModelSummary:
             by_role={k: GroupSummary(**v) for k, v in data.get("by_role", {}).items()},
             by_depth={int(k): GroupSummary(**v) for k, v in data.get("by_depth", {}).items()},
             standouts=list(data.get("standouts", [])),
+            means=dict(data.get("means", {})),
         )
+
+
+@dataclass(frozen=True)
+class SkippedMatrix:
+    """A matrix the size filters (min_evals, max_evals, max_n) left out, and why."""
+
+    key: str
+    shape: tuple[int, int]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
 
 
 # Column order of the CSV / DataFrame: one row per matrix.
@@ -207,6 +233,7 @@ class Analysis:
     options: dict[str, Any] = field(default_factory=dict)
     esds: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     versions: dict[str, str] = field(default_factory=dict)
+    skipped: list[SkippedMatrix] = field(default_factory=list)
 
     def layer(self, key: str) -> LayerMetrics:
         """The metrics of matrix `key` (raises ValidationError naming close keys if absent)."""
@@ -223,6 +250,7 @@ class Analysis:
             "versions": json_safe(self.versions),
             "summary": self.summary.to_dict(),
             "layers": [lm.to_dict() for lm in self.layers],
+            "skipped": [sk.to_dict() for sk in self.skipped],
         }
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
@@ -245,6 +273,10 @@ class Analysis:
             summary=ModelSummary.from_dict(data["summary"]),
             options=data.get("options", {}),
             versions=data.get("versions", {}),
+            skipped=[
+                SkippedMatrix(d["key"], tuple(d["shape"]), d["reason"])
+                for d in data.get("skipped", [])
+            ],
         )
 
     def rows(self) -> list[dict[str, Any]]:

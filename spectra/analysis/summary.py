@@ -7,6 +7,10 @@ Standouts, in this order (each a dict key, metric, value, reason):
    of log_spectral_norm among matrices of the same role (roles with >= 4 fitted matrices; the
    1.4826 factor makes MAD a consistent estimate of a normal standard deviation);
 4. the matrix with the largest weight-magnitude outlier ratio, when any ratio is > 0.
+
+`means` are WeightWatcher 0.7.7's `get_summary()`: the mean of each SUMMARY_METRICS column over
+the matrices that have a value (pandas' mean skips NaN the same way; WeightWatcher writes -1
+for a failed fit's alpha and averages it in, spectra leaves a failed fit out).
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ from spectra.analysis.results import GroupSummary, LayerMetrics, ModelSummary
 ROBUST_Z = 3.0  # |robust z| above this within a role makes a standout
 MIN_GROUP = 4  # fewer matrices than this in a role: no z-scores
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
+SUMMARY_METRICS = (
+    "log_norm",
+    "alpha",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "mp_softrank",
+)
+
+
+def summary_means(layers: Iterable[LayerMetrics]) -> dict[str, float]:
+    """WeightWatcher's get_summary(): mean of each SUMMARY_METRICS column with any value."""
+    layers = list(layers)
+    out: dict[str, float] = {}
+    for metric in SUMMARY_METRICS:
+        values = [getattr(lm, metric) for lm in layers if getattr(lm, metric) is not None]
+        if values:
+            out[metric] = statistics.fmean(values)
+    return out
 
 
 def group_summary(layers: Iterable[LayerMetrics]) -> GroupSummary:
@@ -55,6 +79,7 @@ def model_summary(layers: list[LayerMetrics]) -> ModelSummary:
         by_role={role: group_summary(group) for role, group in sorted(by_role.items())},
         by_depth={d: group_summary(group) for d, group in sorted(by_depth.items())},
         standouts=standouts(layers),
+        means=summary_means(layers),
     )
 
 

@@ -41,11 +41,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.analysis.htsr import MatrixMeta, failed_layer, layer_metrics
+from spectra.analysis.htsr import (
+    WEAK_RANK_TOL,
+    MatrixMeta,
+    failed_layer,
+    layer_metrics,
+    weak_rank_loss,
+)
+from spectra.analysis.mp import MPFit
 from spectra.analysis.mp import mp_fit as fit_mp
+from spectra.analysis.mp_kde import mp_fit_kde
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
-from spectra.analysis.results import Analysis, LayerMetrics, runtime_versions
+from spectra.analysis.results import Analysis, LayerMetrics, SkippedMatrix, runtime_versions
 from spectra.analysis.summary import model_summary
 from spectra.device import resolve_device
 from spectra.distributed.failures import Tracker, guarded, settle
@@ -70,6 +78,10 @@ from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
 
+MP_METHODS: dict[str, Callable[[np.ndarray, tuple[int, int]], MPFit | None]] = {
+    "quantile": fit_mp,
+    "ww": mp_fit_kde,
+}
 Progress = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read), called by the engine per matrix"""
 CacheSpec = SpectrumCache | str | Path | bool | None
@@ -87,6 +99,13 @@ class AnalyzeOptions:
     outliers: weight-magnitude outlier ratio (computed on the spectrum pass's reads, cached).
     outlier_multiplier: M of the outlier ratio (share of |W_ij| > M * mean |W|; OwLore's 13).
     seed: seed of the randomized control's shuffles.
+    mp_method: "quantile" (spectra's quantile fit of sigma, default) or "ww" (WeightWatcher
+        0.7.7's brute-force KDE fit: its num_spikes, sigma_mp, mp_softrank); used by mp_fit and
+        by the randomized control's rand_num_spikes.
+    weak_rank_tol: weak_rank_loss counts eigenvalues below it (WeightWatcher's `tolerance`).
+    min_evals / max_evals / max_n: size filters (None: off): a matrix with min(m, n) <
+        min_evals, min(m, n) > max_evals or max(m, n) > max_n is not analyzed and is listed in
+        `Analysis.skipped` with the reason. WeightWatcher's defaults are 8, 15000 and 50000.
     """
 
     include: tuple[str, ...] = ()
@@ -98,6 +117,11 @@ class AnalyzeOptions:
     outliers: bool = True
     outlier_multiplier: float = DEFAULT_MULTIPLIER
     seed: int = DEFAULT_SEED
+    mp_method: str = "quantile"
+    weak_rank_tol: float = WEAK_RANK_TOL
+    min_evals: int | None = None
+    max_evals: int | None = None
+    max_n: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
@@ -109,6 +133,16 @@ class AnalyzeOptions:
             raise ValidationError(
                 f"outlier_multiplier must be > 0, got {self.outlier_multiplier!r}"
             )
+        if self.mp_method not in MP_METHODS:
+            raise ValidationError(
+                f"mp_method must be one of {sorted(MP_METHODS)}, got {clip(str(self.mp_method))!r}"
+            )
+        if not self.weak_rank_tol >= 0:
+            raise ValidationError(f"weak_rank_tol must be >= 0, got {self.weak_rank_tol!r}")
+        for name in ("min_evals", "max_evals", "max_n"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValidationError(f"{name} must be >= 1 (or None for no limit), got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,11 +197,11 @@ def analyze(
     if not is_distributed():
         apply_threads(threads)
         with _open_here(source) as ckpt:
-            matrices = select_matrices(ckpt, run.options)
+            matrices, skipped = size_filter(select_matrices(ckpt, run.options), run.options)
             layers, esds = _analyze_matrices(
                 ckpt, matrices, resolve_device(run.options.device), run
             )
-            return _analysis(ckpt, run.options, layers, esds)
+            return _analysis(ckpt, run.options, layers, esds, skipped)
     with distributed_session(device=run.options.device, threads=threads, timeout_s=timeout_s) as s:
         with _open_on_ranks(s, source) as ckpt:
             return _analyze_split(s, ckpt, run)
@@ -194,6 +228,40 @@ def select_matrices(ckpt: Checkpoint, options: AnalyzeOptions) -> list[MatrixRef
     return matrices
 
 
+def size_filter(
+    matrices: Sequence[MatrixRef], options: AnalyzeOptions
+) -> tuple[list[MatrixRef], list[SkippedMatrix]]:
+    """Split `matrices` by the size filters (WeightWatcher's min_evals, max_evals, max_N on
+    M = min(m, n) and N = max(m, n)) into (kept, skipped with the reason). ValidationError
+    when every matrix is filtered out."""
+    kept: list[MatrixRef] = []
+    skipped: list[SkippedMatrix] = []
+    for ref in matrices:
+        reason = _size_reason(tuple(ref.shape), options)
+        if reason:
+            skipped.append(SkippedMatrix(ref.key, tuple(ref.shape), reason))
+        else:
+            kept.append(ref)
+    if not kept:
+        raise ValidationError(
+            f"the size filters min_evals={options.min_evals} max_evals={options.max_evals} "
+            f"max_n={options.max_n} leave none of the {len(skipped)} selected matrices "
+            f"(first: {clip(skipped[0].key)} {skipped[0].reason}): loosen them"
+        )
+    return kept, skipped
+
+
+def _size_reason(shape: tuple[int, ...], options: AnalyzeOptions) -> str:
+    big_m, big_n = min(shape), max(shape)
+    if options.min_evals is not None and big_m < options.min_evals:
+        return f"min(m, n) = {big_m} < min_evals = {options.min_evals}"
+    if options.max_evals is not None and big_m > options.max_evals:
+        return f"min(m, n) = {big_m} > max_evals = {options.max_evals}"
+    if options.max_n is not None and big_n > options.max_n:
+        return f"max(m, n) = {big_n} > max_n = {options.max_n}"
+    return ""
+
+
 def _open_here(source: Source) -> AbstractContextManager[Checkpoint]:
     if isinstance(source, Checkpoint):
         return nullcontext(source)
@@ -211,6 +279,7 @@ def _analysis(
     options: AnalyzeOptions,
     layers: list[LayerMetrics],
     esds: dict[str, np.ndarray],
+    skipped: list[SkippedMatrix],
 ) -> Analysis:
     return Analysis(
         source=str(ckpt.source),
@@ -219,6 +288,7 @@ def _analysis(
         options=options.to_dict(),
         esds=esds,
         versions=runtime_versions(),
+        skipped=skipped,
     )
 
 
@@ -253,7 +323,7 @@ def _analyze_matrices(
             esds[spec.key] = spec.values.double().square().cpu().numpy()
     rand = _randomized(ckpt, matrices, esds, options, engine)
     layers = [
-        replace(base[ref.key], rand_distance=rand[ref.key]) if ref.key in rand else base[ref.key]
+        replace(base[ref.key], **rand[ref.key]) if ref.key in rand else base[ref.key]
         for ref in matrices
     ]
     return layers, esds
@@ -270,8 +340,11 @@ def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> La
         method = "" if spec is None else spec.method
         return failed_layer(meta, shape, message, spectrum_method=method)
     S = spec.values.double().cpu().numpy()
-    mp = fit_mp(S**2, shape) if options.mp_fit else None
-    return layer_metrics(S, shape, meta, spectrum_method=spec.method, mp=mp)
+    mp = MP_METHODS[options.mp_method](S**2, shape) if options.mp_fit else None
+    layer = layer_metrics(S, shape, meta, spectrum_method=spec.method, mp=mp)
+    if options.weak_rank_tol != WEAK_RANK_TOL and layer.weak_rank_loss is not None:
+        layer = replace(layer, weak_rank_loss=weak_rank_loss(S**2, options.weak_rank_tol))
+    return layer
 
 
 def outlier_key(multiplier: float) -> str:
@@ -295,19 +368,29 @@ def _randomized(
     esds: dict[str, np.ndarray],
     options: AnalyzeOptions,
     engine: EngineOptions,
-) -> dict[str, float | None]:
-    """`rand_distance` per matrix with a spectrum (empty unless `options.randomize`): the
-    engine decomposes a ShuffledView of the checkpoint (same batching and memory budget as the
-    real spectra, no cache)."""
+) -> dict[str, dict[str, Any]]:
+    """The randomized columns per matrix with a spectrum (empty unless `options.randomize`):
+    rand_distance, rand_num_spikes (the MP fit of `options.mp_method` on the shuffled ESD) and
+    ww_softrank (largest shuffled eigenvalue / largest eigenvalue). The engine decomposes a
+    ShuffledView of the checkpoint (same batching and memory budget as the real spectra, no
+    cache)."""
     if not options.randomize:
         return {}
-    out: dict[str, float | None] = {}
+    out: dict[str, dict[str, Any]] = {}
     view = ShuffledView(ckpt, seed=options.seed)
+    by_key = {ref.key: ref for ref in matrices}
     targets = [ref for ref in matrices if ref.key in esds]
     for spec in compute_spectra(view, targets, engine=engine, cache=None):
         if spec.ok:
             shuffled = spec.values.double().square().cpu().numpy()
-            out[spec.key] = esd_distance(esds[spec.key], shuffled)
+            own = esds[spec.key]
+            mp = MP_METHODS[options.mp_method](shuffled, tuple(by_key[spec.key].shape))
+            top = float(np.max(own)) if own.size else 0.0
+            out[spec.key] = {
+                "rand_distance": esd_distance(own, shuffled),
+                "rand_num_spikes": None if mp is None else mp.num_spikes,
+                "ww_softrank": float(np.max(shuffled)) / top if top > 0 else None,
+            }
     return out
 
 
@@ -316,7 +399,8 @@ def _randomized(
 
 def _analyze_split(session: Session, ckpt: Checkpoint, run: _Run) -> Analysis | None:
     """Each rank analyzes its share; rank 0 assembles the Analysis (see the module docstring)."""
-    matrices = select_matrices(ckpt, run.options)  # the same list, and errors, on every rank
+    # the same list, and errors, on every rank
+    matrices, skipped = size_filter(select_matrices(ckpt, run.options), run.options)
     env = session.env
     mine = shard_items(matrices, env.rank, env.world_size)
     share = [matrices[i] for i in mine]
@@ -336,7 +420,7 @@ def _analyze_split(session: Session, ckpt: Checkpoint, run: _Run) -> Analysis | 
         return None
     layers = [lm for lm, _ in merged]
     esds = {lm.key: esd for lm, esd in merged if esd is not None}
-    return _analysis(ckpt, run.options, layers, esds)
+    return _analysis(ckpt, run.options, layers, esds, skipped)
 
 
 def _tracked(share: Sequence[MatrixRef], tracker: Tracker, run: _Run) -> Progress:

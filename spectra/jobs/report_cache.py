@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from spectra.analysis.results import Analysis, GroupSummary, LayerMetrics, ModelSummary
+from spectra.analysis.results import (
+    Analysis,
+    GroupSummary,
+    LayerMetrics,
+    ModelSummary,
+    SkippedMatrix,
+)
 from spectra.blobcache import BlobCache, blob_key, code_digest
 
 NAMESPACE = "analysis"
@@ -140,7 +146,9 @@ def encode_analysis(analysis: Analysis) -> bytes:
             "by_role": {k: asdict(g) for k, g in s.by_role.items()},
             "by_depth": [[k, asdict(g)] for k, g in s.by_depth.items()],
             "standouts": s.standouts,
+            "means": s.means,
         },
+        "skipped": [asdict(sk) for sk in analysis.skipped],
         "esds": [[k, int(a.size)] for k, a in zip(keys, arrays, strict=True)],
     }
     text = json.dumps(header, separators=(",", ":"), default=_json_default)
@@ -178,6 +186,7 @@ def decode_analysis(blob: bytes) -> Analysis:
         by_role={k: GroupSummary(**g) for k, g in s["by_role"].items()},
         by_depth={int(k): GroupSummary(**g) for k, g in s["by_depth"]},
         standouts=list(s["standouts"]),
+        means=dict(s["means"]),
     )
     layers = []
     for d in h["layers"]:
@@ -190,6 +199,9 @@ def decode_analysis(blob: bytes) -> Analysis:
         options=h["options"],
         esds=esds,
         versions=h["versions"],
+        skipped=[
+            SkippedMatrix(str(d["key"]), tuple(d["shape"]), str(d["reason"])) for d in h["skipped"]
+        ],
     )
 
 
