@@ -208,6 +208,52 @@ def report_cmd(
             show_default=False,
         ),
     ] = None,
+    xmax: Annotated[
+        int | None,
+        typer.Option(
+            "--xmax",
+            help="Drop this many largest eigenvalues before the power-law fit (WeightWatcher's "
+            "integer xmax; its -k means the same as k).",
+            show_default=False,
+        ),
+    ] = None,
+    fix_fingers: Annotated[
+        str | None,
+        typer.Option(
+            "--fix-fingers",
+            help="'clip_xmax': refit without the top 1..--max-fingers eigenvalues, keep the "
+            "first fit whose alpha drops by over --finger-thresh; 'xmin_peak': search xmin "
+            "only between 0.95x the ESD's peak and --xmin-max (WeightWatcher's fix_fingers).",
+            show_default=False,
+        ),
+    ] = None,
+    xmin_max: Annotated[
+        float | None,
+        typer.Option(
+            "--xmin-max",
+            help="Upper bound of xmin for --fix-fingers xmin_peak (default 1.5x the peak).",
+            show_default=False,
+        ),
+    ] = None,
+    max_fingers: Annotated[
+        int,
+        typer.Option("--max-fingers", help="Most eigenvalues --fix-fingers clip_xmax removes."),
+    ] = 10,
+    finger_thresh: Annotated[
+        float,
+        typer.Option(
+            "--finger-thresh",
+            help="How much alpha must drop for --fix-fingers clip_xmax to accept a clip.",
+        ),
+    ] = 1.0,
+    ww_quirks: Annotated[
+        bool,
+        typer.Option(
+            "--ww-quirks",
+            help="Reproduce WeightWatcher 0.7.7's quirks of --fix-fingers (xmin_peak's log10 "
+            "lower bound, clip_xmax's counting; docs/methods.md 2b), only to match its numbers.",
+        ),
+    ] = False,
     max_esd_plots: Annotated[
         int,
         typer.Option(
@@ -259,6 +305,12 @@ def report_cmd(
             min_evals=min_evals,
             max_evals=max_evals,
             max_n=max_n,
+            xmax=None if xmax is None else abs(xmax),
+            fix_fingers=fix_fingers,
+            xmin_max=xmin_max,
+            max_fingers=max_fingers,
+            finger_thresh=finger_thresh,
+            ww_quirks=ww_quirks,
         )
         with ReportProgress(enabled=not quiet and is_interactive()) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.

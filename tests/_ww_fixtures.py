@@ -61,16 +61,20 @@ def run_ww(model: Path, body: str) -> object:
     return json.loads(lines[-1][len("WWJSON") :])
 
 
-def ww_rows(model: Path, kwargs: str, extra: str = "None") -> dict[str, dict]:
+def ww_rows(model: Path, kwargs: str, extra: str = "None", setup: str = "") -> dict[str, dict]:
     """WeightWatcher's analyze(layers=WW_LAYERS, **kwargs) rows by our key, its get_summary()
     under "__summary__", and the value of the expression `extra` (evaluated in the same
-    process, saving a WeightWatcher start-up) under "__extra__"."""
-    body = f"""
+    process after the statements `setup`, saving a WeightWatcher start-up) under
+    "__extra__"."""
+    body = (
+        setup
+        + f"""
 df = watcher.analyze(layers={sorted(WW_LAYERS)}, {kwargs})
 rows = json.loads(df.to_json(orient="records"))
 extra = {extra}
 print("WWJSON" + json.dumps({{"rows": rows, "summary": watcher.get_summary(), "extra": extra}}))
 """
+    )
     out = run_ww(model, body)
     rows = {row["name"] + ".weight": row for row in out["rows"]}
     rows["__summary__"] = out["summary"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectra.analysis.fingers import FitOptions, TailFit, fit_tail
 from spectra.analysis.mp import MPFit
 from spectra.analysis.powerlaw import fit_powerlaw
 from spectra.analysis.results import LayerMetrics, PowerLawFit
@@ -147,15 +148,16 @@ def layer_metrics(
     *,
     spectrum_method: str = "",
     mp: MPFit | None = None,
-    rand_distance: float | None = None,
+    fit_options: FitOptions | None = None,
     outlier_ratio: float | None = None,
     rank_eps: float = RANK_EPS,
 ) -> LayerMetrics:
     """All HT-SR metrics of one matrix from its full singular values S (M,) and shape (m, n).
 
     S must hold all min(m, n) singular values (any order; float64 recommended): norms and
-    entropy need the whole spectrum. Optional metrics computed elsewhere (MP fit, randomized
-    distance, outlier ratio) are passed in and stored. Pure: no IO, no torch.
+    entropy need the whole spectrum. Optional metrics computed elsewhere (MP fit, outlier
+    ratio) are passed in and stored; fit_options: WeightWatcher's xmax / fix_fingers
+    (fingers.py; None: the default fit). Pure: no IO, no torch.
 
     >>> S = np.linspace(1.0, 3.0, 16)
     >>> lm = layer_metrics(S, (32, 16), MatrixMeta("w"))
@@ -179,13 +181,16 @@ def layer_metrics(
         "mp_num_spikes": None if mp is None else mp.num_spikes,
         "sigma_mp": None if mp is None else mp.sigma,
         "mp_softrank": None if mp is None else mp.softrank,
-        "rand_distance": rand_distance,
         "outlier_ratio": outlier_ratio,
     }
     if not np.all(np.isfinite(S)):
         return failed_metrics(common, "non-finite singular values")
     evals = np.sort(S**2)[::-1]  # (M,) descending
-    fit = fit_powerlaw(evals)
+    if fit_options is None or fit_options.is_default:
+        tail = TailFit(fit_powerlaw(evals))
+    else:
+        tail = fit_tail(evals, fit_options)
+    fit = tail.fit
     rank = numerical_rank(S, big_n, eps=rank_eps)
     norms = norm_metrics(evals, fit.alpha)
     return LayerMetrics(
@@ -201,6 +206,8 @@ def layer_metrics(
         entropy=spectral_entropy(evals, rank),
         numerical_rank=rank,
         warnings=layer_warnings(fit, rank, big_m),
+        num_fingers=tail.num_fingers,
+        raw_alpha=tail.raw_alpha,
         rank_loss=big_m - rank,
         weak_rank_loss=weak_rank_loss(evals),
         sv_max=float(np.max(S)),

@@ -132,6 +132,8 @@ class LayerMetrics:
     mp_softrank: float | None = None
     rand_num_spikes: int | None = None
     ww_softrank: float | None = None
+    num_fingers: int | None = None
+    raw_alpha: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))

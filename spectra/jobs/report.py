@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.analysis.fingers import WW_DEFAULT_MAX_FINGERS, FitOptions
 from spectra.analysis.htsr import (
     WEAK_RANK_TOL,
     MatrixMeta,
@@ -106,6 +107,11 @@ class AnalyzeOptions:
     min_evals / max_evals / max_n: size filters (None: off): a matrix with min(m, n) <
         min_evals, min(m, n) > max_evals or max(m, n) > max_n is not analyzed and is listed in
         `Analysis.skipped` with the reason. WeightWatcher's defaults are 8, 15000 and 50000.
+    xmax / fix_fingers / xmin_max / max_fingers / finger_thresh: WeightWatcher's power-law fit
+        options (analysis.fingers.FitOptions: drop the top xmax eigenvalues; "xmin_peak" or
+        "clip_xmax" finger fixing).
+    ww_quirks: reproduce WeightWatcher 0.7.7's quirks of those options (xmin_peak's log10
+        lower bound, clip_xmax's counting), only to compare numbers with it.
     """
 
     include: tuple[str, ...] = ()
@@ -122,6 +128,12 @@ class AnalyzeOptions:
     min_evals: int | None = None
     max_evals: int | None = None
     max_n: int | None = None
+    xmax: int | None = None
+    fix_fingers: str | None = None
+    xmin_max: float | None = None
+    max_fingers: int = WW_DEFAULT_MAX_FINGERS
+    finger_thresh: float = 1.0
+    ww_quirks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
@@ -139,10 +151,22 @@ class AnalyzeOptions:
             )
         if not self.weak_rank_tol >= 0:
             raise ValidationError(f"weak_rank_tol must be >= 0, got {self.weak_rank_tol!r}")
+        self.fit_options()  # validates the fit fields
         for name in ("min_evals", "max_evals", "max_n"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValidationError(f"{name} must be >= 1 (or None for no limit), got {value!r}")
+
+    def fit_options(self) -> FitOptions:
+        """The power-law fit options of these options."""
+        return FitOptions(
+            xmax=self.xmax,
+            fix_fingers=self.fix_fingers,
+            xmin_max=self.xmin_max,
+            max_fingers=self.max_fingers,
+            finger_thresh=self.finger_thresh,
+            ww_compat=self.ww_quirks,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -341,7 +365,9 @@ def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> La
         return failed_layer(meta, shape, message, spectrum_method=method)
     S = spec.values.double().cpu().numpy()
     mp = MP_METHODS[options.mp_method](S**2, shape) if options.mp_fit else None
-    layer = layer_metrics(S, shape, meta, spectrum_method=spec.method, mp=mp)
+    layer = layer_metrics(
+        S, shape, meta, spectrum_method=spec.method, mp=mp, fit_options=options.fit_options()
+    )
     if options.weak_rank_tol != WEAK_RANK_TOL and layer.weak_rank_loss is not None:
         layer = replace(layer, weak_rank_loss=weak_rank_loss(S**2, options.weak_rank_tol))
     return layer
