@@ -201,7 +201,9 @@ def quantization_summary(analysis: Analysis) -> str:
             counts[lm.dtype] = counts.get(lm.dtype, 0) + 1
     if not counts:
         return ""
-    shown = ", ".join(f"{label} ({n} matrices)" for label, n in counts.items())
+    shown = ", ".join(
+        f"{label} ({n} matri{'x' if n == 1 else 'ces'})" for label, n in counts.items()
+    )
     return f"{shown}; analysed dequantized to float32"
 
 

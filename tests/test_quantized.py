@@ -450,3 +450,37 @@ def test_parts_in_two_shards_and_cached_rerun(tmp_path: Path) -> None:
     torch.testing.assert_close(first[0].values.double(), want, rtol=0, atol=1e-6 * float(want[0]))
     assert not first[0].from_cache and again[0].from_cache
     assert torch.equal(first[0].values, again[0].values)
+
+
+def test_compressed_tensors_group_index_act_order(tmp_path: Path) -> None:
+    """pack-quantized with `weight_g_idx` (written by compressed-tensors before its actorder
+    "group" was removed; vLLM still loads it): column j uses group g_idx[j]. Reference: the
+    codes packed by compressed-tensors' own packer, the value computed per column."""
+    pytest.importorskip("compressed_tensors", reason=NEEDS_SETUP)
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+
+    g = torch.Generator().manual_seed(4)
+    rows, cols, size = 16, 128, 32
+    q = torch.randint(-8, 8, (rows, cols), generator=g).to(torch.int8)
+    scale = torch.rand(rows, cols // size, generator=g) + 0.1
+    g_idx = torch.randperm(cols, generator=g) // size  # an act-order permutation of the groups
+    reference = q.to(torch.float32) * scale[:, g_idx]
+    tensors = {
+        f"{Q}.weight_packed": pack_to_int32(q, 4),
+        f"{Q}.weight_scale": scale,
+        f"{Q}.weight_shape": torch.tensor([rows, cols]),
+        f"{Q}.weight_g_idx": g_idx.to(torch.int32),
+    }
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=size
+    )
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump()}},
+    }
+    got = read_all(
+        write_checkpoint(tmp_path / "m", tensors, json.loads(json.dumps(qc, default=str)))
+    )
+    torch.testing.assert_close(got[f"{Q}.weight"], reference, rtol=0, atol=0)

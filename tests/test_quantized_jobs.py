@@ -123,7 +123,7 @@ def test_report_shows_the_quantization(tmp_path: Path) -> None:
     assert dtypes == {f"{P}.q_proj.weight": "gptq 4-bit group 32", f"{P}.k_proj.weight": "BF16"}
     facts = dict(headline(analysis))
     assert facts["quantization"] == (
-        "gptq 4-bit group 32 (1 matrices); analysed dequantized to float32"
+        "gptq 4-bit group 32 (1 matrix); analysed dequantized to float32"
     )
     S = torch.linalg.svdvals(W["q"].double())
     lm = analysis.layer(f"{P}.q_proj.weight")
