@@ -10,7 +10,8 @@ Range support. `*.safetensors` files are LFS files (etag = sha256), the rest pla
 Faults (`HubServer.faults`, a list of `Fault`): a status code (every time or the first `times`
 requests), a cut connection (headers then half the body, then close), a bounded stall, a redirect
 loop, or corrupted bytes; each matches a request kind (`info`, `tree`, `paths`, `resolve`) and a
-file name substring. `HubServer.requests` records (method, path) of every request.
+file name substring. `HubServer.requests` records (method, path) of every request,
+`HubServer.served` (file, Range header, bytes) of every file body sent.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class HubServer:
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
         self.bytes_sent = 0
+        self.served: list[tuple[str, str | None, int]] = []  # resolve bodies: (file, Range, bytes)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -210,6 +212,9 @@ class Handler(BaseHTTPRequestHandler):
             end = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start : end + 1], 206
+        if body:
+            with self.server_state._lock:
+                self.server_state.served.append((name, rng, len(data)))
         self._send(status, data, headers, body=body)
 
     def _fault(self, fault: Fault | None, *, body: bool, path: str) -> bool:

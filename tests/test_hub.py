@@ -165,7 +165,8 @@ class FakeRemote:
 def test_streaming_downloads_one_shard_at_a_time_and_drops_it(tmp_path: Path) -> None:
     src = write_llama_like(tmp_path / "src", shards=3)
     remote = FakeRemote(src, tmp_path / "cache")
-    ckpt = stream_checkpoint("org/stream", remote, disk_budget=10_000_000)
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    ckpt = stream_checkpoint("org/stream", remote, disk_budget=largest)  # room for one shard
     # Listing fetched headers only: every ranged read is inside a header.
     for name, start, length in remote.ranged:
         if name.endswith(".safetensors"):
@@ -180,17 +181,86 @@ def test_streaming_downloads_one_shard_at_a_time_and_drops_it(tmp_path: Path) ->
         seen_on_disk.append(sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")))
     assert store.downloads == [p.name for p in ckpt.files]  # each shard once, in order
     assert all(len(names) == 1 for names in seen_on_disk)  # never two shards at once
-    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # dropped after the pass
     first = ckpt.matrices()[0]
     digest = ckpt.content_key(first).split(":")[0]
     assert digest == hashlib.sha256((src / first.tensor.shard.name).read_bytes()).hexdigest()
+    ckpt.close()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # dropped when closed
+
+
+def test_streaming_keeps_what_fits_and_evicts_the_oldest(tmp_path: Path) -> None:
+    """Shards stay on disk while they fit the budget, so a second read of a held shard downloads
+    nothing; past the budget the least recently used one is deleted (before the fix each read
+    pass downloaded every shard it touched again)."""
+    src = write_llama_like(tmp_path / "src", shards=3)
+    remote = FakeRemote(src, tmp_path / "cache")
+    sizes = sorted(p.stat().st_size for p in src.glob("*.safetensors"))
+    ckpt = stream_checkpoint("org/stream", remote, disk_budget=sizes[-1] + sizes[-2])
+    store = ckpt._store
+    assert isinstance(store, StreamingStore)
+    assert store.windows(ckpt.files) == [ckpt.files[:2], ckpt.files[2:]]
+    groups = ckpt.read_groups(ckpt.matrices())
+    assert [len(g) for g in groups] and sum(len(g) for g in groups) == len(ckpt.matrices())
+    by_file = [{ckpt.matrices()[i].tensor.shard for i in g} for g in groups]
+    assert by_file == [set(ckpt.files[:2]), {ckpt.files[2]}]
+    first, second, third = ckpt.files
+    for shard in (first, second, first, second):
+        ckpt.read(next(m for m in ckpt.matrices() if m.tensor.shard == shard))
+    assert store.downloads == [first.name, second.name]  # held shards are read again for free
+    ckpt.read(next(m for m in ckpt.matrices() if m.tensor.shard == third))
+    assert store.downloads == [first.name, second.name, third.name]
+    on_disk = {p.name for p in (tmp_path / "cache").rglob("*.safetensors")}
+    assert on_disk == {second.name, third.name}  # the least recently used one went
+    assert store.peak <= sizes[-1] + sizes[-2]
+    ckpt.close()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_orphaned_partial_downloads_are_reclaimed_or_counted(tmp_path: Path) -> None:
+    """A partial file left by a killed download is deleted before the budget is planned; one a
+    live download holds the lock of is counted against the budget."""
+    src = write_llama_like(tmp_path / "src", shards=2)
+    cache = tmp_path / "hub" / "models--org--stream"
+    remote = FakeRemote(src, cache)
+    blobs = cache / "blobs"
+    blobs.mkdir(parents=True)
+    orphan = blobs / f"{'a' * 64}.0badc0de.incomplete"
+    orphan.write_bytes(b"x" * 5000)
+    live = blobs / f"{'b' * 64}.12345678.incomplete"
+    live.write_bytes(b"y" * 7000)
+    locks = tmp_path / "hub" / ".locks" / "models--org--stream"
+    locks.mkdir(parents=True)
+    (locks / f"{'a' * 64}.lock").touch()  # a lock file nobody holds
+    from filelock import FileLock
+
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    with FileLock(str(locks / f"{'b' * 64}.lock")):
+        ckpt = stream_checkpoint("org/stream", remote, disk_budget=largest + 6999)
+        store = ckpt._store
+        assert isinstance(store, StreamingStore)
+        assert not orphan.exists() and live.exists()
+        in_largest = next(
+            m for m in ckpt.matrices() if (src / m.tensor.shard.name).stat().st_size == largest
+        )
+        with pytest.raises(HubError, match=r"do not fit the disk budget .* 7000 bytes of other"):
+            ckpt.read(in_largest)
+        ckpt = stream_checkpoint("org/stream", remote, disk_budget=largest + 7000)
+        ckpt.read(in_largest)
+        ckpt.close()
+    assert not list(blobs.glob("*.safetensors"))
 
 
 def test_streaming_budget_too_small(tmp_path: Path) -> None:
+    """Refused when opened, before any download (not after other shards were downloaded), with
+    the largest shard named and its size."""
     src = write_llama_like(tmp_path / "src", shards=2)
-    ckpt = stream_checkpoint("org/stream", FakeRemote(src, tmp_path / "cache"), disk_budget=1000)
-    with pytest.raises(HubError, match=r"more than the disk budget of 1000 bytes"):
-        next(ckpt.read_many(ckpt.matrices()))
+    remote = FakeRemote(src, tmp_path / "cache")
+    largest = max(src.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    size = largest.stat().st_size
+    message = rf"org/stream/{largest.name}: shard is {size} bytes .* budget of 1000 bytes"
+    with pytest.raises(HubError, match=message):
+        stream_checkpoint("org/stream", remote, disk_budget=1000)
+    assert [n for n, _, _ in remote.ranged if n.endswith(".safetensors")] == []  # no header read
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from _hub_fixtures import (  # noqa: F401 - hub_fixture, model_fixture: the hub, model fixtures
+    SHARD1,
+    cache_folder,
+    cli_env,
+    closed_port,
+    hub_fixture,
+    model_fixture,
+    run_cli,
+)
 from _hub_server import COMMIT, Fault, HubServer, Repo
-from _source_fixtures import write_llama_like
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
@@ -34,40 +39,6 @@ from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.hub import HubRemote, streaming_shards
 
 pytestmark = pytest.mark.timeout(120)
-TAG_COMMIT = "7a9000000000000000000000000000000000beef"
-SHARD1 = "model-00001-of-00002.safetensors"
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    src = write_llama_like(tmp_path / "src", shards=2)
-    (src / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    return src
-
-
-@pytest.fixture
-def hub(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    """The server, with huggingface_hub (and so spectra) pointed at it and at a fresh cache."""
-    server = HubServer({"org/tiny": Repo(model, refs={"v1": COMMIT})})
-    with server:
-        cache = tmp_path / "hf-cache"
-        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
-        monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 1)
-        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.setattr(hub_client, "HUB_BACKOFF_S", 0.05)
-        monkeypatch.chdir(tmp_path)
-        yield server
-
-
-def cache_folder() -> Path:
-    return Path(hf_constants.HF_HUB_CACHE) / "models--org--tiny"
 
 
 def first_q(ckpt: Checkpoint) -> torch.Tensor:
@@ -154,12 +125,6 @@ def test_transient_failures_are_retried(hub: HubServer, model: Path) -> None:
     assert all(f.hits == 1 for f in hub.faults)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 FAILURES = {
     # name: (faults, source, message)
     "404 repo": ([], "org/nope", r"org/nope: the repo does not exist .*check the repo id"),
@@ -215,31 +180,6 @@ def test_unreachable_hub_is_a_hub_error(hub: HubServer, monkeypatch: pytest.Monk
     )
     with pytest.raises(HubError, match=r"org/x: the connection to the Hub failed after 3 tries"):
         Checkpoint.open("org/x")
-
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spectra", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-
-
-def cli_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HUB_CACHE=str(tmp_path / "cli-cache"),
-        HF_HUB_OFFLINE="0",
-        HF_HUB_DOWNLOAD_TIMEOUT="2",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
 
 
 def test_cli_no_network_is_exit_2(tmp_path: Path) -> None:

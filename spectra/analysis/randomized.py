@@ -101,6 +101,10 @@ class ShuffledView:
     def matrices(self, *args: Any, **kwargs: Any) -> list[Any]:
         return self._ckpt.matrices(*args, **kwargs)
 
+    def read_groups(self, refs: Any) -> list[list[int]]:
+        groups = getattr(self._ckpt, "read_groups", None)
+        return [list(range(len(refs)))] if groups is None else groups(refs)
+
     def content_key(self, ref: Any) -> str:
         return f"{self._ckpt.content_key(ref)}:shuffled:{self._seed}"
 

@@ -21,21 +21,20 @@ from spectra.distributed.runtime import Session
 from spectra.errors import SpectraError
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint, is_hub_source
+from spectra.sources.hub import HubOptions
 
 
 def open_checkpoint(
-    session: Session,
-    source: str | Path | None,
-    *,
-    revision: str | None = None,
-    local_only: bool | None = None,
-    disk_budget: int | None = None,
+    session: Session, source: str | Path | None, hub: HubOptions | None = None
 ) -> Checkpoint:
-    """`Checkpoint.open(source, ...)` on every rank, downloading Hub shards once per node.
+    """`Checkpoint.open(source, ...)` on every rank (with the Hub options `hub`), downloading
+    Hub shards once per node.
 
     `source=None` opens the bundled MiniLM."""
     if source is None:
         source = bundled_model_path()
+    hub = hub or HubOptions()
+    revision, local_only, disk_budget = hub.revision, hub.local_only, hub.disk_budget
 
     def open_here() -> Checkpoint:
         return Checkpoint.open(

@@ -77,6 +77,7 @@ from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.hub import HubOptions
 from spectra.sources.roles import MatrixRef
 
 MP_METHODS: dict[str, Callable[[np.ndarray, tuple[int, int]], MPFit | None]] = {
@@ -194,6 +195,7 @@ def analyze(
     max_memory: int | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
+    hub: HubOptions | None = None,
 ) -> Analysis | None:
     """HT-SR analysis of the weight matrices of `source` (docs/methods.md section 2).
 
@@ -206,6 +208,8 @@ def analyze(
     threads: per-process intra-op threads (or $SPECTRA_NUM_THREADS); the same count gives
         bit-comparable runs (reproducibility contract, docs/architecture.md).
     timeout_s: under torchrun, how long a rank waits for the others (default one hour).
+    hub: how a Hub repo id is opened (HubOptions: revision, disk_budget, local_only), in one
+        process and under torchrun alike.
 
     Returns the Analysis; under torchrun on rank 0 only, None on the other ranks.
 
@@ -217,17 +221,18 @@ def analyze(
     check_instance(options, AnalyzeOptions, "options")
     check_value(cache, CacheSpec, "cache")
     check_value(progress, Progress | None, "progress")
+    check_instance(hub, HubOptions, "hub")
     run = _Run(AnalyzeOptions() if options is None else options, cache, progress, max_memory)
     if not is_distributed():
         apply_threads(threads)
-        with _open_here(source) as ckpt:
+        with _open_here(source, hub) as ckpt:
             matrices, skipped = size_filter(select_matrices(ckpt, run.options), run.options)
             layers, esds = _analyze_matrices(
                 ckpt, matrices, resolve_device(run.options.device), run
             )
             return _analysis(ckpt, run.options, layers, esds, skipped)
     with distributed_session(device=run.options.device, threads=threads, timeout_s=timeout_s) as s:
-        with _open_on_ranks(s, source) as ckpt:
+        with _open_on_ranks(s, source, hub) as ckpt:
             return _analyze_split(s, ckpt, run)
 
 
@@ -286,16 +291,24 @@ def _size_reason(shape: tuple[int, ...], options: AnalyzeOptions) -> str:
     return ""
 
 
-def _open_here(source: Source) -> AbstractContextManager[Checkpoint]:
+def _open_here(source: Source, hub: HubOptions | None) -> AbstractContextManager[Checkpoint]:
     if isinstance(source, Checkpoint):
         return nullcontext(source)
-    return Checkpoint.open(str(bundled_model_path() if source is None else source))
+    hub = hub or HubOptions()
+    return Checkpoint.open(
+        str(bundled_model_path() if source is None else source),
+        revision=hub.revision,
+        local_only=hub.local_only,
+        disk_budget=hub.disk_budget,
+    )
 
 
-def _open_on_ranks(session: Session, source: Source) -> AbstractContextManager[Checkpoint]:
+def _open_on_ranks(
+    session: Session, source: Source, hub: HubOptions | None
+) -> AbstractContextManager[Checkpoint]:
     if isinstance(source, Checkpoint):
         return nullcontext(source)
-    return open_checkpoint(session, source)
+    return open_checkpoint(session, source, hub)
 
 
 def _analysis(

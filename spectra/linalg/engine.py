@@ -250,8 +250,7 @@ class _Run:
 
     def stream(self, background: bool) -> Iterator[Spectrum]:
         self._lookup_cache()
-        shapes = [tuple(r.shape) for r in self.refs]
-        batches = plan_batches(shapes, self._estimate, self.budget, skip=self.cached)
+        batches = self._batches()
         planned = [i for b in batches for i in b.indices]
         self._refuse_unholdable(planned)
         self._warn_oversize(planned)
@@ -268,6 +267,23 @@ class _Run:
         finally:
             self.gate.close()  # a reader waiting on the gate returns, so the prefetch can stop
             loaded.close()
+
+    def _batches(self) -> list[Batch]:
+        """Equal-shape batches under the memory budget, planned within each read group of the
+        checkpoint (`read_groups`: shards a streamed Hub checkpoint can hold on disk at once),
+        group after group, so every shard is read (downloaded) once; one group for local files."""
+        shapes = [tuple(r.shape) for r in self.refs]
+        read_groups = getattr(self.ckpt, "read_groups", None)
+        todo = [i for i in range(len(self.refs)) if i not in self.cached]
+        if read_groups is None or not todo:
+            return plan_batches(shapes, self._estimate, self.budget, skip=self.cached)
+        groups = read_groups([self.refs[i] for i in todo])
+        batches: list[Batch] = []
+        for group in groups:
+            inside = {todo[j] for j in group}
+            outside = [i for i in range(len(self.refs)) if i not in inside]
+            batches += plan_batches(shapes, self._estimate, self.budget, skip=outside)
+        return batches
 
     def _estimate(self, shape: tuple[int, int]) -> int:
         return self.opts.bytes_per_matrix(shape, self.device)

@@ -222,6 +222,9 @@ class MergedCheckpoint:
                 self._apply(ref.key if isinstance(ref, MatrixRef) else ref.name, w, dtype, device),
             )  # type: ignore[misc]
 
+    def read_groups(self, refs: Sequence[MatrixRef | TensorRef]) -> list[list[int]]:
+        return self.base.read_groups(refs)
+
     def content_key(self, ref: MatrixRef | str) -> str:
         key = ref if isinstance(ref, str) else ref.key
         base = self.base.content_key(ref)

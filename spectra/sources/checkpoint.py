@@ -215,6 +215,21 @@ class Checkpoint:
                     yield r, self._read_open(fh, r, dtype, dev)
             i = j
 
+    def read_groups(self, refs: Sequence[MatrixRef | TensorRef]) -> list[list[int]]:
+        """Positions of `refs` cut into groups to read one after the other, each within a run of
+        shards the store can hold at once (`ShardStore.windows`): one group for local files;
+        for Hub shards streamed under a disk budget, runs that fit the budget, so a pass that
+        batches within each group downloads every shard once. Groups follow shard order,
+        positions within a group keep the order of `refs`."""
+        shards = sorted(
+            {self._shard_of(self._resolve(r)) for r in refs}, key=lambda p: self._shard_rank[p]
+        )
+        group_of = {s: g for g, run in enumerate(self._store.windows(shards)) for s in run}
+        groups: list[list[int]] = [[] for _ in range(len(set(group_of.values())))]
+        for i, r in enumerate(refs):
+            groups[group_of[self._shard_of(self._resolve(r))]].append(i)
+        return [g for g in groups if g]
+
     def content_key(self, ref: Ref) -> str:
         """Stable id of a matrix's bytes: `sha256(shard):offset:nbytes:dtype:shape[:T]`.
 

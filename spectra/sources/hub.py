@@ -20,7 +20,9 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import BinaryIO, Protocol
 from huggingface_hub import constants as hf_constants
 
 from spectra.errors import HubError, SourceError, ValidationError
+from spectra.fields import check_fields
 from spectra.formats.files import open_input, read_text_input
 from spectra.formats.safetensors import (
     INDEX_NAME,
@@ -105,6 +108,31 @@ def cached_snapshot(
         commit = read_text_input(ref, 4096, "Hub cache ref").strip()
     snap = folder / "snapshots" / commit
     return snap if _COMMIT.fullmatch(commit) and snap.is_dir() else None
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How a Hub repo id is opened (`Checkpoint.open`); ignored for local paths, except that a
+    revision given for one is refused.
+
+    revision: branch, tag or commit (None: `org/name@rev` in the source, else main).
+    disk_budget: bytes of shards on disk at once: stream shard by shard, downloading each once
+        and deleting it after (None: download the safetensors and JSON files into the cache).
+    local_only: never touch the network, use the Hub cache (None: the HF_HUB_OFFLINE setting).
+    """
+
+    revision: str | None = None
+    disk_budget: int | None = None
+    local_only: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.revision is not None and not self.revision.strip():
+            raise ValidationError("revision must not be empty: give a branch, tag or commit")
+        if self.disk_budget is not None and self.disk_budget <= 0:
+            raise ValidationError(
+                f"disk_budget must be a positive number of bytes, got {self.disk_budget}"
+            )
 
 
 @dataclass(frozen=True)
@@ -195,14 +223,20 @@ class RemoteRepo(Protocol):
 def streaming_shards(
     source: str, remote: RemoteRepo, *, disk_budget: int, keep: bool = False
 ) -> RepoShards:
-    """Shards fetched one at a time during reads (headers fetched now, by ranged reads).
+    """Shards fetched during reads (headers fetched now, by ranged reads), within
+    `disk_budget` bytes on disk (see `StreamingStore`); a shard larger than the budget is refused
+    here, before anything is downloaded.
 
-    Shards downloaded for a pass are deleted after it unless `keep`; shards already on disk stay.
+    Shards downloaded for a pass are deleted by `close()` unless `keep`; shards already on disk
+    stay.
     A remote index's weight map is checked against the headers as for a local folder.
     """
     files = {f.name: f for f in remote.list_files()}
     names, index_map = _remote_names(source, remote, files)
     by_path = {remote.local_path(n): files[n] for n in names}
+    missing = [info for path, info in by_path.items() if not path.is_file()]
+    if missing:  # refused before any download (headers too), naming the largest shard
+        check_fits(source, max(missing, key=lambda f: f.size), disk_budget)
     headers = [_remote_header(source, remote, info) for info in by_path.values()]
     config = _remote_json(remote, files.get("config.json"))  # used for the model width only
     store = StreamingStore(remote, by_path, budget=disk_budget, keep=keep)
@@ -265,32 +299,56 @@ def _remote_header(source: str, remote: RemoteRepo, info: RemoteFile) -> ShardHe
 
 
 class StreamingStore:
-    """Fetches a shard when a read pass reaches it and drops it after, within a disk budget."""
+    """Fetches a shard when a read pass reaches it, keeps what it fetched while it fits the disk
+    budget, and evicts the least recently used shard (not open) to make room for the next.
+
+    Read shard by shard (`windows` says which shards to read together), every shard is downloaded
+    once. The budget counts what this store holds, the shard being downloaded (its partial
+    `.incomplete` file grows to the shard's size) and partial files other live downloads of the
+    same repo are writing; partial files no live download owns (left by a killed run) are deleted
+    first (`reclaim_partials`). Shards in the cache before the pass are neither counted nor
+    deleted. `close()` deletes what this store downloaded, unless `keep`.
+    """
 
     def __init__(
         self, remote: RemoteRepo, files: dict[Path, RemoteFile], *, budget: int, keep: bool
     ) -> None:
         self._remote, self._files, self._budget, self._keep = remote, files, budget, keep
+        self._held: OrderedDict[Path, int] = OrderedDict()  # fetched here, on disk, LRU first
+        self._busy: Counter[Path] = Counter()
+        self._verified: set[Path] = set()
+        self._lock = threading.RLock()
         self.downloads: list[str] = []  # names fetched, in order (for callers and tests)
+        self.peak = 0  # most bytes held + reserved at once (for callers and tests)
+        self._foreign()  # orphaned partial downloads go before anything is planned
+
+    def windows(self, shards: Sequence[Path]) -> list[list[Path]]:
+        """`shards` (in reading order) cut into consecutive runs whose downloads fit the budget
+        together: a pass that reads run by run downloads every shard once."""
+        room = self._budget - self._foreign()
+        out: list[list[Path]] = []
+        used = 0
+        for shard in shards:
+            need = 0 if shard in self._held or shard.is_file() else self._files[shard].size
+            if out and out[-1] and used + need <= room:
+                out[-1].append(shard)
+                used += need
+            else:
+                out.append([shard])
+                used = need
+        return out
 
     @contextmanager
     def open(self, shard: Path) -> Iterator[BinaryIO]:
-        info = self._files[shard]
-        fetched = not shard.is_file()
-        path = self._fetch(info) if fetched else shard
-        if info.sha256:  # verified before a byte is read, fetched now or found in the cache
-            try:
-                verify_sha256(f"{self._remote.repo_id}/{info.name}", path, info.sha256, delete=True)
-            except HubError:
-                if fetched:
-                    _drop(path)
-                raise
+        with self._lock:
+            path = self._acquire(shard)
+            self._busy[shard] += 1
         try:
             with open_input(path, "shard") as fh:
                 yield fh
         finally:
-            if fetched and not self._keep:
-                _drop(path)
+            with self._lock:
+                self._busy[shard] -= 1
 
     def digest(self, shard: Path) -> str:
         info = self._files[shard]
@@ -302,14 +360,27 @@ class StreamingStore:
             return shard_digest(shard)
 
     def close(self) -> None:
-        return None
+        """Delete the shards this store downloaded (unless `keep`)."""
+        with self._lock:
+            if not self._keep:
+                for shard in list(self._held):
+                    _drop(shard)
+            self._held.clear()
 
-    def _fetch(self, info: RemoteFile) -> Path:
-        if info.size > self._budget:
-            raise HubError(
-                f"{self._remote.repo_id}/{info.name}: shard is {info.size} bytes, more than the "
-                f"disk budget of {self._budget} bytes: raise the budget"
-            )
+    def _acquire(self, shard: Path) -> Path:
+        """`shard` on disk and verified: held, found in the cache, or downloaded now."""
+        info = self._files[shard]
+        if shard in self._held:
+            self._held.move_to_end(shard)
+            return shard
+        if shard.is_file():  # in the cache before this pass: verified, never counted or dropped
+            if info.sha256 and shard not in self._verified:
+                label = f"{self._remote.repo_id}/{info.name}"
+                verify_sha256(label, shard, info.sha256, delete=True)
+                self._verified.add(shard)
+            return shard
+        check_fits(self._remote.repo_id, info, self._budget)
+        self._make_room(info)
         target = self._remote.local_path(info.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(target.parent).free
@@ -319,7 +390,88 @@ class StreamingStore:
                 f"under {target.parent}: free space or set HF_HUB_CACHE elsewhere"
             )
         self.downloads.append(info.name)
-        return self._remote.download(info.name)
+        path = self._remote.download(info.name)
+        self._held[shard] = info.size
+        if info.sha256:  # verified before a byte is read
+            try:
+                verify_sha256(f"{self._remote.repo_id}/{info.name}", path, info.sha256, delete=True)
+            except HubError:
+                self._held.pop(shard, None)
+                _drop(path)
+                raise
+        self._verified.add(shard)
+        return path
+
+    def _make_room(self, info: RemoteFile) -> None:
+        """Evict held shards (least recently used first, never one open) until `info` fits."""
+        foreign = self._foreign()
+        for victim in [s for s in self._held if not self._busy[s]]:
+            if sum(self._held.values()) + info.size + foreign <= self._budget:
+                break
+            _drop(victim)
+            del self._held[victim]
+        used = sum(self._held.values()) + info.size + foreign
+        if used > self._budget:
+            raise HubError(
+                f"{self._remote.repo_id}/{info.name}: {info.size} bytes do not fit the disk "
+                f"budget of {self._budget} bytes beside {sum(self._held.values())} bytes of "
+                f"shards open now and {foreign} bytes of other downloads in progress: raise the "
+                "budget"
+            )
+        self.peak = max(self.peak, used)
+
+    def _foreign(self) -> int:
+        """Bytes of partial downloads of this repo that a live download owns (orphans are
+        deleted first)."""
+        any_name = next(iter(self._files.values())).name
+        blobs = self._remote.local_path(any_name).parent.parent.parent / "blobs"
+        return reclaim_partials(blobs)
+
+
+def check_fits(repo_id: str, info: RemoteFile, budget: int) -> None:
+    """HubError when shard `info` alone is larger than the disk budget."""
+    if info.size > budget:
+        raise HubError(
+            f"{repo_id}/{info.name}: shard is {info.size} bytes ({info.size / 2**20:,.1f} MiB), "
+            f"more than the disk budget of {budget} bytes: raise the budget to at least "
+            f"{info.size} bytes"
+        )
+
+
+def reclaim_partials(blobs: Path) -> int:
+    """Delete the partial downloads (`<blob>[.<id>].incomplete`) in a repo's `blobs` folder that
+    no live download owns, and return the bytes of those that one does.
+
+    huggingface_hub writes a blob to a partial file while holding the file lock
+    `<cache>/.locks/<repo folder>/<blob>.lock`: a partial whose lock can be taken at once (or
+    that has no lock file) belongs to a download that ended without cleaning up (a killed run).
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        partials = sorted(blobs.glob("*.incomplete"))
+    except OSError:
+        return 0
+    locks = blobs.parent.parent / ".locks" / blobs.parent.name
+    live = 0
+    for part in partials:
+        lock_file = locks / f"{part.name.split('.')[0]}.lock"
+        try:
+            size = part.stat().st_size
+        except OSError:
+            continue
+        if not lock_file.is_file():
+            part.unlink(missing_ok=True)
+            continue
+        lock = FileLock(str(lock_file), timeout=0)
+        try:
+            with lock:
+                part.unlink(missing_ok=True)
+        except Timeout:
+            live += size
+        except OSError:
+            live += size
+    return live
 
 
 def _drop(path: Path) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -250,6 +250,11 @@ class ShardStore(Protocol):
         """Release whatever the store holds (temporary downloads)."""
         ...
 
+    def windows(self, shards: Sequence[Path]) -> list[list[Path]]:
+        """`shards` (in reading order) cut into consecutive runs to read together: a pass that
+        reads run by run opens each shard's bytes once (one run for local files)."""
+        ...
+
 
 class LocalStore:
     """Shards that are files on this machine."""
@@ -262,3 +267,6 @@ class LocalStore:
 
     def close(self) -> None:
         return None
+
+    def windows(self, shards: Sequence[Path]) -> list[list[Path]]:
+        return [list(shards)] if shards else []
