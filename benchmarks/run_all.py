@@ -53,6 +53,7 @@ QUICK: dict[str, list[str]] = {
         "1",
     ],
     "bench_quantized": ["--gb", "0.05", "--dir", "{tmp}", "--passes", "read"],
+    "bench_hub_bytes": ["--layers", "2", "--hidden", "128", "--shards", "2"],
 }
 
 

@@ -55,6 +55,63 @@ RolesOpt = Annotated[
     typer.Option("--roles", help="Comma-separated roles to keep, e.g. q,k,v,o,up,gate,down."),
 ]
 
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        help="Hub branch, tag or commit of SOURCE (a Hub repo id; same as org/name@REV).",
+        show_default=False,
+    ),
+]
+DiskBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--disk-budget",
+        help="Stream a Hub repo within this much disk (e.g. 20GB, 500MiB, or bytes): each "
+        "shard is downloaded once and deleted after (default: download the repo into the Hub "
+        "cache).",
+        show_default=False,
+    ),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Read a Hub repo from the local Hub cache only, never the network "
+        "(as HF_HUB_OFFLINE=1).",
+    ),
+]
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str = "--disk-budget") -> int:
+    """'20GB' (10^9), '500MiB' (2^20), '1.5g', '123' (bytes) -> bytes (ValidationError
+    otherwise)."""
+    from spectra.errors import ValidationError
+
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValidationError(
+            f"{flag} {one_line(text, 40)!r} is not a size: give bytes or a number with a unit, "
+            "e.g. 20GB or 500MiB"
+        )
+    power = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if size <= 0:
+        raise ValidationError(f"{flag} must be more than 0 bytes, got {one_line(text, 40)!r}")
+    return size
+
+
+def hub_options(
+    revision: str | None, disk_budget: str | None, offline: bool, *, parts: int = 1
+) -> Any:
+    """The `--revision`, `--disk-budget`, `--offline` flags as a `HubOptions` (the budget split
+    into `parts` equal shares: `compare` holds both sides on disk at once)."""
+    from spectra.sources.hub import HubOptions
+
+    budget = None if disk_budget is None else max(1, parse_size(disk_budget) // parts)
+    return HubOptions(revision=revision, disk_budget=budget, local_only=True if offline else None)
+
 
 def split_csv(value: str | None) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']."""

@@ -13,10 +13,12 @@ from spectra.cli._common import (
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
+    OfflineOpt,
     RolesOpt,
     console,
     err_console,
     handle_errors,
+    hub_options,
     is_interactive,
     one_line,
     split_csv,
@@ -75,6 +77,32 @@ def compare_cmd(
         ),
     ] = None,
     force: ForceOpt = False,
+    base_revision: Annotated[
+        str | None,
+        typer.Option(
+            "--base-revision",
+            help="Hub branch, tag or commit of BASE (same as org/name@REV).",
+            show_default=False,
+        ),
+    ] = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            help="Hub branch, tag or commit of FINETUNED (same as org/name@REV).",
+            show_default=False,
+        ),
+    ] = None,
+    disk_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--disk-budget",
+            help="Stream Hub repos within this much disk in all (e.g. 20GB, 500MiB): half for "
+            "each side; each shard is downloaded once and deleted after.",
+            show_default=False,
+        ),
+    ] = None,
+    offline: OfflineOpt = False,
 ) -> None:
     from spectra.analysis.comparison import CompareOptions
     from spectra.jobs.compare import compare
@@ -94,6 +122,10 @@ def compare_cmd(
         device=device,
     )
     cache = Path(cache_dir).expanduser() if cache_dir else None
+    hubs = (
+        hub_options(base_revision, disk_budget, offline, parts=2),
+        hub_options(revision, disk_budget, offline, parts=2),
+    )
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 
@@ -101,7 +133,7 @@ def compare_cmd(
             bar.update(task, completed=done, total=total, description=_short(key))
 
         # Under torchrun each rank compares its share of pairs; rank 0 gets the whole result.
-        cmp = compare(base, finetuned, options, cache=cache, progress=tick)
+        cmp = compare(base, finetuned, options, cache=cache, progress=tick, hub=hubs)
     if cmp is None:  # a non-writer rank under torchrun
         return
     paths = write_compare(cmp, out, force=force, protect=protect)

@@ -11,10 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from spectra.cli._common import (
     DeviceOpt,
+    DiskBudgetOpt,
     ForceOpt,
+    OfflineOpt,
+    RevisionOpt,
     console,
     err_console,
     handle_errors,
+    hub_options,
     is_interactive,
     one_line,
 )
@@ -234,6 +238,9 @@ def init(
         ),
     ] = None,
     force: ForceOpt = False,
+    revision: RevisionOpt = None,
+    disk_budget: DiskBudgetOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Write SVD- or data-initialized LoRA adapters PEFT loads as they are, with the residual
     base where the method changes it, and a spectra.json manifest.
@@ -265,6 +272,7 @@ def init(
         seed=seed,
         force=force,
         residual_dtype=residual_dtype,
+        hub=hub_options(revision, disk_budget, offline),
     )
     init_method = get_initializer(method)
     calibration = None

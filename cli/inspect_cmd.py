@@ -11,11 +11,15 @@ from rich.table import Table
 
 from spectra.cli._common import (
     CONTROL,
+    DiskBudgetOpt,
     ExcludeOpt,
     IncludeOpt,
+    OfflineOpt,
+    RevisionOpt,
     RolesOpt,
     console,
     handle_errors,
+    hub_options,
     split_csv,
 )
 
@@ -41,9 +45,9 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     roles: RolesOpt = None,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub branch, tag or commit.")
-    ] = None,
+    revision: RevisionOpt = None,
+    disk_budget: DiskBudgetOpt = None,
+    offline: OfflineOpt = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")
     ] = False,
@@ -56,7 +60,10 @@ def inspect(
     from spectra.sources.inventory import inventory
 
     target = source if source is not None else str(bundled_model_path())
-    with Checkpoint.open(target, revision=revision) as ckpt:
+    hub = hub_options(revision, disk_budget, offline)
+    with Checkpoint.open(
+        target, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+    ) as ckpt:
         inv = inventory(ckpt, include=include or (), exclude=exclude or (), roles=split_csv(roles))
     if as_json:
         typer.echo(json.dumps(inv.to_dict(), indent=1))

@@ -19,14 +19,18 @@ from rich.progress import (
 from spectra.cli._common import (
     CacheDirOpt,
     DeviceOpt,
+    DiskBudgetOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
     NoCacheOpt,
+    OfflineOpt,
+    RevisionOpt,
     RolesOpt,
     console,
     err_console,
     handle_errors,
+    hub_options,
     is_interactive,
     one_line,
     split_csv,
@@ -100,6 +104,9 @@ def _budget_bytes(max_memory: float | None) -> int | None:
 #: a cached analysis, so a new option can never be served a result computed without it.
 _NOT_COMPUTED = frozenset(
     {"out", "formats", "force", "max_esd_plots", "quiet", "no_cache", "cache_dir"}
+    # a Hub source is never served from the analysis cache (no local files to key it by);
+    # for a local one these change no number
+    | {"revision", "disk_budget", "offline"}
 )
 
 
@@ -274,6 +281,9 @@ def report_cmd(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
+    revision: RevisionOpt = None,
+    disk_budget: DiskBudgetOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     computed = {k: v for k, v in locals().items() if k not in _NOT_COMPUTED}
     from spectra.blobcache import BlobCache
@@ -285,6 +295,7 @@ def report_cmd(
     if max_esd_plots < 0:
         raise ValidationError(f"--max-esd-plots must be >= 0, got {max_esd_plots}")
     budget = _budget_bytes(max_memory)
+    hub = hub_options(revision, disk_budget, offline)
     final = Path(out).expanduser().absolute()
     protect = (source, cache_dir)  # never replaced, even with --force
     check_output_dir(final, force=force, protect=protect)  # fail before the work, not after it
@@ -314,7 +325,9 @@ def report_cmd(
         )
         with ReportProgress(enabled=not quiet and is_interactive()) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
-            return analyze(source, options, cache=cache, progress=progress, max_memory=budget)
+            return analyze(
+                source, options, cache=cache, progress=progress, max_memory=budget, hub=hub
+            )
 
     analysis = _cached_analysis(source, computed, cache, compute)
     if analysis is None:  # a non-writer rank under torchrun

@@ -7,17 +7,31 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from _hub_fixtures import cache_folder, hub_fixture  # noqa: F401 - the `hub` fixture
-from _hub_server import HubServer
+import torch
+from _hub_fixtures import (  # noqa: F401 - hub_fixture: the `hub` fixture
+    cache_folder,
+    cli_env,
+    closed_port,
+    hub_fixture,
+    run_cli,
+)
+from _hub_server import COMMIT, HubServer, Repo
 from _source_fixtures import write_llama_like
+from safetensors.torch import load_file
 
+from spectra.analysis.comparison import CompareOptions
+from spectra.cli._common import parse_size
+from spectra.errors import HubError, ValidationError
+from spectra.jobs.compare import compare
+from spectra.jobs.init import InitOptions, run_init
 from spectra.jobs.report import AnalyzeOptions, analyze
 from spectra.sources.hub import HubOptions, HubRemote
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # CLI runs in fresh processes: slow on a busy box
 
 
 @pytest.fixture
@@ -85,3 +99,87 @@ def test_streamed_report_moves_each_shard_once_under_the_budget(
     assert [lm.key for lm in streamed.layers] == [lm.key for lm in local.layers]
     for a, b in zip(streamed.layers, local.layers, strict=True):
         assert a.alpha == pytest.approx(b.alpha, rel=1e-9, abs=1e-12)
+
+
+def safetensors_bodies(server: HubServer) -> list[tuple[str, int]]:
+    """(file, bytes) of every whole-file safetensors body the server sent."""
+    return [(n, b) for n, rng, b in server.served if n.endswith(".safetensors") and rng is None]
+
+
+def test_cli_report_streams_under_disk_budget(model: Path, tmp_path: Path) -> None:
+    """`spectra report REPO --disk-budget` (before: no such flag on any command)."""
+    sizes = {p.name: p.stat().st_size for p in model.glob("*.safetensors")}
+    budget = 2 * max(sizes.values())
+    with HubServer({"org/tiny": Repo(model, refs={"v1": COMMIT})}) as server:
+        env = cli_env(tmp_path, server.url)
+        args = ["report", "org/tiny", "--revision", "v1", "--disk-budget", f"{budget}B"]
+        out = run_cli([*args, "--out", "r", "--no-cache", "--device", "cpu", "-q"], env, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert sorted(n for n, _ in safetensors_bodies(server)) == sorted(sizes)
+        assert sum(b for _, b in safetensors_bodies(server)) == sum(sizes.values())
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert len(metrics["layers"]) == 30
+    blobs = tmp_path / "cli-cache" / "models--org--tiny" / "blobs"
+    assert not [p for p in blobs.iterdir() if p.name.count(".") == 0 and p.stat().st_size > 50_000]
+
+
+def test_budget_below_largest_shard_refused_before_download(
+    hub: HubServer, model: Path, tmp_path: Path
+) -> None:
+    """Every job refuses it when it opens the repo, naming the shard and its size, before any
+    download (before: refused only when the pass reached that shard)."""
+    largest = max(model.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    message = rf"^org/tiny/{largest.name}: shard is {largest.stat().st_size} bytes .*50000 bytes"
+    small = HubOptions(disk_budget=50_000)
+    with pytest.raises(HubError, match=message):
+        analyze("org/tiny", AnalyzeOptions(device="cpu"), cache=False, hub=small)
+    with pytest.raises(HubError, match=message):
+        run_init("org/tiny", InitOptions(out=tmp_path / "i", device="cpu", hub=small))
+    with pytest.raises(HubError, match=message):
+        compare("org/tiny", "org/tiny", CompareOptions(device="cpu"), hub=small)
+    assert safetensors_bodies(hub) == []  # nothing downloaded, not even a header
+    assert [n for n, rng, _ in hub.served if n.endswith(".safetensors")] == []
+    assert parse_size("500MiB") == 500 * 2**20 and parse_size("20GB") == 20 * 10**9
+    with pytest.raises(ValidationError, match=r"--disk-budget 'lots' is not a size"):
+        parse_size("lots")
+
+
+def test_cli_offline_flag_and_compare_revisions(model: Path, tmp_path: Path) -> None:
+    """`--offline` reads the cache with the server gone; `--revision`/`--base-revision` name
+    each side of a compare."""
+    with HubServer({"org/tiny": Repo(model, refs={"v1": COMMIT})}) as server:
+        env = cli_env(tmp_path, server.url)
+        args = ["compare", "org/tiny", "org/tiny", "--base-revision", "v1", "--revision", "main"]
+        out = run_cli([*args, "--out", "c", "--device", "cpu"], env, tmp_path)
+        assert out.returncode == 0, out.stderr
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"  # nothing listens there
+    args = ["inspect", "org/tiny", "--offline", "--revision", "v1", "--json"]
+    offline = run_cli(args, env, tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    assert len(json.loads(offline.stdout)["matrices"]) == 30
+
+
+def test_init_streams_a_hub_checkpoint(hub: HubServer, model: Path, tmp_path: Path) -> None:
+    """`init` on a repo streamed under a disk budget (before: 'not a local file'): the same
+    adapter, residual base and manifest hashes as a local run, each shard downloaded once."""
+    sizes = {p.name: p.stat().st_size for p in model.glob("*.safetensors")}
+    budget = 2 * max(sizes.values())
+    hubbed = InitOptions(
+        out=tmp_path / "streamed", rank=4, device="cpu", hub=HubOptions(disk_budget=budget)
+    )
+    streamed = run_init("org/tiny", hubbed)
+    local = run_init(str(model), replace(hubbed, out=tmp_path / "local", hub=None))
+    assert streamed is not None and local is not None
+    assert sorted(n for n, _ in safetensors_bodies(hub)) == sorted(sizes)
+    for part in ("adapter/adapter_model.safetensors", *(f"residual_base/{n}" for n in sizes)):
+        a, b = (
+            load_file(str(tmp_path / "streamed" / part)),
+            load_file(str(tmp_path / "local" / part)),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert (tmp_path / "streamed" / "residual_base" / "config.json").is_file()
+    manifests = [
+        json.loads((tmp_path / d / "spectra.json").read_text()) for d in ("streamed", "local")
+    ]
+    assert manifests[0]["source_files"] == manifests[1]["source_files"]
+    assert blob_bytes(cache_folder()) < max(sizes.values())  # shards deleted, config kept

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,15 @@ def file_sha256(path: Path, *, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def describe_files(files: Iterable[Path]) -> list[dict[str, Any]]:
-    """[{name, bytes, sha256}] for each file."""
-    return [{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+def describe_files(files: Iterable[Path | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """[{name, bytes, sha256}] for each file; an item that is already such a mapping (a shard
+    streamed from the Hub and no longer on disk: `Checkpoint.describe_shards`) is kept."""
+    return [
+        dict(p)
+        if isinstance(p, Mapping)
+        else {"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in files
+    ]
 
 
 def versions() -> dict[str, str | None]:
@@ -59,7 +65,7 @@ def build_manifest(
     kind: str,
     method: str,
     source: str,
-    source_files: Iterable[Path],
+    source_files: Iterable[Path | Mapping[str, Any]],
     options: dict[str, Any],
     plan: dict[str, Any],
     matrices: dict[str, dict[str, Any]],

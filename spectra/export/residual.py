@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import BinaryIO
@@ -37,7 +39,14 @@ from torch import Tensor
 
 from spectra.errors import SourceError, SpectraError, ValidationError
 from spectra.formats.files import open_input, read_json_input
-from spectra.formats.safetensors import DTYPES, INDEX_NAME, TensorRef, header_bytes, read_header
+from spectra.formats.safetensors import (
+    DTYPES,
+    INDEX_NAME,
+    TensorRef,
+    header_bytes,
+    parse_header,
+    read_header,
+)
 
 _CHUNK = 16 << 20
 # Side files copied next to the residual weights: what loading the model and its tokenizer
@@ -111,6 +120,7 @@ def _tensor_bytes(entry: TensorRef, value: Tensor) -> bytes:
 
 
 Replace = Callable[[str], Tensor | None]
+Opener = Callable[[Path], AbstractContextManager[BinaryIO]]
 
 
 def _upcast_range(src: BinaryIO, dst: BinaryIO, entry: TensorRef) -> None:
@@ -134,15 +144,20 @@ def _stored(entry: TensorRef, upcast: bool) -> TensorRef:
     return with_fields(entry, dtype=dtype, nbytes=entry.numel * DTYPES[dtype].itemsize)
 
 
-def write_shard(src: Path, dst: Path, replace: Replace, *, upcast: bool = False) -> list[str]:
+def write_shard(
+    src: Path, dst: Path, replace: Replace, *, upcast: bool = False, opener: Opener | None = None
+) -> list[str]:
     """Write ``dst`` as a copy of safetensors file ``src`` where ``replace(name)`` returns a
     tensor (same shape, dtype as stored, or `residual_storage` with ``upcast``) for the
-    tensors to change, None for the rest. Returns the names replaced."""
-    header = read_header(src)
-    entries = header.in_data_order()
-    stored = [_stored(e, upcast) for e in entries]
+    tensors to change, None for the rest. Returns the names replaced.
+
+    opener: opens ``src`` for reading (default: the local file; `Checkpoint.open_shard` for a
+    shard streamed from the Hub)."""
     replaced = []
-    with open_input(src, "shard") as fin, dst.open("wb") as fout:
+    with _open_shard(src, opener) as fin, dst.open("wb") as fout:
+        header = parse_header(fin, os.fstat(fin.fileno()).st_size, src)
+        entries = header.in_data_order()
+        stored = [_stored(e, upcast) for e in entries]
         fout.write(header_bytes(stored, header.metadata))
         for entry, out in zip(entries, stored, strict=True):
             value = replace(entry.name)
@@ -155,6 +170,10 @@ def write_shard(src: Path, dst: Path, replace: Replace, *, upcast: bool = False)
             else:
                 _copy_range(fin, fout, entry.offset, entry.nbytes)
     return replaced
+
+
+def _open_shard(src: Path, opener: Opener | None) -> AbstractContextManager[BinaryIO]:
+    return open_input(src, "shard") if opener is None else opener(src)
 
 
 class SkippedSideFileWarning(UserWarning):
@@ -248,6 +267,7 @@ def write_residual_checkpoint(
     copy_files: bool = True,
     progress: Callable[[str], None] | None = None,
     upcast: bool = False,
+    opener: Opener | None = None,
 ) -> list[str]:
     """Write the checkpoint made of ``shards`` into ``out_dir`` (created), replacing the
     tensors for which ``replace(name)`` returns a tensor. Shards are processed in order, one
@@ -255,7 +275,9 @@ def write_residual_checkpoint(
 
     copy_files: also copy the side files of the shards' folder (`copy_side_files`); pass False
     when the source was a single file, whose folder is not a checkpoint (``~/Downloads``).
-    upcast: store float16/bfloat16 tensors as float32 (see the module docstring)."""
+    upcast: store float16/bfloat16 tensors as float32 (see the module docstring).
+    opener: opens a shard for reading (default: the local file; `Checkpoint.open_shard` reads a
+    shard streamed from the Hub)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in shards]
@@ -263,9 +285,9 @@ def write_residual_checkpoint(
         raise ValidationError(f"shard file names repeat: {names}")
     replaced: list[str] = []
     for shard in shards:
-        if not shard.is_file():
+        if opener is None and not shard.is_file():
             raise SourceError(f"shard {str(shard)!r} is not a local file; download it first")
-        replaced += write_shard(shard, out / shard.name, replace, upcast=upcast)
+        replaced += write_shard(shard, out / shard.name, replace, upcast=upcast, opener=opener)
         if progress is not None:
             progress(shard.name)
     if copy_files:

@@ -57,11 +57,12 @@ from spectra.linalg.engine import ContentKey, content_key_of
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.hub import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]  # (done, total, key of the pair just finished)
 CacheSpec = SpectrumCache | str | Path | bool | None
-Opener = Callable[[str | Path], AbstractContextManager[Checkpoint]]
+Opener = Callable[[str | Path, HubOptions], AbstractContextManager[Checkpoint]]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def compare(
     progress: Progress | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
+    hub: HubOptions | tuple[HubOptions, HubOptions] | None = None,
 ) -> Comparison | None:
     """Compare a fine-tuned checkpoint (or PEFT LoRA adapter folder) with its base.
 
@@ -98,6 +100,8 @@ def compare(
     progress: called as progress(done, total, key) after each pair.
     threads: per-process intra-op threads (or $SPECTRA_NUM_THREADS; reproducibility contract).
     timeout_s: under torchrun, how long a rank waits for the others (default one hour).
+    hub: how Hub repo ids are opened (HubOptions), one for both sides or a (base, finetuned)
+        pair; under a disk budget both sides are held on disk at once, so give each half.
 
     Raises ValidationError listing shape mismatches and one-sided keys unless `allow_missing`.
     Returns the Comparison; under torchrun on rank 0 only, None on the other ranks.
@@ -113,25 +117,48 @@ def compare(
     check_value(cache, CacheSpec, "cache")
     check_value(progress, Progress | None, "progress")
     opts = CompareOptions() if options is None else options
+    hubs = _sides(hub)
     if not is_distributed():
         apply_threads(threads)
         job = _Job(opts, resolve_device(opts.device), resolve_cache(cache), progress, None)
-        return _compare(job, base, finetuned, Checkpoint.open)
+        return _compare(job, base, finetuned, _open_here, hubs)
     with distributed_session(device=opts.device, threads=threads, timeout_s=timeout_s) as s:
         job = _Job(opts, s.device, resolve_cache(cache), progress, s)
-        return _compare(job, base, finetuned, partial(open_checkpoint, s))
+        return _compare(job, base, finetuned, partial(open_checkpoint, s), hubs)
+
+
+def _sides(hub: HubOptions | tuple[HubOptions, HubOptions] | None) -> tuple[HubOptions, ...]:
+    """The (base, finetuned) Hub options of `compare`'s `hub` argument."""
+    if hub is None:
+        return (HubOptions(), HubOptions())
+    sides = (hub, hub) if isinstance(hub, HubOptions) else tuple(hub)
+    if len(sides) != 2 or not all(isinstance(h, HubOptions) for h in sides):
+        raise ValidationError(
+            f"hub must be a HubOptions or a (base, finetuned) pair of them, got {hub!r:.80}"
+        )
+    return sides
+
+
+def _open_here(source: str | Path, hub: HubOptions) -> Checkpoint:
+    return Checkpoint.open(
+        source, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+    )
 
 
 def _compare(
-    job: _Job, base: str | Path, finetuned: str | Path, open_ckpt: Opener
+    job: _Job,
+    base: str | Path,
+    finetuned: str | Path,
+    open_ckpt: Opener,
+    hubs: tuple[HubOptions, ...],
 ) -> Comparison | None:
     adapter = open_adapter(finetuned)
-    with open_ckpt(base) as base_ckpt:
+    with open_ckpt(base, hubs[0]) as base_ckpt:
         if adapter is not None:
             with adapter:
                 done = _pairs(job, base_ckpt, adapter)
         else:
-            with open_ckpt(finetuned) as ft_ckpt:
+            with open_ckpt(finetuned, hubs[1]) as ft_ckpt:
                 done = _pairs(job, base_ckpt, ft_ckpt)
     if done is None:  # a rank other than 0
         return None

@@ -75,6 +75,7 @@ from spectra.export.manifest import build_manifest, write_manifest
 from spectra.export.residual import (
     HALF_DTYPES,
     ResidualPrecisionWarning,
+    is_side_file,
     residual_storage,
     storage_dtype,
     write_residual_checkpoint,
@@ -85,6 +86,7 @@ from spectra.formats.peft import AdapterContent, write_peft_adapter
 from spectra.formats.safetensors import torch_dtypes_by_name
 from spectra.outdir import atomic_output_dir, check_output_dir
 from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.hub import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]
@@ -124,7 +126,8 @@ class InitOptions:
     (same keys), over ``alpha``; force: replace a non-empty ``out``; residual_dtype: "source"
     (the residual base keeps the source's dtypes; a float16/bfloat16 one is then warned about
     with its measured reconstruction error) or "float32" (float16/bfloat16 tensors of the
-    residual base are stored as float32: reconstruction error at float32 level).
+    residual base are stored as float32: reconstruction error at float32 level); hub: how a
+    Hub repo id is opened (HubOptions: revision, disk_budget to stream it, local_only).
     """
 
     out: str | Path
@@ -146,6 +149,7 @@ class InitOptions:
     alphas: Mapping[str, float] | None = None
     force: bool = False
     residual_dtype: str = "source"
+    hub: HubOptions | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):
@@ -342,7 +346,10 @@ def init_adapter(
     job = _job(source, options, calibration, stats)
     # refuse before any reading, SVD or calibration
     check_output_dir(job.out, force=options.force, protect=job.protect)
-    with Checkpoint.open(job.source) as ckpt:
+    hub = options.hub or HubOptions()
+    with Checkpoint.open(
+        job.source, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+    ) as ckpt:
         planned = _plan(ckpt, job)
         return _write(ckpt, job, planned, factors, progress, started)
 
@@ -655,12 +662,15 @@ def _run_every_matrix(tmp: Path, ckpt: Checkpoint, job: _Job, runner: _Runner) -
         if ckpt.quantization.method is not None:
             _write_dequantized_base(tmp, ckpt, job, runner, folder_source)
             return str(job.out / RESIDUAL_DIR)
+        if folder_source:  # a streamed Hub repo: its config and tokenizer files, beside
+            ckpt.fetch_side_files(is_side_file)
         write_residual_checkpoint(
             list(ckpt.files),
             tmp / RESIDUAL_DIR,
             runner.replace,
             copy_files=folder_source,
             upcast=job.upcast,
+            opener=ckpt.open_shard,
         )
         return str(job.out / RESIDUAL_DIR)
     for key in runner.todo:
@@ -726,7 +736,7 @@ def _write_adapter_and_manifest(
         kind="init",
         method=plan.method,
         source=job.source,
-        source_files=ckpt.files,
+        source_files=ckpt.describe_shards(),
         options=options,
         plan=plan.to_dict(),
         matrices=runner.info,
@@ -817,7 +827,7 @@ def _distributed_init(session: Session, job: _Job, progress: Progress | None) ->
 
     status, _ = guarded(session, refuse)
     settle(session, status, RERUN)
-    with open_checkpoint(session, job.source) as ckpt:
+    with open_checkpoint(session, job.source, job.options.hub) as ckpt:
 
         def plan(tracker: Tracker) -> _Planned | None:
             return _plan(ckpt, job) if session.is_writer else None

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -67,6 +67,7 @@ class Checkpoint:
         self.config: dict[str, object] = dict(config or {})
         self._store: ShardStore = store or LocalStore()
         self._shard_rank = {path: i for i, path in enumerate(self.files)}
+        self._sizes = {h.path: h.size for h in headers}
         self._tensors = _collect(source, headers)
         check_index(source, weight_map, headers)  # after _collect: duplicates have their message
         self._by_name = {t.name: t for t in self._tensors}
@@ -229,6 +230,29 @@ class Checkpoint:
         for i, r in enumerate(refs):
             groups[group_of[self._shard_of(self._resolve(r))]].append(i)
         return [g for g in groups if g]
+
+    def open_shard(self, shard: Path) -> AbstractContextManager[BinaryIO]:
+        """One shard file of this checkpoint opened for reading through its store (a streamed
+        Hub shard is downloaded first, within the disk budget)."""
+        if shard not in self._shard_rank:
+            raise ValidationError(f"{str(shard)!r} is not a shard of {self.source}")
+        return self._store.open(shard)
+
+    def describe_shards(self) -> list[dict[str, object]]:
+        """[{name, bytes, sha256}] of every shard, from the headers and the store's digests (a
+        streamed Hub shard: the sha256 the Hub lists, which its download was verified
+        against), without reading a file that is not on disk."""
+        return [
+            {"name": p.name, "bytes": self._sizes[p], "sha256": self._store.digest(p)}
+            for p in self.files
+        ]
+
+    def fetch_side_files(self, wanted: Callable[[str], bool]) -> None:
+        """Download the repo's small non-weight files whose names `wanted` accepts (config,
+        tokenizer) beside a streamed Hub checkpoint's shards; no-op for local files."""
+        fetch = getattr(self._store, "fetch_side_files", None)
+        if fetch is not None:
+            fetch(wanted)
 
     def content_key(self, ref: Ref) -> str:
         """Stable id of a matrix's bytes: `sha256(shard):offset:nbytes:dtype:shape[:T]`.

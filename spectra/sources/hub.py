@@ -22,7 +22,7 @@ import shutil
 import struct
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "true", "yes", "on"}
+SIDE_FILE_LIMIT = 50_000_000  # bytes: a config or tokenizer file, never weights
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -358,6 +359,18 @@ class StreamingStore:
             return shard_digest(shard)
         with self.open(shard):
             return shard_digest(shard)
+
+    def fetch_side_files(self, wanted: Callable[[str], bool]) -> None:
+        """Download the repo's top-level non-shard files that `wanted` accepts (at most
+        `SIDE_FILE_LIMIT` bytes each) into the snapshot folder, where they stay (they are
+        small, and what a later offline run of the repo finds)."""
+        folder = self._remote.local_path("x").parent
+        shards = {info.name for info in self._files.values()}
+        for info in self._remote.list_files():
+            small = info.size <= SIDE_FILE_LIMIT and "/" not in info.name
+            if small and info.name not in shards and wanted(info.name):
+                if not (folder / info.name).is_file():
+                    self._remote.download(info.name)
 
     def close(self) -> None:
         """Delete the shards this store downloaded (unless `keep`)."""
