@@ -57,12 +57,16 @@ def inspect(
     Quantized checkpoints add a storage column (scheme, bits, block or group size)."""
     from spectra.sources.bundled import bundled_model_path
     from spectra.sources.checkpoint import Checkpoint
+    from spectra.sources.hub import HEADERS_ONLY
     from spectra.sources.inventory import inventory
 
     target = source if source is not None else str(bundled_model_path())
     hub = hub_options(revision, disk_budget, offline)
+    # headers only: a Hub repo is opened in streaming mode, so only its headers are fetched
+    # (ranged reads sized to each header), never the whole model
+    budget = hub.disk_budget or HEADERS_ONLY
     with Checkpoint.open(
-        target, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+        target, revision=hub.revision, local_only=hub.local_only, disk_budget=budget
     ) as ckpt:
         inv = inventory(ckpt, include=include or (), exclude=exclude or (), roles=split_csv(roles))
     if as_json:

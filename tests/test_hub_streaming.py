@@ -22,9 +22,11 @@ from _hub_fixtures import (  # noqa: F401 - hub_fixture: the `hub` fixture
 from _hub_server import COMMIT, HubServer, Repo
 from _source_fixtures import write_llama_like
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from spectra.analysis.comparison import CompareOptions
 from spectra.cli._common import parse_size
+from spectra.cli.main import app
 from spectra.errors import HubError, ValidationError
 from spectra.jobs.compare import compare
 from spectra.jobs.init import InitOptions, run_init
@@ -183,3 +185,21 @@ def test_init_streams_a_hub_checkpoint(hub: HubServer, model: Path, tmp_path: Pa
     ]
     assert manifests[0]["source_files"] == manifests[1]["source_files"]
     assert blob_bytes(cache_folder()) < max(sizes.values())  # shards deleted, config kept
+
+
+def test_inspect_reads_each_header_with_two_ranged_requests(hub: HubServer, model: Path) -> None:
+    """`spectra inspect REPO` fetches the 8-byte length, then exactly the header, of each shard
+    (before: a snapshot download of the whole model; the streaming path read two 5 MiB blocks
+    per header through HfFileSystem, 1.86x the model on bench_hub_bytes.py)."""
+    result = CliRunner().invoke(app, ["inspect", "org/tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["matrices"]) == 30
+    got = sorted((n, rng, b) for n, rng, b in hub.served if n.endswith(".safetensors"))
+    want = []
+    for shard in sorted(model.glob("*.safetensors")):
+        hlen = int.from_bytes(shard.read_bytes()[:8], "little")
+        want += [(shard.name, "bytes=0-7", 8), (shard.name, f"bytes=8-{8 + hlen - 1}", hlen)]
+    assert got == sorted(want)
+    moved = sum(b for _, _, b in got)
+    assert moved < sum(p.stat().st_size for p in model.glob("*.safetensors")) / 20
+    assert not (cache_folder() / "blobs").exists() or blob_bytes(cache_folder()) == 0

@@ -57,6 +57,9 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "true", "yes", "on"}
 SIDE_FILE_LIMIT = 50_000_000  # bytes: a config or tokenizer file, never weights
+HEADERS_ONLY = 1 << 62
+"""A disk budget that refuses no shard: streaming mode for a caller that reads only headers
+(`spectra inspect`), so opening a repo costs its headers' bytes, not a download of the model."""
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -287,7 +290,12 @@ def _remote_json(remote: RemoteRepo, info: RemoteFile | None) -> object:
 
 
 def _remote_header(source: str, remote: RemoteRepo, info: RemoteFile) -> ShardHeader:
+    """A shard's header: from the cached file when there is one, else by two ranged reads
+    (the 8-byte length, then exactly the header)."""
     label = f"{source}/{info.name}"
+    local = remote.local_path(info.name)
+    if local.is_file():
+        return read_header(local)
     head = remote.read_bytes(info.name, 0, min(8, info.size)) if info.size else b""
     rest = b""
     if len(head) == 8:
@@ -530,14 +538,30 @@ class HubRemote:
         return list(self._files)
 
     def read_bytes(self, name: str, start: int, length: int) -> bytes:
-        from huggingface_hub import HfFileSystem, constants
+        """Bytes `start` to `start + length` of `name` at the resolved commit: one HTTP Range
+        request for exactly those bytes (huggingface_hub's session, headers and token; redirects
+        to the CDN followed), so a header costs its own size, never a whole file or a 5 MiB
+        block. A server that ignores Range is read only as far as needed."""
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
-        def read() -> bytes:  # the endpoint keys fsspec's instance cache: never a stale one
-            with HfFileSystem(endpoint=constants.ENDPOINT).open(
-                f"{self.repo_id}@{self.commit}/{name}", "rb"
-            ) as fh:
-                fh.seek(start)
-                return fh.read(length)
+        if length <= 0:
+            return b""
+        url = hf_hub_url(self.repo_id, name, revision=self.commit)
+        headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + length - 1}"}
+
+        def read() -> bytes:
+            with get_session().stream(
+                "GET", url, headers=headers, follow_redirects=True, timeout=hub_timeout()
+            ) as response:
+                hf_raise_for_status(response)
+                skip = 0 if response.status_code == 206 else start  # Range ignored: 200
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= skip + length:
+                        break
+            return bytes(data[skip : skip + length])
 
         return hub_call(f"{self.repo_id}/{name}", read)
 
