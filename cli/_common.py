@@ -106,9 +106,14 @@ def hub_options(
     revision: str | None, disk_budget: str | None, offline: bool, *, parts: int = 1
 ) -> Any:
     """The `--revision`, `--disk-budget`, `--offline` flags as a `HubOptions` (the budget split
-    into `parts` equal shares: `compare` holds both sides on disk at once)."""
+    into `parts` equal shares: `compare` holds both sides on disk at once). Off a terminal,
+    huggingface_hub's progress bars are turned off."""
     from spectra.sources.hub import HubOptions
 
+    if not is_interactive():  # huggingface_hub's download bars are for a terminal, not a log
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     budget = None if disk_budget is None else max(1, parse_size(disk_budget) // parts)
     return HubOptions(revision=revision, disk_budget=budget, local_only=True if offline else None)
 
@@ -194,6 +199,7 @@ def handle_errors(func: F) -> F:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
+            abandon_threads(130)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -212,6 +218,21 @@ def handle_errors(func: F) -> F:
         return None
 
     return wrapper  # type: ignore[return-value]
+
+
+def abandon_threads(code: int) -> None:
+    """After Ctrl-C: when other threads still run (a Hub download, or huggingface_hub's
+    download pool, whose workers Python joins at exit even when they are daemons), exit now
+    with `code` instead of waiting for their downloads; a partial download left behind is
+    reclaimed by the next streamed run. Nothing else runs then: the command's own clean-up
+    already ran as the interrupt unwound it."""
+    import os
+    import threading
+
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def is_interactive() -> bool:

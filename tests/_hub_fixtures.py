@@ -76,7 +76,7 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=300,  # a fresh process imports torch: slow on a busy 2-core box
         check=False,
     )
 

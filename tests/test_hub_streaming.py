@@ -5,7 +5,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from _hub_fixtures import (  # noqa: F401 - hub_fixture: the `hub` fixture
+    TAG_COMMIT,
     cache_folder,
     cli_env,
     closed_port,
     hub_fixture,
     run_cli,
 )
-from _hub_server import COMMIT, HubServer, Repo
+from _hub_server import COMMIT, Fault, HubServer, Repo
 from _source_fixtures import write_llama_like
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -98,6 +103,9 @@ def test_streamed_report_moves_each_shard_once_under_the_budget(
     assert blob_bytes(cache_folder()) == 0  # nothing left behind
     local = analyze(str(model), options, cache=False)
     assert streamed is not None and local is not None
+    # provenance: the commit the revision resolved to (before: not recorded anywhere)
+    assert streamed.commit == COMMIT and json.loads(streamed.to_json())["commit"] == COMMIT
+    assert local.commit is None and "commit" not in local.to_dict()  # local outputs unchanged
     assert [lm.key for lm in streamed.layers] == [lm.key for lm in local.layers]
     for a, b in zip(streamed.layers, local.layers, strict=True):
         assert a.alpha == pytest.approx(b.alpha, rel=1e-9, abs=1e-12)
@@ -120,7 +128,7 @@ def test_cli_report_streams_under_disk_budget(model: Path, tmp_path: Path) -> No
         assert sorted(n for n, _ in safetensors_bodies(server)) == sorted(sizes)
         assert sum(b for _, b in safetensors_bodies(server)) == sum(sizes.values())
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert len(metrics["layers"]) == 30
+    assert len(metrics["layers"]) == 30 and metrics["commit"] == COMMIT
     blobs = tmp_path / "cli-cache" / "models--org--tiny" / "blobs"
     assert not [p for p in blobs.iterdir() if p.name.count(".") == 0 and p.stat().st_size > 50_000]
 
@@ -149,11 +157,14 @@ def test_budget_below_largest_shard_refused_before_download(
 def test_cli_offline_flag_and_compare_revisions(model: Path, tmp_path: Path) -> None:
     """`--offline` reads the cache with the server gone; `--revision`/`--base-revision` name
     each side of a compare."""
-    with HubServer({"org/tiny": Repo(model, refs={"v1": COMMIT})}) as server:
+    refs = {"v1": TAG_COMMIT, TAG_COMMIT: TAG_COMMIT}  # a tag on another commit
+    with HubServer({"org/tiny": Repo(model, refs=refs)}) as server:
         env = cli_env(tmp_path, server.url)
         args = ["compare", "org/tiny", "org/tiny", "--base-revision", "v1", "--revision", "main"]
         out = run_cli([*args, "--out", "c", "--device", "cpu"], env, tmp_path)
         assert out.returncode == 0, out.stderr
+    commits = json.loads((tmp_path / "c" / "compare.json").read_text())["commits"]
+    assert commits == {"base": TAG_COMMIT, "finetuned": COMMIT}
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"  # nothing listens there
     args = ["inspect", "org/tiny", "--offline", "--revision", "v1", "--json"]
     offline = run_cli(args, env, tmp_path)
@@ -184,6 +195,7 @@ def test_init_streams_a_hub_checkpoint(hub: HubServer, model: Path, tmp_path: Pa
         json.loads((tmp_path / d / "spectra.json").read_text()) for d in ("streamed", "local")
     ]
     assert manifests[0]["source_files"] == manifests[1]["source_files"]
+    assert manifests[0]["source_commit"] == COMMIT and "source_commit" not in manifests[1]
     assert blob_bytes(cache_folder()) < max(sizes.values())  # shards deleted, config kept
 
 
@@ -203,3 +215,47 @@ def test_inspect_reads_each_header_with_two_ranged_requests(hub: HubServer, mode
     moved = sum(b for _, _, b in got)
     assert moved < sum(p.stat().st_size for p in model.glob("*.safetensors")) / 20
     assert not (cache_folder() / "blobs").exists() or blob_bytes(cache_folder()) == 0
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it (a background job inherits it ignored,
+    and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_does_not_wait_for_a_stalled_download(model: Path, tmp_path: Path) -> None:
+    """Ctrl-C during a download ends the run at once with one line and exit 130, with and
+    without a disk budget (before: it waited for every in-flight download: here a 20 s stall)."""
+    shard = sorted(model.glob("*.safetensors"))[0].name
+    with HubServer({"org/tiny": Repo(model)}) as server:
+        server.faults.append(Fault("resolve", "stall-get", match=shard, seconds=20))
+        runs = {}
+        for name, extra in (("snapshot", []), ("streamed", ["--disk-budget", "10MB"])):
+            env = cli_env(tmp_path / name, server.url)
+            env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # the stall is not ended by a timeout
+            (tmp_path / name).mkdir()
+            args = ["report", "org/tiny", "--out", "r", "--no-cache", "-q", *extra]
+            runs[name] = subprocess.Popen(
+                [sys.executable, "-m", "spectra", *args],
+                env=env,
+                cwd=tmp_path / name,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=default_sigint,
+            )
+        deadline = time.monotonic() + 240
+        stalled = [r for r in server.requests if r[0] == "GET" and r[1].endswith(shard)]
+        while len(stalled) < 2 and time.monotonic() < deadline:  # both are inside the stall
+            time.sleep(0.2)
+            stalled = [r for r in server.requests if r[0] == "GET" and r[1].endswith(shard)]
+        assert len(stalled) >= 2, server.requests
+        time.sleep(0.5)
+        for proc in runs.values():
+            proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        for name, proc in runs.items():
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, (name, err)
+            assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
+        assert time.monotonic() - t0 < 10  # the stall lasts 20 s

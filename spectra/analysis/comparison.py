@@ -102,6 +102,7 @@ class Comparison:
     pairing: Pairing
     forensics: Forensics
     versions: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, str] = field(default_factory=dict)  # side -> resolved Hub commit
 
     def pair(self, key: str) -> PairResult:
         """The result of base key `key` (ValidationError naming close keys when absent)."""
@@ -117,6 +118,7 @@ class Comparison:
                 "base": self.base,
                 "finetuned": self.finetuned,
                 "mode": self.mode,
+                **({"commits": dict(self.commits)} if self.commits else {}),
                 "options": self.options.to_dict(),
                 "versions": dict(self.versions),
                 "pairing": self.pairing.to_dict(),

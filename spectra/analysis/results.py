@@ -236,6 +236,7 @@ class Analysis:
     esds: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     versions: dict[str, str] = field(default_factory=dict)
     skipped: list[SkippedMatrix] = field(default_factory=list)
+    commit: str | None = None  # a Hub source's resolved commit (absent from JSON for local)
 
     def layer(self, key: str) -> LayerMetrics:
         """The metrics of matrix `key` (raises ValidationError naming close keys if absent)."""
@@ -246,8 +247,10 @@ class Analysis:
         raise ValidationError(f"no matrix {key!r} in this analysis; similar keys: {close}")
 
     def to_dict(self) -> dict[str, Any]:
+        commit = {} if self.commit is None else {"commit": self.commit}
         return {
             "source": self.source,
+            **commit,
             "options": json_safe(self.options),
             "versions": json_safe(self.versions),
             "summary": self.summary.to_dict(),
@@ -279,6 +282,7 @@ class Analysis:
                 SkippedMatrix(d["key"], tuple(d["shape"]), d["reason"])
                 for d in data.get("skipped", [])
             ],
+            commit=data.get("commit"),
         )
 
     def rows(self) -> list[dict[str, Any]]:

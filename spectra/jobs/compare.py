@@ -157,9 +157,11 @@ def _compare(
         if adapter is not None:
             with adapter:
                 done = _pairs(job, base_ckpt, adapter)
+            commits = {"base": base_ckpt.commit}
         else:
             with open_ckpt(finetuned, hubs[1]) as ft_ckpt:
                 done = _pairs(job, base_ckpt, ft_ckpt)
+            commits = {"base": base_ckpt.commit, "finetuned": ft_ckpt.commit}
     if done is None:  # a rank other than 0
         return None
     pairing, results = done
@@ -173,6 +175,7 @@ def _compare(
         pairing=pairing,
         forensics=comparison_forensics(results, opts.epsilons, unchanged_tol=opts.unchanged_tol),
         versions=runtime_versions(),
+        commits={side: sha for side, sha in commits.items() if sha},
     )
 
 

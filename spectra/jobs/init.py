@@ -745,6 +745,7 @@ def _write_adapter_and_manifest(
             "ranks": plan.ranks,
             "max_reconstruction_error": max(runner.errors.values()),
             "calibration": planned.calibration,
+            **({"source_commit": ckpt.commit} if ckpt.commit else {}),
         },
     )
     write_manifest(tmp, manifest)

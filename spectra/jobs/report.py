@@ -326,6 +326,7 @@ def _analysis(
         esds=esds,
         versions=runtime_versions(),
         skipped=skipped,
+        commit=getattr(ckpt, "commit", None),
     )
 
 

@@ -58,8 +58,10 @@ class Checkpoint:
         config: dict[str, object] | None = None,
         weight_map: Mapping[str, Path] | None = None,
         encoded: Mapping[str, Encoded] | None = None,
+        commit: str | None = None,
     ) -> None:
         self.source = source
+        self.commit = commit  # a Hub repo's resolved commit (provenance); None for local files
         self.files: list[Path] = [h.path for h in headers]
         self.metadata: dict[str, str] = {}
         for header in headers:
@@ -151,6 +153,7 @@ class Checkpoint:
             store=shards.store,
             config=shards.config,
             weight_map=shards.weight_map,
+            commit=shards.commit,
         )
 
     # -- listing -----------------------------------------------------------------------------

@@ -150,6 +150,7 @@ class RepoShards:
     config: dict[str, object]
     weight_map: Mapping[str, Path] | None = None
     store: ShardStore | None = None
+    commit: str | None = None  # the 40-hex commit the files were read at
 
 
 def repo_shards(
@@ -186,7 +187,8 @@ def repo_shards(
 
 
 def snapshot_shards(source: str, snapshot: Path) -> RepoShards:
-    """The shards of a snapshot folder (local files); the source keeps the repo id for messages."""
+    """The shards of a snapshot folder (local files); the source keeps the repo id for messages,
+    the commit is the snapshot folder's name."""
     try:
         layout = local_layout(snapshot)
     except SourceError as exc:
@@ -197,7 +199,9 @@ def snapshot_shards(source: str, snapshot: Path) -> RepoShards:
         if blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):
             verify_sha256(f"{source}/{shard.name}", shard, blob.name, delete=False, stamps=stamps)
     headers = tuple(read_header(p) for p in layout.shards)
-    return RepoShards(source, headers, read_config(layout.shards), layout.weight_map)
+    commit = snapshot.name if _COMMIT.fullmatch(snapshot.name) else None
+    config = read_config(layout.shards)
+    return RepoShards(source, headers, config, layout.weight_map, commit=commit)
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -248,7 +252,8 @@ def streaming_shards(
     if index_map is not None:  # paths as the headers carry them, so the check compares equal
         weight_map = {tensor: remote.local_path(n) for tensor, n in index_map.items()}
     config = config if isinstance(config, dict) else {}
-    return RepoShards(source, tuple(headers), config, weight_map, store)
+    commit = getattr(remote, "commit", None)
+    return RepoShards(source, tuple(headers), config, weight_map, store, commit)
 
 
 def _remote_names(
@@ -329,6 +334,7 @@ class StreamingStore:
         self._lock = threading.RLock()
         self.downloads: list[str] = []  # names fetched, in order (for callers and tests)
         self.peak = 0  # most bytes held + reserved at once (for callers and tests)
+        self._closed = False
         self._foreign()  # orphaned partial downloads go before anything is planned
 
     def windows(self, shards: Sequence[Path]) -> list[list[Path]]:
@@ -381,12 +387,19 @@ class StreamingStore:
                     self._remote.download(info.name)
 
     def close(self) -> None:
-        """Delete the shards this store downloaded (unless `keep`)."""
-        with self._lock:
+        """Delete the shards this store downloaded (unless `keep`). Never waits for a download
+        in flight (Ctrl-C during one): what it brings is deleted when it lands."""
+        got = self._lock.acquire(timeout=0.5)
+        try:
+            self._closed = True
             if not self._keep:
                 for shard in list(self._held):
-                    _drop(shard)
+                    if got or not self._busy[shard]:
+                        _drop(shard)
             self._held.clear()
+        finally:
+            if got:
+                self._lock.release()
 
     def _acquire(self, shard: Path) -> Path:
         """`shard` on disk and verified: held, found in the cache, or downloaded now."""
@@ -412,6 +425,10 @@ class StreamingStore:
             )
         self.downloads.append(info.name)
         path = self._remote.download(info.name)
+        if self._closed:  # closed while it downloaded: nobody will read it
+            if not self._keep:
+                _drop(path)
+            raise HubError(f"{self._remote.repo_id}: the checkpoint was closed during a download")
         self._held[shard] = info.size
         if info.sha256:  # verified before a byte is read
             try:

@@ -124,7 +124,7 @@ def hub_call(label: str, fn: Callable[[], T], *, retry_network: bool = True) -> 
     for attempt in range(1, HUB_ATTEMPTS + 1):
         bound_timeouts()
         try:
-            return fn()
+            return interruptible(fn)
         except HubError:
             raise
         except caught as exc:
@@ -138,6 +138,33 @@ def hub_call(label: str, fn: Callable[[], T], *, retry_network: bool = True) -> 
                 ) from exc
             time.sleep(HUB_BACKOFF_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def interruptible(fn: Callable[[], T]) -> T:
+    """`fn()` on a daemon thread while the caller waits in short, interruptible steps, so Ctrl-C
+    (KeyboardInterrupt, delivered only to the main thread) ends the wait at once instead of
+    after every in-flight download: the abandoned request ends with the process (its partial
+    file is reclaimed by the next streamed run, `hub.reclaim_partials`). Exceptions of `fn`
+    are re-raised here."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()  # only the main thread receives KeyboardInterrupt
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="spectra-hub", daemon=True).start()
+    while not done.wait(0.1):
+        pass
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def detail(exc: BaseException) -> str:
