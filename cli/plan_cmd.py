@@ -10,10 +10,14 @@ import typer
 from spectra.cli._common import (
     CacheDirOpt,
     DeviceOpt,
+    DiskBudgetOpt,
     ForceOpt,
     NoCacheOpt,
+    OfflineOpt,
+    RevisionOpt,
     console,
     handle_errors,
+    hub_options,
     is_interactive,
     one_line,
     split_csv,
@@ -171,6 +175,9 @@ def plan_cmd(
     no_cache: NoCacheOpt = False,
     cache_dir: CacheDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    revision: RevisionOpt = None,
+    disk_budget: DiskBudgetOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     from spectra.cli.report_cmd import ReportProgress
     from spectra.jobs.plan import PlanOptions, make_plan
@@ -180,6 +187,7 @@ def plan_cmd(
     cache = _cache_arg(no_cache, cache_dir)
     if html is not None:  # refused before any work, like --out
         check_output_file(html, force=force, protect=(source, cache_dir, out))
+    hub = hub_options(revision, disk_budget, offline)
     options = PlanOptions(
         kind=kind,
         out=out,
@@ -206,7 +214,7 @@ def plan_cmd(
         device=device,
     )
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:
-        result = make_plan(source, options, cache=cache, progress=progress)
+        result = make_plan(source, options, cache=cache, progress=progress, hub=hub)
     if html is not None:
         write_output_file(html, plan_html(result.plan), force=force, protect=(source, out))
     if not quiet:

@@ -35,6 +35,7 @@ from spectra.cli.main import app
 from spectra.errors import HubError, ValidationError
 from spectra.jobs.compare import compare
 from spectra.jobs.init import InitOptions, run_init
+from spectra.jobs.plan import PlanOptions, make_plan
 from spectra.jobs.report import AnalyzeOptions, analyze
 from spectra.sources.hub import HubOptions, HubRemote
 
@@ -259,3 +260,18 @@ def test_ctrl_c_does_not_wait_for_a_stalled_download(model: Path, tmp_path: Path
             assert proc.returncode == 130, (name, err)
             assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
         assert time.monotonic() - t0 < 10  # the stall lasts 20 s
+
+
+def test_plan_streams_a_hub_checkpoint(hub: HubServer, model: Path, tmp_path: Path) -> None:
+    """`plan` takes the Hub options too, records the commit, and streams each shard once."""
+    sizes = {p.name: p.stat().st_size for p in model.glob("*.safetensors")}
+    options = PlanOptions(kind="spectrum", out=tmp_path / "plan.json", device="cpu")
+    hubbed = HubOptions(disk_budget=2 * max(sizes.values()))
+    streamed = make_plan("org/tiny", options, cache=False, hub=hubbed)
+    assert sorted(n for n, _ in safetensors_bodies(hub)) == sorted(sizes)
+    local = make_plan(str(model), replace(options, out=tmp_path / "local.json"), cache=False)
+    assert json.loads((tmp_path / "plan.json").read_text())["commit"] == COMMIT
+    assert "commit" not in local.plan
+    assert {k: v for k, v in streamed.plan.items() if k not in ("commit", "checkpoint")} == {
+        k: v for k, v in local.plan.items() if k != "checkpoint"
+    }

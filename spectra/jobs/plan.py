@@ -75,6 +75,7 @@ from spectra.outdir import check_output_dir, write_output_files
 from spectra.outfile import check_output_file, write_output_file
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
+from spectra.sources.hub import HubOptions
 from spectra.sources.roles import MatrixRef, layer_index
 
 KINDS = ("peft", "spectrum", "owlore", "lisa", "alphapruning", "kappa")
@@ -213,15 +214,18 @@ def make_plan(
     *,
     cache: CacheSpec = True,
     progress: Progress | None = None,
+    hub: HubOptions | None = None,
 ) -> PlanResult:
     """Compute the ``options.kind`` plan of ``source`` (None: the bundled MiniLM) and write it.
 
     cache: True (default spectrum cache), False/None, a folder or a SpectrumCache.
     progress: the engine's ``progress(done, total, bytes_read)`` per matrix.
+    hub: how a Hub repo id is opened (HubOptions: revision, disk_budget, local_only).
     """
     started = time.perf_counter()
     check_instance(options, PlanOptions, "options", optional=False)
     check_value(cache, CacheSpec, "cache")
+    check_instance(hub, HubOptions, "hub")
     src = str(bundled_model_path() if source is None else source)
     check_source(src, "source")
     resolved = resolve_cache(cache)
@@ -232,13 +236,18 @@ def make_plan(
         )
     else:
         check_output_file(options.out, force=options.force, protect=protect)
-    with Checkpoint.open(src) as ckpt:
+    hub = hub or HubOptions()
+    with Checkpoint.open(
+        src, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+    ) as ckpt:
         _refuse_adapter(ckpt)
         ctx = _Ctx(ckpt, options, resolve_device(options.device), resolved, progress)
         body, chosen = _KINDS[options.kind](ctx)
+        commit = ckpt.commit
     plan = {
         "kind": options.kind,
         "checkpoint": src,
+        **({"commit": commit} if commit else {}),
         "spectra_version": __version__,
         **body,
     }
