@@ -108,7 +108,7 @@ def hub_options(
     """The `--revision`, `--disk-budget`, `--offline` flags as a `HubOptions` (the budget split
     into `parts` equal shares: `compare` holds both sides on disk at once). Off a terminal,
     huggingface_hub's progress bars are turned off."""
-    from spectra.sources.hub import HubOptions
+    from spectra.sources.hub_options import HubOptions
 
     if not is_interactive():  # huggingface_hub's download bars are for a terminal, not a log
         from huggingface_hub.utils import disable_progress_bars

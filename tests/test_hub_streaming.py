@@ -37,7 +37,8 @@ from spectra.jobs.compare import compare
 from spectra.jobs.init import InitOptions, run_init
 from spectra.jobs.plan import PlanOptions, make_plan
 from spectra.jobs.report import AnalyzeOptions, analyze
-from spectra.sources.hub import HubOptions, HubRemote
+from spectra.sources.hub import HubRemote
+from spectra.sources.hub_options import HubOptions
 
 pytestmark = pytest.mark.timeout(300)  # CLI runs in fresh processes: slow on a busy box
 

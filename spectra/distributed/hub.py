@@ -21,7 +21,7 @@ from spectra.distributed.runtime import Session
 from spectra.errors import SpectraError
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint, is_hub_source
-from spectra.sources.hub import HubOptions
+from spectra.sources.hub_options import HubOptions
 
 
 def open_checkpoint(

@@ -57,7 +57,7 @@ from spectra.linalg.engine import ContentKey, content_key_of
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.hub import HubOptions
+from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]  # (done, total, key of the pair just finished)

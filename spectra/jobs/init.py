@@ -86,7 +86,7 @@ from spectra.formats.peft import AdapterContent, write_peft_adapter
 from spectra.formats.safetensors import torch_dtypes_by_name
 from spectra.outdir import atomic_output_dir, check_output_dir
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.hub import HubOptions
+from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]

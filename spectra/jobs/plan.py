@@ -75,7 +75,7 @@ from spectra.outdir import check_output_dir, write_output_files
 from spectra.outfile import check_output_file, write_output_file
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.hub import HubOptions
+from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef, layer_index
 
 KINDS = ("peft", "spectrum", "owlore", "lisa", "alphapruning", "kappa")

@@ -77,7 +77,7 @@ from spectra.linalg.engine import EngineOptions, MatrixExtras, compute_spectra
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.bundled import bundled_model_path
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.hub import HubOptions
+from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef
 
 MP_METHODS: dict[str, Callable[[np.ndarray, tuple[int, int]], MPFit | None]] = {

@@ -5,7 +5,8 @@
 - `layout.py` — which files make up a local checkpoint (index, shards, config.json), and the
   index-versus-headers check (`IndexMismatchWarning`).
 - `reader.py` — bytes to tensors; `ShardStore`/`LocalStore`; shard digests by file identity.
-- `hub.py` — Hub repo ids through huggingface_hub: its cache, offline mode, streaming shards.
+- `hub.py` — Hub repo ids through huggingface_hub: its cache, offline mode, streaming shards;
+  `hub_options.py` — `HubOptions` (torch-free), `hub_client.py` — every Hub call, retried.
 - `roles.py` — `MatrixRef`, `ROLES`: which tensors are weight matrices and what they are.
 - `select.py` — name-glob and role filters; `inventory.py` — what a checkpoint holds, as data.
 - `adapters.py`, `adapter_config.py` — PEFT LoRA adapters as low-rank factors.

@@ -31,7 +31,6 @@ from typing import BinaryIO, Protocol
 from huggingface_hub import constants as hf_constants
 
 from spectra.errors import HubError, SourceError, ValidationError
-from spectra.fields import check_fields
 from spectra.formats.files import open_input, read_text_input
 from spectra.formats.safetensors import (
     INDEX_NAME,
@@ -112,31 +111,6 @@ def cached_snapshot(
         commit = read_text_input(ref, 4096, "Hub cache ref").strip()
     snap = folder / "snapshots" / commit
     return snap if _COMMIT.fullmatch(commit) and snap.is_dir() else None
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    """How a Hub repo id is opened (`Checkpoint.open`); ignored for local paths, except that a
-    revision given for one is refused.
-
-    revision: branch, tag or commit (None: `org/name@rev` in the source, else main).
-    disk_budget: bytes of shards on disk at once: stream shard by shard, downloading each once
-        and deleting it after (None: download the safetensors and JSON files into the cache).
-    local_only: never touch the network, use the Hub cache (None: the HF_HUB_OFFLINE setting).
-    """
-
-    revision: str | None = None
-    disk_budget: int | None = None
-    local_only: bool | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.revision is not None and not self.revision.strip():
-            raise ValidationError("revision must not be empty: give a branch, tag or commit")
-        if self.disk_budget is not None and self.disk_budget <= 0:
-            raise ValidationError(
-                f"disk_budget must be a positive number of bytes, got {self.disk_budget}"
-            )
 
 
 @dataclass(frozen=True)
