@@ -19,12 +19,16 @@ def mitigation_table(result: Mitigation, *, max_rows: int = MAX_ROWS) -> Table:
     lambda, the intruders left among the result's top-k, and the adapter rank."""
     opts = result.options
     table = Table(
-        title=f"intruder directions scaled (top-{opts.k}, epsilon {opts.epsilon:g})",
+        title=f"intruder directions scaled by λ = {opts.lam:g} (top-{opts.k}, epsilon "
+        f"{opts.epsilon:g})",
+        caption=f"left: intruders among the result's top-{opts.k} (a scaled direction that "
+        f"stays in the top-{opts.k} is still one)",
+        caption_justify="left",
         title_justify="left",
         show_edge=False,
     )
-    table.add_column("matrix", overflow="fold", ratio=1)
-    for name in ("dir", "max|cos|", "s", "s after", "lambda", "left"):
+    table.add_column("matrix", overflow="fold")
+    for name in ("#", "max|cos|", "s", "λ·s", "λ", "left"):
         table.add_column(name, justify="right", no_wrap=True)
     if result.mode == "lora":
         table.add_column("rank", justify="right", no_wrap=True)
@@ -32,7 +36,7 @@ def mitigation_table(result: Mitigation, *, max_rows: int = MAX_ROWS) -> Table:
     for m in result.changed:
         for i, d in enumerate(m.directions):
             if shown == max_rows:
-                table.caption = "more in mitigation.json"
+                table.caption = f"{table.caption}; more rows in mitigation.json"
                 return table
             cells = [
                 safe(m.key) if i == 0 else "",

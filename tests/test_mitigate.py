@@ -29,7 +29,7 @@ from spectra.errors import OutputError, ValidationError
 from spectra.formats.peft import lora_scale
 from spectra.formats.safetensors import INDEX_NAME, read_header
 from spectra.jobs.compare import compare
-from spectra.jobs.mitigate import REPORT_NAME, MitigateOptions, mitigate
+from spectra.jobs.mitigate import REPORT_NAME, MitigateOptions, check_base_name, mitigate
 from tests._compare_fixtures import Q0, D, base_and_ft, lora_and_merged, save
 from tests._mitigate_fixtures import reference
 
@@ -228,8 +228,13 @@ def test_existing_output_is_refused_without_force(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ adapters (synthetic)
 
 
-def test_adapter_extend_reproduces_w_prime_and_keeps_the_other_modules(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_extend_reproduces_w_prime_and_keeps_the_other_modules(
+    tmp_path: Path, rslora: bool
+) -> None:
     b_dir, ad, merged = lora_and_merged(tmp_path)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": rslora}))
     res = mitigate(b_dir, ad, tmp_path / "out", MitigateOptions(lam=0.5, device="cpu"))
     assert res.mode == "lora"
     from spectra.formats.peft import read_peft_adapter
@@ -253,6 +258,31 @@ def test_adapter_extend_reproduces_w_prime_and_keeps_the_other_modules(tmp_path:
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
             assert fm.get_tensor(row.key).shape == got.shape
     assert len(res.changed) >= 1
+    assert out.settings.use_rslora == rslora
+
+
+def test_single_file_checkpoint_writes_the_file_only(tmp_path: Path) -> None:
+    base, ft, _ = base_and_ft()
+    b_dir, f_dir = save(tmp_path / "base", base), save(tmp_path / "ft", ft)
+    (f_dir / "config.json").write_text("{}")  # beside a single file: not a checkpoint folder
+    res = mitigate(
+        b_dir / "model.safetensors",
+        f_dir / "model.safetensors",
+        tmp_path / "out",
+        MitigateOptions(),
+    )
+    assert {p.name for p in res.out.iterdir() if not p.name.startswith(".")} == {
+        "model.safetensors",
+        REPORT_NAME,
+    }
+    assert [m.key for m in res.changed] == [Q0]
+
+
+def test_hub_ids_must_name_the_same_repo() -> None:
+    check_base_name("Org/Model@main", {"base_model_name_or_path": "org/model"})
+    check_base_name("org/model", {"base_model_name_or_path": None})
+    with pytest.raises(ValidationError, match="trained on 'org/other'|trained on org/other"):
+        check_base_name("org/model", {"base_model_name_or_path": "org/other"})
 
 
 def test_adapter_for_another_base_is_refused(tmp_path: Path, minilm_path: Path) -> None:
@@ -329,3 +359,23 @@ def test_cli_writes_the_adapter_and_prints_the_table(tmp_path: Path) -> None:
             assert f"{d['singular_value']:.4g}" in cli.output
     assert "wrote the mitigated adapter" in cli.output
     assert (tmp_path / "o" / "adapter_config.json").is_file()
+    cli = runner.invoke(
+        app,
+        ["mitigate", str(b_dir), str(ad), "--out", str(tmp_path / "p"), "--rank-policy", "peft"],
+    )
+    assert cli.exit_code == 0, cli.output
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {4}  # PEFT's policy keeps the rank
+
+
+def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
+    base, ft, _ = base_and_ft()
+    b_dir, f_dir = save(tmp_path / "base", base), save(tmp_path / "ft", ft)
+    args = ["mitigate", str(b_dir), str(f_dir), "--out", str(tmp_path / "o"), "--lambda", "0.3"]
+    cli = runner.invoke(app, args)
+    assert cli.exit_code == 0, cli.output
+    assert "wrote the mitigated checkpoint" in cli.output and "0.3" in cli.output
+    assert json.loads((tmp_path / "o" / REPORT_NAME).read_text())["mode"] == "checkpoint"
+    again = runner.invoke(app, args)  # the folder exists now
+    assert again.exit_code == 2 and "--force" in again.output
+    assert len(again.output.strip().splitlines()) == 1
