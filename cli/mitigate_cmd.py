@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -73,6 +74,14 @@ def mitigate_cmd(
             help="Accept an adapter whose base_model_name_or_path names another model than BASE.",
         ),
     ] = False,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir",
+            help="compare's cache of the base's float64 singular vectors: reused when the base "
+            "was compared (or mitigated) with the same folder, filled otherwise (off by default).",
+        ),
+    ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     roles: RolesOpt = None,
@@ -104,7 +113,8 @@ def mitigate_cmd(
         def tick(done: int, total: int, key: str) -> None:
             bar.update(task, completed=done, total=total)
 
-        result = mitigate(base, finetuned, out, options, force=force, progress=tick)
+        cache = Path(cache_dir).expanduser() if cache_dir else None
+        result = mitigate(base, finetuned, out, options, force=force, progress=tick, cache=cache)
     if result.out is None:
         console.print(
             one_line(nothing_message(result)), highlight=False, markup=False, soft_wrap=True

@@ -200,6 +200,25 @@ def test_small_lambda_pushes_the_direction_out_of_the_top_k(tmp_path: Path) -> N
     assert before.forensics.intruders_total == {"0.5": 1}
 
 
+def test_cache_from_compare_gives_the_same_bits(tmp_path: Path) -> None:
+    base, ft, _ = base_and_ft()
+    b_dir, f_dir = save(tmp_path / "base", base), save(tmp_path / "ft", ft)
+    cache = tmp_path / "cache"
+    compare(b_dir, f_dir, CompareOptions(device="cpu"), cache=cache)
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert entries
+    opts = MitigateOptions(lam=0.5, device="cpu")
+    fresh = mitigate(b_dir, f_dir, tmp_path / "fresh", opts)
+    cached = mitigate(b_dir, f_dir, tmp_path / "cached", opts, cache=cache)
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # all hits
+    assert (fresh.out / "model.safetensors").read_bytes() == (
+        cached.out / "model.safetensors"
+    ).read_bytes()
+    assert [m.to_dict() for m in fresh.matrices] == [m.to_dict() for m in cached.matrices]
+    with pytest.raises(OutputError):  # the cache folder is never an output
+        mitigate(b_dir, f_dir, cache, opts, cache=cache, force=True)
+
+
 def test_no_intruders_writes_nothing(tmp_path: Path) -> None:
     base, _, _ = base_and_ft()
     b_dir, f_dir = save(tmp_path / "base", base), save(tmp_path / "ft", base)

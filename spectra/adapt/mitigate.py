@@ -35,6 +35,11 @@ from spectra.analysis.intruders import intruder_dimensions
 from spectra.errors import ValidationError
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64, or float32 on MPS (no float64 there), as compare computes."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def check_lambda(lam: float) -> float:
     """lambda as a float in (0, 1] (1 leaves the matrix as it is); ValidationError otherwise."""
     ok = isinstance(lam, (int, float)) and not isinstance(lam, bool)
@@ -100,7 +105,7 @@ def detect_intruders(
 def scale_directions(w_ft: torch.Tensor, u_dirs: torch.Tensor, lam: float) -> torch.Tensor:
     """``W' = W_t + (lambda - 1) sum_i u_i s_i v_i^T = W_t - (1 - lambda) U U^T W_t`` for
     orthonormal left singular vectors ``U`` (m, d) of ``W_t`` (float64 result)."""
-    w = w_ft.to(torch.float64)
+    w = w_ft.to(work_dtype(w_ft))
     u = u_dirs.to(w)
     return w - (1.0 - check_lambda(lam)) * (u @ (u.mT @ w))
 
@@ -108,7 +113,7 @@ def scale_directions(w_ft: torch.Tensor, u_dirs: torch.Tensor, lam: float) -> to
 def moved_directions(det: Detection, lam: float) -> tuple[Direction, ...]:
     """Where each mitigated direction lands: its value times lambda, its position in the new
     spectrum (ties keep the untouched value first)."""
-    s = det.s.to(torch.float64).clone()
+    s = det.s.detach().to("cpu", torch.float64).clone()
     for i in det.indices:
         s[i] = s[i] * lam
     moved = set(det.indices)
@@ -117,7 +122,7 @@ def moved_directions(det: Detection, lam: float) -> tuple[Direction, ...]:
     return tuple(
         Direction(
             index=i,
-            singular_value=float(det.s[i]),
+            singular_value=float(det.s[i].item()),
             max_cos=det.max_cos[i],
             new_singular_value=float(s[i]),
             new_position=position[i],
@@ -144,7 +149,7 @@ def extend_factors(
         raise ValidationError(
             f"the LoRA scale is {scale}: an adapter with alpha 0 cannot carry the mitigation"
         )
-    u = u.to(torch.float64)
+    u = u.to(work_dtype(u))
     g = u.mT @ w_ft.to(u)  # (d, n) = diag(s) V^T
     s = torch.linalg.vector_norm(g, dim=1)
     if bool((s <= 0).any()):
@@ -153,8 +158,8 @@ def extend_factors(
     sign = -1.0 if scale > 0 else 1.0
     b_add = sign * u * c.sqrt()
     a_add = (c.sqrt() / s)[:, None] * g
-    a2 = torch.cat([a.to(torch.float64), a_add], dim=0)
-    b2 = torch.cat([b.to(torch.float64), b_add], dim=1)
+    a2 = torch.cat([a.to(u), a_add], dim=0)
+    b2 = torch.cat([b.to(u), b_add], dim=1)
     return a2, b2
 
 
@@ -166,7 +171,8 @@ def refit_factors(
     computes in the weights' dtype, float32 for a float32 model)."""
     if not math.isfinite(scale) or scale == 0.0:
         raise ValidationError(f"the LoRA scale is {scale}: cannot refit a rank-r adapter")
-    dw = (w_mitigated.to(torch.float64) - w_base.to(torch.float64)) / scale
+    dtype = work_dtype(w_base)
+    dw = (w_mitigated.to(dtype) - w_base.to(dtype)) / scale
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     root = s[:rank].sqrt()
     return root[None, :] * u[:, :rank], root[:, None] * vh[:rank]

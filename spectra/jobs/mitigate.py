@@ -57,7 +57,9 @@ from spectra.fields import check_fields, check_instance, check_value
 from spectra.formats.files import check_source
 from spectra.formats.peft import AdapterContent, PeftAdapter, read_peft_adapter, write_peft_adapter
 from spectra.formats.safetensors import clip
-from spectra.jobs.compare import plan_pairs
+from spectra.jobs.compare import CacheSpec, base_svd, plan_pairs
+from spectra.linalg.cache import SpectrumCache, resolve_cache
+from spectra.linalg.engine import content_key_of
 from spectra.outdir import atomic_output_dir, check_output_dir
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint, is_hub_source
@@ -238,11 +240,16 @@ def mitigate(
     force: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
+    cache: CacheSpec = None,
 ) -> Mitigation:
     """Scale the intruder dimensions of `finetuned` (a checkpoint or a PEFT LoRA adapter folder)
     against `base` by `options.lam` and write the result to `out` (atomically; an existing
     folder is refused without `force`). Returns the Mitigation (its `out` is None when no matrix
     had an intruder: then nothing is written).
+
+    cache: compare's cache of the base's float64 left singular vectors (a SpectrumCache, a
+    folder, True or None: no cache); a base already compared with the same cache is not
+    decomposed again (one of the three decompositions per matrix), with the same bits.
 
     >>> res = mitigate("base/", "adapter/", "out/", MitigateOptions(lam=0.5))  # doctest: +SKIP
     >>> [(m.key, len(m.directions)) for m in res.changed]                    # doctest: +SKIP
@@ -253,11 +260,13 @@ def mitigate(
     check_source(out, "out")
     check_instance(options, MitigateOptions, "options")
     check_value(progress, Progress | None, "progress")
+    check_value(cache, CacheSpec, "cache")
     opts = MitigateOptions() if options is None else options
-    protect = (base, finetuned)  # never replaced, even with force
+    spectra_cache = resolve_cache(cache)
+    protect = (base, finetuned, *(() if spectra_cache is None else (spectra_cache.root,)))
     check_output_dir(Path(out).expanduser().absolute(), force=force, protect=protect)
     apply_threads(threads)
-    job = _Job(opts, resolve_device(opts.device), progress, Path(out), force)
+    job = _Job(opts, resolve_device(opts.device), progress, Path(out), force, spectra_cache)
     adapter = _open_adapter(finetuned)
     with Checkpoint.open(base) as base_ckpt:
         if adapter is not None:
@@ -284,6 +293,7 @@ class _Job:
     progress: Progress | None
     out: Path
     force: bool
+    cache: SpectrumCache | None = None
 
 
 class _NothingToWrite(Exception):
@@ -350,18 +360,26 @@ def _check_shapes(
 # ------------------------------------------------------------------ one matrix
 
 
-def _examine(
-    job: _Job, w0: torch.Tensor, w1: torch.Tensor
-) -> tuple[Detection, tuple[torch.Tensor, torch.Tensor]]:
-    """Detection on (W_0, W_t) and the base's (U, S), reused for the count after."""
-    base_svd = left_singular(w0)
-    return detect_intruders(w0, w1, job.options.k, job.options.epsilon, base_svd), base_svd
+Svd = tuple[torch.Tensor, torch.Tensor]
 
 
-def _count_after(
-    job: _Job, w0: torch.Tensor, w_after: torch.Tensor, base_svd: tuple[torch.Tensor, torch.Tensor]
-) -> int:
-    after = detect_intruders(w0, w_after, job.options.k, job.options.epsilon, base_svd)
+def _read_base(job: _Job, base: Checkpoint, ref: MatrixRef) -> tuple[torch.Tensor, Svd]:
+    """The base matrix in the working dtype on the job's device, and its (U, S): from the cache
+    (compare's entries, keyed by content taken before the read) or computed."""
+    dtype = torch.float32 if job.device.type == "mps" else torch.float64
+    key = content_key_of(base, ref, job.cache) if job.cache is not None else None
+    w0 = base.read(ref, dtype=dtype, device=str(job.device))
+    cached = base_svd(key, w0, job.cache)
+    return w0, cached if cached is not None else left_singular(w0)
+
+
+def _examine(job: _Job, w0: torch.Tensor, w1: torch.Tensor, svd0: Svd) -> Detection:
+    """Detection on (W_0, W_t) with the base's (U, S)."""
+    return detect_intruders(w0, w1, job.options.k, job.options.epsilon, svd0)
+
+
+def _count_after(job: _Job, w0: torch.Tensor, w_after: torch.Tensor, svd0: Svd) -> int:
+    after = detect_intruders(w0, w_after, job.options.k, job.options.epsilon, svd0)
     return len(after.indices)
 
 
@@ -424,13 +442,12 @@ def _adapter_module(
     job: _Job, base: Checkpoint, ref: MatrixRef, peft: PeftAdapter, module: str
 ) -> tuple[MatrixMitigation, tuple[tuple[torch.Tensor, torch.Tensor], float] | None]:
     """One adapted module: its row and, when it has intruders, its new (A, B) and alpha."""
-    opts, dev = job.options, job.device
-    dtype = torch.float32 if dev.type == "mps" else torch.float64
-    w0 = base.read(ref, dtype=dtype, device=str(dev))
-    a, b = (t.to(device=dev, dtype=dtype) for t in peft.factors[module])
+    opts = job.options
+    w0, svd0 = _read_base(job, base, ref)
+    a, b = (t.to(w0) for t in peft.factors[module])
     scale, rank, alpha = peft.scale(module), peft.rank(module), peft.alpha(module)
     w1 = w0 + scale * (b @ a)
-    det, base_svd = _examine(job, w0, w1)
+    det = _examine(job, w0, w1, svd0)
     if not det.indices:
         return _row(
             ref,
@@ -455,7 +472,7 @@ def _adapter_module(
         module,
         det,
         directions=moved_directions(det, opts.lam),
-        intruders_after=_count_after(job, w0, w_after, base_svd),
+        intruders_after=_count_after(job, w0, w_after, svd0),
         rank=(rank, int(a2.shape[0])),
         alpha=(alpha, alpha2),
     )
@@ -484,7 +501,7 @@ def _mitigate_checkpoint(
         if name not in todo:
             return None
         b_ref, f_ref = todo[name]
-        row, new = _checkpoint_matrix(job, base.read(b_ref, dtype=torch.float64), ft, f_ref)
+        row, new = _checkpoint_matrix(job, _read_base(job, base, b_ref), ft, f_ref)
         rows.append(_with_key(row, b_ref))
         _tick(job, len(rows), len(todo), b_ref.key)
         return new
@@ -523,14 +540,13 @@ def _check_writable(refs: list[MatrixRef]) -> None:
 
 
 def _checkpoint_matrix(
-    job: _Job, w0: torch.Tensor, ft: Checkpoint, ref: MatrixRef
+    job: _Job, base: tuple[torch.Tensor, Svd], ft: Checkpoint, ref: MatrixRef
 ) -> tuple[MatrixMitigation, torch.Tensor | None]:
     """One fine-tuned matrix: its row, and W' in the stored dtype and layout (None: unchanged)."""
-    dev = job.device
-    dtype = torch.float32 if dev.type == "mps" else torch.float64
-    w0 = w0.to(device=dev, dtype=dtype)
-    w1 = ft.read(ref, dtype=dtype, device=str(dev))
-    det, base_svd = _examine(job, w0, w1)
+    w0, svd0 = base
+    dtype = w0.dtype
+    w1 = ft.read(ref, dtype=dtype, device=str(w0.device))
+    det = _examine(job, w0, w1, svd0)
     if not det.indices:
         return _row(ref, ref.key, det, directions=(), intruders_after=0), None
     u = det.u_top[:, list(det.indices)]
@@ -541,7 +557,7 @@ def _checkpoint_matrix(
         ref.key,
         det,
         directions=moved_directions(det, job.options.lam),
-        intruders_after=_count_after(job, w0, stored.to(dtype), base_svd),
+        intruders_after=_count_after(job, w0, stored.to(dtype), svd0),
     )
     out = stored.mT if ref.transpose else stored
     return row, out.contiguous().cpu()
