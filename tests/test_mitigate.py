@@ -219,6 +219,19 @@ def test_cache_from_compare_gives_the_same_bits(tmp_path: Path) -> None:
         mitigate(b_dir, f_dir, cache, opts, cache=cache, force=True)
 
 
+def test_matrices_it_cannot_rewrite_are_refused_before_writing(tmp_path: Path) -> None:
+    base, ft, _ = base_and_ft()
+    b_dir = save(tmp_path / "base", base)
+    f_dir = tmp_path / "ft"
+    f_dir.mkdir()
+    stored = {k: v.float() for k, v in ft.items()}
+    stored[Q0] = stored[Q0].to(torch.float8_e4m3fn)
+    save_file(stored, f_dir / "model.safetensors")
+    with pytest.raises(ValidationError, match=r"--exclude"):
+        mitigate(b_dir, f_dir, tmp_path / "out", MitigateOptions(device="cpu"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_intruders_writes_nothing(tmp_path: Path) -> None:
     base, _, _ = base_and_ft()
     b_dir, f_dir = save(tmp_path / "base", base), save(tmp_path / "ft", base)

@@ -494,7 +494,7 @@ def _mitigate_checkpoint(
     pairing, b_refs = plan_pairs(base, ft, job.options.compare_options())
     f_refs = {m.key: m for m in ft.matrices()}
     todo = {f_refs[f].tensor.name: (b_refs[b], f_refs[f]) for b, f in pairing.pairs}
-    _check_writable([f_refs[f] for _, f in pairing.pairs])
+    _check_writable([f_refs[f] for _, f in pairing.pairs], list(ft.files))
     rows: list[MatrixMitigation] = []
 
     def replace(name: str) -> torch.Tensor | None:
@@ -525,8 +525,21 @@ def _with_key(row: MatrixMitigation, b_ref: MatrixRef) -> MatrixMitigation:
     return MatrixMitigation(**{**row.__dict__, "key": b_ref.key})
 
 
-def _check_writable(refs: list[MatrixRef]) -> None:
+def _check_writable(refs: list[MatrixRef], files: list[Path]) -> None:
+    """Refuse before anything is written what the safetensors residual writer cannot rewrite."""
+    for f in files:
+        if not f.name.endswith(".safetensors"):
+            raise ValidationError(
+                f"FINETUNED file {clip(f.name)} is not safetensors: mitigate rewrites safetensors "
+                "checkpoints (and PEFT adapters) only"
+            )
     for ref in refs:
+        if ref.encoded is not None:
+            raise ValidationError(
+                f"{clip(ref.key)} is stored quantized ({ref.storage}): spectra cannot "
+                "re-quantize a mitigated matrix; dequantize the checkpoint first, or leave it "
+                "out with --exclude"
+            )
         if ref.key != ref.tensor.name:
             raise ValidationError(
                 f"{clip(ref.key)} is one slice of the 3-D tensor {clip(ref.tensor.name)}: "
