@@ -6,6 +6,11 @@ import-time logging/warning side effects contained). Spectrum cache off for ours
     .venv/bin/python benchmarks/bench_report_vs_ww.py                   # bundled MiniLM
     .venv/bin/python benchmarks/bench_report_vs_ww.py --synthetic DIR   # + Llama-shaped bf16
     .venv/bin/python benchmarks/bench_report_vs_ww.py --jobs ours,ww,ww_mp,ww_rand --json o.json
+    .venv/bin/python benchmarks/bench_report_vs_ww.py --threads 1 --jobs ww,cmd,ww,cmd,cmd_cached
+
+`cmd` is the whole `spectra report SOURCE --no-cache` command (all formats, every plot) in a
+fresh process, `cmd_cached` its rerun on a filled cache folder; their CPU (imports included) is
+set against WeightWatcher's `analyze()` call alone and against its whole process.
 
 The synthetic checkpoint (written once into DIR if missing): Llama-7B-shaped layers (hidden
 4096, intermediate 11008, vocab 32000), `--layers` of them (4 -> 28 attention/MLP matrices +
@@ -18,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,17 +66,41 @@ print("BENCH" + json.dumps({{"time_s": dt, "cpu_s": cpu, "rss_mb": rss, "alphas"
 """
 
 
+def _child_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_job(template: str, path: Path, threads: int, mp: bool, rand: bool) -> dict[str, Any]:
-    """One measurement in a fresh interpreter; returns time_s, rss_mb, alphas."""
+    """One measurement in a fresh interpreter; returns time_s, cpu_s (the call alone),
+    proc_cpu_s (the whole process, imports included), rss_mb, alphas."""
     code = template.format(threads=threads, mp=mp, rand=rand)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    cpu0 = _child_cpu()
     proc = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark job failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("BENCH") :])
+    return {**json.loads(lines[-1][len("BENCH") :]), "proc_cpu_s": _child_cpu() - cpu0}
+
+
+def run_command(path: Path, threads: int, cached: bool) -> dict[str, Any]:
+    """The whole `spectra report SOURCE` command as a user runs it (all formats and plots), in
+    a fresh process: --no-cache, or (cached) a rerun on a cache folder filled by a first run."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "spectra", "report", str(path), "--out", f"{tmp}/r"]
+        cmd += ["--force", "-q"]
+        cmd += ["--cache-dir", f"{tmp}/cache"] if cached else ["--no-cache"]
+        if cached:
+            subprocess.run(cmd, check=True, env=env)
+        cpu0, t = _child_cpu(), time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        dt = time.perf_counter() - t
+    cpu = _child_cpu() - cpu0
+    return {"time_s": dt, "cpu_s": cpu, "proc_cpu_s": cpu, "rss_mb": float("nan"), "alphas": {}}
 
 
 def alpha_agreement(ours: dict[str, float | None], ww: dict[str, float]) -> dict[str, Any]:
@@ -122,25 +153,37 @@ def write_synthetic(folder: Path, layers: int, seed: int = 0) -> Path:
     return folder
 
 
-JOBS = {  # name: (template, mp_fit, randomize)
+JOBS = {  # name: (template, mp_fit, randomize); cmd*: the whole `spectra report` command
     "ours": (_OURS, False, False),
     "ours_mp": (_OURS, True, False),
     "ours_rand": (_OURS, False, True),
     "ww": (_WW, False, False),
     "ww_mp": (_WW, True, False),
     "ww_rand": (_WW, False, True),
+    "cmd": ("", False, False),
+    "cmd_cached": ("", False, False),
 }
 
 
 def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
     """The named JOBS on one checkpoint: wall and CPU seconds (CPU time is the fairer number
-    on a shared machine), peak RSS, alpha agreement and the ratios that exist."""
+    on a shared machine), peak RSS, alpha agreement and the ratios that exist. Jobs run in the
+    order given, so alternate them (`ww,cmd,ww,cmd`) for a side-by-side measurement; a job
+    given twice keeps its last result and prints each."""
     res: dict[str, Any] = {"path": str(path)}
     for name in jobs:
         template, mp, rand = JOBS[name]
-        r = res[name] = run_job(template, path, threads, mp, rand)
+        if name.startswith("cmd"):
+            r = run_command(path, threads, cached=name == "cmd_cached")
+        else:
+            r = run_job(template, path, threads, mp, rand)
+        res.setdefault("runs", {}).setdefault(name, []).append(
+            {k: v for k, v in r.items() if k != "alphas"}
+        )
+        res[name] = r
         print(
-            f"  {name}: {r['time_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, {r['rss_mb']:.0f} MB",
+            f"  {name}: {r['time_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU "
+            f"(whole process {r['proc_cpu_s']:.2f} s), {r['rss_mb']:.0f} MB",
             flush=True,
         )
     if "ours" in res and "ww" in res:
@@ -148,9 +191,22 @@ def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
         print(f"  alpha agreement {res['agreement']}", flush=True)
         for unit in ("time_s", "cpu_s"):
             res[f"speedup_{unit}"] = res["ww"][unit] / res["ours"][unit]
+    for name in ("cmd", "cmd_cached"):
+        if name in res and "ww" in res:
+            over_call = res[name]["proc_cpu_s"] / res["ww"]["cpu_s"]
+            over_proc = res[name]["proc_cpu_s"] / res["ww"]["proc_cpu_s"]
+            res[f"{name}_over_ww_call_cpu"], res[f"{name}_over_ww_process_cpu"] = (
+                over_call,
+                over_proc,
+            )
+            print(
+                f"  {name} CPU / WeightWatcher analyze() CPU = {over_call:.2f}x; "
+                f"/ WeightWatcher whole process = {over_proc:.2f}x",
+                flush=True,
+            )
     for name in jobs:
         base = "ours" if name.startswith("ours") else "ww"
-        if name != base and base in res:
+        if name != base and base in res and not name.startswith("cmd"):
             for unit in ("time_s", "cpu_s"):
                 res[f"{name}_over_{base}_{unit}"] = res[name][unit] / res[base][unit]
     return res

@@ -54,6 +54,7 @@ QUICK: dict[str, list[str]] = {
     ],
     "bench_quantized": ["--gb", "0.05", "--dir", "{tmp}", "--passes", "read"],
     "bench_hub_bytes": ["--layers", "2", "--hidden", "128", "--shards", "2"],
+    "bench_threads": ["--repeat", "1", "--skip-commands"],
 }
 
 

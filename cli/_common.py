@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -14,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from spectra.errors import SpectraError
+from spectra.errors import SpectraError, ValidationError
 from spectra.formats.files import show_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,6 +44,35 @@ CacheDirOpt = Annotated[
     str | None,
     typer.Option("--cache-dir", help="Spectrum cache folder (default: the user cache dir)."),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for the decompositions (default: $SPECTRA_NUM_THREADS, else 1: on a "
+        "busy machine more threads than free cores run slower, not faster; raise it on an idle "
+        "one).",
+        show_default=False,
+    ),
+]
+#: Intra-op threads of a command without --threads or $SPECTRA_NUM_THREADS (see `cli_threads`).
+DEFAULT_THREADS = 1
+
+
+def cli_threads(threads: int | None) -> int | None:
+    """The thread count a command runs with: `--threads`, else None when $SPECTRA_NUM_THREADS
+    is set (the job reads and checks it), else DEFAULT_THREADS. One thread by default: on a busy
+    machine, torch's default of one OpenMP thread per core ran the decompositions 2-3x slower
+    than one thread (docs/benchmarks.md, bench_threads.py), and one count everywhere keeps runs
+    bit-comparable across machines (docs/architecture.md, reproducibility contract)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValidationError(f"--threads must be a positive integer, got {threads}")
+        return threads
+    if os.environ.get("SPECTRA_NUM_THREADS", "").strip():
+        return None
+    return DEFAULT_THREADS
+
+
 IncludeOpt = Annotated[
     list[str] | None,
     typer.Option("--include", help="Glob on tensor names to keep (repeatable)."),
@@ -238,3 +269,73 @@ def abandon_threads(code: int) -> None:
 def is_interactive() -> bool:
     """True when stderr is a terminal (progress bars are shown then)."""
     return sys.stderr.isatty()
+
+
+PROGRESS_INTERVAL_ENV = "SPECTRA_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines off a terminal: $SPECTRA_PROGRESS_INTERVAL, else 30."""
+    raw = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_PROGRESS_INTERVAL
+    except ValueError:
+        value = DEFAULT_PROGRESS_INTERVAL
+    return value if value >= 0 else DEFAULT_PROGRESS_INTERVAL
+
+
+class ProgressLog:
+    """Progress as plain lines on stderr where the bars are silent (stderr not a terminal: a
+    log file, a pipe, a batch job), so a long run says it is alive and how far it is.
+
+    At most one line per `interval` seconds (`progress_interval()`), the first one only after
+    a whole interval, so a short run prints nothing; once a phase that printed has finished,
+    one line says so. Lines look like
+    `spectra report: matrices 12/40 (30%), 35 MB read, 31 s elapsed, ~72 s left`.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        enabled: bool,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.command = command
+        self.enabled = enabled
+        self.interval = progress_interval() if interval is None else interval
+        self.clock = clock
+        self.start = clock()
+        self.last = self.start
+        self.printed: set[str] = set()
+        self.finished: set[str] = set()
+        self.began: dict[str, float] = {}
+
+    def update(self, phase: str, done: int, total: int | None, detail: str = "") -> None:
+        """Record `done` of `total` units of `phase`; print a line when one is due."""
+        if not self.enabled or phase in self.finished:
+            return
+        now = self.clock()
+        began = self.began.setdefault(phase, now)
+        complete = total is not None and done >= total
+        if complete and phase in self.printed:
+            self.finished.add(phase)
+        elif now - self.last < self.interval or complete:
+            return
+        self.last = now
+        self.printed.add(phase)
+        elapsed = now - self.start
+        parts = [f"{phase} {done}/{total}" if total else f"{phase} {done}"]
+        if total:
+            parts[0] += f" ({100 * done / total:.0f}%)"
+        if detail:
+            parts.append(detail)
+        parts.append(f"{elapsed:.0f} s elapsed")
+        if total and 0 < done < total:
+            parts.append(f"~{(now - began) / done * (total - done):.0f} s left")
+        if complete:
+            parts.append("done")
+        sys.stderr.write(one_line(f"spectra {self.command}: {', '.join(parts)}") + "\n")
+        sys.stderr.flush()

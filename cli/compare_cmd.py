@@ -14,7 +14,10 @@ from spectra.cli._common import (
     ForceOpt,
     IncludeOpt,
     OfflineOpt,
+    ProgressLog,
     RolesOpt,
+    ThreadsOpt,
+    cli_threads,
     console,
     err_console,
     handle_errors,
@@ -103,6 +106,7 @@ def compare_cmd(
         ),
     ] = None,
     offline: OfflineOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     from spectra.analysis.comparison import CompareOptions
     from spectra.jobs.compare import compare
@@ -126,14 +130,24 @@ def compare_cmd(
         hub_options(base_revision, disk_budget, offline, parts=2),
         hub_options(revision, disk_budget, offline, parts=2),
     )
+    log = ProgressLog("compare", enabled=not is_interactive())
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 
         def tick(done: int, total: int, key: str) -> None:
+            log.update("pairs", done, total, _short(key))
             bar.update(task, completed=done, total=total, description=_short(key))
 
         # Under torchrun each rank compares its share of pairs; rank 0 gets the whole result.
-        cmp = compare(base, finetuned, options, cache=cache, progress=tick, hub=hubs)
+        cmp = compare(
+            base,
+            finetuned,
+            options,
+            cache=cache,
+            progress=tick,
+            hub=hubs,
+            threads=cli_threads(threads),
+        )
     if cmp is None:  # a non-writer rank under torchrun
         return
     paths = write_compare(cmp, out, force=force, protect=protect)

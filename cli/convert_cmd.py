@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spectra.cli._common import ForceOpt, console, handle_errors, one_line
+from spectra.cli._common import ForceOpt, ThreadsOpt, cli_threads, console, handle_errors, one_line
 
 
 @handle_errors
@@ -26,10 +26,13 @@ def convert(
         ),
     ] = None,
     force: ForceOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Turn a trained PiSSA/MiLoRA/OLoRA adapter into a plain rank-2r LoRA on the original base."""
+    from spectra.distributed.runtime import apply_threads
     from spectra.jobs.convert import convert_to_lora
 
+    apply_threads(cli_threads(threads))
     path = convert_to_lora(init_dir, trained, out, base=base, force=force)
     console.print(
         one_line(f"plain LoRA for the original base: {path}"),

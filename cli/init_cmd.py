@@ -14,7 +14,10 @@ from spectra.cli._common import (
     DiskBudgetOpt,
     ForceOpt,
     OfflineOpt,
+    ProgressLog,
     RevisionOpt,
+    ThreadsOpt,
+    cli_threads,
     console,
     err_console,
     handle_errors,
@@ -28,10 +31,11 @@ if TYPE_CHECKING:
 
 
 class _Bar:
-    """Progress on stderr, one bar per phase (calibration batches, then matrices); silent when
-    stderr is not a terminal."""
+    """Progress on stderr, one bar per phase (calibration batches, then matrices); off a
+    terminal, periodic progress lines instead (`ProgressLog`)."""
 
     def __init__(self, enabled: bool) -> None:
+        self.log = ProgressLog("init", enabled=not enabled)
         self.bar = (
             Progress(
                 TextColumn("{task.fields[phase]}"),
@@ -57,6 +61,7 @@ class _Bar:
             self.bar.stop()
 
     def _update(self, phase: str, done: int, total: int, text: str) -> None:
+        self.log.update(phase, done, total, text)
         if self.bar is None:
             return
         if phase not in self.tasks:
@@ -241,6 +246,7 @@ def init(
     revision: RevisionOpt = None,
     disk_budget: DiskBudgetOpt = None,
     offline: OfflineOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Write SVD- or data-initialized LoRA adapters PEFT loads as they are, with the residual
     base where the method changes it, and a spectra.json manifest.
@@ -307,6 +313,7 @@ def init(
                 options,
                 calibration=calibration,
                 progress=bar,
+                threads=cli_threads(threads),
             )
     for w in caught:  # the residual-precision and dequantized-base notes as one line each
         if issubclass(w.category, (ResidualPrecisionWarning, DequantizedBaseWarning)):

@@ -25,8 +25,11 @@ from spectra.cli._common import (
     IncludeOpt,
     NoCacheOpt,
     OfflineOpt,
+    ProgressLog,
     RevisionOpt,
     RolesOpt,
+    ThreadsOpt,
+    cli_threads,
     console,
     err_console,
     handle_errors,
@@ -51,9 +54,13 @@ DEFAULT_OUT = "spectra-report"
 
 class ReportProgress:
     """A rich progress bar on stderr (matrices, MB read, ETA) fed by the engine's callback
-    `progress(done, total, bytes_read)`. Disabled when quiet or stderr is not a terminal."""
+    `progress(done, total, bytes_read)` when stderr is a terminal; off a terminal, periodic
+    progress lines instead (`ProgressLog`). `enabled=False` (quiet): neither."""
 
     def __init__(self, *, enabled: bool) -> None:
+        interactive = is_interactive()
+        self.log = ProgressLog("report", enabled=enabled and not interactive)
+        enabled = enabled and interactive
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -69,6 +76,7 @@ class ReportProgress:
         self.task = self.bar.add_task("spectra", total=None, mb=0.0)
 
     def __call__(self, done: int, total: int, bytes_read: int) -> None:
+        self.log.update("matrices", done, total, f"{bytes_read / 1e6:,.0f} MB read")
         self.bar.update(self.task, completed=done, total=total, mb=bytes_read / 1e6)
         if done == total:
             self.bar.update(self.task, description="metrics")
@@ -278,6 +286,7 @@ def report_cmd(
             show_default=False,
         ),
     ] = None,
+    threads: ThreadsOpt = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")
     ] = False,
@@ -300,6 +309,7 @@ def report_cmd(
     protect = (source, cache_dir)  # never replaced, even with --force
     check_output_dir(final, force=force, protect=protect)  # fail before the work, not after it
     cache = _cache_arg(no_cache, cache_dir)
+    n_threads = cli_threads(threads)
 
     def compute() -> Analysis | None:
         from spectra.jobs.report import AnalyzeOptions, analyze
@@ -323,10 +333,16 @@ def report_cmd(
             finger_thresh=finger_thresh,
             ww_quirks=ww_quirks,
         )
-        with ReportProgress(enabled=not quiet and is_interactive()) as progress:
+        with ReportProgress(enabled=not quiet) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.
             return analyze(
-                source, options, cache=cache, progress=progress, max_memory=budget, hub=hub
+                source,
+                options,
+                cache=cache,
+                progress=progress,
+                max_memory=budget,
+                threads=n_threads,
+                hub=hub,
             )
 
     analysis = _cached_analysis(source, computed, cache, compute)

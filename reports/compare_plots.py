@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.analysis.comparison import Comparison
 from spectra.analysis.intruders import epsilon_key
-from spectra.reports.plots import png_bytes
+from spectra.reports.plots import fixed_margins, png_bytes
 from spectra.reports.roles import ordered_roles, role_color
 
 FIGSIZE = (8.0, 4.2)
@@ -50,7 +50,7 @@ def intruders_by_layer(cmp: Comparison) -> bytes | None:
     ax.set_title(f"Intruder dimensions by layer and role (top k = {cmp.options.k})")
     ax.set_ylim(0, max(1.0, float(bottom.max()) * 1.15))
     ax.legend(fontsize=8, ncol=4, loc="upper left")
-    fig.tight_layout()
+    fixed_margins(fig)
     return png_bytes(fig)
 
 
@@ -77,7 +77,7 @@ def max_cos_curves(cmp: Comparison) -> bytes | None:
     ax.set_title("How close each top singular vector stays to the base (dashed: epsilons)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, ncol=4, loc="lower left")
-    fig.tight_layout()
+    fixed_margins(fig)
     return png_bytes(fig)
 
 
@@ -101,7 +101,7 @@ def update_spectra(cmp: Comparison) -> bytes | None:
     ax.set_ylabel("S_i(dW) / S_1(dW)")
     ax.set_title("Spectrum of the update dW = W_ft - W_base (top values)")
     ax.legend(fontsize=8, ncol=4, loc="upper right")
-    fig.tight_layout()
+    fixed_margins(fig)
     return png_bytes(fig)
 
 
@@ -121,7 +121,7 @@ def epsilon_sweep(cmp: Comparison) -> bytes | None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Epsilon sweep")
     ax.legend(fontsize=8, ncol=3, loc="upper left")
-    fig.tight_layout()
+    fixed_margins(fig)
     return png_bytes(fig)
 
 
