@@ -18,12 +18,13 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from spectra.errors import SourceError
 from spectra.formats.files import open_input, show_path
+
+if TYPE_CHECKING:
+    import torch
 
 #: The index of a sharded checkpoint (`weight_map`: tensor name -> shard file name).
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,41 +37,50 @@ INT64_MAX = 2**63 - 1
 
 @dataclass(frozen=True)
 class DType:
-    """A safetensors dtype: its byte size and the torch dtype that views its bytes."""
+    """A safetensors dtype: its byte size and the name of the torch dtype that views its bytes
+    (torch is imported only when that dtype is asked for: reading headers, and a report
+    rendered from cached results, need no torch)."""
 
     name: str
     itemsize: int
-    torch_dtype: torch.dtype | None  # None: known to the format, not readable as numbers here
+    torch_name: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype, None when this torch build has none (known to the format, not
+        readable as numbers here)."""
+        import torch
+
+        return getattr(torch, self.torch_name, None)
 
     @property
     def is_float(self) -> bool:
-        return self.torch_dtype is not None and self.torch_dtype.is_floating_point
-
-
-def _opt(name: str) -> torch.dtype | None:
-    return getattr(torch, name, None)
+        if not self.name.startswith(("F", "BF")):
+            return False
+        found = self.torch_dtype
+        return found is not None and found.is_floating_point
 
 
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("BOOL", 1, torch.bool),
-        DType("U8", 1, torch.uint8),
-        DType("I8", 1, torch.int8),
-        DType("U16", 2, _opt("uint16")),
-        DType("I16", 2, torch.int16),
-        DType("U32", 4, _opt("uint32")),
-        DType("I32", 4, torch.int32),
-        DType("U64", 8, _opt("uint64")),
-        DType("I64", 8, torch.int64),
-        DType("F16", 2, torch.float16),
-        DType("BF16", 2, torch.bfloat16),
-        DType("F32", 4, torch.float32),
-        DType("F64", 8, torch.float64),
-        DType("F8_E4M3", 1, _opt("float8_e4m3fn")),
-        DType("F8_E5M2", 1, _opt("float8_e5m2")),
-        DType("F8_E8M0", 1, _opt("float8_e8m0fnu")),
-        DType("C64", 8, _opt("complex64")),
+        DType("BOOL", 1, "bool"),
+        DType("U8", 1, "uint8"),
+        DType("I8", 1, "int8"),
+        DType("U16", 2, "uint16"),
+        DType("I16", 2, "int16"),
+        DType("U32", 4, "uint32"),
+        DType("I32", 4, "int32"),
+        DType("U64", 8, "uint64"),
+        DType("I64", 8, "int64"),
+        DType("F16", 2, "float16"),
+        DType("BF16", 2, "bfloat16"),
+        DType("F32", 4, "float32"),
+        DType("F64", 8, "float64"),
+        DType("F8_E4M3", 1, "float8_e4m3fn"),
+        DType("F8_E5M2", 1, "float8_e5m2"),
+        DType("F8_E8M0", 1, "float8_e8m0fnu"),
+        DType("C64", 8, "complex64"),
     )
 }
 
