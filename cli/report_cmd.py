@@ -269,6 +269,40 @@ def report_cmd(
             "lower bound, clip_xmax's counting; docs/methods.md 2b), only to match its numbers.",
         ),
     ] = False,
+    detx: Annotated[
+        bool,
+        typer.Option(
+            "--detx", help="Add WeightWatcher's detX columns (detX_num, detX_val: det X = 1 tail)."
+        ),
+    ] = False,
+    vectors: Annotated[
+        bool,
+        typer.Option(
+            "--vectors",
+            help="Add WeightWatcher's vector localization columns (entropy, localization and "
+            "participation ratios of the singular vectors, bulk vs tail; one extra "
+            "eigendecomposition per matrix).",
+        ),
+    ] = False,
+    alpha_ci: Annotated[
+        int,
+        typer.Option(
+            "--alpha-ci",
+            help="Resamples of a seeded bootstrap confidence interval for alpha over the tail "
+            "(0: off; e.g. 1000).",
+        ),
+    ] = 0,
+    ci_level: Annotated[
+        float, typer.Option("--ci-level", help="Confidence level of --alpha-ci.")
+    ] = 0.95,
+    traps: Annotated[
+        bool,
+        typer.Option(
+            "--traps",
+            help="Find correlation traps: large weights that survive a shuffle as spikes past "
+            "the MP bulk; num_traps and where each sits (row, col). One full SVD per matrix.",
+        ),
+    ] = False,
     max_esd_plots: Annotated[
         int,
         typer.Option(
@@ -332,6 +366,11 @@ def report_cmd(
             max_fingers=max_fingers,
             finger_thresh=finger_thresh,
             ww_quirks=ww_quirks,
+            detx=detx,
+            vectors=vectors,
+            alpha_ci=alpha_ci,
+            ci_level=ci_level,
+            traps=traps,
         )
         with ReportProgress(enabled=not quiet) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.

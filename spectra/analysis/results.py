@@ -134,6 +134,24 @@ class LayerMetrics:
     ww_softrank: float | None = None
     num_fingers: int | None = None
     raw_alpha: float | None = None
+    detX_num: int | None = None  # WeightWatcher's column names
+    detX_val: float | None = None
+    alpha_ci_low: float | None = None
+    alpha_ci_high: float | None = None
+    bulk_mean_vec_entropy: float | None = None
+    bulk_var_vec_entropy: float | None = None
+    tail_mean_vec_entropy: float | None = None
+    tail_var_vec_entropy: float | None = None
+    bulk_mean_loc_ratio: float | None = None
+    bulk_var_loc_ratio: float | None = None
+    tail_mean_loc_ratio: float | None = None
+    tail_var_loc_ratio: float | None = None
+    bulk_mean_part_ratio: float | None = None
+    bulk_var_part_ratio: float | None = None
+    tail_mean_part_ratio: float | None = None
+    tail_var_part_ratio: float | None = None
+    num_traps: int | None = None
+    traps: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -145,6 +163,7 @@ class LayerMetrics:
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["shape"] = tuple(kwargs["shape"])
         kwargs["warnings"] = tuple(kwargs.get("warnings") or ())
+        kwargs["traps"] = tuple(kwargs.get("traps") or ())
         return cls(**kwargs)
 
 
@@ -292,6 +311,7 @@ class Analysis:
             row = lm.to_dict()
             row["shape"] = f"{lm.shape[0]}x{lm.shape[1]}"
             row["warnings"] = ";".join(lm.warnings)
+            row["traps"] = ";".join(f"{t['row']},{t['col']}" for t in lm.traps)
             out.append(row)
         return out
 

@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.analysis.fingers import WW_DEFAULT_MAX_FINGERS, FitOptions
+from spectra.analysis.bootstrap import bootstrap_alpha
+from spectra.analysis.detx import detx_constraint
+from spectra.analysis.fingers import WW_DEFAULT_MAX_FINGERS, FitOptions, fit_tail
 from spectra.analysis.htsr import (
     WEAK_RANK_TOL,
     MatrixMeta,
@@ -56,6 +58,9 @@ from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
 from spectra.analysis.results import Analysis, LayerMetrics, SkippedMatrix, runtime_versions
 from spectra.analysis.summary import model_summary
+from spectra.analysis.traps import find_traps
+from spectra.analysis.vectors import COLUMNS as VECTOR_COLUMNS
+from spectra.analysis.vectors import gram_eigvectors, localization
 from spectra.device import resolve_device
 from spectra.distributed.failures import Tracker, guarded, settle
 from spectra.distributed.gather import gather_results
@@ -113,6 +118,13 @@ class AnalyzeOptions:
         "clip_xmax" finger fixing).
     ww_quirks: reproduce WeightWatcher 0.7.7's quirks of those options (xmin_peak's log10
         lower bound, clip_xmax's counting), only to compare numbers with it.
+    detx: WeightWatcher's detX columns detX_num, detX_val (analysis.detx).
+    vectors: WeightWatcher's vectors=True: localization of the singular vectors, bulk vs tail
+        (analysis.vectors; one float64 eigendecomposition with vectors per matrix).
+    alpha_ci: resamples of a seeded bootstrap interval for alpha (0: off; analysis.bootstrap),
+        at level ci_level, seeded with `seed`.
+    traps: correlation traps (analysis.traps): num_traps and where the largest sit (one full
+        SVD of the shuffled matrix per matrix, shuffled with `seed`, MP fit of `mp_method`).
     """
 
     include: tuple[str, ...] = ()
@@ -135,6 +147,11 @@ class AnalyzeOptions:
     max_fingers: int = WW_DEFAULT_MAX_FINGERS
     finger_thresh: float = 1.0
     ww_quirks: bool = False
+    detx: bool = False
+    vectors: bool = False
+    alpha_ci: int = 0
+    ci_level: float = 0.95
+    traps: bool = False
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
@@ -153,6 +170,10 @@ class AnalyzeOptions:
         if not self.weak_rank_tol >= 0:
             raise ValidationError(f"weak_rank_tol must be >= 0, got {self.weak_rank_tol!r}")
         self.fit_options()  # validates the fit fields
+        if self.alpha_ci != 0 and self.alpha_ci < 2:
+            raise ValidationError(f"alpha_ci must be 0 (off) or >= 2, got {self.alpha_ci!r}")
+        if not 0.0 < self.ci_level < 1.0:
+            raise ValidationError(f"ci_level must be in (0, 1), got {self.ci_level!r}")
         for name in ("min_evals", "max_evals", "max_n"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -340,7 +361,6 @@ def _analyze_matrices(
     options = run.options
     engine = EngineOptions(device=device, max_memory=run.max_memory)
     by_key = {ref.key: ref for ref in matrices}
-    ratio_key = outlier_key(options.outlier_multiplier)
     base: dict[str, LayerMetrics] = {}
     esds: dict[str, np.ndarray] = {}
     # metrics as spectra arrive: the fits overlap the engine's background reads, and only the
@@ -351,11 +371,9 @@ def _analyze_matrices(
         engine=engine,
         cache=resolve_cache(run.cache),
         progress=run.progress,
-        extras=_outlier_extras(options) if options.outliers else None,
+        extras=_extras(options),
     ):
-        layer = _layer(by_key[spec.key], spec, options)
-        if options.outliers:
-            layer = replace(layer, outlier_ratio=spec.extras.get(ratio_key))
+        layer = _with_extras(_layer(by_key[spec.key], spec, options), spec, options)
         base[spec.key] = layer
         if spec.ok:
             esds[spec.key] = spec.values.double().square().cpu().numpy()
@@ -384,12 +402,112 @@ def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> La
     )
     if options.weak_rank_tol != WEAK_RANK_TOL and layer.weak_rank_loss is not None:
         layer = replace(layer, weak_rank_loss=weak_rank_loss(S**2, options.weak_rank_tol))
-    return layer
+    return replace(layer, **_esd_extras(S**2, layer, options))
+
+
+def _esd_extras(evals: np.ndarray, layer: LayerMetrics, options: AnalyzeOptions) -> dict:
+    """detX and the bootstrap interval of alpha, when asked (pure functions of the ESD)."""
+    out: dict[str, Any] = {}
+    if options.detx:
+        detx = detx_constraint(evals)
+        out["detX_num"] = None if detx is None else detx.num
+        out["detX_val"] = None if detx is None else detx.value
+    if options.alpha_ci and layer.xmin is not None and layer.xmax is not None:
+        ci = bootstrap_alpha(
+            evals,
+            layer.xmin,
+            layer.xmax,
+            resamples=options.alpha_ci,
+            level=options.ci_level,
+            seed=options.seed,
+        )
+        if ci is not None:
+            out["alpha_ci_low"], out["alpha_ci_high"] = ci
+    return out
 
 
 def outlier_key(multiplier: float) -> str:
     """The `Spectrum.extras` (and cache metadata) key of the outlier ratio at `multiplier`."""
     return f"outlier_ratio@{float(multiplier)!r}"
+
+
+def _with_extras(layer: LayerMetrics, spec: Spectrum, options: AnalyzeOptions) -> LayerMetrics:
+    """`layer` with the values the engine hooks computed on the spectrum pass's read."""
+    if options.outliers:
+        ratio = spec.extras.get(outlier_key(options.outlier_multiplier))
+        layer = replace(layer, outlier_ratio=ratio)
+    if options.traps and spec.ok:
+        found = spec.extras.get(trap_key(options))
+        if found is not None:
+            layer = replace(layer, num_traps=found[0], traps=tuple(found[1]))
+    if options.vectors and spec.ok:
+        keys = vector_keys(options)
+        layer = replace(layer, **{col: spec.extras.get(keys[col]) for col in keys})
+    return layer
+
+
+def vector_keys(options: AnalyzeOptions) -> dict[str, str]:
+    """The `Spectrum.extras` (and cache) key of each vector-localization column: it names the
+    fit options, since the bulk/tail split uses the fit's xmin."""
+    tag = repr(options.fit_options())
+    return {col: f"vectors:{col}@{tag}" for col in VECTOR_COLUMNS}
+
+
+def _extras(options: AnalyzeOptions) -> MatrixExtras | None:
+    """The engine hooks asked for (outlier ratio, vector localization), as one."""
+    hooks = [
+        h
+        for h in (
+            _outlier_extras(options) if options.outliers else None,
+            _vector_extras(options) if options.vectors else None,
+            _trap_extras(options) if options.traps else None,
+        )
+        if h
+    ]
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def compute(ref: MatrixRef, W: torch.Tensor) -> dict[str, Any]:
+        return {k: v for hook in hooks for k, v in hook.compute(ref, W).items()}
+
+    return MatrixExtras(tuple(n for hook in hooks for n in hook.names), compute)
+
+
+def trap_key(options: AnalyzeOptions) -> str:
+    """The `Spectrum.extras` (and cache) key of the traps: [count, [trap dicts]]."""
+    return f"traps@seed={options.seed},mp={options.mp_method}"
+
+
+def _trap_extras(options: AnalyzeOptions) -> MatrixExtras:
+    """The engine hook that finds each matrix's correlation traps as it is read."""
+    key, fit, seed = trap_key(options), MP_METHODS[options.mp_method], options.seed
+
+    def compute(ref: MatrixRef, W: torch.Tensor) -> dict[str, Any]:
+        if not bool(torch.isfinite(W).all()):
+            return {key: None}
+        count, found = find_traps(W, fit, seed=seed)
+        return {key: [count, [t.to_dict() for t in found]]}
+
+    return MatrixExtras((key,), compute)
+
+
+def _vector_extras(options: AnalyzeOptions) -> MatrixExtras:
+    """The engine hook that computes the vector localization of each matrix as it is read:
+    its float64 Gram eigenvectors, the fit's xmin on the same eigenvalues, the bulk/tail
+    statistics (analysis.vectors)."""
+    keys, fit_options = vector_keys(options), options.fit_options()
+
+    def compute(ref: MatrixRef, W: torch.Tensor) -> dict[str, Any]:
+        evals, vecs = gram_eigvectors(W)
+        if not np.all(np.isfinite(evals)):
+            return dict.fromkeys(keys.values())
+        xmin = fit_tail(evals, fit_options).fit.xmin
+        values = localization(evals, vecs, xmin)
+        return {keys[col]: values[col] for col in keys}
+
+    return MatrixExtras(tuple(keys.values()), compute)
 
 
 def _outlier_extras(options: AnalyzeOptions) -> MatrixExtras:

@@ -191,6 +191,7 @@ def decode_analysis(blob: bytes) -> Analysis:
     layers = []
     for d in h["layers"]:
         d = {**d, "shape": tuple(d["shape"]), "warnings": tuple(d["warnings"])}
+        d["traps"] = tuple(d.get("traps") or ())
         layers.append(LayerMetrics(**d))
     return Analysis(
         source=h["source"],
