@@ -38,6 +38,7 @@ QUICK: dict[str, list[str]] = {
     "bench_cache_identity": ["--synthetic-mb", "50", "--dir", "{tmp}", "--repeat", "1"],
     "bench_longrun": ["--size-gb", "0.05", "--intermediate", "4096", "--threads", "1"],
     "bench_plots": ["--repeat", "1"],
+    "bench_ww_options": ["--options", "default,xmax"],
     "bench_plan": [
         "--hidden",
         "256",
