@@ -28,7 +28,6 @@ import numpy as np
 from spectra.analysis.results import WARNING_CODES, Analysis, LayerMetrics
 from spectra.blobcache import BlobCache, blob_key, code_digest
 from spectra.errors import ValidationError
-from spectra.formats.safetensors import DTYPES
 from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
@@ -194,10 +193,11 @@ def headline(analysis: Analysis) -> list[tuple[str, object]]:
 
 def quantization_summary(analysis: Analysis) -> str:
     """'gptq 4-bit group 128 (7 matrices), analysed dequantized to float32', or '' when no
-    analysed matrix is quantized (its dtype column holds a storage label, not a dtype)."""
+    analysed matrix is quantized (its dtype column holds a storage label, "scheme N-bit block",
+    which has spaces; a dtype never does; no torch import here: a cached rerun needs none)."""
     counts: dict[str, int] = {}
     for lm in analysis.layers:
-        if lm.dtype and lm.dtype not in DTYPES:
+        if " " in (lm.dtype or ""):
             counts[lm.dtype] = counts.get(lm.dtype, 0) + 1
     if not counts:
         return ""
