@@ -56,6 +56,7 @@ QUICK: dict[str, list[str]] = {
     "bench_quantized": ["--gb", "0.05", "--dir", "{tmp}", "--passes", "read"],
     "bench_hub_bytes": ["--layers", "2", "--hidden", "128", "--shards", "2"],
     "bench_threads": ["--repeat", "1", "--skip-commands"],
+    "bench_gguf": ["--gb", "0.1", "--dir", "{tmp}"],  # SmolLM2's 98 MB file + a 0.1 GB Q4_K one
 }
 
 

@@ -21,6 +21,7 @@ from spectra.errors import SourceError, ValidationError
 from spectra.formats.codec import Encoded
 from spectra.formats.files import check_source
 from spectra.formats.safetensors import ShardHeader, TensorRef, read_header
+from spectra.sources.gguf import gguf_layout
 from spectra.sources.hub import RepoShards, looks_like_repo_id, repo_shards
 from spectra.sources.layout import check_index, local_layout, read_config
 from spectra.sources.quantized import find_encoded, given_encoded
@@ -70,7 +71,7 @@ class Checkpoint:
         self._store: ShardStore = store or LocalStore()
         self._shard_rank = {path: i for i, path in enumerate(self.files)}
         self._sizes = {h.path: h.size for h in headers}
-        self._tensors = _collect(source, headers)
+        self._tensors = _collect(source, headers, allow_empty=bool(encoded))
         check_index(source, weight_map, headers)  # after _collect: duplicates have their message
         self._by_name = {t.name: t for t in self._tensors}
         hidden = self.config.get("hidden_size")
@@ -124,6 +125,8 @@ class Checkpoint:
             raise ValidationError(
                 f"revision={revision!r} applies to Hub repos, but {source} is a local path"
             )
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return cls.from_gguf(path, str(source))
         layout = local_layout(path)
         return cls.from_files(str(source), layout.shards, weight_map=layout.weight_map)
 
@@ -143,6 +146,14 @@ class Checkpoint:
         headers = [read_header(p) for p in shards]
         config = read_config(shards)
         return cls(source, headers, store=store, config=config, weight_map=weight_map)
+
+    @classmethod
+    def from_gguf(cls, path: Path, source: str | None = None) -> Checkpoint:
+        """A checkpoint over a GGUF file (`spectra.sources.gguf`): Hugging Face names, every
+        weight matrix decoded from its blocks, q/k rows un-permuted."""
+        layout = gguf_layout(path)
+        label = str(path) if source is None else source
+        return cls(label, [layout.header], config=layout.config, encoded=layout.encoded)
 
     @classmethod
     def from_shards(cls, shards: RepoShards) -> Checkpoint:
@@ -380,7 +391,9 @@ def _offset(ref: TensorRef | MatrixRef) -> int:
     return ref.offset
 
 
-def _collect(source: str, headers: Sequence[ShardHeader]) -> list[TensorRef]:
+def _collect(
+    source: str, headers: Sequence[ShardHeader], *, allow_empty: bool = False
+) -> list[TensorRef]:
     seen: dict[str, Path] = {}
     out: list[TensorRef] = []
     for header in headers:
@@ -392,7 +405,7 @@ def _collect(source: str, headers: Sequence[ShardHeader]) -> list[TensorRef]:
                 )
             seen[ref.name] = header.path
             out.append(ref)
-    if not out:
+    if not out and not allow_empty:
         names = ", ".join(h.path.name for h in headers)
         raise SourceError(f"{source}: empty checkpoint, no tensors in {names}")
     return out

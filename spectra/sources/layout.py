@@ -107,6 +107,12 @@ def _no_safetensors_message(folder: Path) -> str:
             f"{folder}: only pickled weights here ({', '.join(pickles[:3])}), no .safetensors; "
             f"{CONVERT_HINT}"
         )
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if ggufs:
+        return (
+            f"{folder}: no .safetensors files in this folder, but GGUF files "
+            f"({', '.join(ggufs[:3])}): give one .gguf file as the source"
+        )
     return f"{folder}: no .safetensors files in this folder"
 
 
