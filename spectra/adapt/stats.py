@@ -13,6 +13,12 @@ basis (SVD), never by the calibration set:
   SVD of all data centred on the merged mean, up to the truncation to the kept components. Each
   update records, per component, the absolute cosine between the new and the previous right
   singular vector (sign-invariant); EVA (arXiv 2410.07170) stops when those reach ``tau``.
+  The merge needs only the top ``keep`` singular triplets of that stack, so it does not run a
+  full SVD of it: `top_right_singular` runs subspace iteration with a Rayleigh-Ritz step
+  (Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Alg. 4.4 / 5.1), started
+  from the previous basis plus a seeded sketch of the stack, until every kept triplet's residual
+  ``||M^T u_j - s_j v_j|| / s_1`` is below ``MERGE_TOL``; past ``MERGE_MAX_ITERS`` iterations, or
+  when the stack is too small for iteration to pay, it takes the full SVD (the old route).
 
 `CalibrationStats` bundles the per-layer results; `save_stats` / `load_stats` write and read it as
 one safetensors file (``--stats-out`` / ``--stats``) with the bookkeeping in its metadata.
@@ -38,6 +44,14 @@ STATS_FORMAT = "spectra.calibration/1"
 # Components kept beyond the requested k: the truncation after each merge drops information about
 # directions just below the top k; a few spare ones make the top k match a one-shot SVD closely.
 DEFAULT_SPARE_COMPONENTS = 8
+# The merge's subspace iteration (`top_right_singular`): sketch columns beyond the kept ones, the
+# residual every kept triplet must reach (relative to the top singular value; in float64 the
+# floor is ~1e-14), and the iterations after which the full SVD is taken instead. A kept
+# triplet's angle to the exact one is at most its residual over its relative gap (Davis-Kahan).
+MERGE_OVERSAMPLE = 16
+MERGE_TOL = 1e-9
+MERGE_MAX_ITERS = 30
+MERGE_ROUTES = ("iterate", "full")
 
 
 class CovarianceAccumulator:
@@ -66,6 +80,64 @@ class CovarianceAccumulator:
         if self.count == 0:
             raise ValidationError("no tokens were accumulated: the calibration data is empty")
         return self.sum / self.count
+
+
+def top_right_singular(
+    M: torch.Tensor,
+    keep: int,
+    *,
+    start: torch.Tensor | None = None,
+    seed: int = 0,
+    converge: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Top ``keep`` singular values ``(q,)`` and right singular vectors ``(q, n)`` of ``M (m, n)``
+    (``q = min(keep, m, n)``), and the subspace iterations used (0: the full SVD was taken).
+
+    ``start (s, n)``: rows whose span is expected to be close to the answer (the previous basis of
+    an incremental SVD); the rest of the search space is a Gaussian sketch ``M^T Omega`` seeded by
+    ``seed`` (the same numbers on every device). Each iteration: ``Y = M Z``, ``Y = U S W^T``,
+    Ritz vectors ``V = Z W``, then ``P = M^T U`` gives the residuals ``||P_j - S_j V_j|| / S_1``
+    and the next basis ``orth(P)``. Stops when the first ``converge`` (default ``keep``)
+    residuals are <= MERGE_TOL. Without ``start`` it takes the full SVD: from a random start the
+    iteration needs too many steps to pay.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> M = torch.randn(300, 200, dtype=torch.float64, generator=g) * torch.logspace(0, -2, 200)
+    >>> S, Vh, iterations = top_right_singular(M, 5, start=torch.linalg.svd(M[:250])[2][:5])
+    >>> torch.allclose(S, torch.linalg.svdvals(M)[:5], rtol=1e-12), iterations > 0
+    (True, True)
+    """
+    rows, n = M.shape
+    small = min(rows, n)
+    q = min(keep, small)
+    width = min(q + MERGE_OVERSAMPLE, small)
+    if start is None or not start.shape[0] or 4 * width > small:
+        # no previous basis to start from (a cold start needs many iterations), or a stack so
+        # small that iterating costs about as much as the full SVD
+        return (*_full_top(M, q), 0)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    warm = start[: width - 1].mT.to(M)  # (n, s)
+    omega = torch.randn(rows, width - warm.shape[1], generator=gen, dtype=torch.float64)
+    basis = torch.cat([warm, M.mT @ omega.to(M)], dim=1)  # (n, width)
+    Z = torch.linalg.qr(basis).Q
+    checked = q if converge is None else min(q, converge)
+    for iteration in range(1, MERGE_MAX_ITERS + 1):
+        U, S, Wh = torch.linalg.svd(M @ Z, full_matrices=False)
+        V = Z @ Wh.mT  # (n, width) Ritz vectors
+        P = M.mT @ U  # (n, width) = G V / S
+        top = float(S[0])
+        if top == 0.0:
+            return S[:q], V[:, :q].mT.contiguous(), iteration
+        residual = (P[:, :checked] - V[:, :checked] * S[:checked]).norm(dim=0) / top
+        if bool((residual <= MERGE_TOL).all()):
+            return S[:q], V[:, :q].mT.contiguous(), iteration
+        Z = torch.linalg.qr(P).Q
+    return (*_full_top(M, q), 0)
+
+
+def _full_top(M: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, values, vh = torch.linalg.svd(M, full_matrices=False)
+    return values[:q], vh[:q]
 
 
 @dataclass
@@ -100,6 +172,10 @@ class IncrementalSVD:
         features: row width (the layer's ``in_features``).
         tau: a component has converged when ``|cos(v_new, v_old)| >= tau`` after an update.
         spare: extra components kept internally for accuracy (not reported).
+        merge: "iterate" (default): each merge computes only the kept components
+            (`top_right_singular`, warm-started from the previous basis, converged on the first
+            k); "full": the full SVD of the stack (the reference route, same result to
+            MERGE_TOL).
 
     >>> svd = IncrementalSVD(2, 4, tau=0.99)
     >>> svd.update(torch.randn(50, 4, generator=torch.Generator().manual_seed(0)))
@@ -116,12 +192,15 @@ class IncrementalSVD:
         spare: int = DEFAULT_SPARE_COMPONENTS,
         device: torch.device | str = "cpu",
         dtype=torch.float64,
+        merge: str = "iterate",
     ) -> None:
+        if merge not in MERGE_ROUTES:
+            raise ValidationError(f"merge must be one of {MERGE_ROUTES}, got {merge!r}")
         if not 1 <= k <= features:
             raise ValidationError(f"k must be in [1, {features}] (the input width), got {k}")
         if not 0.0 < tau <= 1.0:
             raise ValidationError(f"tau must be in (0, 1], got {tau}")
-        self.k, self.features, self.tau = k, features, tau
+        self.k, self.features, self.tau, self.merge = k, features, tau, merge
         self.keep = min(features, k + max(0, spare))
         self.device, self.dtype = torch.device(device), dtype
         self.values = torch.zeros(0, device=self.device, dtype=dtype)  # (q,)
@@ -131,6 +210,7 @@ class IncrementalSVD:
         self.count = 0
         self.batches = 0
         self.cosines = torch.zeros(k, dtype=torch.float64)
+        self.iterations = 0  # subspace iterations of the last merge (0: full SVD)
 
     def update(self, x: torch.Tensor) -> None:
         """Merge rows ``x (m, features)``; records per-component cosines to the last basis."""
@@ -148,9 +228,12 @@ class IncrementalSVD:
             shift = self.mean - batch_mean
             stack.append(weight * shift[None, :])
             batch_ss += weight**2 * float(shift.square().sum())
-        _, values, vh = torch.linalg.svd(torch.cat(stack), full_matrices=False)
+        start = self.vh if self.merge == "iterate" else None
+        values, vh, self.iterations = top_right_singular(
+            torch.cat(stack), self.keep, start=start, seed=self.batches, converge=self.k
+        )
         previous = self.vh[: self.k]
-        self.values, self.vh = values[: self.keep], vh[: self.keep]
+        self.values, self.vh = values, vh
         self.mean = (n * self.mean + m * batch_mean) / (n + m)
         self.total_ss += batch_ss
         self.count += m
