@@ -98,8 +98,8 @@ def top_right_singular(
     ``seed`` (the same numbers on every device). Each iteration: ``Y = M Z``, ``Y = U S W^T``,
     Ritz vectors ``V = Z W``, then ``P = M^T U`` gives the residuals ``||P_j - S_j V_j|| / S_1``
     and the next basis ``orth(P)``. Stops when the first ``converge`` (default ``keep``)
-    residuals are <= MERGE_TOL. Without ``start`` it takes the full SVD: from a random start the
-    iteration needs too many steps to pay.
+    residuals are <= MERGE_TOL. Without ``start`` the search space starts as the top
+    eigenvectors of ``M^T M`` (tall ``M``; a wide one takes the full SVD).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> M = torch.randn(300, 200, dtype=torch.float64, generator=g) * torch.logspace(0, -2, 200)
@@ -111,14 +111,20 @@ def top_right_singular(
     small = min(rows, n)
     q = min(keep, small)
     width = min(q + MERGE_OVERSAMPLE, small)
-    if start is None or not start.shape[0] or 4 * width > small:
-        # no previous basis to start from (a cold start needs many iterations), or a stack so
-        # small that iterating costs about as much as the full SVD
+    if 4 * width > small:  # iterating would cost about as much as the full SVD
         return (*_full_top(M, q), 0)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    warm = start[: width - 1].mT.to(M)  # (n, s)
-    omega = torch.randn(rows, width - warm.shape[1], generator=gen, dtype=torch.float64)
-    basis = torch.cat([warm, M.mT @ omega.to(M)], dim=1)  # (n, width)
+    if start is not None and start.shape[0]:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        warm = start[: width - 1].mT.to(M)  # (n, s)
+        omega = torch.randn(rows, width - warm.shape[1], generator=gen, dtype=torch.float64)
+        basis = torch.cat([warm, M.mT @ omega.to(M)], dim=1)  # (n, width)
+    elif rows >= n:
+        # cold start (first batch): the top eigenvectors of the (n, n) Gram matrix, about half
+        # the cost of the full SVD; the iteration below then checks (and polishes) them against
+        # M itself, so their squared-condition rounding does not reach the result
+        basis = torch.linalg.eigh(M.mT @ M).eigenvectors[:, n - width :]
+    else:
+        return (*_full_top(M, q), 0)
     Z = torch.linalg.qr(basis).Q
     checked = q if converge is None else min(q, converge)
     for iteration in range(1, MERGE_MAX_ITERS + 1):
@@ -228,10 +234,14 @@ class IncrementalSVD:
             shift = self.mean - batch_mean
             stack.append(weight * shift[None, :])
             batch_ss += weight**2 * float(shift.square().sum())
-        start = self.vh if self.merge == "iterate" else None
-        values, vh, self.iterations = top_right_singular(
-            torch.cat(stack), self.keep, start=start, seed=self.batches, converge=self.k
-        )
+        stacked = torch.cat(stack)
+        if self.merge == "full":
+            values, vh = _full_top(stacked, min(self.keep, *stacked.shape))
+            self.iterations = 0
+        else:
+            values, vh, self.iterations = top_right_singular(
+                stacked, self.keep, start=self.vh, seed=self.batches, converge=self.k
+            )
         previous = self.vh[: self.k]
         self.values, self.vh = values, vh
         self.mean = (n * self.mean + m * batch_mean) / (n + m)
