@@ -1,0 +1,190 @@
+"""Peak memory of `spectra init --method pissa` and `spectra compare` on large matrices, against
+PEFT's exact ``pissa`` on the same layers and against the process's fixed overhead.
+
+Every measured command runs as its own child process; its peak RSS is the kernel's ``ru_maxrss``
+for that child (``os.wait4``), so nothing of this script's own memory is counted.
+
+- ``fixed``: the child imports what the command imports and returns (``spectra --help`` would not
+  import torch): the fixed overhead every run pays (interpreter, torch, spectra).
+- ``init``: a 7B-shaped Llama layer set (hidden 4096, intermediate 11008: q/k/v/o 4096 x 4096,
+  gate/up 11008 x 4096, down 4096 x 11008), float32 on disk, low-rank-plus-noise weights (a rank-64
+  product with decaying scales plus 1e-3 noise, so the top-16 subspace is well defined and the
+  randomized route converges); ``spectra init --method pissa --rank 16`` on every matrix, and on
+  ``up_proj`` alone (``--targets up``); PEFT ``get_peft_model(init_lora_weights="pissa")`` (exact
+  full SVD) on the same model loaded with transformers (``--peft``; minutes of CPU per matrix).
+- ``compare``: base and fine-tune each with a 32000 x 2048 embedding and lm_head (float32; the
+  fine-tune = base + a rank-8 update + 1e-4 noise); ``spectra compare``.
+
+    python benchmarks/bench_memory.py --workdir /tmp/spectra-mem            # init + compare
+    python benchmarks/bench_memory.py --workdir /tmp/spectra-mem --peft     # + PEFT's pissa
+    python benchmarks/bench_memory.py --workdir /tmp/m --hidden 512 --inter 1376 --vocab 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+LAYER = "model.layers.0."
+SHAPES = {
+    "self_attn.q_proj": ("h", "h"),
+    "self_attn.k_proj": ("h", "h"),
+    "self_attn.v_proj": ("h", "h"),
+    "self_attn.o_proj": ("h", "h"),
+    "mlp.gate_proj": ("i", "h"),
+    "mlp.up_proj": ("i", "h"),
+    "mlp.down_proj": ("h", "i"),
+}
+
+
+def _lowrank(m: int, n: int, gen: torch.Generator, rank: int = 64) -> torch.Tensor:
+    scales = torch.logspace(0, -2, rank)
+    left = torch.randn(m, rank, generator=gen) * scales / m**0.5
+    W = left @ torch.randn(rank, n, generator=gen)
+    return W.add_(torch.randn(m, n, generator=gen), alpha=1e-3)
+
+
+def write_layer(folder: Path, hidden: int, inter: int) -> Path:
+    """One Llama layer (see the module docstring) + config.json, reused when present."""
+    if (folder / "model.safetensors").exists():
+        return folder
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    dims = {"h": hidden, "i": inter}
+    tensors = {
+        f"{LAYER}{name}.weight": _lowrank(dims[a], dims[b], gen) for name, (a, b) in SHAPES.items()
+    }
+    tensors["model.embed_tokens.weight"] = torch.randn(64, hidden, generator=gen) * 0.02
+    tensors[f"{LAYER}input_layernorm.weight"] = torch.ones(hidden)
+    tensors[f"{LAYER}post_attention_layernorm.weight"] = torch.ones(hidden)
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=1,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=64,
+    ).save_pretrained(folder)
+    return folder
+
+
+def write_compare_pair(folder: Path, vocab: int, hidden: int) -> tuple[Path, Path]:
+    """Base and fine-tune, each an embedding and an lm_head of (vocab, hidden) float32."""
+    base, ft = folder / "base.safetensors", folder / "ft.safetensors"
+    if base.exists() and ft.exists():
+        return base, ft
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "model.embed_tokens.weight": _lowrank(vocab, hidden, gen, rank=256),
+        "lm_head.weight": _lowrank(vocab, hidden, gen, rank=256),
+    }
+    save_file(tensors, str(base))
+    for name, W in tensors.items():
+        update = torch.randn(vocab, 8, generator=gen) @ torch.randn(8, hidden, generator=gen)
+        W.add_(update, alpha=1e-3).add_(torch.randn(vocab, hidden, generator=gen), alpha=1e-4)
+        tensors[name] = W
+    save_file(tensors, str(ft))
+    return base, ft
+
+
+def peak_of(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` as a child; its exit status, wall seconds and peak RSS (MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "rc": proc.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_mib": round(usage.ru_maxrss / 1024, 1),
+        "stderr": err.strip().splitlines()[-1:] if proc.returncode else [],
+    }
+
+
+FIXED = "import torch, spectra.jobs.init, spectra.jobs.compare, spectra.cli.main"
+PEFT = """
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel
+torch.set_num_threads({threads})
+model = AutoModel.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+config = LoraConfig(r=16, lora_alpha=16, target_modules={targets!r}, init_lora_weights="pissa")
+get_peft_model(model, config)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=11008)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--embed", type=int, default=2048, help="compare: embedding width")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--what", default="init,compare")
+    ap.add_argument("--peft", action="store_true", help="also PEFT's exact pissa (slow)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    exe = str(Path(sys.executable).with_name("spectra"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    out = args.workdir / "runs"
+    rows: list[dict[str, Any]] = []
+
+    def record(what: str, cmd: list[str]) -> None:
+        row = {"what": what, **peak_of(cmd, env)}
+        rows.append(row)
+        print(f"| {what} | {row['peak_mib']} | {row['seconds']} | {row['rc']} |", flush=True)
+
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}, "
+        f"{args.threads} thread(s)\n\n| run | peak RSS MiB | seconds | rc |\n|---|---:|---:|---:|"
+    )
+    record("fixed: python + torch + spectra imports", [sys.executable, "-c", FIXED])
+    wanted = args.what.split(",")
+    if "init" in wanted:
+        layer = write_layer(
+            args.workdir / f"llama_{args.hidden}_{args.inter}", args.hidden, args.inter
+        )
+        common = ["--method", "pissa", "--rank", "16", "--device", "cpu", "--force"]
+        record(
+            f"spectra init pissa, 7 matrices {args.hidden}/{args.inter}",
+            [exe, "init", str(layer), *common, "--out", str(out / "init_all")],
+        )
+        record(
+            "spectra init pissa, up_proj only",
+            [exe, "init", str(layer), *common, "--targets", "up", "--out", str(out / "init_up")],
+        )
+        if args.peft:
+            names = [n.split(".")[-1] for n in SHAPES]
+            script = PEFT.format(threads=args.threads, targets=names)
+            record("PEFT pissa (exact), 7 matrices", [sys.executable, "-c", script, str(layer)])
+            script = PEFT.format(threads=args.threads, targets=["up_proj"])
+            record("PEFT pissa (exact), up_proj only", [sys.executable, "-c", script, str(layer)])
+    if "compare" in wanted:
+        base, ft = write_compare_pair(args.workdir / f"pair_{args.vocab}", args.vocab, args.embed)
+        record(
+            f"spectra compare, embed + lm_head {args.vocab} x {args.embed}",
+            [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"],
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
