@@ -57,6 +57,19 @@ QUICK: dict[str, list[str]] = {
     "bench_hub_bytes": ["--layers", "2", "--hidden", "128", "--shards", "2"],
     "bench_threads": ["--repeat", "1", "--skip-commands"],
     "bench_gguf": ["--gb", "0.1", "--dir", "{tmp}"],  # SmolLM2's 98 MB file + a 0.1 GB Q4_K one
+    "bench_powerlaw": ["--sizes", "512,2048", "--repeat", "1"],
+    "bench_memory": [
+        "--workdir",
+        "{tmp}",
+        "--hidden",
+        "256",
+        "--inter",
+        "688",
+        "--vocab",
+        "2000",
+        "--embed",
+        "256",
+    ],
     "bench_eva": ["--samples", "16", "--max-length", "32", "--rank", "4", "--threads", "1"],
 }
 
