@@ -99,11 +99,11 @@ def reconstruction_error(
     errs, norms = [], []
     for rows in row_blocks(tuple(W.shape)):
         W64 = W[rows].to(torch.float64)
-        delta = scale * (B[rows].to(torch.float64) @ A64)
-        base = W64 if W_res is None else W_res[rows].to(torch.float64)
-        diff = W64 - (base + delta)
         norms.append(float(torch.linalg.matrix_norm(W64)))
-        errs.append(float(torch.linalg.matrix_norm(diff)))
-        del W64, delta, base, diff
+        delta = scale * (B[rows].to(torch.float64) @ A64)
+        # W64 - (base + delta), in place (the same float64 operations: + is commutative)
+        delta += W64 if W_res is None else W_res[rows].to(torch.float64)
+        errs.append(float(torch.linalg.matrix_norm(W64.sub_(delta))))
+        del W64, delta
     norm, err = (x[0] if len(x) == 1 else math.sqrt(sum(v * v for v in x)) for x in (norms, errs))
     return err / norm if norm > 0 else err

@@ -109,14 +109,17 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
         left -= len(chunk)
 
 
-def _tensor_bytes(entry: TensorRef, value: Tensor) -> bytes:
+def _tensor_bytes(entry: TensorRef, value: Tensor) -> memoryview:
+    """The bytes of ``value`` as a view of its own memory (no copy: a 7B matrix's bytes were
+    copied whole before being written)."""
     want = storage_dtype(entry.dtype)
     if value.dtype != want or tuple(value.shape) != entry.shape:
         raise ValidationError(
             f"replacement for {entry.name!r} is {value.dtype} {tuple(value.shape)}, "
             f"the source stores {want} {entry.shape}"
         )
-    return value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    flat = value.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 Replace = Callable[[str], Tensor | None]
