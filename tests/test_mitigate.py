@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _compare_fixtures import Q0, D, base_and_ft, lora_and_merged, save
+from _mitigate_fixtures import reference
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -30,8 +32,6 @@ from spectra.formats.peft import lora_scale
 from spectra.formats.safetensors import INDEX_NAME, read_header
 from spectra.jobs.compare import compare
 from spectra.jobs.mitigate import REPORT_NAME, MitigateOptions, check_base_name, mitigate
-from tests._compare_fixtures import Q0, D, base_and_ft, lora_and_merged, save
-from tests._mitigate_fixtures import reference
 
 runner = CliRunner()
 

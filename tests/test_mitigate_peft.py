@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _mitigate_fixtures import PLANTED, R, peft_reduced, reference, train_and_plant
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +18,6 @@ from spectra.analysis.comparison import CompareOptions
 from spectra.formats.peft import read_peft_adapter
 from spectra.jobs.compare import compare
 from spectra.jobs.mitigate import REPORT_NAME, MitigateOptions, mitigate
-from tests._mitigate_fixtures import PLANTED, R, peft_reduced, reference, train_and_plant
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
