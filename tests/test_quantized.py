@@ -160,7 +160,7 @@ def test_unknown_quantization_method_is_one_line(tmp_path: Path) -> None:
 def test_unknown_quantization_cli_exit_2(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from spectra.cli.main import app
 
     folder = write_checkpoint(
         tmp_path / "m", {f"{Q}.weight": torch.randn(8, 8)}, {"quant_method": "quanto"}
@@ -202,7 +202,7 @@ def test_config_json_written_next_to_weights(tmp_path: Path) -> None:
 def test_inspect_shows_storage_and_hides_side_tensors(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from spectra.cli.main import app
 
     parts, _ = gptq_tensors(torch.randn(32, 128), 4, 64)
     tensors = {f"{Q}.{k}": v for k, v in parts.items()}
