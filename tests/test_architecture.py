@@ -246,3 +246,41 @@ def test_architecture_map_names_every_package(doc: str) -> None:
         if prefix.count(".") == 1 and prefix != "spectra.__main__":
             short = prefix.split(".", 1)[1]
             assert f"{short}/" in text or f"spectra/{short}" in text, f"{doc} misses {short}/"
+
+
+def _top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+
+
+#: Names that resolve only when the repository root is on sys.path (`python -m pytest` from the
+#: root): `make test` runs bare pytest, which puts tests/ there instead, and the installed package
+#: is `spectra` with `spectra.cli` and `spectra.reports` inside it.
+_ROOT_ONLY = ("tests", "cli", "reports", "benchmarks")
+
+
+def _root_only_imports(paths: list[Path]) -> list[str]:
+    return [
+        f"{path.name}:{line} imports {name}"
+        for path in paths
+        for line, name in _top_level_imports(path)
+        if name.split(".")[0] in _ROOT_ONLY
+    ]
+
+
+def test_tests_import_what_bare_pytest_can_find() -> None:
+    bad = _root_only_imports(sorted((ROOT / "tests").rglob("*.py")))
+    assert not bad, "\n".join(bad)
+
+
+def test_root_only_import_finder_finds_one(tmp_path: Path) -> None:
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("import os\nfrom tests._hub_server import x\nimport cli.main\n")
+    assert _root_only_imports([sample]) == [
+        "test_sample.py:2 imports tests._hub_server",
+        "test_sample.py:3 imports cli.main",
+    ]
