@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.errors import SourceError, ValidationError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved, so headers-only work
+    import torch  # (`spectra inspect`) never pays for it
 
 
 def host_memory_bytes() -> int | None:
@@ -37,6 +39,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    import torch
+
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -41,11 +41,51 @@ def test_help_imports_nothing_heavy() -> None:
     assert not loaded & {"torch", "numpy", "matplotlib", "scipy", "transformers", "safetensors"}
 
 
+# what a headers-only command must never import: `inspect` reads JSON headers, nothing else
+HEAVY = {"torch", "numpy", "matplotlib", "scipy", "transformers", "peft", "weightwatcher"}
+
+
+def _imported_by_command(*argv: str) -> set[str]:
+    """Top-level modules the real entry point (`python -X importtime -m spectra ARGV`) imported,
+    read from its import-time log (one line per module, the name last)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "spectra", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    return {ln.rsplit("|", 1)[1].strip().split(".")[0] for ln in lines[1:]}  # [0]: the header
+
+
+def test_inspect_of_the_bundled_model_imports_no_torch() -> None:
+    loaded = _imported_by_command("inspect")  # no SOURCE: the bundled MiniLM
+    assert {"spectra", "typer", "rich"} <= loaded  # the log holds the command's imports
+    assert not loaded & HEAVY
+    assert not _imported_by_command("inspect", "--json") & HEAVY
+
+
+def test_inspect_of_quantized_and_gguf_files_imports_no_torch(tmp_path: Path) -> None:
+    import torch
+    from _gguf_fixtures import llama_weights, tiny_llama_gguf
+    from _quant_fixtures import gptq_tensors, write_checkpoint
+
+    parts, _ = gptq_tensors(torch.randn(32, 128), 4, 64)
+    tensors = {f"model.layers.0.self_attn.q_proj.{k}": v for k, v in parts.items()}
+    gptq = write_checkpoint(
+        tmp_path / "gptq", tensors, {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    )
+    assert not _top_modules("inspect", str(gptq)) & HEAVY  # the codecs import torch to decode
+    hf = llama_weights(layers=1, hidden=32, heads=2, kv_heads=2, ffn=64, vocab=48)
+    gguf = tiny_llama_gguf(tmp_path / "m.gguf", hf, heads=2, kv_heads=2, type_name="Q4_0")
+    assert not _top_modules("inspect", str(gguf)) & (HEAVY - {"numpy"})  # gguf needs numpy
+
+
 def test_inspect_of_a_local_file_draws_and_fits_nothing(minilm_path: Path) -> None:
     loaded = _top_modules("inspect", str(minilm_path / "model.safetensors"))
-    # torch is still imported (the dtype table and the reader are torch's); the plotting,
-    # fitting and model libraries are not
-    assert not loaded & {"matplotlib", "scipy", "transformers", "peft", "weightwatcher"}
+    assert "rich" in loaded  # the probe sees what the command imported
+    assert not loaded & HEAVY
 
 
 # ------------------------------------------------------------------ threads

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import Storage
 from spectra.formats.packing import INT32, expect, float_part, unpack_int32
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "awq"
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -24,6 +26,8 @@ CHUNK_ROWS = 1024  # input rows decoded at a time
 
 def deinterleave(values: torch.Tensor) -> torch.Tensor:
     """Columns unpacked in word order (nibble k of word w at 8w + k) to AWQ's logical order."""
+    import torch
+
     rows, cols = values.shape
     out = torch.empty_like(values)
     order = torch.tensor(ORDER, dtype=torch.int64)
@@ -49,6 +53,8 @@ class AwqCodec:
         return f"{SCHEME}:gemm:{self.bits}:{self.group_size}"
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         qweight, qzeros, scales = parts
         out, cols = self.shape
         stem = self.name.removesuffix("weight")

@@ -19,12 +19,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.errors import SourceError
 from spectra.formats.codec import Storage, part_error
 from spectra.formats.packing import expect, float_part
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "bnb"
 QUANT_TYPES = ("nf4", "fp4")
@@ -80,6 +82,8 @@ class Bnb4bitCodec:
         return f"{SCHEME}:{self.state}"
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         weight, absmax, quant_map, *nested = parts[:-1]  # the last part is the JSON state
         s = self.state
         n = math.prod(s.shape)
@@ -107,6 +111,8 @@ class Bnb4bitCodec:
     def _absmax(
         self, absmax: torch.Tensor, nested: Sequence[torch.Tensor], blocks: int
     ) -> torch.Tensor:
+        import torch
+
         s = self.state
         if s.nested_blocksize is None:
             return float_part(f"{self.name}.absmax", SCHEME, absmax, (blocks,))
@@ -134,6 +140,8 @@ class Bnb8bitCodec:
         return f"{SCHEME}:int8"
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         weight, scb = parts
         expect(self.name, SCHEME, weight, self.shape, (torch.int8,))
         stem = self.name.removesuffix("weight")

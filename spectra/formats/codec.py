@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from spectra.errors import SourceError
 from spectra.formats.safetensors import TensorRef, clip
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ def slice_first(ref: TensorRef, index: int) -> TensorRef:
 
 def decode(encoded: Encoded, parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """`encoded.codec.decode(parts)`, checked to give float32 of `encoded.shape`."""
+    import torch
+
     out = encoded.codec.decode(parts)
     if tuple(out.shape) != tuple(encoded.shape) or out.dtype != torch.float32:
         raise SourceError(

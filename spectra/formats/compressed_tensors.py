@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import Storage, part_error
 from spectra.formats.packing import INT32, expect, float_part, unpack_int32
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "compressed-tensors"
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
@@ -93,6 +95,8 @@ class CompressedTensorsCodec:
         return q.mul_(self._expand(scale, g_idx))
 
     def _codes(self, codes: torch.Tensor, shape_part: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         rows, cols = self.shape
         a = self.args
         if a.format != "pack-quantized":
@@ -111,6 +115,8 @@ class CompressedTensorsCodec:
         return (values - (1 << (a.num_bits - 1))).to(torch.float32)
 
     def _zero(self, zero: torch.Tensor, sshape: tuple[int, int]) -> torch.Tensor:
+        import torch
+
         name = self.name.removesuffix("weight") + "weight_zero_point"
         a = self.args
         if a.format == "pack-quantized":
@@ -124,6 +130,8 @@ class CompressedTensorsCodec:
 
     def _expand(self, per: torch.Tensor, g_idx: torch.Tensor | None) -> torch.Tensor:
         """A (scale-shaped) tensor broadcast to the (out, in) matrix."""
+        import torch
+
         rows, cols = self.shape
         a = self.args
         if a.strategy in ("tensor", "channel"):

@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import Storage, part_error
-from spectra.formats.packing import float_part
+from spectra.formats.packing import dtype_name, float_part
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "fp8-block"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")  # torch dtype names
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class Fp8BlockCodec:
         return (math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         weight, scale_inv = parts
-        if weight.dtype not in FP8_DTYPES or weight.dim() != 2:
+        if dtype_name(weight.dtype) not in FP8_DTYPES or weight.dim() != 2:
             raise part_error(
                 self.name, SCHEME, f"{weight.dtype} {tuple(weight.shape)}, expected 2-D fp8"
             )

@@ -29,16 +29,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from spectra.device import require_host_memory
 from spectra.errors import SourceError
 from spectra.formats.codec import Storage
 from spectra.formats.files import open_input, show_path
-from spectra.formats.gguf_blocks import NATIVE, decode_blocks
+
+if TYPE_CHECKING:  # torch (and the block decoders) are imported by the decoding functions:
+    from torch import Tensor  # reading a header (`spectra inspect`) never imports them
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -53,16 +52,17 @@ MAX_STRING = 64 << 20
 CHUNK_BYTES = 4 << 20
 GGUF_HINT = "pip install 'spectra[gguf]'"
 
-#: Unquantized GGML types: read as stored, with the torch dtype that views their bytes.
-PLAIN: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
+#: Unquantized GGML types: read as stored, with the name of the torch dtype that views their
+#: bytes (names: this module imports torch only in the functions that decode).
+PLAIN: dict[str, str] = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
 }
 
 # GGUF metadata value types: (name, struct format) for scalars; 8 is STRING, 9 is ARRAY.
@@ -354,7 +354,7 @@ def _check_layout(tensors: tuple[GGUFTensor, ...], size: int, where: str) -> Non
             )
 
 
-def dequantize(raw: torch.Tensor, tensor: GGUFTensor, *, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+def dequantize(raw: Tensor, tensor: GGUFTensor, *, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
     """float32 values of shape `tensor.shape` from `raw`, the tensor's stored bytes (uint8).
 
     Quantized blocks are decoded `chunk_bytes` at a time into the result, so the working memory
@@ -368,12 +368,14 @@ def decode_rows(
 ) -> Tensor:
     """`raw`: uint8 of shape `(*rows, row_bytes)` (whole blocks of GGML type `type_name`) ->
     float32 of shape `(*rows, row_bytes / type_size * block_size)`."""
+    import torch
+
     *rows, row_bytes = raw.shape
     shape = (*rows, row_bytes // type_size * block_size)
     flat = raw.reshape(-1)
     n_blocks = flat.numel() // type_size
     if type_name in PLAIN:
-        stored = flat.view(PLAIN[type_name])
+        stored = flat.view(getattr(torch, PLAIN[type_name]))
         return stored.to(torch.float32).reshape(shape)
     require_host_memory(n_blocks * block_size * 4, "a GGUF tensor", "it cannot be decoded here")
     out = torch.empty(n_blocks * block_size, dtype=torch.float32)
@@ -425,6 +427,8 @@ class GgufCodec:
         return f"gguf:{self.type_name}:heads={self.heads if self.heads is not None else '-'}"
 
     def decode(self, parts: Sequence[Tensor]) -> Tensor:
+        import torch
+
         if len(parts) != 1:
             raise SourceError(f"a GGUF tensor is one part, got {len(parts)}")
         raw = parts[0]
@@ -441,7 +445,11 @@ class GgufCodec:
         return torch.stack([unpermute_rows(m, self.heads) for m in values])
 
 
-def _decode(type_name: str, blocks: torch.Tensor) -> torch.Tensor:
+def _decode(type_name: str, blocks: Tensor) -> Tensor:
+    import torch
+
+    from spectra.formats.gguf_blocks import NATIVE, decode_blocks
+
     if type_name in NATIVE:
         return decode_blocks(type_name, blocks)
     from gguf.constants import GGMLQuantizationType

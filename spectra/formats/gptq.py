@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import Storage, part_error
 from spectra.formats.packing import INT32, expect, float_part, unpack_int32
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "gptq"
 BITS = (2, 4, 8)
@@ -50,6 +52,8 @@ class GptqCodec:
         return 1 if self.group_size <= 0 else -(-cols // self.group_size)
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         qweight, qzeros, scales, *rest = parts
         out, cols = self.shape
         stem = self.name.removesuffix("weight")
@@ -72,6 +76,8 @@ class GptqCodec:
         return wt.T.contiguous()
 
     def _group_index(self, g_idx: torch.Tensor | None, cols: int, groups: int) -> torch.Tensor:
+        import torch
+
         if g_idx is None:
             size = cols if self.group_size <= 0 else self.group_size
             return torch.arange(cols) // size

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import Storage, part_error
 from spectra.formats.packing import expect
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 SCHEME = "mxfp4"
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -41,6 +43,8 @@ class Mxfp4Codec:
 
     def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Any leading dimensions (a whole stack, or one expert's slice of it)."""
+        import torch
+
         blocks, scales = parts
         if blocks.dim() < 2 or blocks.shape[-1] != BLOCK_BYTES:
             raise part_error(

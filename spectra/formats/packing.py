@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from spectra.formats.codec import part_error
+
+if TYPE_CHECKING:  # torch is imported by the decoders only: reading headers (`spectra inspect`)
+    import torch  # never imports it
 
 
 def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -21,6 +23,8 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     >>> unpack_int32(torch.tensor([[0x21]], dtype=torch.int32), 4, 1)[0, :3].tolist()
     [1, 2, 0]
     """
+    import torch
+
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
     mask = (1 << bits) - 1
@@ -31,20 +35,32 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.reshape(words.shape[0], words.shape[1] * per)
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """`torch.int32` or `"int32"` -> `"int32"`."""
+    return str(dtype).removeprefix("torch.")
+
+
 def expect(
-    name: str, scheme: str, part: torch.Tensor, shape: Sequence[int], dtypes: Sequence[torch.dtype]
+    name: str,
+    scheme: str,
+    part: torch.Tensor,
+    shape: Sequence[int],
+    dtypes: Sequence[torch.dtype | str],
 ) -> None:
-    """SourceError unless `part` (the tensor `name`) has `shape` and one of `dtypes`."""
+    """SourceError unless `part` (the tensor `name`) has `shape` and one of `dtypes` (torch
+    dtypes or their names)."""
     if tuple(part.shape) != tuple(shape):
         raise part_error(name, scheme, f"shape {tuple(part.shape)}, expected {tuple(shape)}")
-    if part.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise part_error(name, scheme, f"dtype {part.dtype}, expected {names}")
+    names = [dtype_name(d) for d in dtypes]
+    if dtype_name(part.dtype) not in names:
+        raise part_error(name, scheme, f"dtype {part.dtype}, expected {', '.join(names)}")
 
 
 def float_part(name: str, scheme: str, part: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A scale-like part as float32 of `shape`, checked to be floating point with as many
     values (a per-channel scale stored (out, 1) or (out,) reads as either)."""
+    import torch
+
     if not part.dtype.is_floating_point:
         raise part_error(name, scheme, f"dtype {part.dtype}, expected a float dtype")
     if part.numel() != math.prod(shape):
@@ -52,4 +68,4 @@ def float_part(name: str, scheme: str, part: torch.Tensor, shape: Sequence[int])
     return part.to(torch.float32).reshape(tuple(shape))
 
 
-INT32 = (torch.int32,)
+INT32 = ("int32",)  # by name: this module imports torch only in the functions that decode

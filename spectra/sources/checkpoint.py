@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from spectra.device import resolve_device
 from spectra.errors import SourceError, ValidationError
@@ -28,6 +26,9 @@ from spectra.sources.quantized import find_encoded, given_encoded
 from spectra.sources.reader import LocalStore, ShardStore, convert, read_encoded, read_range
 from spectra.sources.roles import MatrixRef, classify, classify_encoded
 from spectra.sources.select import select
+
+if TYPE_CHECKING:  # torch is imported by the reads, so a headers-only job (`spectra inspect`)
+    import torch  # never imports it
 
 Ref = TensorRef | MatrixRef | str
 
@@ -190,9 +191,9 @@ class Checkpoint:
 
     # -- reading -----------------------------------------------------------------------------
     def read(
-        self, ref: Ref, *, dtype: torch.dtype | None = torch.float32, device: str = "cpu"
+        self, ref: Ref, *, dtype: torch.dtype | str | None = "float32", device: str = "cpu"
     ) -> torch.Tensor:
-        """One tensor as `dtype` (None: as stored) on `device`.
+        """One tensor as `dtype` (a torch dtype or its name; None: as stored) on `device`.
 
         A `TensorRef` (or a tensor name) reads the tensor as stored; a `MatrixRef` (or a matrix
         key such as `name[expert=2]`) reads the (out, in) matrix: transposed for GPT-2 Conv1D,
@@ -207,7 +208,7 @@ class Checkpoint:
         self,
         refs: Iterable[MatrixRef | TensorRef],
         *,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = "float32",
         device: str = "cpu",
     ) -> Iterator[tuple[MatrixRef | TensorRef, torch.Tensor]]:
         """Yield `(ref, tensor)` in shard order, then offset order; each file opened once.
@@ -338,7 +339,7 @@ class Checkpoint:
         self,
         fh: BinaryIO,
         ref: TensorRef | MatrixRef,
-        dtype: torch.dtype | None,
+        dtype: torch.dtype | str | None,
         device: torch.device,
     ) -> torch.Tensor:
         t = _tensor(ref)

@@ -18,15 +18,16 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO, Protocol
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from spectra.device import require_host_memory
-from spectra.errors import SourceError
+from spectra.errors import SourceError, ValidationError
 from spectra.formats.codec import Encoded, decode
 from spectra.formats.files import open_input
 from spectra.formats.safetensors import DTYPES, TensorRef
+
+if TYPE_CHECKING:  # torch is imported by the functions that make tensors: listing a
+    import torch  # checkpoint's headers (`spectra inspect`) never imports it
 
 
 def read_range(
@@ -42,6 +43,8 @@ def read_range(
 
     The result owns a fresh buffer (a bytearray), so the file can be closed afterwards.
     """
+    import torch
+
     info = DTYPES[dtype]
     if info.torch_dtype is None:
         raise SourceError(f"{where}: dtype {dtype} cannot be read as numbers by this torch build")
@@ -84,15 +87,28 @@ def read_encoded(open_shard: Callable[[Path], BinaryIO], encoded: Encoded) -> to
     return decode(encoded, parts)
 
 
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """`dtype` itself, or the torch dtype its name (`"float32"`) names."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(found, torch.dtype):
+        raise ValidationError(f"unknown dtype {str(dtype)[:40]!r}: use a torch dtype or its name")
+    return found
+
+
 def convert(
-    raw: torch.Tensor, *, dtype: torch.dtype | None, device: torch.device, transpose: bool
+    raw: torch.Tensor, *, dtype: torch.dtype | str | None, device: torch.device, transpose: bool
 ) -> torch.Tensor:
-    """Stored tensor -> `dtype` on `device` (`dtype=None` keeps the stored dtype).
+    """Stored tensor -> `dtype` on `device` (`dtype=None` keeps the stored dtype; a name such as
+    `"float32"` is the torch dtype of that name).
 
     On an accelerator the raw bytes move first (half the transfer for bf16) and are converted
     there. A transposed result is made contiguous so callers get an ordinary (out, in) matrix.
     """
-    target = raw.dtype if dtype is None else dtype
+    target = raw.dtype if dtype is None else torch_dtype(dtype)
     if device.type != "cpu":
         out = raw.to(device=device).to(dtype=target)
     else:
