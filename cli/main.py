@@ -74,6 +74,10 @@ def _register() -> None:
 
     mitigate_cmd.register(app)
 
+    from spectra.cli import smooth_cmd
+
+    smooth_cmd.register(app)
+
 
 _register()
 

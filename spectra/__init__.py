@@ -38,6 +38,9 @@ _LAZY = {
     "mitigate": "spectra.jobs.mitigate",
     "MitigateOptions": "spectra.jobs.mitigate",
     "Mitigation": "spectra.jobs.mitigate",
+    "smooth": "spectra.jobs.smooth",
+    "SmoothOptions": "spectra.jobs.smooth",
+    "Smoothing": "spectra.jobs.smooth",
     "compute_spectra": "spectra.linalg.engine",
     "Spectrum": "spectra.linalg.spectrum",
 }
