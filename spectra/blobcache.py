@@ -11,6 +11,14 @@ temporary sibling and renamed into place, so readers see a whole file or none, a
 checksum does not match is removed and treated as a miss (the caller recomputes it). Nothing is
 pickled. This module imports no torch, numpy or matplotlib: a cached rerun that finds everything
 here never loads them.
+
+The store is bounded (`DEFAULT_MAX_MB`, or `$SPECTRA_BLOB_CACHE_MB`, or `max_mb=`): when a write
+takes `<root>/blobs/` (every namespace) over the bound, the least recently used blobs are removed
+(`trim_blobs`) until it holds 90% of it. "Used" is the file's access time, which a read here sets
+explicitly (mounts with `noatime` or `relatime` do not keep it); blobs this process has read or
+written (the run in progress: its analysis and its plots) are never removed by it, so a bound
+smaller than one run's outputs keeps that run's and nothing older. Temporary files left by a
+killed writer are removed once an hour old.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,17 @@ from spectra.errors import ValidationError
 BLOB_FORMAT = 1
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 _KEY = re.compile(r"[0-9a-f]{64}")
+#: Default bound of `<root>/blobs/` in MiB: a MiniLM report stores ~2.6 MB there (44 PNGs and
+#: its analysis), a 7B one ~10 MB, so a few hundred reports' outputs.
+DEFAULT_MAX_MB = 1024
+#: The environment variable that sets the bound (MiB, an integer >= 0).
+MAX_MB_ENV = "SPECTRA_BLOB_CACHE_MB"
+#: A trim leaves the store at this share of the bound, so it does not rescan on every write.
+TRIM_TO = 0.9
+#: A writer's temporary file older than this (seconds) is a killed writer's: removed by a trim.
+STALE_TMP_S = 3600.0
+#: Blob files this process read or wrote (the run in progress): never removed by its trims.
+_IN_USE: set[str] = set()
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +96,70 @@ def _source_files(name: str) -> list[str]:
     return [origin] if origin and os.path.isfile(origin) else []
 
 
+def blob_cache_max_mb(value: int | None = None) -> int:
+    """The bound of the blob store in MiB: `value`, else `$SPECTRA_BLOB_CACHE_MB`, else
+    `DEFAULT_MAX_MB` (a ValidationError for anything but an integer >= 0)."""
+    text = os.environ.get(MAX_MB_ENV) if value is None else value
+    if text is None or text == "":
+        return DEFAULT_MAX_MB
+    try:
+        mb = int(text)
+    except (TypeError, ValueError):
+        mb = -1
+    if mb < 0 or isinstance(text, bool):
+        where = f"{MAX_MB_ENV}={str(text)[:40]!r}" if value is None else f"max_mb={value!r}"
+        raise ValidationError(
+            f"{where}: the blob cache bound is a whole number of MiB >= 0, e.g. 1024 (0 keeps "
+            "only the outputs of the run in progress)"
+        )
+    return mb
+
+
+def _blob_files(top: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat) of every file under `top` (`<root>/blobs`), any namespace and version."""
+    for parent, _dirs, files in os.walk(top):
+        for name in files:
+            path = os.path.join(parent, name)
+            try:
+                yield path, os.stat(path)
+            except OSError:  # removed by another process meanwhile
+                continue
+
+
+def trim_blobs(root: str | os.PathLike[str], max_bytes: int) -> int:
+    """Remove the least recently used blob files under `<root>/blobs/` (oldest access time
+    first; never one this process has read or written) until the rest hold at most
+    `max_bytes`, and temporary files older than `STALE_TMP_S`. Returns the bytes left. Files
+    another process removes meanwhile are skipped; an undeletable one is left in place."""
+    now = time.time()
+    entries = []
+    total = 0
+    for path, st in _blob_files(Path(root) / "blobs"):
+        if os.path.basename(path).startswith(".tmp-"):
+            if now - st.st_mtime > STALE_TMP_S and _remove(path):
+                continue
+        entries.append((st.st_atime, path, st.st_size))
+        total += st.st_size
+    entries.sort()
+    for _atime, path, size in entries:
+        if total <= max_bytes:
+            break
+        if path not in _IN_USE and not os.path.basename(path).startswith(".tmp-"):
+            if _remove(path):
+                total -= size
+    return total
+
+
+def _remove(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def blob_key(*parts: Any) -> str:
     """sha256 hex of `parts`: strings, numbers, None, lists/dicts of them (canonical JSON) and
     bytes (hashed)."""
@@ -96,11 +180,17 @@ class BlobCache:
     is a miss (the output is recomputed), never a failed command.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None, namespace: str) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None, namespace: str, *, max_mb: int | None = None
+    ) -> None:
         if not _NAMESPACE.fullmatch(namespace):
             raise ValidationError(f"blob cache namespace {namespace!r}: use [a-z][a-z0-9_-]*")
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self._dir = self.root / "blobs" / f"v{BLOB_FORMAT}" / namespace
+        #: the bound of `<root>/blobs/` (every namespace) in bytes, checked after each write
+        self.max_bytes = blob_cache_max_mb(max_mb) << 20
+        self._stored: int | None = None  # bytes under blobs/: scanned at the first write
+        self._next_trim = self.max_bytes  # raised when a trim could not get under the bound
 
     def __repr__(self) -> str:
         return f"BlobCache({str(self._dir)!r})"
@@ -120,6 +210,11 @@ class BlobCache:
             return None
         head, sep, body = raw.partition(b"\n")
         if sep and head == hashlib.sha256(body).hexdigest().encode():
+            _IN_USE.add(str(path))
+            try:  # the access time is what a trim orders by: set it, whatever the mount does
+                os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+            except OSError:
+                pass
             return body
         path.unlink(missing_ok=True)
         return None
@@ -140,6 +235,23 @@ class BlobCache:
                 raise
         except OSError:
             return
+        _IN_USE.add(str(path))
+        self._bound(len(body))
+
+    def _bound(self, written: int) -> None:
+        """Keep `<root>/blobs/` within `max_bytes` after a write of `written` bytes: one scan
+        at the first write, then a running count (other processes' writes are seen at the next
+        trim's scan)."""
+        if self._stored is None:
+            self._stored = sum(st.st_size for _p, st in _blob_files(self.root / "blobs"))
+        else:
+            self._stored += written
+        if self._stored > self._next_trim:
+            self._stored = trim_blobs(self.root, int(self.max_bytes * TRIM_TO))
+            # what is left over the bound is in use: trim (rescan) again only after another
+            # tenth of the bound (at least 1 MiB) was written, not after every write
+            step = max(self.max_bytes // 10, 1 << 20)
+            self._next_trim = max(self.max_bytes, self._stored + step)
 
     def keys(self) -> Iterable[str]:
         """Every stored key (for tests and cleanup)."""
