@@ -78,6 +78,10 @@ def _register() -> None:
 
     smooth_cmd.register(app)
 
+    from spectra.cli import remove_traps_cmd
+
+    remove_traps_cmd.register(app)
+
 
 _register()
 

@@ -9,7 +9,8 @@
   cannot quantize again, so every encoded weight is written dequantized (the replaced ones as
   replaced), config.json loses `quantization_config`, and a `DequantizedOutputWarning` says so.
 
-`rewritable` is the one check of which matrices can be replaced, made before anything is written.
+`select_matrices` (with `rewritable`, the one check of which matrices can be replaced) runs
+before anything is written.
 Callers write into `spectra.outdir.atomic_output_dir`'s temporary folder.
 """
 
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from spectra.errors import ValidationError
 from spectra.export.decoded import decoded_dtype, write_decoded_checkpoint
 from spectra.export.residual import is_side_file, storage_dtype, write_residual_checkpoint
+from spectra.formats.safetensors import clip
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.roles import MatrixRef
 
@@ -44,6 +47,36 @@ def rewritable(ref: MatrixRef) -> str | None:
     if ref.encoded is not None and len(ref.encoded.shape) != 2:
         return f"a quantized {len(ref.encoded.shape)}-D tensor (expert stacks are not rewritten)"
     return None
+
+
+def select_matrices(
+    ckpt: Checkpoint,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    roles: tuple[str, ...],
+    *,
+    min_evals: int,
+) -> tuple[dict[str, MatrixRef], list[tuple[str, str]]]:
+    """The matrices of `ckpt` to replace, by written name (`output_name`), and the selected ones
+    left as they are with the reason (`rewritable`, or min(m, n) < `min_evals`: WeightWatcher's
+    size filter). Nothing to replace is a one-line ValidationError."""
+    todo: dict[str, MatrixRef] = {}
+    skipped: list[tuple[str, str]] = []
+    for ref in ckpt.matrices(include=include, exclude=exclude, roles=roles):
+        why = rewritable(ref)
+        if why is None and min(ref.shape) < min_evals:
+            why = f"min(m, n) = {min(ref.shape)} < min_evals = {min_evals}"
+        if why is None:
+            todo[output_name(ref)] = ref
+        else:
+            skipped.append((ref.key, why))
+    if not todo:
+        raise ValidationError(
+            f"no matrix of {clip(str(ckpt.source))} to transform "
+            f"({len(skipped)} skipped{': ' + clip(skipped[0][1]) if skipped else ''}); "
+            "check --include/--exclude/--roles/--min-evals"
+        )
+    return todo, skipped
 
 
 def output_name(ref: MatrixRef) -> str:

@@ -38,7 +38,7 @@ from spectra.analysis.results import json_safe, runtime_versions
 from spectra.device import resolve_device
 from spectra.distributed.runtime import apply_threads
 from spectra.errors import ValidationError
-from spectra.export.rewrite import output_name, rewritable, stored_value, write_rewritten
+from spectra.export.rewrite import select_matrices, stored_value, write_rewritten
 from spectra.fields import check_fields, check_instance, check_value, str_tuple
 from spectra.formats.files import check_source
 from spectra.formats.safetensors import clip
@@ -213,7 +213,9 @@ def smooth(
     with Checkpoint.open(
         source, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
     ) as ckpt:
-        todo, skipped = _select(ckpt, opts)
+        todo, skipped = select_matrices(
+            ckpt, opts.include, opts.exclude, opts.roles, min_evals=opts.min_evals
+        )
         rows: list[SmoothedMatrix] = []
 
         def replace(name: str) -> torch.Tensor | None:
@@ -246,29 +248,6 @@ def smooth(
 
 def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _select(
-    ckpt: Checkpoint, opts: SmoothOptions
-) -> tuple[dict[str, MatrixRef], list[tuple[str, str]]]:
-    """The matrices to transform by written name, and the skipped ones with the reason."""
-    todo: dict[str, MatrixRef] = {}
-    skipped: list[tuple[str, str]] = []
-    for ref in ckpt.matrices(include=opts.include, exclude=opts.exclude, roles=opts.roles):
-        why = rewritable(ref)
-        if why is None and min(ref.shape) < opts.min_evals:
-            why = f"min(m, n) = {min(ref.shape)} < min_evals = {opts.min_evals}"
-        if why is None:
-            todo[output_name(ref)] = ref
-        else:
-            skipped.append((ref.key, why))
-    if not todo:
-        raise ValidationError(
-            f"no matrix of {clip(str(ckpt.source))} to transform "
-            f"({len(skipped)} skipped{': ' + clip(skipped[0][1]) if skipped else ''}); "
-            "check --include/--exclude/--roles/--min-evals"
-        )
-    return todo, skipped
 
 
 def _transform(
