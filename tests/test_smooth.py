@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _hub_fixtures import hub_fixture, model_fixture  # noqa: F401 - the `hub`, `model` fixtures
+from _hub_server import COMMIT, HubServer
 from _quant_fixtures import gptq_tensors, write_checkpoint
 from _source_fixtures import write_llama_like, write_sharded
 from _ww_fixtures import run_ww
@@ -28,6 +30,7 @@ from spectra.cli.main import app
 from spectra.errors import ValidationError
 from spectra.export.rewrite import DequantizedOutputWarning
 from spectra.jobs.smooth import REPORT_NAME, SmoothOptions, smooth
+from spectra.sources.hub_options import HubOptions
 
 
 def _known(m: int, n: int, seed: int, decay: float = 0.93) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +160,22 @@ def test_quantized_source_is_written_dequantized(tmp_path: Path) -> None:
     exact = (U[:, :16] * S[:16]) @ Vh[:16]
     got = new["model.layers.0.self_attn.q_proj.weight"].double()
     torch.testing.assert_close(got, exact, rtol=0, atol=1e-2 * float(S[0]))
+
+
+def test_hub_repo_streamed_under_a_disk_budget(hub: HubServer, model: Path, tmp_path: Path) -> None:
+    """A Hub repo streamed shard by shard under a disk budget of two shards: the same files as
+    from the local folder, its config copied, the resolved commit recorded."""
+    budget = 2 * max(p.stat().st_size for p in model.glob("*.safetensors"))
+    opts = SmoothOptions(mode="sharpen", device="cpu", hub=HubOptions(disk_budget=budget))
+    streamed = smooth("org/tiny", tmp_path / "streamed", opts)
+    local = smooth(model, tmp_path / "local", SmoothOptions(mode="sharpen", device="cpu"))
+    assert streamed.commit == COMMIT and local.commit is None
+    for name in sorted(p.name for p in model.glob("*.safetensors")):
+        a = (tmp_path / "streamed" / name).read_bytes()
+        assert a == (tmp_path / "local" / name).read_bytes() == (model / name).read_bytes()
+    assert (tmp_path / "streamed" / "config.json").read_bytes() == (
+        model / "config.json"
+    ).read_bytes()
 
 
 # WeightWatcher's layer ids of the transformers BertModel built from the bundled MiniLM
