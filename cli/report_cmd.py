@@ -303,6 +303,15 @@ def report_cmd(
             "the MP bulk; num_traps and where each sits (row, col). One full SVD per matrix.",
         ),
     ] = False,
+    expert_overlap: Annotated[
+        int,
+        typer.Option(
+            "--expert-sim",
+            help="Mixture-of-experts models: k of the expert similarity (overlap of the experts' "
+            "top-k singular subspaces per layer and role; one more read of every routed "
+            "expert). 0: off.",
+        ),
+    ] = 16,
     max_esd_plots: Annotated[
         int,
         typer.Option(
@@ -371,6 +380,7 @@ def report_cmd(
             alpha_ci=alpha_ci,
             ci_level=ci_level,
             traps=traps,
+            expert_overlap=expert_overlap,
         )
         with ReportProgress(enabled=not quiet) as progress:
             # Under torchrun each rank analyzes its share; rank 0 gets the whole Analysis.

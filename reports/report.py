@@ -31,6 +31,7 @@ from spectra.errors import ValidationError
 from spectra.outdir import Protect, check_output_dir, write_output_files
 from spectra.reports import html as H
 from spectra.reports import markdown as M
+from spectra.reports.moe import moe_html, moe_markdown
 from spectra.reports.roles import ordered_roles
 
 FORMATS = ("html", "md", "json", "csv")
@@ -486,9 +487,11 @@ def _html_run_info(analysis: Analysis) -> H.Markup:
 
 def render_html(analysis: Analysis, plots: ReportPlots) -> str:
     """The whole report.html (self-contained; every checkpoint string escaped)."""
+    moe = moe_html(analysis)  # None without routed experts
     toc = H.nav(
         [
             ("Summary", "#summary"),
+            *([("Mixture of experts", "#moe")] if moe is not None else []),
             ("Warned layers", "#warned"),
             ("All matrices", "#matrices"),
             ("Per-layer detail", "#layers"),
@@ -499,6 +502,7 @@ def render_html(analysis: Analysis, plots: ReportPlots) -> str:
     body = [
         toc,
         _html_summary(analysis, plots),
+        *([moe] if moe is not None else []),
         _html_warned(analysis),
         _html_overview(analysis, detailed),
         _html_layers(analysis, plots, detailed),
@@ -590,7 +594,8 @@ def _md_layers(analysis: Analysis, plots: ReportPlots) -> list[str]:
 def render_markdown(analysis: Analysis, plots: ReportPlots) -> str:
     """The whole report.md; images link to plots/*.png next to it."""
     parts = [M.heading(f"spectra report: {analysis.source}", 1)]
-    parts += _md_summary(analysis, plots) + _md_warned(analysis) + _md_layers(analysis, plots)
+    parts += _md_summary(analysis, plots) + moe_markdown(analysis)
+    parts += _md_warned(analysis) + _md_layers(analysis, plots)
     return "\n".join(parts)
 
 

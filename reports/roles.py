@@ -23,6 +23,9 @@ ROLE_ORDER = (
     "expert",
     "lm_head",
     "other",
+    # MoE parts, appended (not placed by the expert) so every older role keeps its colour
+    "router",
+    "shared_expert",
 )
 _PALETTE = (
     "#1f77b4",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from spectra.formats.safetensors import TensorRef
 from spectra.sources.checkpoint import Checkpoint
-from spectra.sources.roles import classify, layer_index, name_role
+from spectra.sources.roles import classify, expert_slot, layer_index, name_role
 
 
 @pytest.mark.parametrize(
@@ -51,8 +51,14 @@ from spectra.sources.roles import classify, layer_index, name_role
         ("embeddings.word_embeddings", "embedding"),
         ("lm_head", "lm_head"),
         ("pooler.dense", "other"),
-        ("model.layers.0.block_sparse_moe.gate", "other"),  # the router is not gate_proj
-        ("model.layers.0.mlp.gate", "other"),
+        # MoE routers are no gate_proj (Mixtral, Qwen/DeepSeek/OLMoE, gpt-oss, DBRX/JetMoE)
+        ("model.layers.0.block_sparse_moe.gate", "router"),
+        ("model.layers.0.mlp.gate", "router"),
+        ("model.layers.0.mlp.router", "router"),
+        ("transformer.blocks.0.ffn.router.layer", "router"),
+        ("model.layers.0.mlp.shared_expert_gate", "router"),
+        ("model.layers.0.mlp.gate_proj", "gate"),
+        ("model.layers.0.mlp.experts.gate_up_proj", "gate_up"),
     ],
 )
 def test_name_roles(stem: str, role: str) -> None:
@@ -121,7 +127,8 @@ def test_mixtral_experts(tmp_path: Path) -> None:
         assert by[(0, "down")].shape == (16, 24) and by[(0, "up")].shape == (24, 16)
         assert {m.layer for m in experts} == {0}
         router = ckpt.matrices(include=["*block_sparse_moe.gate.weight"])
-        assert [m.role for m in router] == ["other"]
+        assert [(m.role, m.expert, m.shape) for m in router] == [("router", None, (3, 16))]
+        assert [m.key for m in ckpt.matrices(roles=["router"])] == [router[0].key]
         downs = ckpt.matrices(roles=["down"])
         assert {m.expert for m in downs} == {0, 1, 2}
 
@@ -135,7 +142,39 @@ def test_qwen_moe_expert_names() -> None:
     shared = TensorRef(
         "model.layers.4.mlp.shared_expert.up_proj.weight", (8, 4), "BF16", Path("x"), 0, 64
     )
-    assert classify(shared)[0].role == "up"
+    (s,) = classify(shared)
+    assert (s.role, s.expert, s.expert_role, s.layer) == ("shared_expert", None, "up", 4)
+    deepseek = TensorRef(
+        "model.layers.3.mlp.shared_experts.down_proj.weight", (4, 8), "BF16", Path("x"), 0, 64
+    )
+    (d,) = classify(deepseek)
+    assert (d.role, d.expert, d.expert_role) == ("shared_expert", None, "down")
+    gate = TensorRef("model.layers.3.mlp.gate.weight", (64, 8), "BF16", Path("x"), 0, 1024)
+    assert classify(gate)[0].role == "router"
+    name = "model.layers.3.mlp.shared_expert_gate.weight"
+    scalar = TensorRef(name, (1, 8), "F32", Path("x"), 0, 32)
+    assert (classify(scalar)[0].role, classify(scalar)[0].expert) == ("router", None)
+
+
+@pytest.mark.parametrize(
+    ("key", "slot"),
+    [
+        ("model.layers.0.block_sparse_moe.experts.3.w1.weight", (3, "gate")),
+        ("model.layers.0.block_sparse_moe.experts.3.w3.weight", (3, "up")),
+        ("model.layers.0.block_sparse_moe.experts.12.w2.weight", (12, "down")),
+        ("model.layers.1.mlp.experts.gate_up_proj[expert=5]", (5, "gate_up")),
+        ("model.layers.1.mlp.experts.down_proj[expert=0]", (0, "down")),
+        ("model.layers.1.mlp.shared_expert.gate_proj.weight", (None, "gate")),
+        ("model.layers.1.mlp.shared_experts.up_proj.weight", (None, "up")),
+        ("model.layers.1.mlp.gate.weight", (None, None)),
+        ("model.layers.1.mlp.down_proj.weight", (None, None)),
+    ],
+)
+def test_expert_slot_matches_classify(key: str, slot: tuple) -> None:
+    assert expert_slot(key) == slot
+    if "[" not in key:
+        (m,) = classify(TensorRef(key, (8, 4), "F32", Path("x"), 0, 128))
+        assert (m.expert, m.expert_role) == slot
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -1,7 +1,7 @@
 """From user targets and ranks to a per-module plan: which matrices get an adapter, rank, alpha.
 
 Targets (a comma list or a sequence) accept, per item:
-- a role from the loaders (q k v o qkv up gate down gate_up lm_head other);
+- a role from the loaders (q k v o qkv up gate down gate_up shared_expert lm_head other);
 - ``re:<regex>``: a regular expression searched in the module path;
 - a glob (has ``*?[``) matched against the whole module path;
 - any other word: a module path or its dotted suffix, as PEFT's ``target_modules`` does
@@ -27,7 +27,20 @@ from spectra.adapt.registry import Factors, InitContext, Initializer, check_fact
 from spectra.errors import ValidationError
 from spectra.formats.peft import lora_scale
 
-TARGET_ROLES = ("q", "k", "v", "o", "qkv", "up", "gate", "down", "gate_up", "lm_head", "other")
+TARGET_ROLES = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "up",
+    "gate",
+    "down",
+    "gate_up",
+    "shared_expert",
+    "lm_head",
+    "other",
+)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,160 @@ class ModelSummary:
         )
 
 
+#: Order of the roles inside an MoE expert in tables (an unknown one, None, last).
+EXPERT_ROLE_ORDER = ("gate", "up", "gate_up", "down")
+
+
+def expert_role_rank(role: str | None) -> int:
+    """Position of a role inside an expert in EXPERT_ROLE_ORDER (unknown: after all)."""
+    return EXPERT_ROLE_ORDER.index(role) if role in EXPERT_ROLE_ORDER else len(EXPERT_ROLE_ORDER)
+
+
+@dataclass(frozen=True)
+class ExpertOverlap:
+    """The pairwise overlaps of the routed experts of one layer and one role inside them.
+
+    side: "in" or "out" (module docstring); dim: d; k: the basis size used; baseline: k / d,
+    the expectation for independent random subspaces; experts: expert indices (the rows and
+    columns of `overlap`); redundant: (i, j, overlap) for i < j with overlap >= REDUNDANT
+    (spectra.analysis.expert_overlap), largest first.
+    """
+
+    layer: int | None
+    expert_role: str | None
+    side: str
+    dim: int
+    k: int
+    baseline: float
+    experts: tuple[int, ...]
+    overlap: tuple[tuple[float, ...], ...]
+    redundant: tuple[tuple[int, int, float], ...]
+
+    @property
+    def mean_offdiag(self) -> float | None:
+        """Mean overlap over the pairs i != j (None for a single expert)."""
+        mat = np.asarray(self.overlap, dtype=np.float64)
+        n = mat.shape[0]
+        if n < 2:
+            return None
+        return float((mat.sum() - np.trace(mat)) / (n * (n - 1)))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = json_safe(asdict(self))
+        out["mean_offdiag"] = json_safe(self.mean_offdiag)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExpertOverlap:
+        return cls(
+            layer=data.get("layer"),
+            expert_role=data.get("expert_role"),
+            side=data["side"],
+            dim=int(data["dim"]),
+            k=int(data["k"]),
+            baseline=float(data["baseline"]),
+            experts=tuple(int(e) for e in data["experts"]),
+            overlap=tuple(tuple(float(v) for v in row) for row in data["overlap"]),
+            redundant=tuple((int(i), int(j), float(v)) for i, j, v in data["redundant"]),
+        )
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """The routed experts of one layer and one role inside the expert (one per expert index).
+
+    keys / alphas are parallel to `experts` (ascending); alpha None: no fit; summary: count,
+    mean / median alpha and warned count over the group; overlap: the expert similarity of
+    the group when computed (None otherwise).
+    """
+
+    layer: int | None
+    expert_role: str | None
+    experts: tuple[int, ...]
+    keys: tuple[str, ...]
+    alphas: tuple[float | None, ...]
+    summary: GroupSummary
+    overlap: ExpertOverlap | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "expert_role": self.expert_role,
+            "experts": list(self.experts),
+            "keys": list(self.keys),
+            "alphas": json_safe(self.alphas),
+            "summary": self.summary.to_dict(),
+            "overlap": None if self.overlap is None else self.overlap.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExpertGroup:
+        overlap = data.get("overlap")
+        return cls(
+            layer=data.get("layer"),
+            expert_role=data.get("expert_role"),
+            experts=tuple(int(e) for e in data["experts"]),
+            keys=tuple(data["keys"]),
+            alphas=tuple(data["alphas"]),
+            summary=GroupSummary(**data["summary"]),
+            overlap=None if overlap is None else ExpertOverlap.from_dict(overlap),
+        )
+
+
+@dataclass(frozen=True)
+class MoeSummary:
+    """Routed experts grouped by layer and role, aggregates over them, router and shared
+    experts listed apart.
+
+    num_experts: layer -> number of distinct routed experts analysed there; groups: one
+    ExpertGroup per (layer, role inside the expert), by layer then role; by_expert_role /
+    by_layer: aggregates over routed experts only; routers / shared: the keys of the router
+    and shared-expert matrices analysed (their metrics are in `Analysis.layers`).
+    """
+
+    num_experts: dict[int | None, int]
+    groups: tuple[ExpertGroup, ...]
+    by_expert_role: dict[str, GroupSummary] = field(default_factory=dict)
+    by_layer: dict[int, GroupSummary] = field(default_factory=dict)
+    routers: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_experts": {str(k): v for k, v in self.num_experts.items()},
+            "groups": [g.to_dict() for g in self.groups],
+            "by_expert_role": {k: v.to_dict() for k, v in self.by_expert_role.items()},
+            "by_layer": {str(k): v.to_dict() for k, v in self.by_layer.items()},
+            "routers": list(self.routers),
+            "shared": list(self.shared),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoeSummary:
+        return cls(
+            num_experts={_layer_key(k): int(v) for k, v in data["num_experts"].items()},
+            groups=tuple(ExpertGroup.from_dict(g) for g in data["groups"]),
+            by_expert_role={k: GroupSummary(**v) for k, v in data["by_expert_role"].items()},
+            by_layer={int(k): GroupSummary(**v) for k, v in data["by_layer"].items()},
+            routers=tuple(data.get("routers", ())),
+            shared=tuple(data.get("shared", ())),
+        )
+
+    def with_overlaps(
+        self, overlaps: dict[tuple[int | None, str | None], ExpertOverlap]
+    ) -> MoeSummary:
+        """A copy whose groups carry the overlap computed for their (layer, expert_role)."""
+        groups = tuple(
+            replace(g, overlap=overlaps.get((g.layer, g.expert_role), g.overlap))
+            for g in self.groups
+        )
+        return replace(self, groups=groups)
+
+
+def _layer_key(text: str) -> int | None:
+    return None if text == "None" else int(text)
+
+
 @dataclass(frozen=True)
 class SkippedMatrix:
     """A matrix the size filters (min_evals, max_evals, max_n) left out, and why."""
@@ -245,7 +399,9 @@ class Analysis:
     """What `spectra.analyze()` returns: per-matrix metrics, a summary, and the ESDs for plots.
 
     source: what was opened; options: the analyze() options used (JSON-safe); esds: eigenvalues
-    lambda = S^2 per key (float64, descending), not written to JSON; versions: package versions.
+    lambda = S^2 per key (float64, descending), not written to JSON; versions: package versions;
+    moe: the mixture-of-experts view (routed experts by layer and role, their similarity, the
+    router and shared experts apart), None for a model without routed experts.
     """
 
     source: str
@@ -256,6 +412,7 @@ class Analysis:
     versions: dict[str, str] = field(default_factory=dict)
     skipped: list[SkippedMatrix] = field(default_factory=list)
     commit: str | None = None  # a Hub source's resolved commit (absent from JSON for local)
+    moe: MoeSummary | None = None  # mixture-of-experts view (absent from JSON without experts)
 
     def layer(self, key: str) -> LayerMetrics:
         """The metrics of matrix `key` (raises ValidationError naming close keys if absent)."""
@@ -267,12 +424,14 @@ class Analysis:
 
     def to_dict(self) -> dict[str, Any]:
         commit = {} if self.commit is None else {"commit": self.commit}
+        moe = {} if self.moe is None else {"moe": self.moe.to_dict()}
         return {
             "source": self.source,
             **commit,
             "options": json_safe(self.options),
             "versions": json_safe(self.versions),
             "summary": self.summary.to_dict(),
+            **moe,
             "layers": [lm.to_dict() for lm in self.layers],
             "skipped": [sk.to_dict() for sk in self.skipped],
         }
@@ -302,6 +461,7 @@ class Analysis:
                 for d in data.get("skipped", [])
             ],
             commit=data.get("commit"),
+            moe=None if data.get("moe") is None else MoeSummary.from_dict(data["moe"]),
         )
 
     def rows(self) -> list[dict[str, Any]]:

@@ -43,6 +43,13 @@ import torch
 
 from spectra.analysis.bootstrap import bootstrap_alpha
 from spectra.analysis.detx import detx_constraint
+from spectra.analysis.expert_overlap import (
+    DEFAULT_K,
+    effective_k,
+    expert_overlap,
+    top_basis,
+    width_side,
+)
 from spectra.analysis.fingers import WW_DEFAULT_MAX_FINGERS, FitOptions, fit_tail
 from spectra.analysis.htsr import (
     WEAK_RANK_TOL,
@@ -51,12 +58,20 @@ from spectra.analysis.htsr import (
     layer_metrics,
     weak_rank_loss,
 )
+from spectra.analysis.moe import moe_summary
 from spectra.analysis.mp import MPFit
 from spectra.analysis.mp import mp_fit as fit_mp
 from spectra.analysis.mp_kde import mp_fit_kde
 from spectra.analysis.outliers import DEFAULT_MULTIPLIER, outlier_ratio
 from spectra.analysis.randomized import DEFAULT_SEED, ShuffledView, esd_distance
-from spectra.analysis.results import Analysis, LayerMetrics, SkippedMatrix, runtime_versions
+from spectra.analysis.results import (
+    Analysis,
+    ExpertOverlap,
+    LayerMetrics,
+    MoeSummary,
+    SkippedMatrix,
+    runtime_versions,
+)
 from spectra.analysis.summary import model_summary
 from spectra.analysis.traps import find_traps
 from spectra.analysis.vectors import COLUMNS as VECTOR_COLUMNS
@@ -125,6 +140,10 @@ class AnalyzeOptions:
         at level ci_level, seeded with `seed`.
     traps: correlation traps (analysis.traps): num_traps and where the largest sit (one full
         SVD of the shuffled matrix per matrix, shuffled with `seed`, MP fit of `mp_method`).
+    expert_overlap: k of the expert similarity of a mixture-of-experts model
+        (analysis.expert_overlap: overlap of the experts' top-k singular subspaces, per layer
+        and role inside the expert; one more read and SVD of every routed expert); 0: off.
+        No effect on a model without routed experts.
     """
 
     include: tuple[str, ...] = ()
@@ -152,6 +171,7 @@ class AnalyzeOptions:
     alpha_ci: int = 0
     ci_level: float = 0.95
     traps: bool = False
+    expert_overlap: int = DEFAULT_K
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
@@ -172,6 +192,10 @@ class AnalyzeOptions:
         self.fit_options()  # validates the fit fields
         if self.alpha_ci != 0 and self.alpha_ci < 2:
             raise ValidationError(f"alpha_ci must be 0 (off) or >= 2, got {self.alpha_ci!r}")
+        if self.expert_overlap < 0:
+            raise ValidationError(
+                f"expert_overlap must be >= 0 (0: off), got {self.expert_overlap!r}"
+            )
         if not 0.0 < self.ci_level < 1.0:
             raise ValidationError(f"ci_level must be in (0, 1), got {self.ci_level!r}")
         for name in ("min_evals", "max_evals", "max_n"):
@@ -339,6 +363,9 @@ def _analysis(
     esds: dict[str, np.ndarray],
     skipped: list[SkippedMatrix],
 ) -> Analysis:
+    moe = moe_summary(layers)
+    if moe is not None and options.expert_overlap:
+        moe = moe.with_overlaps(_expert_overlaps(ckpt, moe, options))
     return Analysis(
         source=str(ckpt.source),
         layers=layers,
@@ -348,7 +375,34 @@ def _analysis(
         versions=runtime_versions(),
         skipped=skipped,
         commit=getattr(ckpt, "commit", None),
+        moe=moe,
     )
+
+
+def _expert_overlaps(
+    ckpt: Checkpoint, moe: MoeSummary, options: AnalyzeOptions
+) -> dict[tuple[int | None, str | None], ExpertOverlap]:
+    """The expert similarity of every group of >= 2 routed experts of one shape: each expert
+    read again, one at a time (only its top-k basis is kept), on the analysis device."""
+    device = resolve_device(options.device)
+    refs = {ref.key: ref for ref in ckpt.matrices()}
+    out: dict[tuple[int | None, str | None], ExpertOverlap] = {}
+    for group in moe.groups:
+        members = [refs[key] for key in group.keys if key in refs]
+        shapes = {tuple(ref.shape) for ref in members}
+        if len(members) < 2 or len(shapes) != 1:
+            continue
+        side = width_side(group.expert_role)
+        (shape,) = shapes
+        k = effective_k(options.expert_overlap, shape[1] if side == "in" else shape[0])
+        bases = [
+            top_basis(ckpt.read(ref, device=str(device)), side, k, seed=options.seed)
+            for ref in members
+        ]
+        out[(group.layer, group.expert_role)] = expert_overlap(
+            group.layer, group.expert_role, [ref.expert or 0 for ref in members], bases
+        )
+    return out
 
 
 # ------------------------------------------------------------------ the per-matrix pipeline

@@ -36,6 +36,7 @@ from spectra.analysis.results import (
     GroupSummary,
     LayerMetrics,
     ModelSummary,
+    MoeSummary,
     SkippedMatrix,
 )
 from spectra.blobcache import BlobCache, blob_key, code_digest
@@ -151,6 +152,8 @@ def encode_analysis(analysis: Analysis) -> bytes:
         "skipped": [asdict(sk) for sk in analysis.skipped],
         "esds": [[k, int(a.size)] for k, a in zip(keys, arrays, strict=True)],
     }
+    if analysis.moe is not None:  # the mixture-of-experts view (JSON-safe: no NaN in it)
+        header["moe"] = analysis.moe.to_dict()
     text = json.dumps(header, separators=(",", ":"), default=_json_default)
     return text.encode() + b"\n" + b"".join(a.tobytes() for a in arrays)
 
@@ -203,6 +206,7 @@ def decode_analysis(blob: bytes) -> Analysis:
         skipped=[
             SkippedMatrix(str(d["key"]), tuple(d["shape"]), str(d["reason"])) for d in h["skipped"]
         ],
+        moe=MoeSummary.from_dict(h["moe"]) if h.get("moe") is not None else None,
     )
 
 

@@ -1,6 +1,7 @@
 """What each tensor is, from its name and header alone: weight matrix or not, role, layer, layout.
 
-Roles: q k v o qkv up gate down gate_up expert embedding lm_head other. Conventions covered:
+Roles: q k v o qkv up gate down gate_up expert shared_expert router embedding lm_head other.
+Conventions covered:
 Llama/Mistral/Qwen/Gemma (`model.layers.N.self_attn.q_proj`, `mlp.gate_proj/up_proj/down_proj`),
 Meta originals (`wq wk wv wo`, `feed_forward.w1/w2/w3`), GPT-2 (`h.N.attn.c_attn` fused qkv,
 `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, all `Conv1D` stored (in, out) and presented transposed),
@@ -8,6 +9,14 @@ BERT (`attention.self.query/key/value`, `attention.output.dense`, `intermediate.
 `output.dense`), GPT-NeoX/Falcon fused `query_key_value`, Mixtral (`block_sparse_moe.experts.E.w1`
 gate, `w3` up, `w2` down), Qwen-MoE (`mlp.experts.E.gate_proj`...), and 3-D expert stacks
 (`mlp.experts.gate_up_proj` of shape (E, ...), split into one matrix per expert).
+
+Mixture-of-experts parts besides the routed experts (role "expert", with `expert` and
+`expert_role`): the router, role "router" (Mixtral/Phi-MoE `block_sparse_moe.gate`, Qwen-MoE,
+OLMoE and DeepSeek `mlp.gate` (not `gate_proj`), gpt-oss `mlp.router`, DBRX/JetMoE/Granite
+`router.layer`, and Qwen2-MoE's scalar gate of its shared expert `mlp.shared_expert_gate`);
+shared experts, role "shared_expert" with `expert` None and `expert_role` up/gate/down (Qwen-MoE
+`mlp.shared_expert.*`, DeepSeek `mlp.shared_experts.*`): always active, so never part of a
+per-expert comparison.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ ROLES: tuple[str, ...] = (
     "down",
     "gate_up",
     "expert",
+    "shared_expert",
+    "router",
     "embedding",
     "lm_head",
     "other",
@@ -98,6 +109,12 @@ _RULES: tuple[tuple[str, str], ...] = (
         r"|token_type_embeddings|embed_positions|shared)$",
         "embedding",
     ),
+    # the MoE router: a (num_experts, hidden) Linear; before the gate rules (it is no gate_proj)
+    (
+        r"(^|\.)(block_sparse_moe|mlp|moe)\.gate$|(^|\.)router(\.layer)?$"
+        r"|(^|\.)shared_expert_gate$",
+        "router",
+    ),
     (r"(^|\.)(qkv_proj|c_attn|query_key_value|Wqkv|W_pack|qkv)$", "qkv"),
     (r"(^|\.)(q_proj|query|wq|q_lin)$|(SelfAttention|EncDecAttention)\.q$", "q"),
     (r"(^|\.)(k_proj|key|wk|k_lin)$|(SelfAttention|EncDecAttention)\.k$", "k"),
@@ -120,6 +137,8 @@ _COMPILED = tuple((re.compile(pattern), role) for pattern, role in _RULES)
 # Python's 4300-digit limit with a ValueError; issue 14), and it is read as a name without one
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d{1,9})\.")
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d{1,9})\.")
+_SHARED = re.compile(r"(?:^|\.)shared_experts?\.")
+_EXPERT_ROLES = ("up", "gate", "down", "gate_up")
 _CONV1D = re.compile(
     r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.q_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
 )
@@ -139,6 +158,28 @@ def layer_index(name: str) -> int | None:
     """Block index from `layers.N.` / `layer.N.` / `h.N.` / `blocks.N.`, else None."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
+
+
+_STACK_KEY = re.compile(r"^(.*)\[expert=(\d{1,9})\]$")
+
+
+def expert_slot(key: str) -> tuple[int | None, str | None]:
+    """(expert index, role inside the expert) of a matrix key, as `classify` sets them on its
+    MatrixRef: `...experts.3.w1.weight` -> (3, "gate"), `...experts.down_proj[expert=2]` ->
+    (2, "down"), `...shared_expert.up_proj.weight` -> (None, "up"); (None, None) for a matrix
+    of no expert. For results that keep only the key (an `Analysis` read back from JSON)."""
+    stack = _STACK_KEY.match(key)
+    if stack is not None:
+        role = name_role(stack.group(1))
+        return int(stack.group(2)), role if role in _EXPERT_ROLES else None
+    stem = key.removesuffix(".weight")
+    match = _EXPERT.search(key)
+    if match is None and not _SHARED.search(key):
+        return None, None
+    role = name_role(stem)
+    return (None if match is None else int(match.group(1))), (
+        role if role in _EXPERT_ROLES else None
+    )
 
 
 def classify(ref: TensorRef, *, hidden_size: int | None = None) -> list[MatrixRef]:
@@ -193,9 +234,13 @@ def _matrix_2d(
     shape = (cols, rows) if transpose else (rows, cols)
     layer = layer_index(name)
     expert_match = _EXPERT.search(name)
+    expert_role = role if role in _EXPERT_ROLES else None
+    if expert_match is None and _SHARED.search(name):
+        return MatrixRef(
+            name, ref, "shared_expert", layer, shape, transpose, None, expert_role, encoded=encoded
+        )
     if expert_match is None:
         return MatrixRef(name, ref, role, layer, shape, transpose, encoded=encoded)
-    expert_role = role if role in ("up", "gate", "down", "gate_up") else None
     expert = int(expert_match.group(1))
     return MatrixRef(
         name, ref, "expert", layer, shape, transpose, expert, expert_role, encoded=encoded
