@@ -113,8 +113,8 @@ def init(
         str,
         typer.Option(
             "--targets",
-            help="Comma list of roles (q,k,v,o,up,gate,down,...), module paths or suffixes, "
-            "globs, or re:<regex>.",
+            help="Comma list of roles (q,k,v,o,up,gate,down; expert: MoE experts), module paths "
+            "or suffixes, globs, or re:<regex>.",
         ),
     ] = "q,k,v,o,up,gate,down",
     allocate: Annotated[

@@ -16,6 +16,11 @@ The plan (spectra.adapt.plan: which modules, rank and alpha each) becomes:
   the modules that differ, keyed so that PEFT's ``get_pattern_key`` resolves each key to that
   module alone (spectra.formats.peft.pattern_keys).
 
+- ``target_parameters``: routed MoE experts held in 3-D parameters (spectra.adapt.expert_targets),
+  by full parameter path, each with its stacked rank and alpha in ``rank_pattern`` /
+  ``alpha_pattern`` (PEFT 0.21 resolves those keys for parameters, although its check of
+  unmatched pattern keys looks at module names only and warns about them).
+
 `resolve_targets` applies PEFT's matching rules to the checkpoint's module paths;
 `lora_config` checks that the config resolves to exactly the planned modules and ranks before
 returning it (tests/test_plan_peft.py checks the same with PEFT on a real model).
@@ -107,9 +112,13 @@ def lora_config(
     universe: Sequence[MatrixLike],
     *,
     base_model: str | None = None,
+    parameters: Mapping[str, tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
     """The ``LoraConfig`` JSON object for ``plan`` on a checkpoint whose matrices are
-    ``universe`` (every matrix, in checkpoint order). See the module docstring."""
+    ``universe`` (every matrix PEFT sees as a module, in checkpoint order), plus
+    ``parameters`` (PEFT ``target_parameters``: path -> (rank, alpha)). See the module
+    docstring."""
+    params = dict(parameters or {})
     paths = [module_path(m.key) for m in universe if lora_refusal(m) is None]
     planned = [m.module for m in plan.modules]
     entries, container, layers = _entries(plan)
@@ -118,7 +127,9 @@ def lora_config(
         {int(m.layer) for m in universe if m.layer is not None and lora_refusal(m) is None}
     )
     all_layered = all(layer_split(m.module, m.layer) for m in plan.modules)
-    if all_layered and container is not None and layers != every_layer:
+    # with target_parameters, no layers_to_transform: whether PEFT filters parameters by it
+    # is not part of its documented contract; exclude_modules says the same for modules
+    if all_layered and container is not None and layers != every_layer and not params:
         by_layers = {**config, "layers_to_transform": layers, "layers_pattern": container}
         if set(planned) <= set(resolve_targets(by_layers, paths)):
             config = by_layers  # else PEFT cannot read the layer index: exclude_modules only
@@ -126,17 +137,22 @@ def lora_config(
     config["exclude_modules"] = sorted(set(matched) - set(planned)) or None
     ranks = {m.module: m.rank for m in plan.modules}
     alphas = {m.module: m.alpha for m in plan.modules}
-    r = int(_most_common([ranks[m] for m in planned]))
-    alpha = float(_most_common([alphas[m] for m in planned]))
-    keys = pattern_keys(planned)
+    for path, (rank, a) in params.items():
+        ranks[path], alphas[path] = rank, a
+    every = planned + sorted(params)
+    r = int(_most_common([ranks[m] for m in every]))
+    alpha = float(_most_common([alphas[m] for m in every]))
+    keys = pattern_keys(every)
+    if params:
+        config["target_parameters"] = sorted(params)
     config.update(
         peft_type="LORA",
         task_type=None,
         base_model_name_or_path=base_model,
         r=r,
         lora_alpha=_num(alpha),
-        rank_pattern={keys[m]: ranks[m] for m in planned if ranks[m] != r},
-        alpha_pattern={keys[m]: _num(alphas[m]) for m in planned if alphas[m] != alpha},
+        rank_pattern={keys[m]: ranks[m] for m in every if ranks[m] != r},
+        alpha_pattern={keys[m]: _num(alphas[m]) for m in every if alphas[m] != alpha},
         use_rslora=bool(plan.rslora),
         init_lora_weights=True,
         bias="none",
@@ -147,12 +163,18 @@ def lora_config(
     )
     config.setdefault("layers_to_transform", None)
     config.setdefault("layers_pattern", None)
-    _check(config, paths, plan)
+    _check(config, paths, plan, params)
     return config
 
 
-def _check(config: Mapping[str, Any], paths: Sequence[str], plan: AdapterPlan) -> None:
-    """The config must give exactly the planned modules their planned rank and alpha."""
+def _check(
+    config: Mapping[str, Any],
+    paths: Sequence[str],
+    plan: AdapterPlan,
+    params: Mapping[str, tuple[int, float]],
+) -> None:
+    """The config must give exactly the planned modules (and parameters) their planned rank
+    and alpha."""
     got = resolve_targets(config, paths)
     want = [m.module for m in plan.modules]
     if sorted(got) != sorted(want):  # pragma: no cover - a bug in the construction above
@@ -161,6 +183,12 @@ def _check(config: Mapping[str, Any], paths: Sequence[str], plan: AdapterPlan) -
             f"the LoraConfig would adapt {extra[:3]} and miss {missing[:3]}: please report"
         )
     settings = LoraSettings.from_config(dict(config), "the planned LoraConfig")
+    for path, (rank, a) in params.items():
+        if settings.rank(path) != rank or settings.alpha(path) != a:
+            raise ValidationError(  # pragma: no cover - a bug in the patterns above
+                f"the LoraConfig resolves {path!r} to rank {settings.rank(path)}, not {rank}: "
+                "please report"
+            )
     for mod in plan.modules:
         if settings.rank(mod.module) != mod.rank or settings.alpha(mod.module) != mod.alpha:
             raise ValidationError(  # pragma: no cover - a bug in the patterns above

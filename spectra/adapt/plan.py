@@ -1,15 +1,18 @@
 """From user targets and ranks to a per-module plan: which matrices get an adapter, rank, alpha.
 
 Targets (a comma list or a sequence) accept, per item:
-- a role from the loaders (q k v o qkv up gate down gate_up shared_expert lm_head other);
+- a role from the loaders (q k v o qkv up gate down gate_up expert shared_expert lm_head
+  other; ``expert``: every routed MoE expert matrix);
 - ``re:<regex>``: a regular expression searched in the module path;
 - a glob (has ``*?[``) matched against the whole module path;
 - any other word: a module path or its dotted suffix, as PEFT's ``target_modules`` does
   (``query`` matches ``encoder.layer.0.attention.self.query``).
 
-The PEFT module path of tensor ``<path>.weight`` is ``<path>``. Only plain 2-D ``.weight``
-matrices stored ``(out, in)`` can carry a PEFT LoRA ``Linear`` adapter: embeddings, expert slices
-of 3-D stacks and GPT-2 ``Conv1D`` (stored transposed) are refused with a one-line reason.
+The PEFT module path of tensor ``<path>.weight`` is ``<path>``. Plain 2-D ``.weight`` matrices
+stored ``(out, in)`` carry a PEFT LoRA ``Linear`` adapter; routed MoE experts (per-expert 2-D
+tensors and slices of 3-D stacks) are targeted through the 3-D parameters that hold them
+(spectra.adapt.expert_targets). Embeddings, MoE routers and GPT-2 ``Conv1D`` (stored
+transposed) are refused with a one-line reason.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ TARGET_ROLES = (
     "gate",
     "down",
     "gate_up",
+    "expert",
     "shared_expert",
     "lm_head",
     "other",
@@ -138,11 +142,17 @@ def _matches(item: str, mat: MatrixLike) -> bool:
 
 
 def lora_refusal(mat: MatrixLike) -> str | None:
-    """Why ``mat`` cannot carry a PEFT LoRA ``Linear`` adapter (None: it can)."""
+    """Why ``mat`` cannot carry a PEFT LoRA adapter (None: it can). A routed expert can (one
+    expert of a 3-D stack through PEFT's ``target_parameters``)."""
+    if mat.role == "router":
+        return (
+            "is an MoE router (transformers holds its weight as a bare parameter of a router "
+            "module, no nn.Linear for PEFT to wrap); not supported"
+        )
+    if mat.expert is not None and mat.role == "expert":
+        return None
     if not mat.key.endswith(".weight"):
         return "is not a `.weight` tensor"
-    if mat.expert is not None:
-        return "is an expert slice (PEFT LoRA cannot target one expert of a 3-D stack)"
     if mat.transpose:
         return "is stored transposed (Conv1D); not supported for init yet"
     if mat.role == "embedding":

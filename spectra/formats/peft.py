@@ -382,6 +382,15 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     config = read_json_input(cfg_path, "adapter config", MAX_JSON_BYTES)
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise SourceError(f"{cfg_path}: not a LoRA adapter (peft_type must be LORA)")
+    params = config.get("target_parameters")
+    if params:
+        shown = clip(", ".join(map(str, params)) if isinstance(params, list) else params)
+        raise SourceError(
+            f"{cfg_path}: the adapter targets 3-D parameters (target_parameters: {shown}), MoE "
+            "experts PEFT adapts with its ParamWrapper; spectra reads LoRA adapters of "
+            "nn.Linear modules only: merge it with PEFT (merge_and_unload) and compare the "
+            "merged model"
+        )
     return config
 
 
@@ -540,11 +549,40 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
 
 
 @dataclass(frozen=True)
+class StackedFactors:
+    """The LoRA of one PEFT ``target_parameters`` entry (a 3-D MoE expert parameter), as PEFT's
+    ``lora.ParamWrapper`` holds it: ``A (R E, in)``, ``B (out, R E)`` for E experts of rank R
+    each (layout: spectra.adapt.expert_targets), its ``alpha``, and ``save_as``: the module path
+    PEFT saves the factors under (``<module>.base_layer`` when wrappers nest around it)."""
+
+    A: Tensor
+    B: Tensor
+    experts: int
+    alpha: float
+    save_as: str
+
+    def __post_init__(self) -> None:
+        A, B, E = self.A, self.B, self.experts
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or E < 1 or A.shape[0] % E:
+            raise ValidationError(
+                f"stacked factors for {self.save_as!r} do not form a LoRA of {E} experts: "
+                f"A {tuple(A.shape)}, B {tuple(B.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0]) // self.experts
+
+
+@dataclass(frozen=True)
 class AdapterContent:
     """What ``write_peft_adapter`` writes: ``factors[module] = (A (r, in), B (out, r))``, their
     ``alphas``, rsLoRA or not, the base model the adapter loads onto, the storage ``dtype`` of
     the factors, ``other`` tensors stored as they are (a trained head) and ``config_extra`` keys
-    set in ``adapter_config.json`` over the written ones (``modules_to_save``, ``task_type``)."""
+    set in ``adapter_config.json`` over the written ones (``modules_to_save``, ``task_type``).
+
+    ``parameters[path]``: the ``StackedFactors`` of a PEFT ``target_parameters`` entry (a 3-D
+    MoE expert parameter)."""
 
     factors: Mapping[str, tuple[Tensor, Tensor]]
     alphas: Mapping[str, float]
@@ -553,9 +591,10 @@ class AdapterContent:
     dtype: torch.dtype = torch.float32
     other: Mapping[str, Tensor] = field(default_factory=dict)
     config_extra: Mapping[str, Any] = field(default_factory=dict)
+    parameters: Mapping[str, StackedFactors] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.factors:
+        if not self.factors and not self.parameters:
             raise ValidationError("no adapter factors to write")
         for module, (A, B) in self.factors.items():
             if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
@@ -570,17 +609,24 @@ class AdapterContent:
         """The ``adapter_config.json`` object: every module listed by full path in both patterns;
         the global ``r`` / ``lora_alpha`` are the most common values."""
         modules = sorted(self.factors)
+        params = sorted(self.parameters)
         ranks = {m: int(self.factors[m][0].shape[0]) for m in modules}
-        keys = pattern_keys(modules)
+        alphas = dict(self.alphas)
+        for path in params:
+            ranks[path] = self.parameters[path].rank
+            alphas[path] = self.parameters[path].alpha
+        every = modules + params
+        keys = pattern_keys(every)
         config = {
             "peft_type": "LORA",
             "task_type": None,
             "base_model_name_or_path": self.base_model_name_or_path,
-            "r": int(_most_common([ranks[m] for m in modules])),
-            "lora_alpha": _num(_most_common([self.alphas[m] for m in modules])),
+            "r": int(_most_common([ranks[m] for m in every])),
+            "lora_alpha": _num(_most_common([alphas[m] for m in every])),
             "target_modules": modules,
-            "rank_pattern": {keys[m]: ranks[m] for m in modules},
-            "alpha_pattern": {keys[m]: _num(self.alphas[m]) for m in modules},
+            **({"target_parameters": params} if params else {}),
+            "rank_pattern": {keys[m]: ranks[m] for m in every},
+            "alpha_pattern": {keys[m]: _num(alphas[m]) for m in every},
             "use_rslora": bool(self.rslora),
             "init_lora_weights": True,
             "bias": "none",
@@ -628,6 +674,17 @@ def write_peft_adapter(out_dir: str | Path, content: AdapterContent) -> Path:
         tensors[f"{PREFIX}{module}.lora_B.weight"] = (
             B.detach().to("cpu", content.dtype).contiguous()
         )
+    for path, stacked in content.parameters.items():
+        rank, alpha = settings.rank(path), settings.alpha(path)
+        if rank != stacked.rank or alpha != float(stacked.alpha):  # pragma: no cover
+            raise ValidationError(
+                f"{path!r}: the config to write resolves to rank {rank} and alpha {alpha}, "
+                f"not {stacked.rank} and {stacked.alpha}"
+            )
+        for name, t in (("lora_A", stacked.A), ("lora_B", stacked.B)):
+            tensors[f"{PREFIX}{stacked.save_as}.{name}.weight"] = (
+                t.detach().to("cpu", content.dtype).contiguous()
+            )
     for name, t in content.other.items():
         tensors[name] = t.detach().cpu().contiguous()
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,13 @@ from spectra.adapt.calib_collect import CalibrationOptions
 from spectra.adapt.calib_data import load_texts
 from spectra.adapt.calibrate import align_saved, method_ranks, method_statistics
 from spectra.adapt.eva import DEFAULT_RHO, DEFAULT_TAU, eva_alphas
+from spectra.adapt.expert_targets import (
+    ExpertSlot,
+    expert_slots,
+    plan_experts,
+    stack_shapes,
+    stacked_parameters,
+)
 from spectra.adapt.factorize import as_stored, reconstruction_error, residual
 from spectra.adapt.plan import (
     AdapterPlan,
@@ -366,6 +373,7 @@ class _Planned:
     plan: AdapterPlan
     stats: Mapping[str, Any]
     calibration: dict[str, Any] | None = None
+    slots: Mapping[str, ExpertSlot] = field(default_factory=dict)  # MoE experts, by key
 
 
 def _plan(ckpt: Checkpoint, job: _Job) -> _Planned:
@@ -373,6 +381,7 @@ def _plan(ckpt: Checkpoint, job: _Job) -> _Planned:
     open checkpoint. Deterministic for a given checkpoint and job."""
     opts = job.options
     selected = select_targets(ckpt.matrices(), opts.targets)
+    slots = _expert_slots(ckpt, job, selected)
     ranks, allocation = _initial_ranks(ckpt, job, selected)
     stats: Mapping[str, Any] = job.stats or {}
     alphas, record = None, None
@@ -390,7 +399,37 @@ def _plan(ckpt: Checkpoint, job: _Job) -> _Planned:
         rslora=opts.rslora,
         allocation=allocation,
     )
-    return _Planned(selected, plan, stats, record)
+    return _Planned(selected, plan_experts(plan, slots, opts.alpha), stats, record, slots)
+
+
+def _expert_slots(ckpt: Checkpoint, job: _Job, selected: list[MatrixRef]) -> dict[str, ExpertSlot]:
+    """The PEFT parameter slot of each selected routed expert (spectra.adapt.expert_targets);
+    one-line refusals for what the expert export cannot do."""
+    experts = [m for m in selected if m.role == "expert"]
+    if not experts:
+        return {}
+    if job.init.needs_calibration:
+        raise ValidationError(
+            f"{job.init.name} on MoE experts ({experts[0].key} ...): calibration collects the "
+            "inputs of nn.Linear modules, and transformers holds routed experts as 3-D "
+            "parameters: use a weight-only method (pissa, milora, olora) or leave the experts "
+            "out of --targets"
+        )
+    if job.options.alphas is not None:
+        named = {k.removesuffix(".weight") for k in job.options.alphas}
+        hit = [m.key for m in experts if m.key in named or m.key.removesuffix(".weight") in named]
+        if hit:
+            raise ValidationError(
+                f"alphas name the expert matrix {hit[0]!r}: PEFT gives all experts of one "
+                "3-D parameter one alpha; use --alpha"
+            )
+    stacked = [m for m in experts if m.encoded is not None and "[expert=" in m.key]
+    if stacked and job.init.mutates_base:
+        raise ValidationError(
+            f"{stacked[0].key}: the residual of a quantized 3-D expert stack is not written "
+            "yet; leave the experts out of --targets or dequantize the checkpoint first"
+        )
+    return expert_slots(experts, ckpt.config.get("model_type"))  # type: ignore[arg-type]
 
 
 def _initial_ranks(
@@ -559,6 +598,10 @@ class _Runner:
                 f"precomputed factors for {len(unknown)} matrix(es) outside the plan, e.g. "
                 f"{unknown[0]!r}: pass factors keyed by the planned weight names"
             )
+        self.stacks: dict[str, list[str]] = {}  # 3-D expert stack name -> planned slice keys
+        for key, ref in self.refs.items():
+            if key in self.todo and ref.expert is not None and len(ref.tensor.shape) == 3:
+                self.stacks.setdefault(ref.tensor.name, []).append(key)
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.errors: dict[str, float] = {}
         self.info: dict[str, dict[str, Any]] = {}
@@ -603,7 +646,24 @@ class _Runner:
         return None if W_res is None else W_res.cpu()
 
     def replace(self, name: str) -> Tensor | None:
+        if name in self.stacks:
+            return self._stack(name)
         return self.run(name) if name in self.todo else None
+
+    def _stack(self, name: str) -> Tensor | None:
+        """A 3-D expert stack with the residual of every planned expert in its slice (read
+        as stored: (E, out, in), or (E, in, out) for a transposed stack)."""
+        keys = self.stacks[name]
+        stack = self.ckpt.read(self.refs[keys[0]].tensor, dtype=torch.float32)
+        dtype = None
+        for key in keys:
+            ref = self.refs[key]
+            W_res = self.run(key)
+            if W_res is None:
+                return None
+            dtype = W_res.dtype
+            stack[ref.expert] = W_res.float().T if ref.transpose else W_res.float()
+        return stack.to(dtype)
 
 
 def _write(
@@ -712,12 +772,18 @@ def _write_adapter_and_manifest(
     missing = set(runner.todo) - set(runner.errors)
     if missing:
         raise ValidationError(f"targets not found in the shards: {sorted(missing)[:3]}")
+    slots = planned.slots
+    linear = [m for m in plan.modules if m.key not in slots]
+    experts = ckpt.matrices(roles=("expert",))
+    every_slot = expert_slots(experts, ckpt.config.get("model_type"), strict=False)  # type: ignore[arg-type]
+    stacked = stacked_parameters(plan, slots, runner.factors, stack_shapes(experts, every_slot))
     content = AdapterContent(
-        {m.module: runner.factors[m.module] for m in plan.modules},
-        plan.alphas,
+        {m.module: runner.factors[m.module] for m in linear},
+        {m.module: m.alpha for m in linear},
         rslora=plan.rslora,
         base_model_name_or_path=base_name,
         dtype=job.adapter_dtype,
+        parameters=stacked,
     )
     write_peft_adapter(tmp / ADAPTER_DIR, content)
     options: dict[str, Any] = {

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,12 @@ import torch
 
 from spectra import __version__
 from spectra.adapt.allocate import get_allocator
+from spectra.adapt.expert_targets import (
+    expert_slots,
+    linear_modules,
+    parameter_patterns,
+    plan_experts,
+)
 from spectra.adapt.layer_sampling import (
     MatrixRatio,
     check_gamma,
@@ -385,7 +391,17 @@ def _peft(ctx: _Ctx) -> Body:
         rslora=opts.rslora,
         allocation=allocation,
     )
-    config = lora_config(plan, everything, base_model=str(ctx.ckpt.source))
+    # routed experts in 3-D parameters: PEFT target_parameters (spectra.adapt.expert_targets)
+    model_type = ctx.ckpt.config.get("model_type")
+    slots = expert_slots(selected, model_type)  # type: ignore[arg-type]
+    plan = plan_experts(plan, slots, opts.alpha)
+    modules_plan = replace(plan, modules=tuple(m for m in plan.modules if m.key not in slots))
+    config = lora_config(
+        modules_plan,
+        linear_modules(everything, model_type),  # type: ignore[arg-type]
+        base_model=str(ctx.ckpt.source),
+        parameters=parameter_patterns(plan, slots),
+    )
     modules = []
     for mod in plan.modules:
         row: dict[str, Any] = mod.to_dict()
