@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _gguf_fixtures import llama_weights, tiny_llama_gguf
 from _hub_fixtures import hub_fixture, model_fixture  # noqa: F401 - the `hub`, `model` fixtures
 from _hub_server import COMMIT, HubServer
 from _quant_fixtures import gptq_tensors, write_checkpoint
-from _source_fixtures import write_llama_like, write_sharded
+from _source_fixtures import write_gpt2_like, write_llama_like, write_sharded
 from _ww_fixtures import run_ww
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -30,6 +31,7 @@ from spectra.cli.main import app
 from spectra.errors import ValidationError
 from spectra.export.rewrite import DequantizedOutputWarning
 from spectra.jobs.smooth import REPORT_NAME, SmoothOptions, smooth
+from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.hub_options import HubOptions
 
 
@@ -160,6 +162,37 @@ def test_quantized_source_is_written_dequantized(tmp_path: Path) -> None:
     exact = (U[:, :16] * S[:16]) @ Vh[:16]
     got = new["model.layers.0.self_attn.q_proj.weight"].double()
     torch.testing.assert_close(got, exact, rtol=0, atol=1e-2 * float(S[0]))
+
+
+def test_gguf_source_written_dequantized_under_logical_names(tmp_path: Path) -> None:
+    sizes = {"layers": 1, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 96, "vocab": 128}
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", llama_weights(**sizes), heads=4, kv_heads=2)
+    with Checkpoint.open(path) as ckpt:  # the decoded (and q/k un-permuted) matrices
+        decoded = {m.key: ckpt.read(m, dtype=torch.float64) for m in ckpt.matrices()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = smooth(path, tmp_path / "out", SmoothOptions(method="svd", percent=0.5))
+    assert DequantizedOutputWarning in [w.category for w in caught] and result.dequantized
+    new = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert len(result.changed) == len(decoded) == 8
+    for key, W in decoded.items():
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        k = int(0.5 * S.numel())
+        exact = (U[:, :k] * S[:k]) @ Vh[:k]  # bfloat16 storage: the config names no dtype
+        torch.testing.assert_close(new[key].double(), exact, rtol=0, atol=1e-2 * float(S[0]))
+
+
+def test_gpt2_conv1d_matrices_are_written_back_transposed(tmp_path: Path) -> None:
+    src = write_gpt2_like(tmp_path / "src", layers=1)  # Conv1D: stored (in, out)
+    smooth(src, tmp_path / "out", SmoothOptions(method="svd", percent=0.25, device="cpu"))
+    old, new = load_file(str(src)), load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key in ("h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"):
+        assert new[key].shape == old[key].shape
+        U, S, Vh = torch.linalg.svd(old[key].double(), full_matrices=False)
+        k = int(0.25 * S.numel())  # the same truncation, whichever side is (out, in)
+        torch.testing.assert_close(
+            new[key].double(), (U[:, :k] * S[:k]) @ Vh[:k], rtol=0, atol=1e-6 * float(S[0])
+        )
 
 
 def test_hub_repo_streamed_under_a_disk_budget(hub: HubServer, model: Path, tmp_path: Path) -> None:
