@@ -107,6 +107,16 @@ def _budget_bytes(max_memory: float | None) -> int | None:
     return max(1, int(max_memory * 2**20))
 
 
+def _xmax_arg(xmax: str | None) -> int | str | None:
+    """--xmax: an integer (its sign ignored, as WeightWatcher's -k) or 'force'."""
+    if xmax is None or xmax == "force":
+        return xmax
+    try:
+        return abs(int(xmax))
+    except ValueError:
+        raise ValidationError(f"--xmax must be an integer or 'force', got {xmax[:40]!r}") from None
+
+
 #: report_cmd parameters that change only what is written or where the cache is, not a number
 #: of the analysis; every other parameter (including any added later) is part of the key of
 #: a cached analysis, so a new option can never be served a result computed without it.
@@ -224,14 +234,41 @@ def report_cmd(
         ),
     ] = None,
     xmax: Annotated[
-        int | None,
+        str | None,
         typer.Option(
             "--xmax",
-            help="Drop this many largest eigenvalues before the power-law fit (WeightWatcher's "
-            "integer xmax; its -k means the same as k).",
+            help="An integer k: drop the k largest eigenvalues before the power-law fit "
+            "(WeightWatcher's integer xmax; its -k means the same as k). 'force': fit the power "
+            "law bounded at the largest eigenvalue (WeightWatcher's xmax='force').",
             show_default=False,
         ),
     ] = None,
+    fit: Annotated[
+        str,
+        typer.Option(
+            "--fit",
+            help="'PL' (power law), 'TPL' (truncated power law x^-alpha e^-Lambda x: alpha and "
+            "Lambda columns; a full xmin search, ~2 s per 384-eigenvalue matrix) or 'E_TPL' "
+            "(TPL with xmin searched near the ESD's peak, as --fix-fingers xmin_peak); "
+            "WeightWatcher's fit.",
+        ),
+    ] = "PL",
+    best_fit: Annotated[
+        bool,
+        typer.Option(
+            "--best-fit",
+            help="Add best_fit: power_law, truncated_power_law, lognormal or exponential, by "
+            "likelihood-ratio tests on the fitted tail (Clauset et al. 2009).",
+        ),
+    ] = False,
+    fit_entropy: Annotated[
+        bool,
+        typer.Option(
+            "--fit-entropy",
+            help="Add fit_entropy: entropy of the histogram of the KS distance over the xmin "
+            "candidates (low: a clear xmin).",
+        ),
+    ] = False,
     fix_fingers: Annotated[
         str | None,
         typer.Option(
@@ -369,7 +406,10 @@ def report_cmd(
             min_evals=min_evals,
             max_evals=max_evals,
             max_n=max_n,
-            xmax=None if xmax is None else abs(xmax),
+            xmax=_xmax_arg(xmax),
+            fit=fit,
+            best_fit=best_fit,
+            fit_entropy=fit_entropy,
             fix_fingers=fix_fingers,
             xmin_max=xmin_max,
             max_fingers=max_fingers,

@@ -44,6 +44,13 @@ _best, _nf, _raw = fit_clipped_powerlaw(np.sort(np.append(_lam, 1.3 * _lam.max()
 _extra["planted"] = dict(alpha=_best.alpha, num_fingers=_nf, raw_alpha=_raw.alpha)
 _df = watcher.analyze(layers=LAYERS, xmax=3)
 _extra["xmax=3"] = json.loads(_df.to_json(orient="records"))
+from weightwatcher.RMT_Util import line_entropy
+from weightwatcher.WW_powerlaw import WWFit
+for _lid in LAYERS:
+    _ev = watcher.get_ESD(layer=_lid)
+    _extra[f"entropy:{_lid}"] = float(line_entropy(WWFit(_ev[_ev > 1e-5]).Ds))
+_df = watcher.analyze(layers=LAYERS, fit="E_TPL", xmax="force", pl_package="powerlaw")
+_extra["E_TPL"] = json.loads(_df.to_json(orient="records"))
 """
 
 
@@ -92,6 +99,26 @@ def test_xmin_peak_equals_powerlaw_package(ww_fits, minilm_path: Path, quirk: bo
     # the quirk matters: the log10 lower bound is no bound, so on the position embeddings the
     # quirky fit keeps the plain xmin, far below the ESD's peak
     assert ww_fits[f"1:{True}"]["xmin"] != pytest.approx(ww_fits[f"1:{False}"]["xmin"], rel=0.1)
+
+
+def test_weightwatcher_tpl_and_force_fail_under_powerlaw_2(ww_fits) -> None:
+    """WeightWatcher 0.7.7 sends fit='TPL' / 'E_TPL', xmin_peak and xmax='force' to
+    powerlaw.Fit(..., distribution=...), a keyword powerlaw 2.0 refuses: every layer comes back
+    failed (alpha -1). So test_tpl.py takes the powerlaw package itself as the reference."""
+    rows = ww_fits["E_TPL"]
+    assert len(rows) == len(WW_LAYERS)
+    assert all(row["status"] == "failed" and row["alpha"] == -1 for row in rows)
+
+
+def test_fit_entropy_equals_weightwatcher_line_entropy(ww_fits, minilm_path: Path) -> None:
+    """fit_entropy: WeightWatcher's (commented-out) line_entropy(fit.Ds) of its own fit, run in
+    the test on each layer's ESD."""
+    an = _ours(minilm_path, fit_entropy=True)
+    plain = _ours(minilm_path)
+    for layer_id, key in WW_LAYERS.items():
+        lm = an.layer(key)
+        assert lm.fit_entropy == pytest.approx(ww_fits[f"entropy:{layer_id}"], rel=1e-9), key
+        assert lm.alpha == plain.layer(key).alpha  # the fit itself is unchanged
 
 
 def _fingered() -> np.ndarray:

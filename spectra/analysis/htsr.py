@@ -104,12 +104,15 @@ def _log10_sum_pow(evals: np.ndarray, alpha: float) -> float:
     return (top + math.log(float(np.sum(np.exp(logs - top))))) / math.log(10.0)
 
 
-def layer_warnings(fit: PowerLawFit, rank: int | None, big_m: int) -> tuple[str, ...]:
-    """Warning codes for a fit and a numerical rank (see module docstring)."""
+def layer_warnings(
+    fit: PowerLawFit, rank: int | None, big_m: int, *, alpha_bands: bool = True
+) -> tuple[str, ...]:
+    """Warning codes for a fit and a numerical rank (see module docstring); alpha_bands=False
+    (a truncated power law's alpha, not on the power law's scale): no alpha-range codes."""
     codes: list[str] = []
     if fit.status == "failed":
         codes.append("fit-failed")
-    elif fit.ok and fit.alpha is not None:
+    elif fit.ok and fit.alpha is not None and alpha_bands:
         if fit.alpha > ALPHA_HIGH:
             codes.append("under-trained")
         elif fit.alpha < ALPHA_LOW:
@@ -205,9 +208,11 @@ def layer_metrics(
         fit_message=fit.message,
         entropy=spectral_entropy(evals, rank),
         numerical_rank=rank,
-        warnings=layer_warnings(fit, rank, big_m),
+        warnings=layer_warnings(fit, rank, big_m, alpha_bands=tail.Lambda is None),
         num_fingers=tail.num_fingers,
         raw_alpha=tail.raw_alpha,
+        Lambda=tail.Lambda,
+        fit_entropy=tail.fit_entropy,
         rank_loss=big_m - rank,
         weak_rank_loss=weak_rank_loss(evals),
         sv_max=float(np.max(S)),

@@ -152,6 +152,11 @@ class LayerMetrics:
     tail_var_part_ratio: float | None = None
     num_traps: int | None = None
     traps: tuple[dict[str, Any], ...] = ()
+    # fit options (methods.md section 2g): the TPL's cutoff (WeightWatcher's column name),
+    # the entropy of the KS distances over xmin, the likelihood-ratio choice of distribution
+    Lambda: float | None = None
+    fit_entropy: float | None = None
+    best_fit: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.analysis.best_fit import best_fit
 from spectra.analysis.bootstrap import bootstrap_alpha
 from spectra.analysis.detx import detx_constraint
 from spectra.analysis.expert_overlap import (
@@ -129,8 +130,12 @@ class AnalyzeOptions:
         min_evals, min(m, n) > max_evals or max(m, n) > max_n is not analyzed and is listed in
         `Analysis.skipped` with the reason. WeightWatcher's defaults are 8, 15000 and 50000.
     xmax / fix_fingers / xmin_max / max_fingers / finger_thresh: WeightWatcher's power-law fit
-        options (analysis.fingers.FitOptions: drop the top xmax eigenvalues; "xmin_peak" or
-        "clip_xmax" finger fixing).
+        options (analysis.fingers.FitOptions: drop the top xmax eigenvalues, or xmax="force":
+        bound the power law at the largest one; "xmin_peak" or "clip_xmax" finger fixing).
+    fit: "PL" | "TPL" | "E_TPL": WeightWatcher's fit (truncated power law: analysis.tpl; its
+        cutoff in the Lambda column). fit_entropy: entropy of the KS distances over xmin.
+    best_fit: the likelihood-ratio choice among power law, truncated power law, lognormal and
+        exponential on the fitted tail (analysis.best_fit).
     ww_quirks: reproduce WeightWatcher 0.7.7's quirks of those options (xmin_peak's log10
         lower bound, clip_xmax's counting), only to compare numbers with it.
     detx: WeightWatcher's detX columns detX_num, detX_val (analysis.detx).
@@ -160,7 +165,7 @@ class AnalyzeOptions:
     min_evals: int | None = None
     max_evals: int | None = None
     max_n: int | None = None
-    xmax: int | None = None
+    xmax: int | str | None = None
     fix_fingers: str | None = None
     xmin_max: float | None = None
     max_fingers: int = WW_DEFAULT_MAX_FINGERS
@@ -172,6 +177,9 @@ class AnalyzeOptions:
     ci_level: float = 0.95
     traps: bool = False
     expert_overlap: int = DEFAULT_K
+    fit: str = "PL"
+    fit_entropy: bool = False
+    best_fit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "roles"):
@@ -212,6 +220,8 @@ class AnalyzeOptions:
             max_fingers=self.max_fingers,
             finger_thresh=self.finger_thresh,
             ww_compat=self.ww_quirks,
+            fit=self.fit,
+            fit_entropy=self.fit_entropy,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -460,8 +470,12 @@ def _layer(ref: MatrixRef, spec: Spectrum | None, options: AnalyzeOptions) -> La
 
 
 def _esd_extras(evals: np.ndarray, layer: LayerMetrics, options: AnalyzeOptions) -> dict:
-    """detX and the bootstrap interval of alpha, when asked (pure functions of the ESD)."""
+    """detX, the bootstrap interval of alpha and best_fit, when asked (pure functions of the
+    ESD and the fit)."""
     out: dict[str, Any] = {}
+    if options.best_fit and layer.xmin is not None and layer.xmax is not None:
+        chosen = best_fit(evals[(evals >= layer.xmin) & (evals <= layer.xmax)])
+        out["best_fit"] = None if chosen is None else chosen.best
     if options.detx:
         detx = detx_constraint(evals)
         out["detX_num"] = None if detx is None else detx.num
