@@ -222,6 +222,8 @@ def test_fit_options_are_checked() -> None:
         AnalyzeOptions(xmax="max")
     with pytest.raises(ValidationError, match="does not combine with fit='E_TPL'"):
         AnalyzeOptions(fit="E_TPL", fix_fingers="clip_xmax")
+    with pytest.raises(ValidationError, match="alpha_ci bootstraps the power law"):
+        AnalyzeOptions(fit="TPL", alpha_ci=100)
     with pytest.raises(ValidationError, match="does not combine with xmax='force'"):
         FitOptions(xmax="force", fix_fingers="clip_xmax")
     assert FitOptions(xmax=2).is_default is False and FitOptions().is_default

@@ -204,6 +204,11 @@ class AnalyzeOptions:
             raise ValidationError(
                 f"expert_overlap must be >= 0 (0: off), got {self.expert_overlap!r}"
             )
+        if self.alpha_ci and (self.fit != "PL" or self.xmax == "force"):
+            raise ValidationError(
+                "alpha_ci bootstraps the power law's closed-form exponent; it does not combine "
+                f"with fit={self.fit!r}, xmax={self.xmax!r}: drop one of them"
+            )
         if not 0.0 < self.ci_level < 1.0:
             raise ValidationError(f"ci_level must be in (0, 1), got {self.ci_level!r}")
         for name in ("min_evals", "max_evals", "max_n"):
