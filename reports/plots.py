@@ -167,9 +167,9 @@ class EsdCanvas:
         if fit is None:
             self.status.set_text(f"power-law fit: {printable(layer.fit_status)}")
         else:
-            xs, ys, alpha, xmin = fit
+            xs, ys, label, xmin = fit
             self.fit.set_data(xs, ys)
-            self.fit.set_label(f"power law α = {alpha:.3g}")
+            self.fit.set_label(label)
             self.xmin.set_xdata([xmin, xmin])
             self.xmin.set_label(f"xmin = {xmin:.3g}")
             shown += [self.fit, self.xmin]
@@ -219,8 +219,10 @@ def esd_plot(
 
 def _fit_curve(
     lam: np.ndarray, layer: LayerMetrics
-) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-    """(xs, ys, alpha, xmin) of the fitted law's curve, None when the fit did not succeed."""
+) -> tuple[np.ndarray, np.ndarray, str, float] | None:
+    """(xs, ys, legend label, xmin) of the fitted law's curve, None when the fit did not
+    succeed. A truncated power law (Lambda set) and a power law with alpha <= 1 (only when
+    bounded at xmax, xmax="force") are drawn with their own normalization."""
     ok = layer.fit_status == "ok" and _finite(layer.alpha) and _finite(layer.xmin)
     if not ok:
         return None
@@ -228,8 +230,17 @@ def _fit_curve(
     xmax = float(layer.xmax) if _finite(layer.xmax) else float(lam.max())
     share = float(np.count_nonzero(lam >= xmin)) / lam.size
     xs = np.geomspace(xmin, max(xmax, xmin * 1.0001), 50)
-    ys = share * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
-    return xs, ys, alpha, xmin
+    if layer.Lambda is not None or not alpha > 1.0:
+        # imported here: scipy.optimize is no cost of the default (power-law) plots
+        from spectra.analysis.tpl import bounded_pl_pdf, tpl_pdf
+    if layer.Lambda is not None:
+        ys = share * tpl_pdf(xs, alpha, float(layer.Lambda), xmin)
+        return xs, ys, f"truncated power law α = {alpha:.3g}, Λ = {layer.Lambda:.3g}", xmin
+    if not alpha > 1.0:
+        ys = share * bounded_pl_pdf(xs, alpha, xmin, max(xmax, xmin * 1.0001))
+    else:
+        ys = share * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
+    return xs, ys, f"power law α = {alpha:.3g}", xmin
 
 
 # --------------------------------------------------------------------------------------------

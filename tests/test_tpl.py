@@ -296,3 +296,33 @@ def test_tpl_alpha_raises_no_alpha_band_warning() -> None:
     lm = layer_metrics(S, (64, 60), MatrixMeta("w"), fit_options=FitOptions(fit="TPL"))
     assert lm.Lambda is not None and lm.alpha < 2  # the power law's band would say over-trained
     assert "over-trained" not in lm.warnings and "under-trained" not in lm.warnings
+
+
+def test_tail_densities_are_normalized() -> None:
+    from scipy import integrate
+
+    from spectra.analysis.tpl import bounded_pl_pdf, tpl_pdf
+
+    for alpha, lam in ((0.64, 0.1), (2.4, 0.002), (3.1, 0.0)):
+        total, _ = integrate.quad(
+            lambda x, a=alpha, k=lam: float(tpl_pdf(np.array([x]), a, k, 2.0)[0]), 2.0, np.inf
+        )
+        assert total == pytest.approx(1.0, rel=1e-8), (alpha, lam)
+    for alpha in (0.5, 1.0, 1.96):
+        total, _ = integrate.quad(
+            lambda x, a=alpha: float(bounded_pl_pdf(np.array([x]), a, 2.0, 40.0)[0]), 2.0, 40.0
+        )
+        assert total == pytest.approx(1.0, rel=1e-8), alpha
+
+
+def test_esd_plot_draws_the_tpl(minilm_path: Path, esds: dict[str, np.ndarray]) -> None:
+    from spectra.reports.plots import EsdCanvas, esd_figure
+
+    key = "encoder.layer.0.attention.self.query.weight"
+    opts = AnalyzeOptions(include=(key,), device="cpu", outliers=False, fit="E_TPL")
+    an = analyze(minilm_path, opts, cache=None)
+    canvas = EsdCanvas()
+    assert esd_figure(an.esds[key], an.layer(key), canvas) is not None
+    ys = np.asarray(canvas.fit.get_ydata())
+    assert np.all(np.isfinite(ys)) and np.all(ys > 0)
+    assert canvas.fit.get_label().startswith("truncated power law α = ")

@@ -140,6 +140,23 @@ def search_xmin(
     return TailSearch(int(cands[best]), fits[best], ds)
 
 
+def tpl_pdf(x: np.ndarray, alpha: float, Lambda: float, xmin: float) -> np.ndarray:
+    """The fitted TPL's density at `x` (>= xmin), normalized on [xmin, inf); Lambda = 0 is the
+    power law (alpha > 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    z = Lambda * xmin
+    log_g = _log_g(1.0 - alpha, z)
+    log_norm = (1.0 - alpha) * math.log(xmin) + log_g - z  # ln of the integral
+    return np.exp(-alpha * np.log(x) - Lambda * x - log_norm)
+
+
+def bounded_pl_pdf(x: np.ndarray, alpha: float, xmin: float, xmax: float) -> np.ndarray:
+    """The power law's density at `x`, normalized on [xmin, xmax] (any alpha)."""
+    x = np.asarray(x, dtype=np.float64)
+    log_norm = math.log(xmin) + _log_bounded_norm(alpha, math.log(xmax / xmin))
+    return np.exp(-alpha * np.log(x / xmin) - log_norm)
+
+
 # ------------------------------------------------------------------ the TPL profile
 
 
