@@ -74,15 +74,22 @@ def fit_tpl_at(tail: np.ndarray) -> TailModelFit:
     if n < 2 or not r > 1.0:
         return TailModelFit(math.nan, math.nan, -math.inf, 1.0, n, False)
 
+    last: list[float | None] = [None]  # the previous alpha's z: Newton's start for the next
+
+    def best_z(alpha: float) -> float | None:
+        z = _best_z(alpha, r, last[0])
+        last[0] = z if z else None
+        return z
+
     def neg_profile(alpha: float) -> float:
-        z = _best_z(alpha, r)
+        z = best_z(alpha)
         return -_loglik(alpha, z, n, u, r) if z is not None else math.inf
 
     res = optimize.minimize_scalar(
         neg_profile, bounds=(ALPHA_MIN, ALPHA_MAX), method="bounded", options={"xatol": XATOL}
     )
     alpha = float(res.x)
-    z = _best_z(alpha, r)
+    z = best_z(alpha)
     inside = ALPHA_MIN + _BOUND_SLACK < alpha < ALPHA_MAX - _BOUND_SLACK
     if z is None or not math.isfinite(res.fun) or not inside:
         return TailModelFit(alpha, math.nan, -math.inf, 1.0, n, False)
@@ -178,14 +185,20 @@ def _log_mean_ratio(alpha: float, z: float) -> float:
     return log_scaled_upper_gamma(2.0 - alpha, z) - log_scaled_upper_gamma(1.0 - alpha, z)
 
 
-def _best_z(alpha: float, r: float) -> float | None:
+def _best_z(alpha: float, r: float, start: float | None = None) -> float | None:
     """z = Lambda xmin maximizing the likelihood at this alpha: the root of E[x]/xmin = r, or 0
-    when even Lambda = 0 gives a mean <= r (possible only for alpha > 2). None: no finite fit."""
+    when even Lambda = 0 gives a mean <= r (possible only for alpha > 2). None: no finite fit.
+    `start`: a nearby root (the previous alpha's) for Newton; else, or when Newton does not
+    converge, bracketing and Brent's method."""
     if alpha > 2.0 and (alpha - 1.0) / (alpha - 2.0) <= r:
         return 0.0
     log_r = math.log(r)
     if alpha > 1.0 and _log_mean_ratio(alpha, _Z_MIN) <= log_r:
         return 0.0
+    if start is not None:
+        t = _newton_log_z(alpha, log_r, math.log(start))
+        if t is not None:
+            return math.exp(t)
     hi = 1.0
     while _log_mean_ratio(alpha, hi) > log_r:  # E[x] falls to xmin as z grows
         hi *= 4.0
@@ -200,6 +213,32 @@ def _best_z(alpha: float, r: float) -> float | None:
         rtol=4 * np.finfo(float).eps,
     )
     return math.exp(t)
+
+
+_NEWTON_STEPS = 40
+_NEWTON_MAX_STEP = 2.0  # in ln z
+
+
+def _newton_log_z(alpha: float, log_r: float, t: float) -> float | None:
+    """Newton's method on t = ln z for ln(E[x]/xmin) = ln r, from `t`: the slope is
+    d ln m / d ln z = 1/G(1 - alpha, z) - 1/G(2 - alpha, z) - 1 (< 0: m falls with z), from
+    d ln G(s, z)/dz = 1 - s/z - 1/(z G(s, z)). None when it leaves the domain or does not
+    converge in _NEWTON_STEPS."""
+    for _ in range(_NEWTON_STEPS):
+        z = math.exp(t)
+        log_g1 = log_scaled_upper_gamma(1.0 - alpha, z)
+        log_g2 = log_scaled_upper_gamma(2.0 - alpha, z)
+        f = log_g2 - log_g1 - log_r
+        slope = math.exp(-log_g1) - math.exp(-log_g2) - 1.0
+        if not (math.isfinite(f) and slope < 0):
+            return None
+        step = max(-_NEWTON_MAX_STEP, min(_NEWTON_MAX_STEP, f / slope))
+        t -= step
+        if abs(step) <= 1e-13 * max(1.0, abs(t)):
+            return t
+        if t < math.log(_Z_MIN) or t > math.log(1e12):
+            return None
+    return None
 
 
 def _tpl_ks(tail: np.ndarray, alpha: float, z: float) -> float:
