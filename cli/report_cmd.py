@@ -248,7 +248,8 @@ def report_cmd(
         typer.Option(
             "--fit",
             help="'PL' (power law), 'TPL' (truncated power law x^-alpha e^-Lambda x: alpha and "
-            "Lambda columns; a full xmin search, ~2 s per 384-eigenvalue matrix) or 'E_TPL' "
+            "Lambda columns; one fit per xmin candidate: ~1 s per 384-eigenvalue matrix, growing "
+            "as N^2) or 'E_TPL' "
             "(TPL with xmin searched near the ESD's peak, as --fix-fingers xmin_peak); "
             "WeightWatcher's fit.",
         ),
