@@ -27,7 +27,8 @@ import torch
 
 from spectra.analysis.htsr import numerical_rank, rank_tolerance
 from spectra.errors import NumericalError, ValidationError
-from spectra.linalg.exact import gram_left_svd, gram_svdvals
+from spectra.linalg.checks import all_finite
+from spectra.linalg.exact import gram_left_svd, gram_svdvals, gram_svdvals_diff
 
 RANK_RTOL_RULE = "S_i > S_1 * max(m, n) * eps32 (eps32 = 1.19e-7)"
 ENERGY_LEVEL = 0.99
@@ -164,9 +165,11 @@ def left_singular(w: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     """(U (m, M or top), S (M,)) of one (m, n) matrix, M = min(m, n), in float64 (float32 on MPS).
 
     The float64 Gram-eigenvector route (`spectra.linalg.exact.gram_left_svd`): the comparison
-    needs left vectors and all values, never the right vectors, so no full SVD is taken.
+    needs left vectors and all values, never the right vectors, so no full SVD is taken. `w` may
+    be in any floating dtype (upcast exactly, without a float64 copy besides the QR's buffer);
+    the full U of a tall matrix is column-major.
     """
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise NumericalError(f"a {tuple(w.shape)} matrix has NaN/Inf entries; cannot take its SVD")
     return gram_left_svd(w, top=top)
 
@@ -177,6 +180,15 @@ def update_svdvals(dw: torch.Tensor) -> torch.Tensor:
     if dw.device.type == "mps":
         return torch.linalg.svdvals(dw)
     return gram_svdvals(dw[None])[0]
+
+
+def update_svdvals_between(w_base: torch.Tensor, w_ft: torch.Tensor) -> torch.Tensor:
+    """`update_svdvals(w_ft - w_base)` with the same bits (float64 inputs or exact upcasts), but
+    dW formed one float64 slice at a time (`gram_svdvals_diff`): no copy of dW, and none of the
+    inputs in float64, for a large pair. Both (m, n), any floating dtype, finite."""
+    if w_base.device.type == "mps":
+        return torch.linalg.svdvals(w_ft.to(torch.float32) - w_base.to(torch.float32))
+    return gram_svdvals_diff(w_ft, w_base)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,18 @@
 
 `compare_pair(w_base, w_ft | lora=(A, B, scale))` -> `PairResult`. Definitions: methods.md
 section 3 and the docstrings of spectra.analysis.intruders / drift / forensics.
+
+Memory: the inputs stay in the dtype they come in (the compare job reads them as stored, or as
+float32); everything is computed in float64 from exact upcasts of slices, so a pair's working
+memory is its two inputs, one float64 `m x min(m, n)` array (the QR buffer of a tall matrix,
+which becomes the base's U; or the base's U from the cache), a few float64 `M x M` matrices
+and float64 slices of at most GRAM_SLICE_BYTES (spectra.linalg.exact). The fine-tune's top
+vectors are taken before the base's full U, so the two QR buffers never coexist.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +26,7 @@ from spectra.analysis.drift import (
     lowrank_update_svd,
     subspace_drift,
     update_stats,
-    update_svdvals,
+    update_svdvals_between,
 )
 from spectra.analysis.forensics import UNCHANGED_TOL, classify_update
 from spectra.analysis.intruders import (
@@ -30,9 +37,12 @@ from spectra.analysis.intruders import (
 )
 from spectra.analysis.powerlaw import fit_powerlaw
 from spectra.errors import NumericalError, ValidationError
+from spectra.linalg.checks import all_finite
 from spectra.linalg.decompose import nonfinite_counts
+from spectra.linalg.exact import GRAM_SLICE_BYTES
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, n), B (m, r), scale
+BaseSvd = tuple[torch.Tensor, torch.Tensor]  # U (m, M), S (M,) of the base matrix
 
 
 @dataclass(frozen=True)
@@ -120,13 +130,16 @@ def compare_pair(
     k: int = DEFAULT_K,
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     unchanged_tol: float = UNCHANGED_TOL,
-    base_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
+    base_svd: BaseSvd | Callable[[], BaseSvd | None] | None = None,
 ) -> PairResult:
     """Compare one fine-tuned matrix with its base (pure; computed in float64).
 
-    w_base: (m, n). Exactly one of `w_ft` (m, n), or `lora` = (A (r, n), B (m, r), scale) with
+    w_base: (m, n), any floating dtype (bf16, fp16, float32, float64: upcast exactly, slice by
+    slice). Exactly one of `w_ft` (m, n), or `lora` = (A (r, n), B (m, r), scale) with
     W_ft = W_base + scale * B @ A (then dW's spectrum comes from the factors).
-    base_svd: optional precomputed (U (m, M), S (M,)) of w_base (e.g. from a cache).
+    base_svd: optional precomputed (U (m, M), S (M,)) of w_base (e.g. from a cache), or a
+    function returning it or None, called after the fine-tune's vectors are taken (so a cached
+    U is not held during the fine-tune's QR).
     k is capped at min(m, n).
     """
     if (w_ft is None) == (lora is None):
@@ -138,23 +151,25 @@ def compare_pair(
     sides += [("the LoRA factor of", meta.ft_key, t) for t in lora[:2]] if lora is not None else []
     _check_finite(sides)
     dtype = torch.float32 if w_base.device.type == "mps" else torch.float64
-    w0 = w_base.to(dtype)
+    w0 = w_base
     if lora is not None:
         a, b, scale = lora
         _check_factors(a, b, shape, meta.key)
         u_dw, s_dw, _ = lowrank_update_svd(a.to(w0.device), b.to(w0.device), scale)
-        w1 = w0 + float(scale) * (b.to(w0) @ a.to(w0))  # formed for intruder detection only
+        w1 = _merged(w0, a, b, float(scale), dtype)  # formed for intruder detection only
     else:
-        w1 = w_ft.to(device=w0.device, dtype=dtype)  # type: ignore[union-attr]
+        w1 = w_ft.to(device=w0.device)  # type: ignore[union-attr]
         if tuple(w1.shape) != shape:
             raise ValidationError(f"{meta.key}: base is {shape}, fine-tune is {tuple(w1.shape)}")
-        s_dw = update_svdvals(w1 - w0)
+        s_dw = update_svdvals_between(w0, w1)
     kk = min(k, min(shape))
-    u0, s0 = base_svd if base_svd is not None else left_singular(w0)
-    # One memory layout whether U was computed or read from the cache: same bits either way.
-    u0 = u0.contiguous()
     u1, s1 = left_singular(w1, top=kk)
-    update = update_stats(s_dw, shape=shape, base_fro=float(torch.linalg.norm(w0)), k=kk)
+    del w1
+    given = base_svd() if callable(base_svd) else base_svd
+    # U in whichever layout it comes (column-major from the QR, row-major from the cache): the
+    # products below are layout-independent in their bits (tested), so no copy of U is made.
+    u0, s0 = given if given is not None else left_singular(w0)
+    update = update_stats(s_dw, shape=shape, base_fro=_fro(w0, dtype), k=kk)
     intr = intruder_dimensions(u1[:, :kk], u0.to(u1), epsilons)
     return PairResult(
         key=meta.key,
@@ -171,11 +186,41 @@ def compare_pair(
     )
 
 
+def _rows_per_slice(n: int) -> int:
+    """Rows of an (m, n) matrix in one float64 slice of at most GRAM_SLICE_BYTES."""
+    return max(1, GRAM_SLICE_BYTES // (8 * max(1, n)))
+
+
+def _fro(w: torch.Tensor, dtype: torch.dtype) -> float:
+    """||w||_F in `dtype`: one reduction of the upcast matrix when it fits one slice (the bits of
+    `torch.linalg.norm(w.to(dtype))`), else the root of the summed squares of row slices."""
+    step = _rows_per_slice(int(w.shape[1]))
+    if w.shape[0] <= step:
+        return float(torch.linalg.norm(w.to(dtype)))
+    total = sum(
+        float(torch.linalg.norm(w[i : i + step].to(dtype))) ** 2 for i in range(0, w.shape[0], step)
+    )
+    return total**0.5
+
+
+def _merged(
+    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """W_base + scale * B @ A in `dtype`, formed by row slices (the bits of the whole-matrix
+    expression: each row of B @ A is its own product)."""
+    a, b = a.to(device=w0.device, dtype=dtype), b.to(device=w0.device, dtype=dtype)
+    out = torch.empty(tuple(w0.shape), dtype=dtype, device=w0.device)
+    step = _rows_per_slice(int(w0.shape[1]))
+    for i in range(0, w0.shape[0], step):
+        out[i : i + step] = w0[i : i + step].to(dtype) + scale * (b[i : i + step] @ a)
+    return out
+
+
 def _check_finite(sides: Sequence[tuple[str, str, torch.Tensor]]) -> None:
     """One-line NumericalError for the first side with NaN/Inf entries: no decomposition of it
     means anything, and the user can leave the matrix out."""
     for what, key, t in sides:
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             name = key if len(key) <= 200 else key[:197] + "..."
             raise NumericalError(
                 f"{what} {name} has {nonfinite_counts(t)}: its spectrum is undefined; leave it "

@@ -251,14 +251,13 @@ def _compare_one(
     dtype = torch.float32 if dev.type == "mps" else torch.float64
     # the cache key before the read, so the base's U is cached only for the bytes read here
     key = content_key_of(base, ref, job.cache) if job.cache is not None else None
-    w0 = base.read(ref, dtype=dtype, device=str(dev))
+    w0 = read_side(base, ref, dev)
     w1, lora = None, None
     if isinstance(finetuned, LoraAdapter):
         a, b, scale = finetuned.read_factors(ft_key, dtype=dtype, device=str(dev))
         lora = (a, b, float(scale))
     else:
-        w1 = finetuned.read(ft_key, dtype=dtype, device=str(dev))
-    svd0 = base_svd(key, w0, job.cache)
+        w1 = read_side(finetuned, ft_key, dev)
     return compare_pair(
         w0,
         w1,
@@ -267,8 +266,23 @@ def _compare_one(
         k=opts.k,
         epsilons=opts.epsilons,
         unchanged_tol=opts.unchanged_tol,
-        base_svd=svd0,
+        base_svd=partial(base_svd, key, w0, job.cache),  # after the fine-tune's vectors
     )
+
+
+# Read as stored: compare_pair upcasts these exactly, slice by slice (a bf16 32000 x 2048 matrix is
+# held as 125 MiB, not as a 500 MiB float64 copy); anything else (fp8; quantized and GGUF
+# matrices decode to float32) as float32, which holds its values exactly.
+AS_STORED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def read_side(ckpt: Checkpoint, ref: MatrixRef | str, device: torch.device) -> torch.Tensor:
+    """One side of a pair as compare_pair takes it: in its stored float dtype when that is one
+    of AS_STORED, else float32 (always float32 on MPS, which has no float64)."""
+    if device.type == "mps":
+        return ckpt.read(ref, dtype=torch.float32, device=str(device))
+    w = ckpt.read(ref, dtype=None, device=str(device))
+    return w if w.dtype in AS_STORED else w.to(torch.float32)
 
 
 # U from the float64 Gram eigenvectors (drift.left_singular); entries stored by the earlier
@@ -288,8 +302,9 @@ def base_svd(
     content.confirm()  # w0 is the version of the bytes the key names
     key = cache.entry_key(content.text, BASE_SVD_PARAMS)
     hit = cache.get(key)
-    if hit is not None and hit.U is not None and hit.U.dtype == w0.dtype:
-        return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=w0.dtype)
+    work = torch.float32 if w0.device.type == "mps" else torch.float64  # left_singular's dtype
+    if hit is not None and hit.U is not None and hit.U.dtype == work:
+        return hit.U.to(w0.device), hit.values.to(device=w0.device, dtype=work)
     u, s = left_singular(w0)
     spec = Spectrum(
         values=s.cpu().to(torch.float64),

@@ -49,6 +49,15 @@ def work_dtype(W: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 FINITE_CHUNK = 1 << 22
 
 
+def all_finite(W: torch.Tensor) -> bool:
+    """Whether every entry of `W` is finite, tested in row slices of about FINITE_CHUNK entries
+    (no temporary the size of W; a matrix may be a strided view, e.g. transposed)."""
+    rows = W if W.ndim == 2 else W.reshape(-1, 1)
+    step = max(1, FINITE_CHUNK // max(1, rows.shape[1]))
+    starts = range(0, rows.shape[0], step)
+    return all(bool(torch.isfinite(rows[i : i + step]).all()) for i in starts)
+
+
 def check_finite(W: torch.Tensor, names: Sequence[str] | None = None) -> None:
     """Raise NumericalError naming the first matrix of the batch `W (b, m, n)` with NaN/Inf.
     Tested in slices of FINITE_CHUNK entries per matrix, so the temporaries stay small."""

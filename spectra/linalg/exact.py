@@ -14,7 +14,7 @@ Routes (docs/methods.md section 1):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -134,17 +134,72 @@ def _chunked_gram(W: torch.Tensor, block: int, device: torch.device) -> torch.Te
     """
     b, m, n = W.shape
     tall = m >= n
+
+    def part(start: int, stop: int) -> torch.Tensor:
+        piece = W[:, start:stop, :] if tall else W[:, :, start:stop]
+        return piece.to(device, torch.float64)
+
+    return _gram_of_slices(part, (b, m, n), block, device)
+
+
+def _gram_of_slices(
+    part: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, int, int],
+    block: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The chunked Gram matrix of `_chunked_gram` for a `(b, m, n)` matrix given by its float64
+    slices: `part(start, stop)` is `(b, stop - start, n)` (tall) or `(b, m, stop - start)`
+    (wide), on `device`."""
+    b, m, n = shape
+    tall = m >= n
     M, L = (n, m) if tall else (m, n)
     G = torch.zeros((b, M, M), dtype=torch.float64, device=device)
     step = max(1, int(block))
     for start in range(0, L, step):
-        part = W[:, start : start + step, :] if tall else W[:, :, start : start + step]
-        part = part.to(device, torch.float64)  # (b, step, M) tall, (b, M, step) wide
-        P = part if tall else part.mT  # (b, step, M): G += P^T P
+        piece = part(start, min(start + step, L))  # (b, step, M) tall, (b, M, step) wide
+        P = piece if tall else piece.mT  # (b, step, M): G += P^T P
         for j in range(0, M, GRAM_PANEL):
             G[:, j:, j : j + GRAM_PANEL].baddbmm_(P[:, :, j:].mT, P[:, :, j : j + GRAM_PANEL])
-        del part, P
+        del piece, P
     return G
+
+
+def gram_svdvals_diff(W1: torch.Tensor, W0: torch.Tensor) -> torch.Tensor:
+    """`(min(m, n),)` float64 singular values of the difference `W1 - W0` of two `(m, n)`
+    matrices, as `gram_svdvals((W1 - W0)[None])[0]` computes them on float64 inputs, bit for bit,
+    but without a float64 copy of either matrix or of the difference when the difference is
+    over GRAM_SLICE_BYTES in float64: its Gram matrix is summed over slices of the long side,
+    each slice of `W1 - W0` formed in float64 (exact upcasts, one rounding per entry, as for
+    float64 inputs). W1 and W0 may be in any floating dtype. No validation: callers check shapes
+    and finiteness.
+
+    >>> A, B = torch.randn(300, 20), torch.randn(300, 20)
+    >>> d = (A.double() - B.double())[None]
+    >>> torch.equal(gram_svdvals_diff(A, B), gram_svdvals(d)[0])
+    True
+    """
+    dev = W1.device
+    m, n = (int(x) for x in W1.shape)
+    block = gram_block((1, m, n))
+    if block is None and min(m, n) > GRAM_PANEL:
+        block = max(m, n)  # one slice, lower triangle only (as gram_svdvals)
+    if block is None:
+        D = (W1.to(dev, torch.float64) - W0.to(dev, torch.float64))[None]
+        G = D.mT @ D if m >= n else D @ D.mT
+        del D
+    else:
+        tall = m >= n
+
+        def part(start: int, stop: int) -> torch.Tensor:
+            rows = slice(start, stop) if tall else slice(None)
+            cols = slice(None) if tall else slice(start, stop)
+            d = W1[rows, cols].to(dev, torch.float64, copy=True)  # never W1 itself
+            return d.sub_(W0[rows, cols].to(dev, torch.float64))[None]  # two slices at a time
+
+        G = _gram_of_slices(part, (1, m, n), block, dev)
+    ev = torch.linalg.eigvalsh(G)[0]  # ascending
+    return ev.clamp_min(0).sqrt().flip(-1)
 
 
 def gram_eigh(
@@ -172,13 +227,21 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     """Left singular vectors and all singular values of one `W (m, n)` from a float64 symmetric
     eigendecomposition (float32 on devices without float64): `U (m, M')`, `S (M,)` descending,
     `M = min(m, n)`; `U` has `M` columns, or the first `top` of them when `top` is given.
-    No validation: callers check finiteness. Used by compare (drift.py), where the left vectors
-    of a tall matrix must stay orthonormal; `exact_svd_slice` is the two-sided slice of init.
+    W may be in any floating dtype (upcast exactly). No validation: callers check finiteness.
+    Used by compare (drift.py), where the left vectors of a tall matrix must stay orthonormal;
+    `exact_svd_slice` is the two-sided slice of init.
 
-    - wide or square (m <= n): `eigh(W W^T)`, an (m, m) problem whose eigenvectors are U.
+    - wide or square (m <= n): `eigh(W W^T)`, an (m, m) problem whose eigenvectors are U. The
+      Gram matrix is one product when W in float64 fits GRAM_SLICE_BYTES, else summed over
+      column slices of that size (no float64 copy of W).
     - tall (m > n): thin QR `W = Q R`, then `eigh(R R^T)` (n, n) (`= Q^T W W^T Q`), `U = Q U_R`:
       never an (m, m) problem, and U stays orthonormal to working precision (`W V / S` would lose
-      orthogonality on the small singular values).
+      orthogonality on the small singular values). On the CPU the QR runs in one float64
+      column-major buffer that W is upcast into (LAPACK's geqrf and orgqr in place), and the full
+      U is written back into that buffer in row blocks of GRAM_SLICE_BYTES (`U = Q U_R`, the same
+      bits as one product): one `m x n` float64 array in all, where the route through
+      `torch.linalg.qr` held three (the float64 copy of W, Q, then U). The full U is then
+      column-major (as LAPACK's Q); `top` vectors are a new row-major `(m, top)` array.
 
     Accuracy (methods.md section 1): values carry the Gram route's absolute error `eps * S_1^2` on
     `S_i^2`; a vector `u_i` is accurate to about `eps * S_1^2 / gap_i`, where `gap_i` is the
@@ -193,15 +256,54 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     >>> torch.allclose(S, torch.linalg.svdvals(W)) and U.shape == (40, 7)
     True
     """
-    W64 = W.to(torch.float32 if W.device.type == "mps" else torch.float64)  # MPS: no float64
-    m, n = W64.shape
+    m, n = (int(x) for x in W.shape)
+    if W.device.type == "mps":  # no float64, no in-place LAPACK: the plain float32 route
+        return _left_svd_plain(W.to(torch.float32), top)
+    if m <= n:
+        block = gram_block((1, m, n))
+        G = _chunked_gram(W[None], block, W.device)[0] if block is not None else None
+        if G is None:
+            W64 = W.to(torch.float64)
+            G = W64 @ W64.mT  # (m, m)
+            del W64
+        S, U = gram_eigh(G, m if top is None else max(0, min(int(top), m)))
+        return U.contiguous(), S
+    if W.device.type != "cpu":
+        return _left_svd_plain(W.to(torch.float64), top)
+    Q, R = _qr_in_place(W)
+    S, U = gram_eigh(R @ R.mT, n if top is None else max(0, min(int(top), n)))
+    del R
+    if top is not None:
+        return (Q @ U).contiguous(), S
+    step = max(1, GRAM_SLICE_BYTES // (8 * n))
+    for start in range(0, m, step):
+        Q[start : start + step] = Q[start : start + step] @ U
+    return Q, S
+
+
+def _qr_in_place(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall `W (m, n)` in one float64 column-major buffer: `(Q (m, n), R (n, n))`,
+    the same LAPACK calls (geqrf, orgqr) and bits as `torch.linalg.qr(W.double())`."""
+    m, n = (int(x) for x in W.shape)
+    buf = torch.empty((n, m), dtype=torch.float64, device=W.device).mT  # column-major (m, n)
+    buf.copy_(W)
+    tau = torch.empty(n, dtype=torch.float64, device=W.device)
+    torch.geqrf(buf, out=(buf, tau))
+    R = buf[:n].triu()
+    torch.linalg.householder_product(buf, tau, out=buf)
+    return buf, R
+
+
+def _left_svd_plain(W: torch.Tensor, top: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gram_left_svd` on a device without in-place LAPACK (MPS, CUDA): `W` in its working
+    dtype, one product or `torch.linalg.qr`."""
+    m, n = W.shape
     basis = None
     if m <= n:
-        G = W64 @ W64.mT  # (m, m)
+        G = W @ W.mT  # (m, m)
     else:
-        basis, R = torch.linalg.qr(W64)  # (m, n), (n, n)
+        basis, R = torch.linalg.qr(W)  # (m, n), (n, n)
         G = R @ R.mT
-    del W64
     M = int(G.shape[0])
     S, U = gram_eigh(G, M if top is None else max(0, min(int(top), M)))
     if basis is not None:
