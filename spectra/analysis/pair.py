@@ -186,6 +186,24 @@ def compare_pair(
     )
 
 
+def pair_working_bytes(shape: tuple[int, int], itemsize: int, *, lora: bool = False) -> int:
+    """compare's working memory for one (m, n) pair, the process's fixed cost aside: both sides
+    as read (`itemsize` bytes per entry; a LoRA fine-tune adds its float64 merge), one float64
+    `m x M` array (M = min(m, n): the QR buffer of a tall matrix that becomes the base's U, or
+    the base's U itself), six float64 `M x M` (R, the Gram matrix, eigh's copy, its workspace
+    (LAPACK syevd: 2 M^2) and the ordered eigenvectors) and two float64 slices of at most
+    GRAM_SLICE_BYTES. The stages that need the slices (the update's Gram matrix, the norm) hold
+    no QR buffer, so this bounds every stage.
+
+    >>> round(pair_working_bytes((32000, 2048), 2) / 2**20)  # a bf16 embedding pair
+    1070
+    """
+    m, n = (int(x) for x in shape)
+    M = min(m, n)
+    sides = 2 * itemsize * m * n + (8 * m * n if lora else 0)
+    return sides + 8 * m * M + 6 * 8 * M * M + 2 * min(GRAM_SLICE_BYTES, 8 * m * n)
+
+
 def _rows_per_slice(n: int) -> int:
     """Rows of an (m, n) matrix in one float64 slice of at most GRAM_SLICE_BYTES."""
     return max(1, GRAM_SLICE_BYTES // (8 * max(1, n)))

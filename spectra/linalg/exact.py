@@ -271,8 +271,10 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     if W.device.type != "cpu":
         return _left_svd_plain(W.to(torch.float64), top)
     Q, R = _qr_in_place(W)
-    S, U = gram_eigh(R @ R.mT, n if top is None else max(0, min(int(top), n)))
-    del R
+    G = R @ R.mT
+    del R  # not held while eigh works
+    S, U = gram_eigh(G, n if top is None else max(0, min(int(top), n)))
+    del G
     if top is not None:
         return (Q @ U).contiguous(), S
     step = max(1, GRAM_SLICE_BYTES // (8 * n))
