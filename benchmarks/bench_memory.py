@@ -12,12 +12,17 @@ for that child (``os.wait4``), so nothing of this script's own memory is counted
   randomized route converges); ``spectra init --method pissa --rank 16`` on every matrix, and on
   ``up_proj`` alone (``--targets up``); PEFT ``get_peft_model(init_lora_weights="pissa")`` (exact
   full SVD) on the same model loaded with transformers (``--peft``; minutes of CPU per matrix).
-- ``compare``: base and fine-tune each with a 32000 x 2048 embedding and lm_head (float32; the
-  fine-tune = base + a rank-8 update + 1e-4 noise); ``spectra compare``.
+- ``compare``: base and fine-tune each with a 32000 x 2048 embedding and lm_head (stored as
+  ``--compare-dtypes``, bf16 and float32 by default; the fine-tune = base + a rank-8 update +
+  1e-4 noise); ``spectra compare``. Each row also states compare's working memory of the
+  largest pair (``compare_working_mib``: what compare holds for one pair by design, see
+  spectra/analysis/pair.py) and the bound ``fixed + working`` the peak should stay under.
+  ``--exe`` measures another installation's ``spectra`` (e.g. main's, for a before/after).
 
     python benchmarks/bench_memory.py --workdir /tmp/spectra-mem            # init + compare
     python benchmarks/bench_memory.py --workdir /tmp/spectra-mem --peft     # + PEFT's pissa
     python benchmarks/bench_memory.py --workdir /tmp/m --hidden 512 --inter 1376 --vocab 4000
+    python benchmarks/bench_memory.py --workdir /tmp/m --what compare --exe /old/.venv/bin/spectra
 """
 
 from __future__ import annotations
@@ -82,9 +87,16 @@ def write_layer(folder: Path, hidden: int, inter: int) -> Path:
     return folder
 
 
-def write_compare_pair(folder: Path, vocab: int, hidden: int) -> tuple[Path, Path]:
-    """Base and fine-tune, each an embedding and an lm_head of (vocab, hidden) float32."""
-    base, ft = folder / "base.safetensors", folder / "ft.safetensors"
+DTYPES = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def write_compare_pair(
+    folder: Path, vocab: int, hidden: int, dtype: str = "float32"
+) -> tuple[Path, Path]:
+    """Base and fine-tune, each an embedding and an lm_head of (vocab, hidden) in `dtype`
+    (made in float32, then rounded: the fine-tune's update survives bf16 rounding)."""
+    tag = "" if dtype == "float32" else f"_{dtype}"
+    base, ft = folder / f"base{tag}.safetensors", folder / f"ft{tag}.safetensors"
     if base.exists() and ft.exists():
         return base, ft
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,13 +105,20 @@ def write_compare_pair(folder: Path, vocab: int, hidden: int) -> tuple[Path, Pat
         "model.embed_tokens.weight": _lowrank(vocab, hidden, gen, rank=256),
         "lm_head.weight": _lowrank(vocab, hidden, gen, rank=256),
     }
-    save_file(tensors, str(base))
+    save_file({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, str(base))
     for name, W in tensors.items():
         update = torch.randn(vocab, 8, generator=gen) @ torch.randn(8, hidden, generator=gen)
         W.add_(update, alpha=1e-3).add_(torch.randn(vocab, hidden, generator=gen), alpha=1e-4)
         tensors[name] = W
-    save_file(tensors, str(ft))
+    save_file({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, str(ft))
     return base, ft
+
+
+def compare_working_mib(m: int, n: int, itemsize: int) -> float:
+    """compare's stated working memory for one (m, n) pair (`pair_working_bytes`), MiB."""
+    from spectra.analysis.pair import pair_working_bytes
+
+    return pair_working_bytes((m, n), itemsize) / 2**20
 
 
 def peak_of(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -137,23 +156,32 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--embed", type=int, default=2048, help="compare: embedding width")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare-dtypes", default="bf16,float32", help="stored dtypes of the pair")
+    ap.add_argument("--exe", default=None, help="the spectra executable (default: this venv's)")
     ap.add_argument("--what", default="init,compare")
     ap.add_argument("--peft", action="store_true", help="also PEFT's exact pissa (slow)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    exe = str(Path(sys.executable).with_name("spectra"))
+    exe = args.exe or str(Path(sys.executable).with_name("spectra"))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     out = args.workdir / "runs"
     rows: list[dict[str, Any]] = []
 
-    def record(what: str, cmd: list[str]) -> None:
-        row = {"what": what, **peak_of(cmd, env)}
+    def record(what: str, cmd: list[str], bound: str = "") -> None:
+        load = os.getloadavg()[0]
+        row = {"what": what, **peak_of(cmd, env), "load": [load, os.getloadavg()[0]]}
         rows.append(row)
-        print(f"| {what} | {row['peak_mib']} | {row['seconds']} | {row['rc']} |", flush=True)
+        print(
+            f"| {what} | {row['peak_mib']} | {bound} | {row['seconds']} | "
+            f"{load:.1f}-{os.getloadavg()[0]:.1f} | {row['rc']} {' '.join(row['stderr'])} |",
+            flush=True,
+        )
 
     print(
         f"# {platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}, "
-        f"{args.threads} thread(s)\n\n| run | peak RSS MiB | seconds | rc |\n|---|---:|---:|---:|"
+        f"{args.threads} thread(s), {exe}\n\n"
+        "| run | peak RSS MiB | fixed + working MiB | seconds | load | rc |\n"
+        "|---|---:|---:|---:|---|---:|"
     )
     record("fixed: python + torch + spectra imports", [sys.executable, "-c", FIXED])
     wanted = args.what.split(",")
@@ -176,11 +204,22 @@ def main() -> None:
             record("PEFT pissa (exact), 7 matrices", [sys.executable, "-c", script, str(layer)])
             script = PEFT.format(threads=args.threads, targets=["up_proj"])
             record("PEFT pissa (exact), up_proj only", [sys.executable, "-c", script, str(layer)])
-    if "compare" in wanted:
-        base, ft = write_compare_pair(args.workdir / f"pair_{args.vocab}", args.vocab, args.embed)
+    fixed = rows[0]["peak_mib"]
+    if "compare" in wanted:  # the command's own fixed cost: a 64 x 32 pair, plots and all
+        base, ft = write_compare_pair(args.workdir / "pair_64", 64, 32)
         record(
-            f"spectra compare, embed + lm_head {args.vocab} x {args.embed}",
+            "fixed: spectra compare on a 64 x 32 pair",
             [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"],
+        )
+        fixed = rows[-1]["peak_mib"]
+    for dtype in args.compare_dtypes.split(",") if "compare" in wanted else ():
+        folder = args.workdir / f"pair_{args.vocab}"
+        base, ft = write_compare_pair(folder, args.vocab, args.embed, dtype)
+        working = compare_working_mib(args.vocab, args.embed, DTYPES[dtype].itemsize)
+        record(
+            f"spectra compare, embed + lm_head {args.vocab} x {args.embed} {dtype}",
+            [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"],
+            bound=f"{fixed:.0f} + {working:.0f} = {fixed + working:.0f}",
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
