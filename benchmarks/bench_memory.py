@@ -10,8 +10,10 @@ for that child (``os.wait4``), so nothing of this script's own memory is counted
   gate/up 11008 x 4096, down 4096 x 11008), float32 on disk, low-rank-plus-noise weights (a rank-64
   product with decaying scales plus 1e-3 noise, so the top-16 subspace is well defined and the
   randomized route converges); ``spectra init --method pissa --rank 16`` on every matrix, and on
-  ``up_proj`` alone (``--targets up``); PEFT ``get_peft_model(init_lora_weights="pissa")`` (exact
-  full SVD) on the same model loaded with transformers (``--peft``; minutes of CPU per matrix).
+  ``up_proj`` alone (``--targets up``); other weight-only methods with ``--init-methods``
+  (e.g. ``pissa,milora,olora``); PEFT ``get_peft_model(init_lora_weights="pissa")`` (exact
+  full SVD) on the same model loaded with transformers (``--peft``; minutes of CPU per matrix;
+  ``--peft-inits pissa,olora`` for other PEFT initializations).
 - ``compare``: base and fine-tune each with a 32000 x 2048 embedding and lm_head (stored as
   ``--compare-dtypes``, bf16 and float32 by default; the fine-tune = base + a rank-8 update +
   1e-4 noise); ``spectra compare``. Each row also states compare's working memory of the
@@ -143,7 +145,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 torch.set_num_threads({threads})
 model = AutoModel.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
-config = LoraConfig(r=16, lora_alpha=16, target_modules={targets!r}, init_lora_weights="pissa")
+config = LoraConfig(r=16, lora_alpha=16, target_modules={targets!r}, init_lora_weights={init!r})
 get_peft_model(model, config)
 """
 
@@ -157,9 +159,11 @@ def main() -> None:
     ap.add_argument("--embed", type=int, default=2048, help="compare: embedding width")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compare-dtypes", default="bf16,float32", help="stored dtypes of the pair")
+    ap.add_argument("--init-methods", default="pissa", help="init: weight-only methods to run")
     ap.add_argument("--exe", default=None, help="the spectra executable (default: this venv's)")
     ap.add_argument("--what", default="init,compare")
     ap.add_argument("--peft", action="store_true", help="also PEFT's exact pissa (slow)")
+    ap.add_argument("--peft-inits", default="pissa", help="PEFT init_lora_weights to run")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     exe = args.exe or str(Path(sys.executable).with_name("spectra"))
@@ -189,21 +193,20 @@ def main() -> None:
         layer = write_layer(
             args.workdir / f"llama_{args.hidden}_{args.inter}", args.hidden, args.inter
         )
-        common = ["--method", "pissa", "--rank", "16", "--device", "cpu", "--force"]
-        record(
-            f"spectra init pissa, 7 matrices {args.hidden}/{args.inter}",
-            [exe, "init", str(layer), *common, "--out", str(out / "init_all")],
-        )
-        record(
-            "spectra init pissa, up_proj only",
-            [exe, "init", str(layer), *common, "--targets", "up", "--out", str(out / "init_up")],
-        )
-        if args.peft:
+        for method in args.init_methods.split(","):
+            common = ["--method", method, "--rank", "16", "--device", "cpu", "--force"]
+            record(
+                f"spectra init {method}, 7 matrices {args.hidden}/{args.inter}",
+                [exe, "init", str(layer), *common, "--out", str(out / "init_all")],
+            )
+            up = ["--targets", "up", "--out", str(out / "init_up")]
+            record(f"spectra init {method}, up_proj only", [exe, "init", str(layer), *common, *up])
+        for init in args.peft_inits.split(",") if args.peft else ():
             names = [n.split(".")[-1] for n in SHAPES]
-            script = PEFT.format(threads=args.threads, targets=names)
-            record("PEFT pissa (exact), 7 matrices", [sys.executable, "-c", script, str(layer)])
-            script = PEFT.format(threads=args.threads, targets=["up_proj"])
-            record("PEFT pissa (exact), up_proj only", [sys.executable, "-c", script, str(layer)])
+            script = PEFT.format(threads=args.threads, targets=names, init=init)
+            record(f"PEFT {init}, 7 matrices", [sys.executable, "-c", script, str(layer)])
+            script = PEFT.format(threads=args.threads, targets=["up_proj"], init=init)
+            record(f"PEFT {init}, up_proj only", [sys.executable, "-c", script, str(layer)])
     fixed = rows[0]["peak_mib"]
     if "compare" in wanted:  # the command's own fixed cost: a 64 x 32 pair, plots and all
         base, ft = write_compare_pair(args.workdir / "pair_64", 64, 32)
