@@ -39,6 +39,7 @@ QUICK: dict[str, list[str]] = {
     "bench_longrun": ["--size-gb", "0.05", "--intermediate", "4096", "--threads", "1"],
     "bench_plots": ["--repeat", "1"],
     "bench_ww_options": ["--options", "default,xmax"],
+    "bench_expert_overlap": ["--shape", "256x512", "--experts", "2", "--threads", "1"],
     "bench_smooth": ["--jobs", "smooth,remove_traps", "--tools", "ours"],
     "bench_plan": [
         "--hidden",

@@ -215,3 +215,35 @@ def test_expert_stack_is_one_matrix_per_expert(tmp_path: Path) -> None:
         }
         for e, m in enumerate(mats):
             assert torch.equal(ckpt.read(m), torch.from_numpy(deq[e]))
+
+
+def test_moe_router_and_shared_expert_names(tmp_path: Path) -> None:
+    """llama.cpp's qwen2moe names: the router, the shared expert and its gate map to the
+    Hugging Face names and roles (router, shared_expert) a safetensors checkpoint has."""
+    rng = np.random.default_rng(5)
+
+    def f32(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    path = write_gguf(
+        tmp_path / "moe.gguf",
+        [
+            ("blk.0.ffn_gate_inp.weight", f32(4, 64), "F32"),
+            ("blk.0.ffn_gate_inp_shexp.weight", f32(1, 64), "F32"),
+            ("blk.0.ffn_gate_shexp.weight", f32(32, 64), "F32"),
+            ("blk.0.ffn_up_shexp.weight", f32(32, 64), "F32"),
+            ("blk.0.ffn_down_shexp.weight", f32(64, 32), "F32"),
+        ],
+        arch="qwen2moe",
+        ints={"qwen2moe.embedding_length": 64},
+    )
+    with Checkpoint.open(path) as ckpt:
+        got = {m.key: (m.role, m.expert, m.expert_role) for m in ckpt.matrices()}
+    p = "model.layers.0.mlp."
+    assert got == {
+        p + "gate.weight": ("router", None, None),
+        p + "shared_expert_gate.weight": ("router", None, None),
+        p + "shared_expert.gate_proj.weight": ("shared_expert", None, "gate"),
+        p + "shared_expert.up_proj.weight": ("shared_expert", None, "up"),
+        p + "shared_expert.down_proj.weight": ("shared_expert", None, "down"),
+    }
