@@ -104,6 +104,23 @@ DiskBudgetOpt = Annotated[
         show_default=False,
     ),
 ]
+BaseRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-revision",
+        help="Hub branch, tag or commit of BASE (same as org/name@REV).",
+        show_default=False,
+    ),
+]
+PairDiskBudgetOpt = Annotated[  # commands that read two checkpoints (compare, mitigate)
+    str | None,
+    typer.Option(
+        "--disk-budget",
+        help="Stream Hub repos within this much disk in all (e.g. 20GB, 500MiB): half for "
+        "each side; each shard is downloaded once and deleted after.",
+        show_default=False,
+    ),
+]
 OfflineOpt = Annotated[
     bool,
     typer.Option(

@@ -9,11 +9,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from spectra.cli._common import (
+    BaseRevisionOpt,
     DeviceOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
     OfflineOpt,
+    PairDiskBudgetOpt,
     ProgressLog,
     RolesOpt,
     ThreadsOpt,
@@ -80,14 +82,7 @@ def compare_cmd(
         ),
     ] = None,
     force: ForceOpt = False,
-    base_revision: Annotated[
-        str | None,
-        typer.Option(
-            "--base-revision",
-            help="Hub branch, tag or commit of BASE (same as org/name@REV).",
-            show_default=False,
-        ),
-    ] = None,
+    base_revision: BaseRevisionOpt = None,
     revision: Annotated[
         str | None,
         typer.Option(
@@ -96,15 +91,7 @@ def compare_cmd(
             show_default=False,
         ),
     ] = None,
-    disk_budget: Annotated[
-        str | None,
-        typer.Option(
-            "--disk-budget",
-            help="Stream Hub repos within this much disk in all (e.g. 20GB, 500MiB): half for "
-            "each side; each shard is downloaded once and deleted after.",
-            show_default=False,
-        ),
-    ] = None,
+    disk_budget: PairDiskBudgetOpt = None,
     offline: OfflineOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:

@@ -8,14 +8,20 @@ from typing import Annotated
 import typer
 
 from spectra.cli._common import (
+    BaseRevisionOpt,
     DeviceOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
+    OfflineOpt,
+    PairDiskBudgetOpt,
     RolesOpt,
+    ThreadsOpt,
+    cli_threads,
     console,
     err_console,
     handle_errors,
+    hub_options,
     is_interactive,
     one_line,
     split_csv,
@@ -87,6 +93,19 @@ def mitigate_cmd(
     roles: RolesOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
+    base_revision: BaseRevisionOpt = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            help="Hub branch, tag or commit of FINETUNED as a Hub checkpoint (same as "
+            "org/name@REV).",
+            show_default=False,
+        ),
+    ] = None,
+    disk_budget: PairDiskBudgetOpt = None,
+    offline: OfflineOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -105,7 +124,10 @@ def mitigate_cmd(
         allow_missing=allow_missing,
         device=device,
         check_base_name=not skip_base_check,
+        base_hub=hub_options(base_revision, disk_budget, offline, parts=2),
+        hub=hub_options(revision, disk_budget, offline, parts=2),
     )
+    n_threads = cli_threads(threads)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err_console, disable=not is_interactive()) as bar:
         task = bar.add_task("mitigating", total=None)
@@ -114,7 +136,16 @@ def mitigate_cmd(
             bar.update(task, completed=done, total=total)
 
         cache = Path(cache_dir).expanduser() if cache_dir else None
-        result = mitigate(base, finetuned, out, options, force=force, progress=tick, cache=cache)
+        result = mitigate(
+            base,
+            finetuned,
+            out,
+            options,
+            force=force,
+            progress=tick,
+            cache=cache,
+            threads=n_threads,
+        )
     if result.out is None:
         console.print(
             one_line(nothing_message(result)), highlight=False, markup=False, soft_wrap=True

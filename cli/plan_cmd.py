@@ -15,6 +15,8 @@ from spectra.cli._common import (
     NoCacheOpt,
     OfflineOpt,
     RevisionOpt,
+    ThreadsOpt,
+    cli_threads,
     console,
     handle_errors,
     hub_options,
@@ -178,6 +180,7 @@ def plan_cmd(
     revision: RevisionOpt = None,
     disk_budget: DiskBudgetOpt = None,
     offline: OfflineOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     from spectra.cli.report_cmd import ReportProgress
     from spectra.jobs.plan import PlanOptions, make_plan
@@ -185,6 +188,7 @@ def plan_cmd(
     from spectra.reports.plan import plan_html
 
     cache = _cache_arg(no_cache, cache_dir)
+    n_threads = cli_threads(threads)
     if html is not None:  # refused before any work, like --out
         check_output_file(html, force=force, protect=(source, cache_dir, out))
     hub = hub_options(revision, disk_budget, offline)
@@ -214,7 +218,9 @@ def plan_cmd(
         device=device,
     )
     with ReportProgress(enabled=not quiet and is_interactive()) as progress:
-        result = make_plan(source, options, cache=cache, progress=progress, hub=hub)
+        result = make_plan(
+            source, options, cache=cache, progress=progress, hub=hub, threads=n_threads
+        )
     if html is not None:
         write_output_file(html, plan_html(result.plan), force=force, protect=(source, out))
     if not quiet:

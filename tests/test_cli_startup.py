@@ -100,7 +100,7 @@ def test_thread_count_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert C.cli_threads(4) == 4
 
 
-@pytest.mark.parametrize("command", ["report", "compare", "init", "convert"])
+@pytest.mark.parametrize("command", ["report", "compare", "init", "convert", "plan", "mitigate"])
 def test_every_computing_command_takes_threads(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

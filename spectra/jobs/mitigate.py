@@ -27,7 +27,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,12 @@ from spectra.analysis.results import json_safe, runtime_versions
 from spectra.device import resolve_device
 from spectra.distributed.runtime import apply_threads
 from spectra.errors import ValidationError
-from spectra.export.residual import RESIDUAL_DTYPES, storage_dtype, write_residual_checkpoint
+from spectra.export.residual import (
+    RESIDUAL_DTYPES,
+    is_side_file,
+    storage_dtype,
+    write_residual_checkpoint,
+)
 from spectra.fields import check_fields, check_instance, check_value
 from spectra.formats.files import check_source
 from spectra.formats.peft import AdapterContent, PeftAdapter, read_peft_adapter, write_peft_adapter
@@ -63,6 +68,7 @@ from spectra.linalg.engine import content_key_of
 from spectra.outdir import atomic_output_dir, check_output_dir
 from spectra.sources.adapters import LoraAdapter
 from spectra.sources.checkpoint import Checkpoint, is_hub_source
+from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]  # (done, total, key of the matrix just finished)
@@ -90,7 +96,10 @@ class MitigateOptions:
     rank_policy: for an adapter, "extend" (rank r + directions, W' exactly) or "peft" (rank r,
     PEFT's reduce_intruder_dimension); map/include/exclude/roles/allow_missing/device: as in
     CompareOptions; check_base_name: refuse an adapter whose base_model_name_or_path names a
-    different Hub repo or a different local folder than BASE.
+    different Hub repo or a different local folder than BASE; base_hub, hub: how BASE and a
+    FINETUNED checkpoint given as Hub repo ids are opened (HubOptions: revision, disk budget,
+    offline; None: the defaults). Under a disk budget both sides are on disk at once: give each
+    its share. Not written into mitigation.json: the commits each side resolved to are.
     """
 
     lam: float = PEFT_DEFAULT_LAMBDA
@@ -104,6 +113,8 @@ class MitigateOptions:
     allow_missing: bool = False
     device: str = "auto"
     check_base_name: bool = True
+    base_hub: HubOptions | None = None
+    hub: HubOptions | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lam", check_lambda(self.lam))
@@ -201,6 +212,7 @@ class Mitigation:
     matrices: tuple[MatrixMitigation, ...]
     out: Path | None
     versions: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, str] = field(default_factory=dict)  # side -> Hub commit (Hub ids only)
 
     @property
     def changed(self) -> tuple[MatrixMitigation, ...]:
@@ -220,6 +232,7 @@ class Mitigation:
                 "mode": self.mode,
                 "options": self.options.to_dict(),
                 "versions": dict(self.versions),
+                **({"commits": dict(self.commits)} if self.commits else {}),
                 "matrices_examined": len(self.matrices),
                 "matrices_changed": len(self.changed),
                 "directions": self.directions,
@@ -268,12 +281,15 @@ def mitigate(
     apply_threads(threads)
     job = _Job(opts, resolve_device(opts.device), progress, Path(out), force, spectra_cache)
     adapter = _open_adapter(finetuned)
-    with Checkpoint.open(base) as base_ckpt:
+    with _open(base, opts.base_hub) as base_ckpt:
         if adapter is not None:
+            _refuse_adapter_revision(finetuned, opts.hub)
+            job = _with_commits(job, base=base_ckpt.commit)
             with adapter:
                 rows, written = _mitigate_adapter(job, base_ckpt, adapter, (base, finetuned))
         else:
-            with Checkpoint.open(finetuned) as ft_ckpt:
+            with _open(finetuned, opts.hub) as ft_ckpt:
+                job = _with_commits(job, base=base_ckpt.commit, finetuned=ft_ckpt.commit)
                 rows, written = _mitigate_checkpoint(job, base_ckpt, ft_ckpt, (base, finetuned))
     return Mitigation(
         base=str(base),
@@ -283,7 +299,30 @@ def mitigate(
         matrices=tuple(rows),
         out=written,
         versions=runtime_versions(),
+        commits=job.commits,
     )
+
+
+def _open(source: str | Path, hub: HubOptions | None) -> Checkpoint:
+    """`Checkpoint.open` with a side's Hub options (a revision for a local path is refused)."""
+    hub = hub or HubOptions()
+    return Checkpoint.open(
+        source, revision=hub.revision, local_only=hub.local_only, disk_budget=hub.disk_budget
+    )
+
+
+def _refuse_adapter_revision(finetuned: str | Path, hub: HubOptions | None) -> None:
+    """A revision names a commit of a Hub repo; a local adapter folder has none."""
+    if hub is not None and hub.revision is not None:
+        raise ValidationError(
+            f"revision={clip(hub.revision)} applies to a Hub repo, but {clip(str(finetuned))} is "
+            "a local adapter folder: drop the revision"
+        )
+
+
+def _with_commits(job: _Job, **sides: str | None) -> _Job:
+    """The job with the Hub commit of each side that has one (recorded in mitigation.json)."""
+    return replace(job, commits={side: sha for side, sha in sides.items() if sha})
 
 
 @dataclass(frozen=True)
@@ -294,6 +333,7 @@ class _Job:
     out: Path
     force: bool
     cache: SpectrumCache | None = None
+    commits: dict[str, str] = field(default_factory=dict)  # side -> Hub commit, for the report
 
 
 class _NothingToWrite(Exception):
@@ -497,7 +537,7 @@ def _mitigate_checkpoint(
     _check_writable([f_refs[f] for _, f in pairing.pairs], list(ft.files))
     rows: list[MatrixMitigation] = []
 
-    def replace(name: str) -> torch.Tensor | None:
+    def swap(name: str) -> torch.Tensor | None:
         if name not in todo:
             return None
         b_ref, f_ref = todo[name]
@@ -507,9 +547,14 @@ def _mitigate_checkpoint(
         return new
 
     single_file = Path(str(inputs[1])).expanduser().is_file()
+    if not single_file:  # a streamed Hub repo: its config and tokenizer files, beside
+        ft.fetch_side_files(is_side_file)
+    protect = (*inputs, *ft.files)
     try:
-        with atomic_output_dir(job.out, force=job.force, protect=inputs) as tmp:
-            write_residual_checkpoint(ft.files, tmp, replace, copy_files=not single_file)
+        with atomic_output_dir(job.out, force=job.force, protect=protect) as tmp:
+            write_residual_checkpoint(
+                list(ft.files), tmp, swap, copy_files=not single_file, opener=ft.open_shard
+            )
             if not any(r.changed for r in rows):
                 raise _NothingToWrite
             order = {b.key: i for i, (b, _) in enumerate(todo.values())}
@@ -587,6 +632,7 @@ def _report_text(
         matrices=tuple(rows),
         out=job.out.expanduser().absolute(),
         versions=runtime_versions(),
+        commits=job.commits,
     )
     return result.to_json() + "\n"
 

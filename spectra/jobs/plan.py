@@ -69,6 +69,7 @@ from spectra.analysis.powerlaw import fit_powerlaw
 from spectra.analysis.results import json_safe
 from spectra.analysis.snr import SpectrumSNR, spectrum_snr
 from spectra.device import resolve_device
+from spectra.distributed.runtime import apply_threads
 from spectra.errors import ValidationError
 from spectra.fields import check_fields, check_instance, check_value
 from spectra.formats.files import check_source
@@ -221,17 +222,21 @@ def make_plan(
     cache: CacheSpec = True,
     progress: Progress | None = None,
     hub: HubOptions | None = None,
+    threads: int | None = None,
 ) -> PlanResult:
     """Compute the ``options.kind`` plan of ``source`` (None: the bundled MiniLM) and write it.
 
     cache: True (default spectrum cache), False/None, a folder or a SpectrumCache.
     progress: the engine's ``progress(done, total, bytes_read)`` per matrix.
     hub: how a Hub repo id is opened (HubOptions: revision, disk_budget, local_only).
+    threads: torch's intra-op threads (or $SPECTRA_NUM_THREADS; None and neither: unchanged), as
+      `spectra report` sets them, so a plan's spectra are the bits a report's cache holds.
     """
     started = time.perf_counter()
     check_instance(options, PlanOptions, "options", optional=False)
     check_value(cache, CacheSpec, "cache")
     check_instance(hub, HubOptions, "hub")
+    apply_threads(threads)
     src = str(bundled_model_path() if source is None else source)
     check_source(src, "source")
     resolved = resolve_cache(cache)
