@@ -1,17 +1,24 @@
-"""`spectra plan` cost: cold (no cache) against `spectra report`'s spectra, and warm (from the cache
-a report filled) for every kind; optionally the reference tool cognitivecomputations/spectrum run
+"""`spectra plan` cost: cold (no cache) against `spectra report`, and warm (from the cache a
+report filled) for every kind; optionally the reference tool cognitivecomputations/spectrum run
 on the bundled MiniLM against `--for spectrum`.
 
     .venv/bin/python benchmarks/bench_plan.py [--hidden 2048] [--inter 5632] [--layers 22]
-        [--vocab 32000] [--dir /tmp/spectra-bench-plan] [--threads 2]
+        [--vocab 32000] [--dir /tmp/spectra-bench-plan] [--threads 1]
+        [--steps report,cold,warm]
         [--spectrum-repo PATH]   # a checkout of cognitivecomputations/spectrum (spectrum.py)
 
-Writes a synthetic Llama-shaped bf16 checkpoint (kept for reruns; the defaults are TinyLlama-1.1B's
-shapes: 22 layers, 1.1e9 parameters, 2.2 GB), then in this process:
-1. `analyze()` (what `spectra report` computes) with an empty cache: the report's cold cost;
-2. `spectra plan --for spectrum` with another empty cache: a cold plan;
-3. every kind from the cache step 1 filled: the warm cost (peft with the energy allocator).
-Prints one table (seconds). Not a test: numbers depend on the machine and its load.
+Writes a synthetic Llama-shaped bf16 checkpoint under --dir (kept for reruns; the defaults are
+TinyLlama-1.1B's widths and depth, with full-width k/v projections instead of its grouped-query
+256-row ones: 1.26e9 parameters, 2.5 GB), then runs the `spectra` commands, each in its own
+process (the costs a user's command has, imports and writing included), with --threads and
+OMP_NUM_THREADS set to --threads:
+1. report: `spectra report` with an empty cache (WORK/cache-report): the report's cold cost;
+2. cold: `spectra plan --for spectrum` with another empty cache (WORK/cache-plan), then the
+   other kinds from that cache;
+3. warm: every kind from the cache step 1 filled (peft with the energy allocator).
+Prints one row per command as it ends: wall seconds, CPU seconds (user + system, all threads)
+and peak RSS, from os.wait4. WORK is --dir/work; the commands' output goes to
+WORK/bench_plan.log. Not a test: numbers depend on the machine and its load.
 
 With `--spectrum-repo`, imports that checkout's `spectrum.py` (its interactive `prompt_toolkit`
 dialogs stubbed out: never called), scans every weight of the bundled MiniLM with its
@@ -25,18 +32,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from spectra.jobs.plan import KINDS, PlanOptions, make_plan
-from spectra.jobs.report import analyze
 from spectra.sources.bundled import bundled_model_path
+
+#: The cold pass: spectrum first (its cold cost), then the other kinds from its cache.
+KINDS_COLD_FIRST = ("spectrum", *(k for k in KINDS if k != "spectrum"))
 
 
 def _spiky(shape: tuple[int, int], g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -79,28 +92,85 @@ def write_checkpoint(folder: Path, hidden: int, inter: int, layers: int, vocab: 
     return folder
 
 
-def _timed(fn) -> float:  # noqa: ANN001
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+@dataclass(frozen=True)
+class Row:
+    step: str
+    wall: float
+    cpu: float
+    rss_mib: float
 
 
-def bench(ckpt: Path, scratch: Path) -> list[tuple[str, float]]:
-    rows = []
-    warm = scratch / "cache-warm"
-    rows.append(("report spectra (analyze), cold", _timed(lambda: analyze(ckpt, cache=warm))))
-    cold = PlanOptions(kind="spectrum", out=scratch / "cold.yaml", force=True)
-    rows.append(
-        ("plan --for spectrum, cold", _timed(lambda: make_plan(ckpt, cold, cache=scratch / "c2")))
-    )
-    for kind in KINDS:
-        out = scratch / (kind if kind == "peft" else f"{kind}.json")
-        opts = PlanOptions(
-            kind=kind, out=out, force=True, allocator="energy" if kind == "peft" else None
-        )
-        rows.append(
-            (f"plan --for {kind}, warm", _timed(lambda o=opts: make_plan(ckpt, o, cache=warm)))
-        )
+def _spectra_exe() -> str:
+    exe = Path(sys.executable).with_name("spectra")
+    return str(exe) if exe.is_file() else "spectra"
+
+
+def run_cli(step: str, args: list[str], threads: int, log: Path) -> Row:
+    """One `spectra` command in its own process: wall seconds, CPU seconds (user + system of that
+    process and its threads) and its peak RSS, from os.wait4."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with log.open("ab") as fh:
+        fh.write(f"\n$ spectra {' '.join(args)}\n".encode())
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([_spectra_exe(), *args], stdout=fh, stderr=fh, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        raise SystemExit(f"{step}: exit {proc.returncode}\n" + "\n".join(tail))
+    return Row(step, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
+def _kind_args(kind: str, out: Path) -> list[str]:
+    target = out / (kind if kind == "peft" else f"{kind}.json")
+    extra = ["--allocate", "energy"] if kind == "peft" else []
+    return ["--for", kind, "--out", str(target), "--force", *extra]
+
+
+def bench(
+    ckpt: Path, work: Path, threads: int, steps: Sequence[str], show: Callable[[Row], None]
+) -> list[Row]:
+    """Steps (each its own process, in this order):
+    report: `spectra report` with an empty cache (work/cache-report), the report's cold cost;
+    cold: `spectra plan --for spectrum` with another empty cache (work/cache-plan), then the
+      other kinds from that cache (a cold plan, then the rest warm from the plan's own cache);
+    warm: every kind from the cache the report filled (run `report` first, now or before)."""
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        show(row)
+
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench_plan.log"
+    out = work / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--threads", str(threads), "--quiet"]
+    if "report" in steps:
+        cache = _fresh(work / "cache-report")
+        report = ["report", str(ckpt), "--out", str(_fresh(out / "report"))]
+        add(run_cli("report, cold", [*report, "--cache-dir", str(cache), *common], threads, log))
+    if "cold" in steps:
+        cache = _fresh(work / "cache-plan")
+        for i, kind in enumerate(KINDS_COLD_FIRST):
+            args = ["plan", str(ckpt), *_kind_args(kind, out), "--cache-dir", str(cache)]
+            label = f"plan --for {kind}, " + ("cold" if i == 0 else "after the cold plan")
+            add(run_cli(label, [*args, *common], threads, log))
+    if "warm" in steps:
+        cache = work / "cache-report"
+        if not cache.is_dir():
+            raise SystemExit(f"no report cache at {cache}: run --steps report first")
+        for kind in KINDS:
+            args = ["plan", str(ckpt), *_kind_args(kind, out), "--cache-dir", str(cache)]
+            add(run_cli(f"plan --for {kind}, warm", [*args, *common], threads, log))
     return rows
 
 
@@ -169,6 +239,11 @@ def compare_with_spectrum_tool(repo: Path, scratch: Path) -> dict[str, object]:
     }
 
 
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -176,28 +251,40 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "spectra-bench-plan")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="--threads of every command")
+    ap.add_argument(
+        "--steps",
+        default="report,cold,warm",
+        help="comma-separated subset of report,cold,warm (see bench(); warm reads the cache "
+        "that report filled, in this run or an earlier one with the same --dir)",
+    )
     ap.add_argument("--spectrum-repo", type=Path, default=None)
     ap.add_argument("--reference-only", action="store_true", help="skip the timing table")
     args = ap.parse_args()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if unknown := set(steps) - {"report", "cold", "warm"}:
+        raise SystemExit(f"--steps: unknown {sorted(unknown)}; give report, cold and/or warm")
     torch.set_num_threads(args.threads)
     name = f"llama-{args.hidden}-{args.inter}-{args.layers}-{args.vocab}"
     ckpt = args.dir / name
-    if not args.reference_only:
-        write_checkpoint(ckpt, args.hidden, args.inter, args.layers, args.vocab)
     params = args.layers * (4 * args.hidden**2 + 3 * args.hidden * args.inter)
     params += 2 * args.vocab * args.hidden
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        if not args.reference_only:
-            print(f"checkpoint {name}: {params / 1e9:.2f}e9 parameters, {args.threads} threads")
-            print(f"{'step':<38} {'seconds':>9}")
-            for label, seconds in bench(ckpt, scratch):
-                print(f"{label:<38} {seconds:>9.2f}")
-        if args.spectrum_repo is not None:
+    if not args.reference_only:
+        write_checkpoint(ckpt, args.hidden, args.inter, args.layers, args.vocab)
+        print(f"checkpoint {name}: {params / 1e9:.2f}e9 parameters (bf16), {args.threads} threads")
+        print(f"start: {_load()}", flush=True)
+        print(f"{'step':<44} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13}", flush=True)
+        bench(ckpt, args.dir / "work", args.threads, steps, _print_row)
+        print(f"end: {_load()}", flush=True)
+    if args.spectrum_repo is not None:
+        with tempfile.TemporaryDirectory() as tmp:
             print("\ncognitivecomputations/spectrum on the bundled MiniLM:")
-            for key, value in compare_with_spectrum_tool(args.spectrum_repo, scratch).items():
+            for key, value in compare_with_spectrum_tool(args.spectrum_repo, Path(tmp)).items():
                 print(f"  {key}: {value}")
+
+
+def _print_row(row: Row) -> None:
+    print(f"{row.step:<44} {row.wall:>8.1f} {row.cpu:>8.1f} {row.rss_mib:>13.0f}", flush=True)
 
 
 if __name__ == "__main__":
