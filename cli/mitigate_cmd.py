@@ -146,6 +146,8 @@ def mitigate_cmd(
             cache=cache,
             threads=n_threads,
         )
+    if result is None:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     if result.out is None:
         console.print(
             one_line(nothing_message(result)), highlight=False, markup=False, soft_wrap=True

@@ -17,6 +17,8 @@ form it came in.
      module's rank grows by its number of directions (``rank_pattern``/``alpha_pattern`` keep its
      scale) and BASE + adapter is W' exactly; ``rank_policy="peft"``: PEFT 0.21.2's
      ``reduce_intruder_dimension`` (same rank r, the best rank-r fit of W' - W_0).
+Under torchrun (`_each`) the ranks examine shares of the matrices and rank 0 gathers the rows and
+directions and writes, with the same per-matrix calls: the outputs are a single process's.
 No intruder at all: nothing is written and the result says so (`Mitigation.out` is None; the CLI
 prints a note and exits 0): a copy of the fine-tune would only look like a mitigated model.
 """
@@ -28,8 +30,9 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,7 +53,16 @@ from spectra.analysis.drift import left_singular
 from spectra.analysis.intruders import DEFAULT_K, validate_epsilons
 from spectra.analysis.results import json_safe, runtime_versions
 from spectra.device import resolve_device
-from spectra.distributed.runtime import apply_threads
+from spectra.distributed.failures import RERUN, RESUME_FROM_CACHE, Tracker, guarded, settle
+from spectra.distributed.gather import gather_results
+from spectra.distributed.hub import open_checkpoint
+from spectra.distributed.partition import matrix_cost, shard_items
+from spectra.distributed.runtime import (
+    Session,
+    apply_threads,
+    distributed_session,
+    is_distributed,
+)
 from spectra.errors import ValidationError
 from spectra.export.residual import (
     RESIDUAL_DTYPES,
@@ -72,6 +84,8 @@ from spectra.sources.hub_options import HubOptions
 from spectra.sources.roles import MatrixRef
 
 Progress = Callable[[int, int, str], None]  # (done, total, key of the matrix just finished)
+Opener = Callable[[str | Path, HubOptions | None], Checkpoint]
+T = TypeVar("T")
 REPORT_NAME = "mitigation.json"
 RANK_POLICIES = ("extend", "peft")
 PEFT_DEFAULT_LAMBDA = 0.75  # PEFT's reduce_intruder_dimension default
@@ -254,11 +268,16 @@ def mitigate(
     progress: Progress | None = None,
     threads: int | None = None,
     cache: CacheSpec = None,
-) -> Mitigation:
+) -> Mitigation | None:
     """Scale the intruder dimensions of `finetuned` (a checkpoint or a PEFT LoRA adapter folder)
     against `base` by `options.lam` and write the result to `out` (atomically; an existing
     folder is refused without `force`). Returns the Mitigation (its `out` is None when no matrix
     had an intruder: then nothing is written).
+
+    Under torchrun every rank examines its share of the matrices (shard-affine, balanced by
+    cost) on its own device; rank 0 gathers the rows and the intruder directions (small: k
+    vectors per matrix at most), writes the output exactly as one process does and returns the
+    Mitigation; the other ranks return None.
 
     cache: compare's cache of the base's float64 left singular vectors (a SpectrumCache, a
     folder, True or None: no cache); a base already compared with the same cache is not
@@ -278,19 +297,34 @@ def mitigate(
     spectra_cache = resolve_cache(cache)
     protect = (base, finetuned, *(() if spectra_cache is None else (spectra_cache.root,)))
     check_output_dir(Path(out).expanduser().absolute(), force=force, protect=protect)
-    apply_threads(threads)
-    job = _Job(opts, resolve_device(opts.device), progress, Path(out), force, spectra_cache)
+    if not is_distributed():
+        apply_threads(threads)
+        job = _Job(opts, resolve_device(opts.device), progress, Path(out), force, spectra_cache)
+        return _run(job, base, finetuned, _open)
+    with distributed_session(device=opts.device, threads=threads) as s:
+        job = _Job(opts, s.device, progress, Path(out), force, spectra_cache, session=s)
+        return _run(job, base, finetuned, partial(open_checkpoint, s))
+
+
+def _run(
+    job: _Job, base: str | Path, finetuned: str | Path, open_ckpt: Opener
+) -> Mitigation | None:
+    """Open both sides, mitigate (`_mitigate_adapter` or `_mitigate_checkpoint`), and say what
+    was done (None on a torchrun rank other than 0)."""
+    opts = job.options
     adapter = _open_adapter(finetuned)
-    with _open(base, opts.base_hub) as base_ckpt:
+    with open_ckpt(base, opts.base_hub) as base_ckpt:
         if adapter is not None:
             _refuse_adapter_revision(finetuned, opts.hub)
             job = _with_commits(job, base=base_ckpt.commit)
             with adapter:
                 rows, written = _mitigate_adapter(job, base_ckpt, adapter, (base, finetuned))
         else:
-            with _open(finetuned, opts.hub) as ft_ckpt:
+            with open_ckpt(finetuned, opts.hub) as ft_ckpt:
                 job = _with_commits(job, base=base_ckpt.commit, finetuned=ft_ckpt.commit)
                 rows, written = _mitigate_checkpoint(job, base_ckpt, ft_ckpt, (base, finetuned))
+    if rows is None:  # a torchrun rank other than 0
+        return None
     return Mitigation(
         base=str(base),
         finetuned=str(finetuned),
@@ -303,7 +337,7 @@ def mitigate(
     )
 
 
-def _open(source: str | Path, hub: HubOptions | None) -> Checkpoint:
+def _open(source: str | Path, hub: HubOptions | None) -> Checkpoint:  # one process
     """`Checkpoint.open` with a side's Hub options (a revision for a local path is refused)."""
     hub = hub or HubOptions()
     return Checkpoint.open(
@@ -333,6 +367,7 @@ class _Job:
     out: Path
     force: bool
     cache: SpectrumCache | None = None
+    session: Session | None = None  # None: one process, every matrix here
     commits: dict[str, str] = field(default_factory=dict)  # side -> Hub commit, for the report
 
 
@@ -406,9 +441,8 @@ Svd = tuple[torch.Tensor, torch.Tensor]
 def _read_base(job: _Job, base: Checkpoint, ref: MatrixRef) -> tuple[torch.Tensor, Svd]:
     """The base matrix in the working dtype on the job's device, and its (U, S): from the cache
     (compare's entries, keyed by content taken before the read) or computed."""
-    dtype = torch.float32 if job.device.type == "mps" else torch.float64
     key = content_key_of(base, ref, job.cache) if job.cache is not None else None
-    w0 = base.read(ref, dtype=dtype, device=str(job.device))
+    w0 = base.read(ref, dtype=_work_dtype(job), device=str(job.device))
     cached = base_svd(key, w0, job.cache)
     return w0, cached if cached is not None else left_singular(w0)
 
@@ -445,7 +479,7 @@ def _tick(job: _Job, done: int, total: int, key: str) -> None:
 
 def _mitigate_adapter(
     job: _Job, base: Checkpoint, adapter: LoraAdapter, inputs: tuple[str | Path, str | Path]
-) -> tuple[list[MatrixMitigation], Path | None]:
+) -> tuple[list[MatrixMitigation] | None, Path | None]:
     opts = job.options
     if opts.check_base_name:
         check_base_name(inputs[0], adapter.config)
@@ -454,13 +488,17 @@ def _mitigate_adapter(
     peft = read_peft_adapter(inputs[1])
     factors = dict(peft.factors)
     alphas = {m: peft.alpha(m) for m in factors}
+    refs = [b_refs[b_key] for b_key, _ in pairing.pairs]
+    found = _each(
+        job, refs, lambda i: _adapter_module(job, base, refs[i], peft, pairing.pairs[i][1])
+    )
+    if found is None:  # a torchrun rank other than 0
+        return None, None
     rows = []
-    for i, (b_key, module) in enumerate(pairing.pairs):
-        row, new = _adapter_module(job, base, b_refs[b_key], peft, module)
+    for (_, module), (row, new) in zip(pairing.pairs, found, strict=True):
         rows.append(row)
         if new is not None:
             factors[module], alphas[module] = new
-        _tick(job, i + 1, len(pairing.pairs), b_key)
     if not any(r.changed for r in rows):
         return rows, None
     content = AdapterContent(
@@ -476,6 +514,34 @@ def _mitigate_adapter(
         write_peft_adapter(tmp, content)
         (tmp / REPORT_NAME).write_text(_report_text(job, rows, inputs, "lora"), encoding="utf-8")
     return rows, job.out.expanduser().absolute()
+
+
+def _each(job: _Job, refs: list[MatrixRef], one: Callable[[int], T]) -> list[T] | None:
+    """``one(i)`` for every matrix ``refs[i]``, in order: here (one process), or under torchrun
+    this rank's share (shard-affine, balanced by cost: three decompositions per matrix) with
+    every result gathered on rank 0 in the same order (None on the other ranks). A failure on
+    any rank stops every rank with one error naming the rank and the matrix."""
+    if job.session is None:
+        out = []
+        for i, ref in enumerate(refs):
+            out.append(one(i))
+            _tick(job, i + 1, len(refs), ref.key)
+        return out
+    session = job.session
+    env = session.env
+    mine = shard_items(refs, env.rank, env.world_size, cost=lambda r: 3 * matrix_cost(r))
+
+    def work(tracker: Tracker) -> list[tuple[int, T]]:
+        out = []
+        for done, i in enumerate(mine):
+            tracker.step(refs[i].key)
+            out.append((i, one(i)))
+            _tick(job, done + 1, len(mine), refs[i].key)
+        return out
+
+    status, part = guarded(session, work)
+    settle(session, status, RERUN if job.cache is None else RESUME_FROM_CACHE)
+    return gather_results(session, part or [], len(refs))
 
 
 def _adapter_module(
@@ -530,22 +596,66 @@ def lora_scale_of(alpha: float, rank: int, peft: PeftAdapter) -> float:
 
 def _mitigate_checkpoint(
     job: _Job, base: Checkpoint, ft: Checkpoint, inputs: tuple[str | Path, str | Path]
-) -> tuple[list[MatrixMitigation], Path | None]:
+) -> tuple[list[MatrixMitigation] | None, Path | None]:
+    """One process: every matrix examined and rewritten while its shard is written (one read
+    each). Under torchrun: the ranks examine their shares (`_each`), rank 0 gathers each
+    matrix's row and intruder directions and rewrites the intruder matrices while it writes,
+    with the same `_rewrite` on the same bits, so the files are the one-process files."""
     pairing, b_refs = plan_pairs(base, ft, job.options.compare_options())
     f_refs = {m.key: m for m in ft.matrices()}
     todo = {f_refs[f].tensor.name: (b_refs[b], f_refs[f]) for b, f in pairing.pairs}
     _check_writable([f_refs[f] for _, f in pairing.pairs], list(ft.files))
     rows: list[MatrixMitigation] = []
+    if job.session is None:
 
-    def swap(name: str) -> torch.Tensor | None:
-        if name not in todo:
-            return None
-        b_ref, f_ref = todo[name]
-        row, new = _checkpoint_matrix(job, _read_base(job, base, b_ref), ft, f_ref)
-        rows.append(_with_key(row, b_ref))
-        _tick(job, len(rows), len(todo), b_ref.key)
-        return new
+        def swap(name: str) -> torch.Tensor | None:
+            if name not in todo:
+                return None
+            b_ref, f_ref = todo[name]
+            row, new, _ = _checkpoint_matrix(job, _read_base(job, base, b_ref), ft, f_ref)
+            rows.append(_with_key(row, b_ref))
+            _tick(job, len(rows), len(todo), b_ref.key)
+            return new
 
+    else:
+        pairs = list(todo.values())
+        found = _each(
+            job,
+            [b for b, _ in pairs],
+            lambda i: _examine_share(job, base, ft, pairs[i]),
+        )
+        if found is None:  # a torchrun rank other than 0
+            return None, None
+        rows = [_with_key(row, b_ref) for (row, _), (b_ref, _) in zip(found, pairs, strict=True)]
+        if not any(r.changed for r in rows):
+            return rows, None
+        moved = {
+            f.tensor.name: (f, u)
+            for (_, u), (_, f) in zip(found, pairs, strict=True)
+            if u is not None
+        }
+
+        def swap(name: str) -> torch.Tensor | None:
+            if name not in moved:
+                return None
+            f_ref, u = moved[name]
+            w1 = ft.read(f_ref, dtype=_work_dtype(job), device=str(job.device))
+            return _layout(f_ref, _rewrite(job, f_ref, w1, u.to(w1.device)))
+
+    order = [b.key for b, _ in todo.values()]
+    return rows, _write_checkpoint(job, ft, rows, order, inputs, swap)
+
+
+def _write_checkpoint(
+    job: _Job,
+    ft: Checkpoint,
+    rows: list[MatrixMitigation],
+    order: list[str],
+    inputs: tuple[str | Path, str | Path],
+    swap: Callable[[str], torch.Tensor | None],
+) -> Path | None:
+    """Stream FINETUNED's shards into the output folder through `swap`, with mitigation.json
+    (rows in pairing order); None, and nothing left behind, when no matrix changed."""
     single_file = Path(str(inputs[1])).expanduser().is_file()
     if not single_file:  # a streamed Hub repo: its config and tokenizer files, beside
         ft.fetch_side_files(is_side_file)
@@ -557,13 +667,23 @@ def _mitigate_checkpoint(
             )
             if not any(r.changed for r in rows):
                 raise _NothingToWrite
-            order = {b.key: i for i, (b, _) in enumerate(todo.values())}
-            rows.sort(key=lambda r: order[r.key])
+            position = {key: i for i, key in enumerate(order)}
+            rows.sort(key=lambda r: position[r.key])
             text = _report_text(job, rows, inputs, "checkpoint")
             (tmp / REPORT_NAME).write_text(text, encoding="utf-8")
     except _NothingToWrite:
-        return rows, None
-    return rows, job.out.expanduser().absolute()
+        return None
+    return job.out.expanduser().absolute()
+
+
+def _examine_share(
+    job: _Job, base: Checkpoint, ft: Checkpoint, pair: tuple[MatrixRef, MatrixRef]
+) -> tuple[MatrixMitigation, torch.Tensor | None]:
+    """A torchrun rank's work on one matrix: its row and its intruder directions (U_I, on the
+    CPU; None: unchanged). The rewritten matrix is left to rank 0's writer."""
+    b_ref, f_ref = pair
+    row, _, u = _checkpoint_matrix(job, _read_base(job, base, b_ref), ft, f_ref)
+    return row, None if u is None else u.cpu()
 
 
 def _with_key(row: MatrixMitigation, b_ref: MatrixRef) -> MatrixMitigation:
@@ -599,26 +719,40 @@ def _check_writable(refs: list[MatrixRef], files: list[Path]) -> None:
 
 def _checkpoint_matrix(
     job: _Job, base: tuple[torch.Tensor, Svd], ft: Checkpoint, ref: MatrixRef
-) -> tuple[MatrixMitigation, torch.Tensor | None]:
-    """One fine-tuned matrix: its row, and W' in the stored dtype and layout (None: unchanged)."""
+) -> tuple[MatrixMitigation, torch.Tensor | None, torch.Tensor | None]:
+    """One fine-tuned matrix: its row, W' in the stored dtype and layout, and the intruder
+    directions U_I (both None: unchanged)."""
     w0, svd0 = base
-    dtype = w0.dtype
-    w1 = ft.read(ref, dtype=dtype, device=str(w0.device))
+    w1 = ft.read(ref, dtype=w0.dtype, device=str(w0.device))
     det = _examine(job, w0, w1, svd0)
     if not det.indices:
-        return _row(ref, ref.key, det, directions=(), intruders_after=0), None
-    u = det.u_top[:, list(det.indices)]
-    w_new = scale_directions(w1, u, job.options.lam)
-    stored = w_new.to(storage_dtype(ref.tensor.dtype))
+        return _row(ref, ref.key, det, directions=(), intruders_after=0), None, None
+    u = det.u_top[:, list(det.indices)]  # a copy: contiguous, as when it comes from a rank
+    stored = _rewrite(job, ref, w1, u)
     row = _row(
         ref,
         ref.key,
         det,
         directions=moved_directions(det, job.options.lam),
-        intruders_after=_count_after(job, w0, stored.to(dtype), svd0),
+        intruders_after=_count_after(job, w0, stored.to(w0.dtype), svd0),
     )
+    return row, _layout(ref, stored), u
+
+
+def _rewrite(job: _Job, ref: MatrixRef, w1: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """W' = W_t - (1 - lambda) U_I U_I^T W_t, rounded to the dtype ``ref`` is stored in."""
+    return scale_directions(w1, u, job.options.lam).to(storage_dtype(ref.tensor.dtype))
+
+
+def _layout(ref: MatrixRef, stored: torch.Tensor) -> torch.Tensor:
+    """A rewritten (out, in) matrix as the file stores it (GPT-2 Conv1D: transposed), on the CPU."""
     out = stored.mT if ref.transpose else stored
-    return row, out.contiguous().cpu()
+    return out.contiguous().cpu()
+
+
+def _work_dtype(job: _Job) -> torch.dtype:
+    """The working dtype of every decomposition: float64 (float32 on mps, which has none)."""
+    return torch.float32 if job.device.type == "mps" else torch.float64
 
 
 def _report_text(
