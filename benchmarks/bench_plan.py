@@ -105,22 +105,41 @@ def _spectra_exe() -> str:
     return str(exe) if exe.is_file() else "spectra"
 
 
+# Runs argv[2:] as a grandchild and writes its wall, CPU and peak RSS to argv[1]. Linux starts a
+# process's peak RSS (ru_maxrss) at its parent's RSS when it is forked from a large process (the
+# exec keeps the high-water mark of the forked copy): a command started straight from this process,
+# which holds the generated checkpoint's tensors, read ~1 GB whatever it did. The small launcher
+# forks the command from its own ~10 MB interpreter, so the figure is the command's own.
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+cpu, rss = ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+with open(sys.argv[1], "w") as fh:
+    json.dump({"wall": wall, "cpu": cpu, "rss_kib": rss}, fh)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_cli(step: str, args: list[str], threads: int, log: Path) -> Row:
     """One `spectra` command in its own process: wall seconds, CPU seconds (user + system of that
-    process and its threads) and its peak RSS, from os.wait4."""
+    process and its threads) and its peak RSS, from os.wait4 in a small launcher process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    usage = log.with_name(f"{log.stem}.usage.json")
     with log.open("ab") as fh:
         fh.write(f"\n$ spectra {' '.join(args)}\n".encode())
         fh.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([_spectra_exe(), *args], stdout=fh, stderr=fh, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+        cmd = [sys.executable, "-c", _LAUNCHER, str(usage), _spectra_exe(), *args]
+        code = subprocess.run(cmd, stdout=fh, stderr=fh, env=env, check=False).returncode
+    if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-5:]
-        raise SystemExit(f"{step}: exit {proc.returncode}\n" + "\n".join(tail))
-    return Row(step, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+        raise SystemExit(f"{step}: exit {code}\n" + "\n".join(tail))
+    got = json.loads(usage.read_text())
+    return Row(step, got["wall"], got["cpu"], got["rss_kib"] / 1024)
 
 
 def _fresh(folder: Path) -> Path:
