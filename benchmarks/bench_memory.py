@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -160,6 +161,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compare-dtypes", default="bf16,float32", help="stored dtypes of the pair")
     ap.add_argument("--init-methods", default="pissa", help="init: weight-only methods to run")
+    ap.add_argument("--vocabs", default=None, help="compare: pair heights (default --vocab)")
+    ap.add_argument(
+        "--compare-cache", action="store_true", help="compare: also with --cache-dir, miss + hit"
+    )
     ap.add_argument("--exe", default=None, help="the spectra executable (default: this venv's)")
     ap.add_argument("--what", default="init,compare")
     ap.add_argument("--peft", action="store_true", help="also PEFT's exact pissa (slow)")
@@ -193,7 +198,7 @@ def main() -> None:
         layer = write_layer(
             args.workdir / f"llama_{args.hidden}_{args.inter}", args.hidden, args.inter
         )
-        for method in args.init_methods.split(","):
+        for method in filter(None, args.init_methods.split(",")):
             common = ["--method", method, "--rank", "16", "--device", "cpu", "--force"]
             record(
                 f"spectra init {method}, 7 matrices {args.hidden}/{args.inter}",
@@ -215,15 +220,21 @@ def main() -> None:
             [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"],
         )
         fixed = rows[-1]["peak_mib"]
-    for dtype in args.compare_dtypes.split(",") if "compare" in wanted else ():
-        folder = args.workdir / f"pair_{args.vocab}"
-        base, ft = write_compare_pair(folder, args.vocab, args.embed, dtype)
-        working = compare_working_mib(args.vocab, args.embed, DTYPES[dtype].itemsize)
-        record(
-            f"spectra compare, embed + lm_head {args.vocab} x {args.embed} {dtype}",
-            [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"],
-            bound=f"{fixed:.0f} + {working:.0f} = {fixed + working:.0f}",
-        )
+    vocabs = [int(v) for v in (args.vocabs or str(args.vocab)).split(",")]
+    runs = [(v, d) for v in vocabs for d in args.compare_dtypes.split(",")]
+    for vocab, dtype in runs if "compare" in wanted else ():
+        base, ft = write_compare_pair(args.workdir / f"pair_{vocab}", vocab, args.embed, dtype)
+        working = compare_working_mib(vocab, args.embed, DTYPES[dtype].itemsize)
+        cmd = [exe, "compare", str(base), str(ft), "--out", str(out / "compare"), "--force"]
+        bound = f"{fixed:.0f} + {working:.0f} = {fixed + working:.0f}"
+        what = f"spectra compare, embed + lm_head {vocab} x {args.embed} {dtype}"
+        record(what, cmd, bound=bound)
+        if args.compare_cache:  # a fresh cache folder: the first run stores U, the second reads
+            cache = ["--cache-dir", str(args.workdir / f"cache_{vocab}_{dtype}")]
+            shutil.rmtree(cache[1], ignore_errors=True)
+            record(f"{what}, --cache-dir (miss: U stored)", [*cmd, *cache], bound=bound)
+            record(f"{what}, --cache-dir (hit: U read)", [*cmd, *cache], bound=bound)
+            shutil.rmtree(cache[1], ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
