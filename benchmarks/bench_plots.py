@@ -10,7 +10,9 @@ model-level plot, all of `render_plots`; then whole commands, each in a fresh pr
 sys CPU of the child): `spectra report --no-cache`; a first run into an empty cache folder; the
 cached rerun (analysis and plots served from the cache: no torch, no matplotlib); and a rerun
 with only the spectra and the plots cached (the cached analysis removed: torch imported, fits
-rerun, nothing redrawn).
+rerun, nothing redrawn). Last, the budget of a cold command: the CPU each heavy import costs
+in a fresh interpreter (over a bare `python -c pass`), and the analysis, plots and pages
+measured in this process.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def _command_cpu(args: list[str]) -> float:
     """user + sys CPU seconds of one `spectra` command run in a child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "spectra", *args], check=True, env={**os.environ})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+#: what the cold `spectra report` imports, one fresh interpreter each (cumulative: numpy is
+#: inside torch's and matplotlib's figures)
+IMPORTS = {
+    "python itself (-c pass)": "pass",
+    "numpy": "import numpy",
+    "torch": "import torch",
+    "scipy.optimize (--mp-method ww only, since round 4)": "import scipy.optimize",
+    "matplotlib (Figure, Agg)": "import matplotlib.figure, matplotlib.backends.backend_agg",
+    "typer + rich (spectra.cli.main)": "import spectra.cli.main",
+    "spectra.jobs.report (torch, numpy, the engine, the fits)": "import spectra.jobs.report",
+}
+
+
+def _import_cpu(statement: str) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", statement], check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
@@ -105,6 +127,24 @@ def main() -> None:
                 statistics.median(spectra_only),
             )
         )
+    rows.append(("-- budget of a cold command: imports, each in a fresh interpreter (s)", 0.0))
+    bare = statistics.median(_import_cpu("pass") for _ in range(max(1, args.repeat)))
+    for name, statement in IMPORTS.items():
+        cpu = statistics.median(_import_cpu(statement) for _ in range(max(1, args.repeat)))
+        rows.append((f"  {name}", cpu if statement == "pass" else cpu - bare))
+    rows.append(("-- and the work, in this process (s)", 0.0))
+    rows.append(("  analyze(), spectrum cache off", _median(lambda: analyze(cache=False), 1)))
+    rows.append(("  render_plots (all plots)", _median(lambda: R.render_plots(analysis), 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        from spectra.blobcache import BlobCache
+
+        filled = BlobCache(Path(tmp) / "c", "plots")
+        R.render_plots(analysis, cache=filled)
+
+        def pages() -> None:
+            R.write_report(analysis, Path(tmp) / "r", force=True, plot_cache=filled)
+
+        rows.append(("  write_report, plots from a cache (pages, JSON, CSV, files)", _cpu(pages)))
     width = max(len(name) for name, _ in rows)
     print(f"{'measurement (CPU)':<{width}}  value")
     for name, value in rows:

@@ -10,7 +10,9 @@ import-time logging/warning side effects contained). Spectrum cache off for ours
 
 `cmd` is the whole `spectra report SOURCE --no-cache` command (all formats, every plot) in a
 fresh process, `cmd_cached` its rerun on a filled cache folder; their CPU (imports included) is
-set against WeightWatcher's `analyze()` call alone and against its whole process.
+set against WeightWatcher's `analyze()` call alone and against its whole process. `cmd_base` is
+the same command run by another installation's interpreter (`--base-python`, e.g. a checkout
+of the previous commit), for before/after pairs alternated in one loop.
 
 The synthetic checkpoint (written once into DIR if missing): Llama-7B-shaped layers (hidden
 4096, intermediate 11008, vocab 32000), `--layers` of them (4 -> 28 attention/MLP matrices +
@@ -86,12 +88,15 @@ def run_job(template: str, path: Path, threads: int, mp: bool, rand: bool) -> di
     return {**json.loads(lines[-1][len("BENCH") :]), "proc_cpu_s": _child_cpu() - cpu0}
 
 
-def run_command(path: Path, threads: int, cached: bool) -> dict[str, Any]:
+def run_command(
+    path: Path, threads: int, cached: bool, python: str = sys.executable
+) -> dict[str, Any]:
     """The whole `spectra report SOURCE` command as a user runs it (all formats and plots), in
-    a fresh process: --no-cache, or (cached) a rerun on a cache folder filled by a first run."""
+    a fresh process of `python`: --no-cache, or (cached) a rerun on a cache folder filled by a
+    first run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "spectra", "report", str(path), "--out", f"{tmp}/r"]
+        cmd = [python, "-m", "spectra", "report", str(path), "--out", f"{tmp}/r"]
         cmd += ["--force", "-q"]
         cmd += ["--cache-dir", f"{tmp}/cache"] if cached else ["--no-cache"]
         if cached:
@@ -162,10 +167,13 @@ JOBS = {  # name: (template, mp_fit, randomize); cmd*: the whole `spectra report
     "ww_rand": (_WW, False, True),
     "cmd": ("", False, False),
     "cmd_cached": ("", False, False),
+    "cmd_base": ("", False, False),
 }
 
 
-def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
+def bench_model(
+    path: Path, threads: int, jobs: list[str], base_python: str | None = None
+) -> dict[str, Any]:
     """The named JOBS on one checkpoint: wall and CPU seconds (CPU time is the fairer number
     on a shared machine), peak RSS, alpha agreement and the ratios that exist. Jobs run in the
     order given, so alternate them (`ww,cmd,ww,cmd`) for a side-by-side measurement; a job
@@ -173,7 +181,11 @@ def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
     res: dict[str, Any] = {"path": str(path)}
     for name in jobs:
         template, mp, rand = JOBS[name]
-        if name.startswith("cmd"):
+        if name == "cmd_base":
+            if base_python is None:
+                raise SystemExit("cmd_base needs --base-python")
+            r = run_command(path, threads, cached=False, python=base_python)
+        elif name.startswith("cmd"):
             r = run_command(path, threads, cached=name == "cmd_cached")
         else:
             r = run_job(template, path, threads, mp, rand)
@@ -191,7 +203,7 @@ def bench_model(path: Path, threads: int, jobs: list[str]) -> dict[str, Any]:
         print(f"  alpha agreement {res['agreement']}", flush=True)
         for unit in ("time_s", "cpu_s"):
             res[f"speedup_{unit}"] = res["ww"][unit] / res["ours"][unit]
-    for name in ("cmd", "cmd_cached"):
+    for name in ("cmd", "cmd_cached", "cmd_base"):
         if name in res and "ww" in res:
             over_call = res[name]["proc_cpu_s"] / res["ww"]["cpu_s"]
             over_proc = res[name]["proc_cpu_s"] / res["ww"]["proc_cpu_s"]
@@ -221,13 +233,16 @@ def main() -> None:
     ap.add_argument("--jobs", default="ours,ours_mp,ours_rand,ww", help=f"of {sorted(JOBS)}")
     ap.add_argument("--synthetic-jobs", default="ours,ww")
     ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--base-python", help="interpreter of another installation (cmd_base)")
     args = ap.parse_args()
     results: dict[str, Any] = {"threads": args.threads}
     if not args.skip_minilm:
         from spectra.sources.bundled import bundled_model_path
 
         print("MiniLM", flush=True)
-        results["minilm"] = bench_model(bundled_model_path(), args.threads, args.jobs.split(","))
+        results["minilm"] = bench_model(
+            bundled_model_path(), args.threads, args.jobs.split(","), args.base_python
+        )
     if args.synthetic is not None:
         if not (args.synthetic / "model.safetensors.index.json").exists():
             t = time.perf_counter()

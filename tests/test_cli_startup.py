@@ -82,6 +82,15 @@ def test_inspect_of_quantized_and_gguf_files_imports_no_torch(tmp_path: Path) ->
     assert not _top_modules("inspect", str(gguf)) & (HEAVY - {"numpy"})  # gguf needs numpy
 
 
+def test_a_cold_report_imports_no_scipy(tmp_path: Path) -> None:
+    src = write_llama_like(tmp_path / "ckpt", layers=1, hidden=32, intermediate=48, vocab=40)
+    argv = ["report", str(src), "--out", str(tmp_path / "r"), "--no-cache", "-q"]
+    loaded = _imported_by_command(*argv)
+    assert {"torch", "matplotlib"} <= loaded  # it computed and drew
+    # scipy.optimize (~0.4 s of CPU) is imported only by the WeightWatcher MP fit (--mp-method ww)
+    assert "scipy" not in loaded
+
+
 def test_inspect_of_a_local_file_draws_and_fits_nothing(minilm_path: Path) -> None:
     loaded = _top_modules("inspect", str(minilm_path / "model.safetensors"))
     assert "rich" in loaded  # the probe sees what the command imported

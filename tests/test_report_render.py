@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from dataclasses import replace
@@ -298,7 +299,8 @@ def _visible_lines(ax) -> dict[str, object]:  # noqa: ANN001 - matplotlib Axes
 def test_esd_figure_shows_histogram_fit_line_and_xmin(analysis: Analysis) -> None:
     lm = next(x for x in analysis.layers if x.fit_status == "ok")
     lam = analysis.esds[lm.key]
-    fig = P.esd_figure(lam, lm)
+    canvas = P.EsdCanvas()
+    fig = P.esd_figure(lam, lm, canvas)
     assert fig is not None
     (ax,) = fig.axes
     assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
@@ -316,11 +318,14 @@ def test_esd_figure_shows_histogram_fit_line_and_xmin(analysis: Analysis) -> Non
     assert np.isclose(slope, -lm.alpha)
     marker = lines[f"xmin = {lm.xmin:.3g}"]
     assert list(marker.get_xdata()) == [lm.xmin, lm.xmin] and marker.get_linestyle() == "--"
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["ESD", fit.get_label(), marker.get_label()]
-    # Every artist lies inside the view: the fit line and xmin marker are not clipped away.
+    assert _legend(canvas) == ["ESD", fit.get_label(), marker.get_label()]
+    # Every artist lies inside the view, whose limits are whole decades around the data.
     x0, x1 = ax.get_xlim()
-    assert x0 <= lm.xmin <= lm.xmax <= x1 and x0 <= edges[0] < edges[-1] <= x1
+    assert x0 <= lm.xmin <= lm.xmax <= x1 and x0 < edges[0] < edges[-1] < x1
+    y0, y1 = ax.get_ylim()
+    assert y0 < min(values[values > 0].min(), ys.min()) and max(values.max(), ys.max()) < y1
+    for limit in (x0, x1, y0, y1):
+        assert np.log10(limit) == round(np.log10(limit))
 
 
 def test_esd_canvas_reuse_leaves_nothing_of_the_previous_matrix(analysis: Analysis) -> None:
@@ -334,11 +339,41 @@ def test_esd_canvas_reuse_leaves_nothing_of_the_previous_matrix(analysis: Analys
     assert _visible_lines(ax) == {}  # no fit line or xmin marker of the previous matrix
     texts = [t.get_text() for t in ax.texts if t.get_visible()]
     assert texts == ["power-law fit: failed"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ESD"]
+    assert _legend(canvas) == ["ESD"]
     assert ax.get_title() == failed.key
+    # the status sits under the legend's frame, not on it
+    status = ax.texts[0].get_window_extent(fig.canvas.get_renderer())
+    frame = canvas.legend.frame.get_window_extent(fig.canvas.get_renderer())
+    assert status.y1 < frame.y0 and status.x1 <= frame.x1 + 1
     # Drawn after another matrix, a plot is pixel for pixel the one a fresh figure draws.
     reused = P.esd_plot(analysis.esds[ok.key], ok, canvas)
     assert reused == P.esd_plot(analysis.esds[ok.key], ok)
+
+
+def _legend(canvas: P.EsdCanvas) -> list[str]:
+    return [t.get_text() for t in canvas.legend.labels if t.get_visible()]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_blitted_esd_plots_are_the_full_draws_of_their_figures(analysis: Analysis) -> None:
+    """Each plot is drawn over a cached background (axes, ticks, labels at its decade limits);
+    the pixels are those of drawing the whole figure, for every matrix in a row, whatever
+    background the canvas held before."""
+    canvas = P.EsdCanvas()
+    ranges = set()
+    for lm in analysis.layers:
+        fig = P.esd_figure(analysis.esds[lm.key], lm, canvas)
+        if fig is None:
+            continue
+        blitted = canvas.png()
+        ranges.add((*canvas.ax.get_xlim(), *canvas.ax.get_ylim()))
+        assert np.array_equal(_pixels(blitted), _pixels(P.png_bytes(fig))), lm.key
+    assert len(canvas.backgrounds) == min(len(ranges), canvas.BACKGROUNDS)
 
 
 def test_log_axes_use_plain_text_decade_labels() -> None:
