@@ -35,7 +35,6 @@ import numpy as np
 from spectra.analysis.fit_entropy import line_entropy
 from spectra.analysis.powerlaw import EVALS_THRESH, MIN_EVALS, candidate_fits, fit_powerlaw
 from spectra.analysis.results import PowerLawFit
-from spectra.analysis.tpl import search_xmin
 from spectra.errors import ValidationError
 from spectra.fields import check_fields
 
@@ -172,6 +171,9 @@ def _model_fit(lam: np.ndarray, data: np.ndarray, options: FitOptions) -> TailFi
         if allowed is None:
             return TailFit(_failed(message))
     model = "tpl" if options.fit != "PL" else "bounded_pl"
+    # imported here: tpl.py needs scipy (0.4-0.7 s of CPU), which a default report never loads
+    from spectra.analysis.tpl import search_xmin
+
     found = search_xmin(data, model, allowed=allowed)
     if found is None:
         return TailFit(_failed(f"no xmin candidate gave a finite {model} fit"))

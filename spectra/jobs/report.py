@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.analysis.best_fit import best_fit
 from spectra.analysis.bootstrap import bootstrap_alpha
 from spectra.analysis.detx import detx_constraint
 from spectra.analysis.expert_overlap import (
@@ -479,6 +478,9 @@ def _esd_extras(evals: np.ndarray, layer: LayerMetrics, options: AnalyzeOptions)
     ESD and the fit)."""
     out: dict[str, Any] = {}
     if options.best_fit and layer.xmin is not None and layer.xmax is not None:
+        # imported here: it needs scipy (0.4-0.7 s of CPU), which a default report never loads
+        from spectra.analysis.best_fit import best_fit
+
         chosen = best_fit(evals[(evals >= layer.xmin) & (evals <= layer.xmax)])
         out["best_fit"] = None if chosen is None else chosen.best
     if options.detx:
