@@ -132,6 +132,9 @@ def test_olora_is_qr_without_scale(shape: tuple[int, int]) -> None:
     torch.testing.assert_close(
         f.B.T.double() @ f.B.double(), torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0
     )
+    # the tall route's in-place QR (one float64 buffer) gives torch.linalg.qr's bits
+    q, r = torch.linalg.qr(W.float().double())
+    assert torch.equal(f.B, q[:, :3].float()) and torch.equal(f.A, r[:3].float())
 
 
 def test_pissa_randomized_route_meets_the_subspace_bar() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from spectra.adapt.registry import Factors, InitContext, register_initializer
+from spectra.linalg.exact import qr_in_place
 
 
 class OLoRA:
@@ -23,7 +24,10 @@ class OLoRA:
     description: ClassVar[str] = "QR: B = Q[:, :r], A = R[:r] (arXiv 2406.01775)"
 
     def init(self, W: Tensor, rank: int, scale: float, ctx: InitContext) -> Factors:
-        Q, R = torch.linalg.qr(W.to(torch.float64))  # (m, M), (M, n)
+        if W.shape[0] >= W.shape[1] and W.device.type == "cpu":
+            Q, R = qr_in_place(W)  # same bits, one float64 m x n array instead of two
+        else:
+            Q, R = torch.linalg.qr(W.to(torch.float64))  # (m, M), (M, n)
         return Factors(R[:rank].float(), Q[:, :rank].float(), {"decomposition": "qr"})
 
 

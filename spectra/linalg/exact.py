@@ -270,7 +270,7 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
         return U.contiguous(), S
     if W.device.type != "cpu":
         return _left_svd_plain(W.to(torch.float64), top)
-    Q, R = _qr_in_place(W)
+    Q, R = qr_in_place(W)
     G = R @ R.mT
     del R  # not held while eigh works
     S, U = gram_eigh(G, n if top is None else max(0, min(int(top), n)))
@@ -283,9 +283,10 @@ def gram_left_svd(W: torch.Tensor, *, top: int | None = None) -> tuple[torch.Ten
     return Q, S
 
 
-def _qr_in_place(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin QR of a tall `W (m, n)` in one float64 column-major buffer: `(Q (m, n), R (n, n))`,
-    the same LAPACK calls (geqrf, orgqr) and bits as `torch.linalg.qr(W.double())`."""
+def qr_in_place(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall or square `W (m, n)` (m >= n, CPU) in one float64 column-major buffer
+    that W is upcast into: `(Q (m, n), R (n, n))`, the same LAPACK calls (geqrf, orgqr) and bits
+    as `torch.linalg.qr(W.double())`, without its float64 copy of W beside Q."""
     m, n = (int(x) for x in W.shape)
     buf = torch.empty((n, m), dtype=torch.float64, device=W.device).mT  # column-major (m, n)
     buf.copy_(W)
