@@ -2,7 +2,8 @@
 
 Everything is rendered from an `Analysis` only (every number drawn or printed is also in
 metrics.json). Read top-down: what a report shows whatever the format (the model-level plots
-`SUMMARY_PLOTS`, the per-layer fields `DETAIL_FIELDS`, the overview columns `OVERVIEW_COLUMNS`,
+`SUMMARY_PLOTS`, the per-layer fields `DETAIL_FIELDS` and, when computed,
+`OPTIONAL_DETAIL_FIELDS`, the overview columns `OVERVIEW_COLUMNS`,
 the headline, the by-role/by-depth rows, the warned layers), which plots are drawn and which
 matrices get a per-layer section, then report.html, then its Markdown twin report.md (images
 linked from plots/), and last `write_report`. HTML and Markdown draw from the same content, so
@@ -106,6 +107,27 @@ DETAIL_FIELDS = (
     ("MP spikes", "mp_num_spikes"),
     ("randomized-control distance", "rand_distance"),
     ("outlier ratio", "outlier_ratio"),
+)
+
+# Per-layer detail rows shown only when set: the WeightWatcher columns and the fit options'
+# results (methods.md sections 2e-2g), None when the option that computes them was not given.
+OPTIONAL_DETAIL_FIELDS = (
+    ("largest singular value (sv_max)", "sv_max"),
+    ("smallest singular value (sv_min)", "sv_min"),
+    ("rank loss", "rank_loss"),
+    ("weak rank loss", "weak_rank_loss"),
+    ("truncated power law cutoff Λ", "Lambda"),
+    ("best-fitting distribution (likelihood ratio)", "best_fit"),
+    ("fit entropy", "fit_entropy"),
+    ("fingers removed", "num_fingers"),
+    ("α before removing fingers", "raw_alpha"),
+    ("MP σ (WeightWatcher fit)", "sigma_mp"),
+    ("MP soft rank", "mp_softrank"),
+    ("WeightWatcher soft rank", "ww_softrank"),
+    ("spikes of the randomized ESD", "rand_num_spikes"),
+    ("detX: eigenvalues above λ at det = 1", "detX_num"),
+    ("detX λ", "detX_val"),
+    ("correlation traps", "num_traps"),
 )
 
 # The one-row-per-matrix overview: (header, attribute, numeric).
@@ -440,8 +462,23 @@ def _html_overview(analysis: Analysis, detailed: set[int]) -> H.Markup:
     return H.section("All matrices", H.table(cols, rows), id="matrices")
 
 
-def _html_layer(index: int, lm: LayerMetrics, plots: ReportPlots) -> H.Markup:
-    rows = [[label, H.fmt(_value(lm, attr), 6)] for label, attr in DETAIL_FIELDS]
+def detail_rows(lm: LayerMetrics, ci_level: float = 0.95) -> list[tuple[str, object]]:
+    """(label, value) of a per-layer section: every `DETAIL_FIELDS` row, then the alpha
+    interval (at `ci_level`) and the `OPTIONAL_DETAIL_FIELDS` that were computed."""
+    rows: list[tuple[str, object]] = [(label, _value(lm, attr)) for label, attr in DETAIL_FIELDS]
+    if lm.alpha_ci_low is not None and lm.alpha_ci_high is not None:
+        interval = f"[{H.fmt(lm.alpha_ci_low, 4)}, {H.fmt(lm.alpha_ci_high, 4)}]"
+        rows.append((f"α {100 * ci_level:g}% bootstrap interval", interval))
+    rows += [
+        (label, getattr(lm, attr))
+        for label, attr in OPTIONAL_DETAIL_FIELDS
+        if getattr(lm, attr) is not None
+    ]
+    return rows
+
+
+def _html_layer(index: int, lm: LayerMetrics, plots: ReportPlots, ci_level: float) -> H.Markup:
+    rows = [[label, H.fmt(value, 6)] for label, value in detail_rows(lm, ci_level)]
     parts: list[object] = []
     if lm.warnings:
         parts.append(H.paragraph(_warning_badges(lm.warnings)))
@@ -468,7 +505,8 @@ def _html_layers(analysis: Analysis, plots: ReportPlots, detailed: set[int]) -> 
         )
     if len(shown) < len(analysis.layers):
         note += f" Sections below: {len(shown)} of {len(analysis.layers)} matrices."
-    sections = [_html_layer(i, lm, plots) for i, lm in shown]
+    ci_level = float(analysis.options.get("ci_level", 0.95))
+    sections = [_html_layer(i, lm, plots, ci_level) for i, lm in shown]
     return H.section("Per-layer detail", H.paragraph(note, class_="muted"), *sections, id="layers")
 
 

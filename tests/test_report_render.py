@@ -382,3 +382,33 @@ def test_log_axes_use_plain_text_decade_labels() -> None:
     assert P.decade_label(1.0) == "10⁰"
     assert P.decade_label(0.02) == "0.02"
     assert P.decade_label(0.0) == "" and P.decade_label(float("nan")) == ""
+
+
+def test_layer_sections_show_the_asked_for_fit_results(analysis: Analysis) -> None:
+    """Lambda, best_fit, the alpha interval (at the run's level) and the WeightWatcher columns
+    appear in a layer's section when computed, and not as empty rows when not."""
+    plain = R.render_html(analysis, R.ReportPlots())
+    assert "truncated power law cutoff" not in plain and "bootstrap interval" not in plain
+    first = replace(
+        analysis.layers[0],
+        Lambda=0.0123,
+        best_fit="truncated_power_law",
+        fit_entropy=0.8765,
+        alpha_ci_low=2.25,
+        alpha_ci_high=2.75,
+        rank_loss=3,
+    )
+    options = {**analysis.options, "ci_level": 0.9}
+    asked = replace(analysis, layers=[first, *analysis.layers[1:]], options=options)
+    page = R.render_html(asked, R.ReportPlots())
+    section = page[page.index('id="layer-0"') :]
+    section = section[: section.index("</section>")]
+    for text in (
+        'truncated power law cutoff Λ</td><td class="num">0.0123',
+        "truncated_power_law",
+        "0.8765",
+        "α 90% bootstrap interval",
+        "[2.25, 2.75]",
+        'rank loss</td><td class="num">3',
+    ):
+        assert text in section, text
