@@ -6,6 +6,8 @@ terminal) and escaped with `rich.markup.escape` (a name like "[bold]x" prints as
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
@@ -38,9 +40,16 @@ def role_table(analysis: Analysis) -> Table:
     return table
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key reading digit runs as numbers: 'layers.2.q' < 'layers.10.q'."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name))
+
+
 def warned_table(analysis: Analysis, *, max_rows: int = DEFAULT_MAX_ROWS) -> Table | None:
-    """The warned matrices (at most `max_rows`, then a '... N more' row); None if none."""
+    """The warned matrices in natural name order (layer 2 before layer 10; at most `max_rows`,
+    then a '... N more' row); None if none."""
     warned = [lm for lm in analysis.layers if lm.warnings]
+    warned.sort(key=lambda lm: natural_key(lm.key))
     if not warned:
         return None
     table = Table(title="warned matrices", title_justify="left", show_edge=False)

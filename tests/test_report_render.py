@@ -412,3 +412,16 @@ def test_layer_sections_show_the_asked_for_fit_results(analysis: Analysis) -> No
         'rank loss</td><td class="num">3',
     ):
         assert text in section, text
+
+
+def test_terminal_lists_warned_matrices_in_layer_order(analysis: Analysis) -> None:
+    """model.layers.2 before model.layers.10 (the checkpoint's lexicographic order puts 10
+    first)."""
+    warned = replace(analysis.layers[0], warnings=("over-trained",))
+    names = ["model.layers.10.q.weight", "model.layers.2.q.weight", "model.layers.1.q.weight"]
+    layers = [replace(warned, key=k, name=k) for k in names]
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(replace(analysis, layers=layers), console)
+    out = console.export_text()
+    positions = [out.index(k) for k in sorted(names, key=lambda k: int(k.split(".")[2]))]
+    assert positions == sorted(positions)
