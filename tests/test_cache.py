@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
+import spectra.linalg.cache as cache_mod
 from spectra.blobcache import default_cache_dir
 from spectra.errors import CacheError
 from spectra.linalg.cache import (
@@ -54,6 +57,89 @@ def test_round_trip_keeps_tensors_and_facts(tmp_path: Path) -> None:
     assert got.to_dict() == spec.to_dict()
     assert not list(tmp_path.rglob(".tmp-*"))  # no temp files left behind
     assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pt"))
+
+
+def _column_major_u(m: int = 53, k: int = 7) -> Spectrum:
+    """A Spectrum whose U is column-major (as compare's QR buffer) and whose Vh is a strided
+    slice: neither is contiguous, so the writer has to copy rows block by block."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(k, m, generator=g, dtype=torch.float64).mT  # (m, k), column-major
+    Vh = torch.randn(k, 2 * m, generator=g)[:, ::2]  # (k, m), float32, stride 2
+    assert not U.is_contiguous() and not Vh.is_contiguous()
+    values = torch.linspace(5, 1, k, dtype=torch.float64)
+    return Spectrum(values, U, Vh, "gram64", shape=(m, m))
+
+
+@pytest.mark.parametrize("block", [8, 24, 8 * 7 * 5 + 3, 1 << 20])
+def test_streamed_payload_round_trips_bit_for_bit_in_any_block_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """put streams each tensor in row blocks and get reads blocks into preallocated tensors
+    (one row per block when a row is larger than the block, several rows otherwise, one block
+    for all): the tensors come back equal, row-major, in their dtype; the payload is a plain
+    safetensors file the reference reader reads to the same tensors, whose sha256 is the one
+    in the metadata."""
+    monkeypatch.setattr(cache_mod, "PAYLOAD_BLOCK_BYTES", block)
+    cache = SpectrumCache(tmp_path, on_corrupt=pytest.fail)
+    spec = _column_major_u()
+    cache.put("e" * 64, spec)
+    got = cache.get("e" * 64)
+    assert got is not None and got.U.is_contiguous() and got.Vh.is_contiguous()
+    for name in ("values", "U", "Vh"):
+        a, b = getattr(got, name), getattr(spec, name)
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    payload = next(tmp_path.rglob("*.safetensors"))
+    ref = load_file(str(payload))
+    assert set(ref) == {"values", "U", "Vh"} and torch.equal(ref["U"], spec.U)
+    meta = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert meta["sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+    assert payload.name == f"{'e' * 64}.{meta['sha256'][:16]}.safetensors"
+
+
+def test_entries_written_whole_by_safetensors_still_read(tmp_path: Path) -> None:
+    """The format is unchanged: an entry whose payload is `safetensors.torch.save`'s bytes (how
+    every entry was written before streaming) reads back with its tensors."""
+    cache = SpectrumCache(tmp_path, on_corrupt=pytest.fail)
+    spec = _column_major_u()
+    cache.put("f" * 64, spec)
+    meta_path = next(tmp_path.rglob("*.json"))
+    meta = json.loads(meta_path.read_text())
+    next(tmp_path.rglob("*.safetensors")).unlink()
+    old = save({n: getattr(spec, n).contiguous() for n in ("values", "U", "Vh")})
+    digest = hashlib.sha256(old).hexdigest()
+    meta.update(sha256=digest, payload=f"{'f' * 64}.{digest[:16]}.safetensors")
+    meta["meta_sha256"] = cache_mod._meta_digest(meta)
+    (meta_path.parent / meta["payload"]).write_bytes(old)
+    meta_path.write_text(json.dumps(meta))
+    got = cache.get("f" * 64)
+    assert got is not None
+    assert all(torch.equal(getattr(got, n), getattr(spec, n)) for n in ("values", "U", "Vh"))
+
+
+@pytest.mark.parametrize("damage", ["flip_late_block", "header_length", "header_json", "append"])
+def test_streamed_reads_detect_damage_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A flipped byte in a late block, a header length past the file, a malformed header, and
+    bytes appended after the tensors: each is a corrupt entry (reported, removed, a miss)."""
+    monkeypatch.setattr(cache_mod, "PAYLOAD_BLOCK_BYTES", 64)
+    messages: list[str] = []
+    cache = SpectrumCache(tmp_path, on_corrupt=messages.append)
+    cache.put("d" * 64, _column_major_u())
+    payload = next(tmp_path.rglob("*.safetensors"))
+    data = bytearray(payload.read_bytes())
+    if damage == "flip_late_block":
+        data[-100] ^= 0x10
+    elif damage == "header_length":
+        data[:8] = (len(data) * 2).to_bytes(8, "little")
+    elif damage == "header_json":
+        data[8] = ord("[")
+    else:
+        data += b"\0" * 8
+    payload.write_bytes(bytes(data))
+    assert cache.get("d" * 64) is None
+    assert len(messages) == 1 and "recomputing" in messages[0]
+    assert not cache.contains("d" * 64) and not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_keys_depend_on_content_params_and_format() -> None:

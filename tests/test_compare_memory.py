@@ -4,18 +4,25 @@ compare_pair takes its inputs in their stored dtype and upcasts slices; the upda
 is summed over slices of W_ft - W_base; a tall base's QR runs in one float64 buffer that becomes
 U row block by row block. Each is checked here against the route it replaced (bit for bit where
 the arithmetic is the same, to 1e-12 where only the summation order differs) and against float64
-references. Slice sizes are forced small (GRAM_SLICE_BYTES patched) so small matrices take the
-sliced paths. Peak memory itself is measured in benchmarks/bench_memory.py (RSS is not
+references; compare.json is the same bytes with and without the spectrum cache. Slice sizes
+are forced small (GRAM_SLICE_BYTES, the cache's PAYLOAD_BLOCK_BYTES patched) so small matrices
+take the sliced paths. Peak memory itself is measured in benchmarks/bench_memory.py (RSS is not
 deterministic enough for a test).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 import spectra.analysis.pair as pair_mod
+import spectra.linalg.cache as cache_mod
 from spectra.analysis.pair import compare_pair
+from spectra.cli.main import app
 from spectra.linalg import exact
 
 
@@ -147,3 +154,39 @@ def test_a_cached_base_u_is_taken_after_the_fine_tunes_vectors(
     plain = compare_pair(w0, w1).to_dict()
     assert order == ["fine-tune", "cache", "fine-tune", "base"]
     assert lazy == plain  # layout of U (row- or column-major) does not move a bit
+
+
+def test_compare_json_is_the_same_bytes_without_a_cache_on_a_miss_and_on_a_hit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`spectra compare` writes byte-identical compare.json with no cache, with --cache-dir on a
+    miss (the base's column-major U streamed into the entry in row blocks) and on a hit (U read
+    block by block into a row-major tensor). Sliced routes and payload blocks forced small, so
+    U is written back, stored and read in many blocks; a tall, a wide and a square bf16 pair."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {"base": {}, "ft": {}}
+    for i, shape in enumerate([(300, 40), (40, 300), (60, 60)]):
+        w0, w1 = _pair(*shape, seed=10 + i)
+        tensors["base"][f"layers.{i}.mlp.up_proj.weight"] = w0.bfloat16()
+        tensors["ft"][f"layers.{i}.mlp.up_proj.weight"] = w1.bfloat16()
+    files = {}
+    for side, found in tensors.items():
+        files[side] = tmp_path / f"{side}.safetensors"
+        save_file(found, str(files[side]))
+    _small_slices(monkeypatch, 40, rows=7)
+    monkeypatch.setattr(cache_mod, "PAYLOAD_BLOCK_BYTES", 8 * 40 * 3 + 5)  # 3 rows of U
+    runner = CliRunner()
+
+    def run(name: str, *extra: str) -> bytes:
+        out = tmp_path / name
+        args = ["compare", str(files["base"]), str(files["ft"]), "--out", str(out), *extra]
+        res = runner.invoke(app, [*args, "--device", "cpu", "--k", "5"])
+        assert res.exit_code == 0, res.output
+        return (out / "compare.json").read_bytes()
+
+    plain = run("plain")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert run("miss", *cache) == plain
+    entries = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(entries) == 3
+    assert run("hit", *cache) == plain
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == sorted(entries)  # read, kept

@@ -308,7 +308,7 @@ def base_svd(
     u, s = left_singular(w0)
     spec = Spectrum(
         values=s.cpu().to(torch.float64),
-        U=u.cpu(),
+        U=u,  # as it is (column-major from the QR, maybe on a GPU): the cache streams its rows
         Vh=None,
         method="gram64",
         params=dict(BASE_SVD_PARAMS),

@@ -19,6 +19,14 @@ payload, payload or metadata checksum mismatch) is reported (`warnings.warn` wit
 `CacheCorruptionWarning`, or the `on_corrupt` callback), removed, and treated as a miss, so the
 caller recomputes it. Nothing is pickled.
 
+Payloads are streamed: `put` writes (and hashes) each tensor in row blocks of at most
+PAYLOAD_BLOCK_BYTES, `get` reads (and hashes) them in blocks straight into the tensors it
+returns, so storing or loading an entry costs one block beside its tensors, not a whole copy of
+them (compare caches a float64 m x min(m, n) U: 500 MiB for a 32000 x 2048 matrix). The payload
+is a plain safetensors file (the header from `spectra.formats.safetensors.header_bytes`), so
+entries written by `safetensors.torch.save` (before streaming) read the same, and the reference
+reader reads ours.
+
 Per-matrix extras (`Spectrum.extras`, e.g. the outlier ratio: pure functions of the same bytes)
 are kept in the metadata under "extras" (covered by `meta_sha256`); entries without the field
 load with no extras.
@@ -34,26 +42,37 @@ migrated (they are recomputed on demand).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import struct
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from spectra.blobcache import default_cache_dir
-from spectra.errors import CacheError, ValidationError
+from spectra.errors import CacheError, SourceError, ValidationError
+from spectra.formats.safetensors import (
+    DTYPES,
+    MAX_HEADER_BYTES,
+    TensorRef,
+    header_bytes,
+    parse_header,
+)
 from spectra.linalg.spectrum import Spectrum
 from spectra.sources.reader import ShardDigest, file_identity, hash_shard
 
 CACHE_FORMAT = 2
+# Bytes of a payload tensor written or read (and hashed) at once. 16 MiB: within the 64 MiB
+# float64 slices compare's working memory already counts (GRAM_SLICE_BYTES), and large enough
+# that the per-block Python cost is nothing next to the bytes moved.
+PAYLOAD_BLOCK_BYTES = 16 << 20
 _SPECTRUM_FIELDS = ("method", "params", "residual", "converged", "iterations", "status", "message")
 
 
@@ -125,15 +144,19 @@ class SpectrumCache:
                 raise ValueError(f"metadata is a JSON {type(meta).__name__}, not an object")
             if meta.get("meta_sha256") != _meta_digest(meta):
                 raise ValueError("metadata checksum mismatch")
-            payload_path = path.with_name(meta["payload"])
-            payload = payload_path.read_bytes()
-            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
-                raise ValueError("payload checksum mismatch")
-            tensors = st_load(payload)
+            tensors = _read_payload(path.with_name(meta["payload"]), meta["sha256"])
             return _spectrum_from(meta, tensors)
-        except (ValueError, KeyError, TypeError, OSError, RecursionError, ValidationError) as exc:
-            # json.JSONDecodeError, UnicodeDecodeError and safetensors' errors are ValueErrors or
-            # OSErrors; ValidationError: a Spectrum field out of its domain
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            OSError,
+            RecursionError,
+            SourceError,
+            ValidationError,
+        ) as exc:
+            # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; SourceError: a
+            # malformed payload header; ValidationError: a Spectrum field out of its domain
             self._report(f"corrupted spectrum cache entry {path.name} ({exc}); recomputing it")
             self._remove(path)
             return None
@@ -142,19 +165,18 @@ class SpectrumCache:
         """Store `spectrum` under `key` (failed spectra are not stored)."""
         if not spectrum.ok:
             return
-        tensors = {"values": spectrum.values.detach().to("cpu", torch.float64).contiguous()}
+        tensors = {"values": spectrum.values.detach().to("cpu", torch.float64)}
         for name in ("U", "Vh"):
             t = getattr(spectrum, name)
             if t is not None:
-                tensors[name] = t.detach().cpu().contiguous()
-        payload = st_save(tensors)
-        digest = hashlib.sha256(payload).hexdigest()
+                tensors[name] = t.detach()  # any layout, any device: streamed in row blocks
         path = self._json_path(key)
+        payload = _write_payload(path.parent, key, tensors)
         meta = {
             "format": CACHE_FORMAT,
             "key": key,
-            "payload": f"{key}.{digest[:16]}.safetensors",
-            "sha256": digest,
+            "payload": payload.name,
+            "sha256": payload.digest,
             "shape": list(spectrum.shape),
             **{f: getattr(spectrum, f) for f in _SPECTRUM_FIELDS},
             "extras": dict(spectrum.extras),
@@ -163,7 +185,6 @@ class SpectrumCache:
         # into strings), so writer and reader hash the same canonical text
         meta = json.loads(json.dumps(meta, default=str))
         meta["meta_sha256"] = _meta_digest(meta)
-        _atomic_write(path.with_name(meta["payload"]), payload)
         _atomic_write(path, json.dumps(meta, sort_keys=True).encode())
 
     def clear(self) -> None:
@@ -275,18 +296,142 @@ def _spectrum_from(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to a temporary sibling of `path`, then rename it over `path`."""
+
+    def fill(fh: BinaryIO) -> Path:
+        fh.write(data)
+        return path
+
+    _write_atomically(path.parent, path.suffix, fill)
+
+
+def _write_atomically(folder: Path, suffix: str, fill: Callable[[BinaryIO], Path]) -> Path:
+    """Create a temporary file in `folder`, let `fill` write it and name its final path (in
+    `folder`), then rename it there; the temporary file is removed when anything fails."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     except OSError as exc:
         raise CacheError(
-            f"cannot write the spectrum cache at {path.parent}: {exc.strerror or exc}; "
+            f"cannot write the spectrum cache at {folder}: {exc.strerror or exc}; "
             "choose another folder (--cache-dir / SPECTRA_CACHE_DIR) or disable it (--no-cache)"
         ) from exc
+    target = Path(tmp)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
+            target = fill(fh)
+        os.replace(tmp, target)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise CacheError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError):
+            raise CacheError(f"cannot write cache file {target}: {exc.strerror or exc}") from exc
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """Where `_write_payload` put an entry's tensors: the file name and the sha256 of its bytes."""
+
+    name: str
+    digest: str
+
+
+def _write_payload(folder: Path, key: str, tensors: Mapping[str, torch.Tensor]) -> _Payload:
+    """Write `tensors` as one safetensors file `<key>.<sha256[:16]>.safetensors` in `folder`,
+    streamed: each tensor goes out in row-major blocks of at most PAYLOAD_BLOCK_BYTES (a
+    column-major or on-device U is copied one block at a time, never whole), hashed as written.
+    The bytes are those of a row-major tensor, whatever its layout in memory."""
+    refs = [
+        TensorRef(name, tuple(t.shape), _st_dtype(t.dtype), folder, 0, t.numel() * t.element_size())
+        for name, t in tensors.items()
+    ]
+    head = header_bytes(refs, {})
+    sha = hashlib.sha256(head)
+
+    def fill(fh: BinaryIO) -> Path:
+        fh.write(head)
+        for t in tensors.values():
+            for block in _row_blocks(t):
+                sha.update(block)
+                fh.write(block)
+        return folder / f"{key}.{sha.hexdigest()[:16]}.safetensors"
+
+    path = _write_atomically(folder, ".safetensors", fill)
+    return _Payload(path.name, sha.hexdigest())
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    for name, d in DTYPES.items():
+        if d.torch_name == str(dtype).removeprefix("torch."):
+            return name
+    raise ValidationError(f"the spectrum cache cannot store {dtype} tensors")
+
+
+def _row_blocks(t: torch.Tensor) -> Iterator[memoryview]:
+    """The bytes of `t` in row-major (C) order, as blocks of whole rows of at most
+    PAYLOAD_BLOCK_BYTES (one row when a row is larger), each a fresh contiguous CPU copy only
+    when `t`'s own rows are not one."""
+    if t.numel() == 0:
+        return
+    rows = t.reshape(-1, 1) if t.ndim <= 1 else t.reshape(t.shape[0], -1)  # views for 1-D, 2-D
+    step = max(1, PAYLOAD_BLOCK_BYTES // (rows.shape[1] * rows.element_size()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].to("cpu").contiguous()
+        yield memoryview(block.reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_payload(path: Path, digest: str) -> dict[str, torch.Tensor]:
+    """The tensors of the payload file `path`, each read in blocks of PAYLOAD_BLOCK_BYTES
+    straight into its own (row-major) tensor while every byte of the file is hashed in order;
+    ValueError when the sha256 is not `digest` or the file is short, SourceError when its
+    header is malformed."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"payload truncated ({size} bytes)")
+        (hlen,) = struct.unpack("<Q", prefix)
+        if hlen > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"payload header length {hlen} does not fit the file ({size} bytes)")
+        head = prefix + fh.read(hlen)
+        header = parse_header(io.BytesIO(head), size, path)
+        sha = hashlib.sha256(head)
+        pos = header.data_start
+        for ref in header.in_data_order():
+            dtype = DTYPES[ref.dtype].torch_dtype
+            if dtype is None:
+                raise ValueError(f"payload dtype {ref.dtype} has no torch dtype here")
+            t = torch.empty(ref.shape, dtype=dtype)
+            if ref.nbytes:
+                _hash_through(fh, sha, ref.offset - pos)  # a gap (none in files we write)
+                _read_hashed(fh, sha, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                pos = ref.offset + ref.nbytes
+            out[ref.name] = t
+        _hash_through(fh, sha, size - pos)
+    if sha.hexdigest() != digest:
+        raise ValueError("payload checksum mismatch")
+    return out
+
+
+def _read_hashed(fh: BinaryIO, sha: Any, buf: memoryview) -> None:
+    """Fill `buf` from `fh` in blocks of at most PAYLOAD_BLOCK_BYTES, hashing each."""
+    done = 0
+    while done < len(buf):
+        chunk = buf[done : done + PAYLOAD_BLOCK_BYTES]
+        got = fh.readinto(chunk)
+        if not got:
+            raise ValueError("payload truncated")
+        sha.update(chunk[:got])
+        done += got
+
+
+def _hash_through(fh: BinaryIO, sha: Any, n: int) -> None:
+    """Read and hash the next `n` bytes of `fh` (bytes no tensor holds)."""
+    while n > 0:
+        data = fh.read(min(n, PAYLOAD_BLOCK_BYTES))
+        if not data:
+            raise ValueError("payload truncated")
+        sha.update(data)
+        n -= len(data)
