@@ -20,7 +20,7 @@ from spectra.adapt.registry import (
 from spectra.adapt.svd import use_exact
 from spectra.errors import ValidationError
 from spectra.formats.peft import lora_scale
-from spectra.linalg.exact import exact_svd_slice
+from spectra.linalg.exact import exact_svd_slice, gram_eigh
 
 
 def _known_spectrum(m: int, n: int, S: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -208,3 +208,38 @@ def test_exact_slice_falls_back_to_the_svd_when_rank_deficient() -> None:
     U, S, Vh, route = exact_svd_slice(W, 2, "bottom")
     assert route == "svd64" and float(S.max()) < 1e-12
     assert torch.allclose(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-10)
+
+
+def _slice_holding_one_upcast(W: torch.Tensor, rank: int, which: str) -> tuple[torch.Tensor, ...]:
+    """exact_svd_slice's gram64 route as it was before its upcast was dropped during the
+    eigendecomposition: one float64 copy of W held throughout (the reference for the bits)."""
+    W64 = W.double()
+    wide = W64.shape[0] < W64.shape[1]
+    G = W64 @ W64.T if wide else W64.T @ W64
+    S_all, vecs = gram_eigh(G, rank, which=which)
+    M = int(G.shape[0])
+    S = (S_all[:rank] if which == "top" else S_all[M - rank :]).clone()
+    if wide:
+        return vecs, S, (vecs.T @ W64) / S.unsqueeze(1)
+    return (W64 @ vecs) / S, S, vecs.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("which", ["top", "bottom"])
+@pytest.mark.parametrize("shape", [(700, 90), (90, 700)])
+def test_exact_slice_and_milora_give_the_one_upcast_route_bit_for_bit(
+    dtype: torch.dtype, which: str, shape: tuple[int, int]
+) -> None:
+    """Making W's float64 upcast twice (the Gram product, then the other side) instead of holding
+    one through the eigendecomposition changes no bit: U, S, Vh, and MiLoRA's (and exact
+    PiSSA's) A and B, are torch.equal to the one-upcast route's, for every input dtype."""
+    S = torch.logspace(1, -1, 90, dtype=torch.float64)
+    W = _known_spectrum(*shape, S, seed=6).to(dtype)
+    U, S_got, Vh, route = exact_svd_slice(W, 5, which)
+    ref = _slice_holding_one_upcast(W, 5, which)
+    assert route == "gram64"
+    assert all(torch.equal(a, b) for a, b in zip((U, S_got, Vh), ref, strict=True))
+    A_ref, B_ref = factorize(*ref, 0.5)
+    method = "milora" if which == "bottom" else "pissa"
+    f = get_initializer(method).init(W, 5, 0.5, _ctx())
+    assert torch.equal(f.A, A_ref.float()) and torch.equal(f.B, B_ref.float())
