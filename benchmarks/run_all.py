@@ -73,6 +73,7 @@ QUICK: dict[str, list[str]] = {
         "256",
     ],
     "bench_eva": ["--samples", "16", "--max-length", "32", "--rank", "4", "--threads", "1"],
+    "bench_floor": ["--dir", "{tmp}", "--layers", "1", "--vocab", "0", "--threads", "1"],
 }
 
 

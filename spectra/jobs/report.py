@@ -104,6 +104,9 @@ MP_METHODS: dict[str, Callable[[np.ndarray, tuple[int, int]], MPFit | None]] = {
     "quantile": fit_mp,
     "ww": mp_fit_kde,
 }
+# Fit each matrix on the engine's worker thread while it decomposes the next batch
+# (`compute_spectra(then=...)`); False: on this thread as each Spectrum arrives (same results).
+FITS_ON_WORKER = True
 Progress = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read), called by the engine per matrix"""
 CacheSpec = SpectrumCache | str | Path | bool | None
@@ -431,20 +434,28 @@ def _analyze_matrices(
     by_key = {ref.key: ref for ref in matrices}
     base: dict[str, LayerMetrics] = {}
     esds: dict[str, np.ndarray] = {}
-    # metrics as spectra arrive: the fits overlap the engine's background reads, and only the
-    # eigenvalues (not the Spectrum objects) are kept
-    for spec in compute_spectra(
+
+    def fit(spec: Spectrum) -> tuple[str, LayerMetrics, np.ndarray | None]:
+        layer = _with_extras(_layer(by_key[spec.key], spec, options), spec, options)
+        esd = spec.values.double().square().cpu().numpy() if spec.ok else None
+        return spec.key, layer, esd
+
+    results = compute_spectra(
         ckpt,
         matrices,
         engine=engine,
         cache=resolve_cache(run.cache),
         progress=run.progress,
         extras=_extras(options),
-    ):
-        layer = _with_extras(_layer(by_key[spec.key], spec, options), spec, options)
-        base[spec.key] = layer
-        if spec.ok:
-            esds[spec.key] = spec.values.double().square().cpu().numpy()
+        then=fit if FITS_ON_WORKER else None,
+    )
+    # the fits of one batch run on the engine's worker while it decomposes the next; only the
+    # eigenvalues, not the Spectrums, are kept
+    for item in results:
+        key, layer, esd = item if FITS_ON_WORKER else fit(item)
+        base[key] = layer
+        if esd is not None:
+            esds[key] = esd
     rand = _randomized(ckpt, matrices, esds, options, engine)
     layers = [
         replace(base[ref.key], **rand[ref.key]) if ref.key in rand else base[ref.key]

@@ -28,6 +28,14 @@ order of `matrices`, with key/role/layer filled. Pipeline:
    slice live on the compute device; other modes, or a device that cannot hold even the Gram
    matrix, compute it on the CPU. One `MemoryBudgetWarning` per run says how many matrices
    this concerned, the largest, and how they were computed.
+6. With `then` (the report's fits), each Spectrum is handed to `then` on a worker thread
+   (spectra.overlap.Lagged) as it is drained, and the engine yields `then`'s results instead:
+   those of one drain are taken (waited for) only before the batch after the next one is
+   computed, so the fits of batch i run while batch i+1 is decomposed and batch i+2 is read,
+   and the engine is never more than one batch ahead of its caller. Each progress call comes
+   after its result is yielded, and an error of `then` is raised at its matrix, as a caller
+   fitting each Spectrum in its loop would see them; a read or compute error comes after the
+   results of every matrix before it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import torch
 
@@ -54,10 +62,12 @@ from spectra.linalg.cache import SpectrumCache
 from spectra.linalg.decompose import Oversize, SpectrumOptions, decompose_batch, oversize_plan
 from spectra.linalg.exact import resolve_route
 from spectra.linalg.spectrum import Spectrum
+from spectra.overlap import Lagged
 from spectra.sources.checkpoint import Checkpoint
 from spectra.sources.reader import ShardDigest, confirm_unchanged, shard_record
 from spectra.sources.roles import MatrixRef
 
+R = TypeVar("R")
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_matrices, total_matrices, bytes_read_from_checkpoint)"""
 
@@ -118,6 +128,7 @@ class EngineOptions:
         check_max_memory(self.max_memory)
 
 
+@overload
 def compute_spectra(
     ckpt: CheckpointLike,
     matrices: Sequence[MatrixRef] | None = None,
@@ -127,7 +138,35 @@ def compute_spectra(
     cache: SpectrumCache | None = None,
     progress: ProgressFn | None = None,
     extras: MatrixExtras | None = None,
-) -> Iterator[Spectrum]:
+    then: None = None,
+) -> Iterator[Spectrum]: ...
+
+
+@overload
+def compute_spectra(
+    ckpt: CheckpointLike,
+    matrices: Sequence[MatrixRef] | None = None,
+    options: SpectrumOptions | None = None,
+    *,
+    engine: EngineOptions | None = None,
+    cache: SpectrumCache | None = None,
+    progress: ProgressFn | None = None,
+    extras: MatrixExtras | None = None,
+    then: Callable[[Spectrum], R],
+) -> Iterator[R]: ...
+
+
+def compute_spectra(
+    ckpt: CheckpointLike,
+    matrices: Sequence[MatrixRef] | None = None,
+    options: SpectrumOptions | None = None,
+    *,
+    engine: EngineOptions | None = None,
+    cache: SpectrumCache | None = None,
+    progress: ProgressFn | None = None,
+    extras: MatrixExtras | None = None,
+    then: Callable[[Spectrum], R] | None = None,
+) -> Iterator[Spectrum] | Iterator[R]:
     """Spectra of `matrices` (MatrixRefs of `ckpt`; default all of `ckpt.matrices()`).
 
     options: what to compute (SpectrumOptions; default all singular values, mode "values").
@@ -136,6 +175,11 @@ def compute_spectra(
     progress: called as progress(done, total, bytes_read) after each yielded Spectrum.
     extras: per-matrix values computed while W is in memory, returned in `Spectrum.extras`
         and cached with the spectrum (see MatrixExtras).
+    then: yield `then(spectrum)` instead of each Spectrum, computed on a worker thread while
+        the engine decomposes the next batch (step 6 of the module docstring). Results,
+        progress calls and errors come exactly as from `then(s) for s in compute_spectra(...)`;
+        `then` must be a pure function of its Spectrum (it may run a batch ahead of what
+        the caller has taken).
 
     Arguments are validated when called; the work happens as the iterator is consumed.
 
@@ -148,7 +192,7 @@ def compute_spectra(
     run = EngineOptions() if engine is None else engine
     refs = list(ckpt.matrices() if matrices is None else matrices)
     stream = _Run(ckpt, refs, opts, run, cache, progress, extras)
-    return stream.stream(run.prefetch)
+    return stream.stream(run.prefetch, then)
 
 
 def matrix_content_key(
@@ -247,26 +291,54 @@ class _Run:
         self.next = 0
         self.bytes_read = 0
         self.oversize: dict[tuple[int, int], Oversize | None] = {}
+        self.then: Lagged[Spectrum, Any] | None = None  # compute_spectra's `then` on a worker
+        self.taken_failed = False
 
-    def stream(self, background: bool) -> Iterator[Spectrum]:
+    def stream(self, background: bool, then: Callable[[Spectrum], Any] | None) -> Iterator[Any]:
         self._lookup_cache()
         batches = self._batches()
         planned = [i for b in batches for i in b.indices]
         self._refuse_unholdable(planned)
         self._warn_oversize(planned)
         loaded = prefetch((self._read(b, gated=background) for b in batches), enabled=background)
+        if then is not None:
+            self.then = Lagged(then, name="spectra-then")
         try:
-            yield from self._drain()
-            for batch, W in loaded:
-                self._compute(batch, W)
-                del W
-                if background:
-                    self.gate.release(self._batch_bytes(batch))
+            try:
                 yield from self._drain()
-            yield from self._drain()
+                for batch, W in loaded:
+                    # results of every drain but the last are out before the next batch computes
+                    yield from self._taken(keep=1)
+                    self._compute(batch, W)
+                    del W
+                    if background:
+                        self.gate.release(self._batch_bytes(batch))
+                    yield from self._drain()
+                yield from self._drain()
+            except Exception:
+                if not self.taken_failed:  # a read or compute error: sequentially, every
+                    yield from self._taken(keep=0)  # earlier result came before it
+                raise
+            yield from self._taken(keep=0)
         finally:
+            if self.then is not None:
+                self.then.close()
             self.gate.close()  # a reader waiting on the gate returns, so the prefetch can stop
             loaded.close()
+
+    def _taken(self, keep: int) -> Iterator[Any]:
+        """`then`'s results of every drained group but the last `keep`, in order, each followed
+        by the progress call a sequential loop made after it."""
+        if self.then is None:
+            return
+        try:
+            for (done, nbytes), result in self.then.take(keep):
+                yield result
+                if self.progress is not None:
+                    self.progress(done, len(self.refs), nbytes)
+        except BaseException:
+            self.taken_failed = True  # then's or progress's error (or the caller closed us)
+            raise
 
     def _batches(self) -> list[Batch]:
         """Equal-shape batches under the memory budget, planned within each read group of the
@@ -447,7 +519,15 @@ class _Run:
         self.cache.put(key, spec)
 
     def _drain(self) -> Iterator[Spectrum]:
-        """Yield every result that is next in input order."""
+        """Yield every result that is next in input order (with `then`: hand each to it, as
+        one group)."""
+        if self.then is not None:
+            yield from self._drain_into()
+            self.then.end_group()
+            return
+        yield from self._drain_into()
+
+    def _drain_into(self) -> Iterator[Spectrum]:
         while self.next < len(self.refs):
             i = self.next
             if i in self.ready:
@@ -458,7 +538,13 @@ class _Run:
             else:
                 return
             ref = self.refs[i]
-            yield spec.with_meta(key=ref.key, role=ref.role, layer=ref.layer)
+            spec = spec.with_meta(key=ref.key, role=ref.role, layer=ref.layer)
+            if self.then is not None:
+                # its progress call comes after its result is taken (`_taken`)
+                self.then.add(spec, tag=(self.next + 1, self.bytes_read))
+                self.next += 1
+                continue
+            yield spec
             self.next += 1
             if self.progress is not None:
                 self.progress(self.next, len(self.refs), self.bytes_read)
