@@ -6,6 +6,7 @@ spectrum arrives) gives them."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -235,14 +236,14 @@ def test_a_failing_fit_raises_its_error_after_the_same_progress(
 def test_a_shard_rewritten_mid_run_is_the_same_source_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The second shard is rewritten (same size, other bytes) while the engine holds the first
-    matrix: storing the first spectrum of that shard is a SourceError, fits overlapped or not."""
+    """The first shard is rewritten (same size, other bytes) while the engine holds its first
+    matrix: storing that matrix's spectrum is a SourceError, fits overlapped or not."""
     monkeypatch.setattr(reader, "RACY_NS", -(10**15))  # digests settled at once
     raised: dict[bool, str] = {}
     original_outlier = report.outlier_ratio
     for worker in (False, True):
         model = write_llama_like(tmp_path / f"m{worker}", layers=2, shards=2)
-        shard = model / "model-00002-of-00002.safetensors"
+        shard = model / "model-00001-of-00002.safetensors"  # where the first matrix is
         tensors = llama_tensors(layers=2, seed=7)
         done = threading.Event()
 
@@ -298,3 +299,102 @@ def _no_thread_left(prefix: str) -> None:
     while any(t.name.startswith(prefix) for t in threading.enumerate()):
         assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
         time.sleep(0.01)
+
+
+# ------------------------------------------------------------------ shard hashing on a worker
+
+
+def _spectra(path: Path, cache: SpectrumCache | None) -> list[Spectrum]:
+    with Checkpoint.open(path) as ck:
+        run = EngineOptions(device="cpu", max_memory=BUDGET)
+        return list(
+            compute_spectra(ck, None, SpectrumOptions(mode="values"), engine=run, cache=cache)
+        )
+
+
+def _same(a: list[Spectrum], b: list[Spectrum]) -> bool:
+    return [s.key for s in a] == [s.key for s in b] and all(
+        x.values.dtype == y.values.dtype and bool((x.values == y.values).all())
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.fixture
+def hashing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
+    """(thread, shard name, hashed) of every shard digest asked of a SpectrumCache; hashed:
+    the memo missed and the file was read (the default `compute`)."""
+    calls: list[tuple[str, str, bool]] = []
+    original = SpectrumCache.shard_record
+
+    def spy(self, path, compute=reader.hash_shard):  # noqa: ANN001
+        hashed = {"done": False}
+
+        def counted(p: Path) -> reader.ShardDigest:
+            hashed["done"] = compute is reader.hash_shard  # not the engine's memo-only probe
+            return compute(p)
+
+        try:
+            return original(self, path, counted)
+        finally:
+            calls.append((threading.current_thread().name, Path(path).name, hashed["done"]))
+
+    monkeypatch.setattr(SpectrumCache, "shard_record", spy)
+    monkeypatch.setattr(reader, "RACY_NS", -(10**15))  # digests settled at once: memo used
+    return calls
+
+
+def test_shards_are_hashed_on_a_worker_and_spectra_equal_the_uncached_run(
+    llama: Path, tmp_path: Path, hashing: list[tuple[str, str, bool]]
+) -> None:
+    plain = _spectra(llama, None)
+    cold = _spectra(llama, SpectrumCache(tmp_path / "c"))
+    read = [(t, name) for t, name, hashed in hashing if hashed]
+    assert sorted(name for _, name in read) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert all(t == "spectra-hash" for t, _ in read), read  # never on the caller's thread
+    hashing.clear()
+    warm = _spectra(llama, SpectrumCache(tmp_path / "c"))
+    assert not any(hashed for *_, hashed in hashing)  # the memo: nothing hashed again
+    assert all(s.from_cache for s in warm) and not any(s.from_cache for s in cold)
+    assert _same(cold, plain) and _same(warm, plain)
+
+
+def test_a_touched_shard_is_rehashed_on_the_worker_and_its_entries_used_unread(
+    llama: Path, tmp_path: Path, hashing: list[tuple[str, str, bool]]
+) -> None:
+    """A new mtime: the memo misses, the worker hashes the same bytes again, and every matrix
+    of that shard is found in the cache when its batch is read: served, not read."""
+    cold = _spectra(llama, SpectrumCache(tmp_path / "c"))
+    shard = llama / "model-00002-of-00002.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    hashing.clear()
+    read: list[str] = []
+    original = Checkpoint.read_many
+
+    def counting(self, refs, **kw):  # noqa: ANN001
+        read.extend(r.key for r in refs)
+        return original(self, refs, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpoint, "read_many", counting)
+        warm = _spectra(llama, SpectrumCache(tmp_path / "c"))
+    assert [(t, n) for t, n, hashed in hashing if hashed] == [("spectra-hash", shard.name)]
+    assert read == [] and all(s.from_cache for s in warm)
+    assert _same(warm, cold)
+
+
+def test_a_hashing_error_is_raised_by_the_run(
+    llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(self, path, compute=reader.hash_shard):  # noqa: ANN001
+        if compute is reader.hash_shard:
+            raise SourceError(f"{path}: cannot read shard to hash it (Input/output error)")
+        return compute(Path(path))
+
+    monkeypatch.setattr(SpectrumCache, "shard_record", unreadable)
+    with pytest.raises(SourceError, match="cannot read shard to hash it"):
+        _spectra(llama, SpectrumCache(tmp_path / "c"))
+    _no_thread_left("spectra-hash")

@@ -7,7 +7,11 @@ order of `matrices`, with key/role/layer filled. Pipeline:
    on disk are not read from the checkpoint at all. Content keys use the shard digest memo of the
    cache (keyed by realpath and file identity: device, inode, size, mtime, ctime), so a second
    run does not rehash multi-GB shards; the key string has the same form as
-   `Checkpoint.content_key`. Before a computed spectrum is stored, its shard is confirmed to be
+   `Checkpoint.content_key`. Shards not in the memo (a first run, a changed file) are hashed
+   on a worker thread, one after another in order of first use, while the first batches
+   compute, instead of all up front: their matrices are planned as not cached, and get their
+   keys when their batch is read (a matrix then found in the cache leaves the batch unread).
+   Before a computed spectrum is stored, its shard is confirmed to be
    the file the key was made of (`confirm_unchanged`): a file rewritten during the run ends in a
    SourceError instead of spectra of new bytes under the old digest.
 2. The rest is grouped by shape and cut into batches under a memory budget (`max_memory`
@@ -41,9 +45,12 @@ order of `matrices`, with key/role/layer filled. Pipeline:
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, overload
 
 import torch
@@ -195,10 +202,16 @@ def compute_spectra(
     return stream.stream(run.prefetch, then)
 
 
+class ShardMemo(Protocol):
+    """Where shard digests come from (a SpectrumCache: its persistent memo, hashing on a miss)."""
+
+    def shard_record(self, path: str | Path) -> ShardDigest: ...
+
+
 def matrix_content_key(
     ckpt: CheckpointLike,
     ref: MatrixRef,
-    cache: SpectrumCache | None,
+    cache: ShardMemo | None,
     records: dict[str, ShardDigest] | None = None,
 ) -> str:
     """Content key of `ref`'s bytes as `ckpt` presents them.
@@ -292,6 +305,8 @@ class _Run:
         self.bytes_read = 0
         self.oversize: dict[tuple[int, int], Oversize | None] = {}
         self.then: Lagged[Spectrum, Any] | None = None  # compute_spectra's `then` on a worker
+        self.hashes: _ShardHashes | None = None  # shard digests hashed on a worker
+        self.unhashed: dict[int, str] = {}  # matrix -> realpath of its shard being hashed
         self.taken_failed = False
 
     def stream(self, background: bool, then: Callable[[Spectrum], Any] | None) -> Iterator[Any]:
@@ -309,7 +324,8 @@ class _Run:
                 for batch, W in loaded:
                     # results of every drain but the last are out before the next batch computes
                     yield from self._taken(keep=1)
-                    self._compute(batch, W)
+                    if W is not None:
+                        self._compute(batch, W)
                     del W
                     if background:
                         self.gate.release(self._batch_bytes(batch))
@@ -321,6 +337,8 @@ class _Run:
                 raise
             yield from self._taken(keep=0)
         finally:
+            if self.hashes is not None:
+                self.hashes.close()
             if self.then is not None:
                 self.then.close()
             self.gate.close()  # a reader waiting on the gate returns, so the prefetch can stop
@@ -364,14 +382,48 @@ class _Run:
         return self._estimate(batch.shape) * len(batch.indices)
 
     def _lookup_cache(self) -> None:
+        """Cache keys of every matrix whose shard digest is known (remembered in the cache's
+        memo, or not a shard's); the shards still to hash go to a worker thread, hashed in
+        order of first use while the first batches compute, and their matrices get their keys
+        when their batch is read (`_resolve`)."""
         if self.cache is None:
             return
+        memo = _MemoOnly(self.cache)
+        waiting: dict[str, list[int]] = {}
         for i, ref in enumerate(self.refs):
-            content = matrix_content_key(self.ckpt, ref, self.cache, self.shards)
-            key = self.cache.entry_key(content, self.opts.params(tuple(ref.shape), self.device))
-            self.keys[i] = key
-            if self.cache.contains(key):
-                self.cached.add(i)
+            try:
+                content = matrix_content_key(self.ckpt, ref, memo, self.shards)
+            except _Unhashed as miss:
+                waiting.setdefault(miss.path, []).append(i)
+                continue
+            self._set_key(i, content)
+        if waiting:
+            self.unhashed = {i: real for real, ids in waiting.items() for i in ids}
+            self.hashes = _ShardHashes(self.cache, list(waiting))
+
+    def _set_key(self, i: int, content: str) -> None:
+        """Matrix i's cache key from its content key; marked cached when the cache has it."""
+        cache = self.cache
+        assert cache is not None
+        key = cache.entry_key(content, self.opts.params(tuple(self.refs[i].shape), self.device))
+        self.keys[i] = key
+        if cache.contains(key):
+            self.cached.add(i)
+
+    def _resolve(self, batch: Batch) -> Batch:
+        """`batch` without the matrices found in the cache once their shard's digest (hashed
+        on the worker) is known; their keys are set here, before their bytes are read."""
+        if not self.unhashed or not any(i in self.unhashed for i in batch.indices):
+            return batch
+        assert self.hashes is not None
+        for i in batch.indices:
+            real = self.unhashed.pop(i, None)
+            if real is not None:
+                self.shards.setdefault(real, self.hashes.digest(real))
+                self._set_key(
+                    i, matrix_content_key(self.ckpt, self.refs[i], self.cache, self.shards)
+                )
+        return Batch(tuple(i for i in batch.indices if i not in self.cached), batch.shape)
 
     def _batch_dtype(self, batch: Batch) -> torch.dtype:
         """bf16/fp16 as stored on the gram64 route (exact upcast later), else float32/64."""
@@ -383,10 +435,14 @@ class _Run:
                 return narrow
         return self.read_dtype
 
-    def _read(self, batch: Batch, *, gated: bool = False) -> tuple[Batch, torch.Tensor]:
-        """Read `batch` into one `(b, m, n)` CPU tensor (pinned when computing on CUDA)."""
+    def _read(self, batch: Batch, *, gated: bool = False) -> tuple[Batch, torch.Tensor | None]:
+        """Read `batch` into one `(b, m, n)` CPU tensor (pinned when computing on CUDA), less
+        its matrices found in the cache once their shard was hashed (None when that is all)."""
+        batch = self._resolve(batch)
         if gated:
             self.gate.acquire(self._batch_bytes(batch))
+        if not batch.indices:
+            return batch, None
         try:
             return self._read_batch(batch)
         except MemoryError:
@@ -488,8 +544,9 @@ class _Run:
 
     def _recompute(self, i: int) -> Spectrum:
         """One matrix, synchronously (its cache entry turned out corrupted)."""
-        batch = Batch((i,), tuple(self.refs[i].shape))
-        self._compute(*self._read(batch))
+        batch, W = self._read(Batch((i,), tuple(self.refs[i].shape)))
+        assert W is not None  # i is resolved (cached): `_resolve` leaves the batch as it is
+        self._compute(batch, W)
         return self.ready.pop(i)
 
     def _complete(self, i: int, spec: Spectrum) -> Spectrum:
@@ -498,6 +555,7 @@ class _Run:
         if self.extras is None or all(n in spec.extras for n in self.extras.names):
             return spec
         batch, W = self._read(Batch((i,), tuple(self.refs[i].shape)))
+        assert W is not None  # i is resolved (cached): `_resolve` leaves the batch as it is
         self.bytes_read += int(self.refs[i].nbytes)
         spec = replace(spec, extras={**spec.extras, **self._extras(batch, W)[0]})
         del W
@@ -548,6 +606,61 @@ class _Run:
             self.next += 1
             if self.progress is not None:
                 self.progress(self.next, len(self.refs), self.bytes_read)
+
+
+class _Unhashed(Exception):
+    """A shard's digest is not in the cache's memo: it has to be hashed (`path`: realpath)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+def _unhashed(path: Path) -> ShardDigest:
+    raise _Unhashed(str(path))
+
+
+class _MemoOnly:
+    """A SpectrumCache's shard memo that never hashes: a miss raises `_Unhashed`."""
+
+    def __init__(self, cache: SpectrumCache) -> None:
+        self.cache = cache
+
+    def shard_record(self, path: str | Path) -> ShardDigest:
+        return self.cache.shard_record(path, compute=_unhashed)
+
+
+class _ShardHashes:
+    """Digests of `shards` (realpaths) by `cache.shard_record` (hashed, and remembered in the
+    memo when settled), computed one after another on a daemon thread, in the given order;
+    `digest(shard)` waits for one and raises its error. A daemon: Ctrl-C or the end of the
+    process does not wait for a multi-GB hash to finish."""
+
+    def __init__(self, cache: SpectrumCache, shards: list[str]) -> None:
+        self.futures: dict[str, Future[ShardDigest]] = {s: Future() for s in shards}
+        self.stop = threading.Event()
+        work = threading.Thread(
+            target=self._work, args=(cache, shards), name="spectra-hash", daemon=True
+        )
+        work.start()
+
+    def _work(self, cache: SpectrumCache, shards: list[str]) -> None:
+        for shard in shards:
+            future = self.futures[shard]
+            if self.stop.is_set() or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(cache.shard_record(shard))
+            except BaseException as exc:  # noqa: BLE001 - raised by `digest` in the reader
+                future.set_exception(exc)
+
+    def digest(self, shard: str) -> ShardDigest:
+        return self.futures[shard].result()
+
+    def close(self) -> None:
+        self.stop.set()
+        for future in self.futures.values():
+            future.cancel()
 
 
 def _mib(nbytes: int) -> str:
