@@ -6,10 +6,13 @@ control:
 1. spectra: `compute_spectra` in mode "values" (the engine batches equal shapes, uses the
    spectrum cache; default exact route: float64 Gram eigenvalues, which reproduces
    WeightWatcher's alphas, docs/methods.md section 2), then the pure per-matrix metrics
-   (analysis.htsr), and the MP edge when asked (no extra decomposition). The outlier ratio (on
-   by default) is an engine `MatrixExtras`: computed from each matrix while the engine holds it,
-   and cached with its spectrum under a key naming the multiplier (a pure function of the same
-   bytes), so neither a cold nor a cached run reads the weights twice for it.
+   (analysis.htsr), and the MP edge when asked (no extra decomposition), computed on the
+   engine's worker thread while it decomposes the next batch (`compute_spectra(then=...)`:
+   same results, progress calls and errors as fitting each spectrum as it arrives). The
+   outlier ratio (on by default) is an engine `MatrixExtras`: computed from each matrix while
+   the engine holds it, and cached with its spectrum under a key naming the multiplier (a pure
+   function of the same bytes), so neither a cold nor a cached run reads the weights twice for
+   it.
 2. only with `randomize`: the engine decomposes the entry-shuffled matrices (`ShuffledView`:
    same batching and memory budget, no cache): one extra read and one extra exact spectrum
    per matrix.
