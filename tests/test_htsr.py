@@ -221,3 +221,34 @@ def test_outlier_ratio_chunked_equals_whole(monkeypatch: pytest.MonkeyPatch) -> 
     assert outlier_ratio(W) == want
     monkeypatch.setattr(outliers, "CHUNK_ELEMENTS", 100)  # 2 rows per block
     assert outlier_ratio(W) == want
+
+
+def _outlier_ratio_as_before(W: torch.Tensor, multiplier: float) -> float | None:
+    """The outlier ratio as computed before the narrow-dtype count (float32 scores, one block)."""
+    score = W.to(torch.float32).abs()
+    mean = score.sum(dtype=torch.float64) / W.numel()
+    if not torch.isfinite(mean) or mean <= 0:
+        return None
+    return int(torch.count_nonzero(score > multiplier * mean.to(torch.float32))) / W.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_outlier_ratio_of_a_narrow_dtype_counts_as_in_float32(dtype: torch.dtype) -> None:
+    """bf16/fp16 W are counted against the largest value of their dtype <= the float32 cut;
+    the counts equal the float32 comparison's, also with entries on and next to the cut
+    (few distinct values: each cut here lands on, just above or just below one of them)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randint(-9, 10, (64, 48), generator=g).to(dtype) * 0.25
+    W[0, 0] = 40.0
+    mean = float(W.to(torch.float32).abs().sum(dtype=torch.float64)) / W.numel()
+    edges = 0
+    for k in [v * 0.25 for v in range(1, 40)] + [2.25 + 1e-3, 2.25 - 1e-3]:
+        for multiplier in (k / mean, k / mean * (1 + 1e-7), k / mean * (1 - 1e-7)):
+            want = _outlier_ratio_as_before(W, multiplier)
+            assert outlier_ratio(W, multiplier=multiplier) == want, (k, multiplier)
+            cut = multiplier * (W.to(torch.float32).abs().sum(dtype=torch.float64) / W.numel())
+            edges += int(bool((W.to(torch.float32).abs() == cut.to(torch.float32)).any()))
+    assert edges > 0  # some cut fell exactly on an entry
+    huge = W.clone()
+    huge[1, 1] = 6e4 if dtype == torch.float16 else 1e30  # a cut above the dtype's range
+    assert outlier_ratio(huge, multiplier=1e3) == _outlier_ratio_as_before(huge, 1e3)
