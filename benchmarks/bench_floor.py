@@ -27,6 +27,7 @@ in `--shards` shards with an index.
 main and a worktree), alternated in each repeat, for before/after pairs measured in one loop.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_floor.py --dir /tmp/floor300 --threads 1,2
+    python benchmarks/bench_floor.py --dir /tmp/floor300 --device cuda --threads 4 --cache
     python benchmarks/bench_floor.py --dir /tmp/floor300 --pythonpath /work/main,. --repeat 2
 """
 
@@ -53,16 +54,17 @@ ck = Checkpoint.open(sys.argv[1])
 refs = ck.matrices()
 ru0 = resource.getrusage(resource.RUSAGE_SELF)
 t = time.perf_counter()
+dev = torch.device({device!r})
 if {kernel!r} == "engine":
     from spectra.linalg.exact import gram_svdvals
     for _ref, W in ck.read_many(refs, dtype=torch.bfloat16):
-        gram_svdvals(W[None])
+        gram_svdvals(W.to(dev)[None]).cpu()
         del W
 else:
     for _ref, W in ck.read_many(refs, dtype=torch.float32):
-        W64 = W.double()
+        W64 = W.to(dev).double()
         G = W64.T @ W64 if W64.shape[0] >= W64.shape[1] else W64 @ W64.T
-        torch.linalg.eigvalsh(G)
+        torch.linalg.eigvalsh(G).cpu()
         del W, W64, G
 dt = time.perf_counter() - t
 ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -102,8 +104,10 @@ def _popen_wait4(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         }
 
 
-def floor(path: Path, threads: int, pythonpath: str | None, kernel: str) -> dict[str, Any]:
-    code = _FLOOR.format(threads=threads, kernel=kernel)
+def floor(
+    path: Path, threads: int, pythonpath: str | None, kernel: str, device: str = "cpu"
+) -> dict[str, Any]:
+    code = _FLOOR.format(threads=threads, kernel=kernel, device=device)
     res = _popen_wait4([sys.executable, "-c", code, str(path)], _env(threads, pythonpath))
     lines = [ln for ln in res["stdout"].splitlines() if ln.startswith("BENCH")]
     inner = json.loads(lines[-1][len("BENCH") :])
@@ -111,13 +115,13 @@ def floor(path: Path, threads: int, pythonpath: str | None, kernel: str) -> dict
 
 
 def command(
-    path: Path, threads: int, pythonpath: str | None, cache: bool = False
+    path: Path, threads: int, pythonpath: str | None, cache: bool = False, device: str = "cpu"
 ) -> dict[str, Any]:
     """The report command, `--no-cache`, or (cache) its first run into an empty cache folder
     (every shard hashed, every spectrum stored)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "spectra", "report", str(path), "--out", f"{tmp}/r"]
-        cmd += ["--force", "-q", "--threads", str(threads)]
+        cmd += ["--force", "-q", "--threads", str(threads), "--device", device]
         cmd += ["--cache-dir", f"{tmp}/cache"] if cache else ["--no-cache"]
         res = _popen_wait4(cmd, _env(threads, pythonpath))
         metrics = Path(tmp, "r", "metrics.json").read_bytes()
@@ -145,6 +149,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--pythonpath", default="", help="comma-separated PYTHONPATHs to compare")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (floors and command)")
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument(
         "--cache", action="store_true", help="also time a first run into an empty cache folder"
@@ -173,13 +178,13 @@ def main() -> None:
         for threads in (int(t) for t in args.threads.split(",")):
             fl, kf = nan, nan
             if not args.skip_floor:
-                fl = floor(big, threads, paths[-1], "full")
-                kf = floor(big, threads, paths[-1], "engine")
+                fl = floor(big, threads, paths[-1], "full", args.device)
+                kf = floor(big, threads, paths[-1], "engine", args.device)
             for pp in paths:
                 load0 = os.getloadavg()[0]
-                fx = command(tiny, threads, pp)
-                cm = command(big, threads, pp)
-                cached = command(big, threads, pp, cache=True) if args.cache else None
+                fx = command(tiny, threads, pp, device=args.device)
+                cm = command(big, threads, pp, device=args.device)
+                cached = command(big, threads, pp, True, args.device) if args.cache else None
                 load1 = os.getloadavg()[0]
                 sample = {"threads": threads, "pythonpath": pp, "floor": fl, "kernel_floor": kf}
                 sample |= {"fixed": fx, "command": cm, "cached_first_run": cached}
