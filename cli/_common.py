@@ -112,6 +112,14 @@ BaseRevisionOpt = Annotated[
         show_default=False,
     ),
 ]
+FinetunedRevisionOpt = Annotated[  # the second checkpoint of compare and mitigate
+    str | None,
+    typer.Option(
+        "--revision",
+        help="Hub branch, tag or commit of FINETUNED (same as org/name@REV).",
+        show_default=False,
+    ),
+]
 PairDiskBudgetOpt = Annotated[  # commands that read two checkpoints (compare, mitigate)
     str | None,
     typer.Option(

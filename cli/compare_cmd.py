@@ -12,6 +12,7 @@ from spectra.cli._common import (
     BaseRevisionOpt,
     DeviceOpt,
     ExcludeOpt,
+    FinetunedRevisionOpt,
     ForceOpt,
     IncludeOpt,
     OfflineOpt,
@@ -83,14 +84,7 @@ def compare_cmd(
     ] = None,
     force: ForceOpt = False,
     base_revision: BaseRevisionOpt = None,
-    revision: Annotated[
-        str | None,
-        typer.Option(
-            "--revision",
-            help="Hub branch, tag or commit of FINETUNED (same as org/name@REV).",
-            show_default=False,
-        ),
-    ] = None,
+    revision: FinetunedRevisionOpt = None,
     disk_budget: PairDiskBudgetOpt = None,
     offline: OfflineOpt = False,
     threads: ThreadsOpt = None,

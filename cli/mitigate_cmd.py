@@ -11,6 +11,7 @@ from spectra.cli._common import (
     BaseRevisionOpt,
     DeviceOpt,
     ExcludeOpt,
+    FinetunedRevisionOpt,
     ForceOpt,
     IncludeOpt,
     OfflineOpt,
@@ -94,15 +95,7 @@ def mitigate_cmd(
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     base_revision: BaseRevisionOpt = None,
-    revision: Annotated[
-        str | None,
-        typer.Option(
-            "--revision",
-            help="Hub branch, tag or commit of FINETUNED as a Hub checkpoint (same as "
-            "org/name@REV).",
-            show_default=False,
-        ),
-    ] = None,
+    revision: FinetunedRevisionOpt = None,
     disk_budget: PairDiskBudgetOpt = None,
     offline: OfflineOpt = False,
     threads: ThreadsOpt = None,
