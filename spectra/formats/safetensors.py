@@ -85,6 +85,20 @@ DTYPES: dict[str, DType] = {
 }
 
 
+def dtype_name_of(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (the reverse of `DType.torch_dtype`); ValueError
+    for a dtype safetensors cannot store.
+
+    >>> import torch
+    >>> dtype_name_of(torch.bfloat16)
+    'BF16'
+    """
+    for name, d in DTYPES.items():
+        if d.torch_name == str(dtype).removeprefix("torch."):
+            return name
+    raise ValueError(f"safetensors has no dtype for {dtype}")
+
+
 def torch_dtypes_by_name(names: Sequence[str]) -> dict[str, torch.dtype]:
     """`{torch name: torch dtype}` for the safetensors dtypes `names`, in that order.
 

@@ -62,6 +62,7 @@ from spectra.formats.safetensors import (
     DTYPES,
     MAX_HEADER_BYTES,
     TensorRef,
+    dtype_name_of,
     header_bytes,
     parse_header,
 )
@@ -342,7 +343,7 @@ def _write_payload(folder: Path, key: str, tensors: Mapping[str, torch.Tensor]) 
     column-major or on-device U is copied one block at a time, never whole), hashed as written.
     The bytes are those of a row-major tensor, whatever its layout in memory."""
     refs = [
-        TensorRef(name, tuple(t.shape), _st_dtype(t.dtype), folder, 0, t.numel() * t.element_size())
+        TensorRef(name, tuple(t.shape), _payload_dtype(t.dtype), folder, 0, t.nbytes)
         for name, t in tensors.items()
     ]
     head = header_bytes(refs, {})
@@ -360,12 +361,11 @@ def _write_payload(folder: Path, key: str, tensors: Mapping[str, torch.Tensor]) 
     return _Payload(path.name, sha.hexdigest())
 
 
-def _st_dtype(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype."""
-    for name, d in DTYPES.items():
-        if d.torch_name == str(dtype).removeprefix("torch."):
-            return name
-    raise ValidationError(f"the spectrum cache cannot store {dtype} tensors")
+def _payload_dtype(dtype: torch.dtype) -> str:
+    try:
+        return dtype_name_of(dtype)
+    except ValueError:
+        raise ValidationError(f"the spectrum cache cannot store {dtype} tensors") from None
 
 
 def _row_blocks(t: torch.Tensor) -> Iterator[memoryview]:
