@@ -349,3 +349,15 @@ def test_hostile_names_round_trip(tmp_path: Path, name: str) -> None:
     assert result.metadata == {"note": name, name: "<b>x</b>"}
     with Checkpoint.open(path) as ckpt:
         assert ckpt.read(name).tolist() == [[1.5, -2.0]]
+
+
+def test_dtype_name_of_is_the_reverse_of_the_dtype_table() -> None:
+    """Every safetensors dtype this torch has maps back to its own name; a dtype the format
+    cannot store (complex128) is refused."""
+    from spectra.formats.safetensors import DTYPES, dtype_name_of
+
+    for name, dtype in DTYPES.items():
+        if dtype.torch_dtype is not None:
+            assert dtype_name_of(dtype.torch_dtype) == name
+    with pytest.raises(ValueError, match="complex128"):
+        dtype_name_of(torch.complex128)
